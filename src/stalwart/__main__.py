@@ -1,0 +1,3 @@
+from stalwart.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,162 @@
+"""The `stalwart` command: a thin layer of argument parsing over the library.
+
+Every user mistake surfaces as one line on stderr and exit code 2 (errors.UserError);
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import NoReturn
+
+from stalwart.errors import EXIT_USAGE, UserError
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, not argparse's usage block: the message already names the bad flag.
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="stalwart", description="Train DeepSeek-style models on imperfect fleets.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("doctor", help="report the accelerator, collective backend, dtypes and versions")
+    p.add_argument("--device", help="cpu, cuda[:N], npu[:N], xpu[:N], mps (default: auto, or $STALWART_DEVICE)")
+    p.add_argument("--preset", help="also report a preset's parameter counts")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("model-info", help="parameter counts and shape of a preset or model folder")
+    p.add_argument("model", help="preset name or model folder")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_model_info)
+
+    p = sub.add_parser("export", help="write a Hugging Face model folder (deepseek_v3)")
+    p.add_argument("src", help="model folder, or a preset name for a randomly initialised model")
+    p.add_argument("out", help="folder to write (created atomically)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--seed", type=int, default=0, help="initialisation seed when SRC is a preset")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("generate", help="generate text from a model folder")
+    p.add_argument("model", help="model folder")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from stalwart.device import resolve_device
+    from stalwart.doctor import doctor_report, print_doctor
+
+    report = doctor_report(resolve_device(args.device))
+    if args.preset:
+        report["preset"] = _model_info(args.preset)
+    print_doctor(report, args.json)
+    return 0
+
+
+def _model_info(spec: str) -> dict:
+    from stalwart.export.hf import CONFIG_FILE, config_from_hf
+    from stalwart.model import ModelConfig, parameter_counts, preset
+    from pathlib import Path
+
+    path = Path(spec)
+    if path.exists():
+        try:
+            cfg = config_from_hf(json.loads((path / CONFIG_FILE).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"cannot read {path / CONFIG_FILE}: {e}") from None
+    else:
+        cfg = preset(spec)
+    assert isinstance(cfg, ModelConfig)
+    counts = parameter_counts(cfg)
+    return {"model": spec, **counts,
+            "layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size, "attention": cfg.attention,
+            "routed_experts": cfg.n_routed_experts, "experts_per_token": cfg.num_experts_per_tok,
+            "mtp_depth": cfg.num_nextn_predict_layers, "vocab_size": cfg.vocab_size}
+
+
+def _human(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def cmd_model_info(args: argparse.Namespace) -> int:
+    info = _model_info(args.model)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"model {args.model}")
+    table.add_column("field")
+    table.add_column("value", justify="right")
+    for key, value in info.items():
+        shown = _human(value) if key in ("total", "activated", "mtp") else str(value)
+        table.add_row(key, shown)
+    Console().print(table)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from stalwart.export.hf import save_hf_folder
+    from stalwart.model_source import open_model
+
+    model, tokenizer = open_model(args.src, seed=args.seed)
+    out = save_hf_folder(model, tokenizer, args.out, dtype=getattr(torch, DTYPES[args.dtype]), replace=args.force)
+    print(f"exported {args.src} -> {out} ({DTYPES[args.dtype]})")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import time
+
+    from stalwart.data.tokenizer import decode, encode
+    from stalwart.device import resolve_device
+    from stalwart.generate import generate
+    from stalwart.model_source import open_model
+
+    info = resolve_device(args.device)
+    model, tokenizer = open_model(args.model)
+    model.to(info.device).eval()
+    prompt = encode(tokenizer, args.prompt)
+    if not prompt:
+        raise UserError("--prompt is empty")
+    start = time.perf_counter()
+    new = generate(model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_p=args.top_p, seed=args.seed)[0]
+    elapsed = time.perf_counter() - start
+    print(args.prompt + decode(tokenizer, new))
+    print(f"[{len(new)} tokens in {elapsed:.2f}s, {len(new) / max(elapsed, 1e-9):.1f} tokens/s on {info.device}]",
+          file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"stalwart {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"stalwart {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,1 @@
+"""Training data: the tokenizer, verifiable tasks and the resumable loader."""

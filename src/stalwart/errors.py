@@ -1,0 +1,20 @@
+"""User-facing errors.
+
+Anything the user can fix (a bad flag, an inconsistent config, a missing or corrupt file)
+raises `UserError`; the CLI prints its message as one line and exits with code 2. Every
+other exception is a bug in stalwart and keeps its traceback.
+"""
+
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """A problem with the user's input, reported as one line with exit code 2."""
+
+
+class ConfigError(UserError):
+    """A configuration value is unknown, of the wrong type, or inconsistent."""
+
+
+class ModelFileError(UserError):
+    """A model folder or checkpoint is missing, incomplete or corrupt."""

@@ -1,0 +1,259 @@
+"""Hugging Face model folders: the state-dict adapter between stalwart and `deepseek_v3`.
+
+A folder holds config.json (`model_type: deepseek_v3`, every field transformers and the
+serving engines read), model.safetensors with transformers' weight names, and the
+tokenizer files. Differences from our in-memory layout, and nothing else:
+
+- routed experts are stacked (E, out, in) in memory and one tensor per expert on disk,
+  `mlp.experts.{e}.{gate,up,down}_proj.weight`, as DeepSeek's release stores them;
+- MTP module i is stored as layer `num_hidden_layers + i` (enorm, hnorm, eh_proj, the
+  decoder layer, shared_head.norm, and copies of embed_tokens and shared_head.head), as
+  DeepSeek's release stores layer 61; transformers skips it when loading;
+- the router's `e_score_correction_bias` and weight stay fp32 whatever the export dtype.
+
+Reading accepts the same layout, and also transformers' fused in-memory experts
+(`gate_up_proj`, `down_proj`) in case a folder was saved without conversion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from stalwart.data.tokenizer import load_tokenizer, save_tokenizer
+from stalwart.errors import ConfigError, ModelFileError
+from stalwart.fsutil import atomic_directory, atomic_write_json
+from stalwart.model import DeepSeekForCausalLM, ModelConfig, RopeScaling
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+# Fields of ours that deepseek_v3 has no name for; kept so that a re-import trains the same.
+TRAINING_FIELDS = ("bias_update_speed", "seq_aux_loss_alpha", "mtp_loss_weight")
+_EXPERT = re.compile(r"^(.*mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
+_FP32_SUFFIXES = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
+
+
+def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    if cfg.attention != "mla":
+        raise ConfigError("only MLA models export as deepseek_v3 (model.attention is 'mha')")
+    dense = not cfg.is_moe
+    out: dict[str, Any] = {
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": "deepseek_v3",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_attention_heads,
+        "q_lora_rank": cfg.q_lora_rank,
+        "kv_lora_rank": cfg.kv_lora_rank,
+        "qk_nope_head_dim": cfg.qk_nope_head_dim,
+        "qk_rope_head_dim": cfg.qk_rope_head_dim,
+        "v_head_dim": cfg.v_head_dim,
+        "n_routed_experts": cfg.n_routed_experts,
+        "n_shared_experts": cfg.n_shared_experts,
+        "num_experts_per_tok": cfg.num_experts_per_tok,
+        "moe_intermediate_size": cfg.moe_intermediate_size,
+        "n_group": cfg.n_group,
+        "topk_group": cfg.topk_group,
+        "routed_scaling_factor": cfg.routed_scaling_factor,
+        "norm_topk_prob": cfg.norm_topk_prob,
+        # A dense model is a deepseek_v3 whose every layer is below first_k_dense_replace.
+        "first_k_dense_replace": cfg.num_hidden_layers if dense else cfg.first_k_dense_replace,
+        "moe_layer_freq": 1,
+        "topk_method": "noaux_tc",
+        "scoring_func": "sigmoid",
+        "num_nextn_predict_layers": cfg.num_nextn_predict_layers,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "initializer_range": cfg.initializer_range,
+        "rope_theta": cfg.rope_theta,
+        "rope_interleave": True,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "pad_token_id": cfg.pad_token_id,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "stalwart": {name: getattr(cfg, name) for name in TRAINING_FIELDS},
+    }
+    if dense:  # transformers reads the layer kind from first_k_dense_replace alone
+        out["stalwart"]["first_k_dense_replace"] = cfg.first_k_dense_replace
+    # rope_scaling is DeepSeek's own key (read by vLLM/SGLang); rope_parameters is
+    # transformers 5's. Both carry the same numbers.
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling is not None:
+        s = dataclasses.asdict(cfg.rope_scaling)
+        out["rope_scaling"] = {"type": "yarn", **s}
+        rope = {"rope_type": "yarn", "rope_theta": cfg.rope_theta, **s}
+    out["rope_parameters"] = rope
+    return out
+
+
+def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
+    if raw.get("model_type") != "deepseek_v3":
+        raise ModelFileError(f"config.json has model_type {raw.get('model_type')!r}, expected 'deepseek_v3'")
+    try:
+        layers = raw["num_hidden_layers"]
+        dense = not raw.get("n_routed_experts") or raw.get("first_k_dense_replace", 0) >= layers
+        fields = {f.name for f in dataclasses.fields(ModelConfig)}
+        kwargs = {k: raw[k] for k in fields if k in raw and k not in ("rope_scaling", "attention")}
+        rope = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
+        kind = rope.get("type") or rope.get("rope_type") or "default"
+        if kind == "yarn":
+            names = {f.name for f in dataclasses.fields(RopeScaling)}
+            kwargs["rope_scaling"] = {k: v for k, v in rope.items() if k in names}
+        elif kind != "default":
+            raise ModelFileError(f"config.json: rope type {kind!r} is not supported (default or yarn)")
+        if "rope_theta" not in raw and "rope_theta" in rope:
+            kwargs["rope_theta"] = rope["rope_theta"]
+        if dense:
+            kwargs["n_routed_experts"] = 0
+        kwargs.update(raw.get("stalwart", {}))
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if isinstance(kwargs.get(name), list):
+                kwargs[name] = kwargs[name][0]
+            if kwargs.get(name) is None:
+                kwargs.pop(name, None)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ModelFileError(f"config.json is incomplete or malformed: {e}") from None
+    return ModelConfig.from_dict(kwargs)
+
+
+def to_hf_state_dict(model: DeepSeekForCausalLM, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    cfg = model.cfg
+    out: dict[str, torch.Tensor] = {}
+
+    def put(name: str, t: torch.Tensor) -> None:
+        keep_fp32 = name.endswith(_FP32_SUFFIXES)
+        out[name] = t.detach().to("cpu", torch.float32 if keep_fp32 else dtype).clone().contiguous()
+
+    def put_module(prefix: str, module: torch.nn.Module) -> None:
+        for name, t in module.state_dict().items():
+            m = _EXPERT.match(name)
+            if m:
+                for e in range(t.shape[0]):
+                    put(f"{prefix}{m[1]}.{e}.{m[2]}.weight", t[e])
+            else:
+                put(prefix + name, t)
+
+    put_module("model.", model.model)
+    put("lm_head.weight", model.lm_head.weight)
+    for i, mtp in enumerate(model.mtp):
+        p = f"model.layers.{cfg.num_hidden_layers + i}."
+        put_module(p, mtp.layer)
+        for name in ("enorm.weight", "hnorm.weight", "eh_proj.weight"):
+            put(p + name, mtp.get_parameter(name))
+        put(p + "shared_head.norm.weight", mtp.head_norm.weight)
+        put(p + "embed_tokens.weight", model.model.embed_tokens.weight)
+        put(p + "shared_head.head.weight", model.lm_head.weight)
+    return out
+
+
+def from_hf_state_dict(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map HF names to ours; raise ModelFileError naming any missing or misshapen tensor."""
+    with torch.device("meta"):
+        expected = DeepSeekForCausalLM(cfg).state_dict()
+    L, out = cfg.num_hidden_layers, {}
+    for name, ref in expected.items():
+        hf = name
+        m = re.match(r"^mtp\.(\d+)\.(.*)$", name)
+        if m:
+            rest = m[2].removeprefix("layer.").replace("head_norm.", "shared_head.norm.")
+            hf = f"model.layers.{L + int(m[1])}.{rest}"
+        em = _EXPERT.match(hf)
+        if em:
+            t = _stack_experts(tensors, em[1], em[2], ref.shape[0])
+        elif hf in tensors:
+            t = tensors[hf]
+        else:
+            raise ModelFileError(f"{WEIGHTS_FILE} lacks tensor {hf}")
+        if tuple(t.shape) != tuple(ref.shape):
+            raise ModelFileError(f"{WEIGHTS_FILE}: {hf} has shape {tuple(t.shape)}, config says {tuple(ref.shape)}")
+        out[name] = t
+    return out
+
+
+def _stack_experts(tensors: dict[str, torch.Tensor], prefix: str, proj: str, n: int) -> torch.Tensor:
+    per_expert = [f"{prefix}.{e}.{proj}.weight" for e in range(n)]
+    if all(k in tensors for k in per_expert):
+        return torch.stack([tensors[k] for k in per_expert])
+    fused = tensors.get(f"{prefix}.gate_up_proj")
+    if proj == "down_proj" and f"{prefix}.down_proj" in tensors:
+        return tensors[f"{prefix}.down_proj"]
+    if fused is not None:
+        gate, up = fused.chunk(2, dim=1)
+        return gate if proj == "gate_proj" else up
+    raise ModelFileError(f"{WEIGHTS_FILE} lacks tensor {per_expert[0]}")
+
+
+def save_hf_folder(model: DeepSeekForCausalLM, tokenizer: Any, out: Path, *, dtype: torch.dtype = torch.float32,
+                   replace: bool = False) -> Path:
+    """Write the HF folder atomically: it appears complete or not at all."""
+    cfg = model.cfg
+    if tokenizer.get_vocab_size() > cfg.vocab_size:
+        raise ConfigError(f"tokenizer has {tokenizer.get_vocab_size()} tokens, model only {cfg.vocab_size}")
+    config = hf_config(cfg, dtype)
+    with atomic_directory(out, replace=replace) as tmp:
+        save_file(to_hf_state_dict(model, dtype), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        atomic_write_json(tmp / CONFIG_FILE, config)
+        atomic_write_json(tmp / "generation_config.json", {
+            "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+            "pad_token_id": cfg.pad_token_id, "do_sample": False})
+        save_tokenizer(tokenizer, tmp, model_max_length=cfg.max_position_embeddings)
+    return Path(out)
+
+
+def is_hf_folder(path: Path) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def load_hf_folder(path: Path) -> tuple[DeepSeekForCausalLM, Any]:
+    """Load an HF deepseek_v3 folder (ours or transformers') into our model, on CPU, fp32."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelFileError(f"{path} is not a folder")
+    config_path = path / CONFIG_FILE
+    try:
+        raw = json.loads(config_path.read_text())
+    except FileNotFoundError:
+        raise ModelFileError(f"{config_path} not found: not a model folder") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelFileError(f"{config_path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ModelFileError(f"{config_path} is not a JSON object")
+    cfg = config_from_hf(raw)
+    tensors = _load_weights(path)
+    model = DeepSeekForCausalLM(cfg)
+    model.load_state_dict({k: v.float() for k, v in from_hf_state_dict(cfg, tensors).items()}, strict=True)
+    return model, load_tokenizer(path)
+
+
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    index = path / f"{WEIGHTS_FILE}.index.json"
+    files = [path / WEIGHTS_FILE]
+    if not files[0].exists() and index.exists():
+        try:
+            files = [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ModelFileError(f"{index} is malformed: {e}") from None
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            tensors.update(load_file(str(f)))
+        except FileNotFoundError:
+            raise ModelFileError(f"{f} not found") from None
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ModelFileError(f"{f} is corrupt or truncated: {e}") from None
+    return tensors

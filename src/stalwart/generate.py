@@ -1,0 +1,73 @@
+"""Autoregressive generation with the MLA latent KV cache: greedy, temperature, top-p.
+
+The prompt is run once (prefill) into a preallocated cache; each new token is then one
+forward of length 1, which MLA computes in latent space (see model/attention.py).
+Sampling draws from a seeded torch.Generator, so `--seed` repeats a generation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from stalwart.errors import UserError
+from stalwart.model import DeepSeekForCausalLM, KVCache
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,). temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = (logits.float() / temperature).softmax(-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: DeepSeekForCausalLM, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+             eos_token_id: int | None = None) -> list[list[int]]:
+    """Continue equal-length prompts; returns only the new tokens of each, cut after eos."""
+    if not prompts or len({len(p) for p in prompts}) != 1 or not prompts[0]:
+        raise UserError("generate needs one or more non-empty prompts of equal token length")
+    if max_new_tokens < 0 or not 0 < top_p <= 1 or temperature < 0:
+        raise UserError("max_new_tokens must be >= 0, top_p in (0, 1], temperature >= 0")
+    cfg = model.cfg
+    device = next(model.parameters()).device
+    total = len(prompts[0]) + max_new_tokens
+    if total > cfg.max_position_embeddings:
+        raise UserError(f"prompt plus new tokens ({total}) exceed the model's "
+                        f"max_position_embeddings ({cfg.max_position_embeddings})")
+    eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    cache = KVCache(cfg.num_hidden_layers, total)
+    ids = torch.tensor([list(p) for p in prompts], dtype=torch.long, device=device)
+    out = torch.empty(len(prompts), 0, dtype=torch.long, device=device)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    try:
+        for _ in range(max_new_tokens):
+            logits = model(ids, cache=cache).logits[:, -1]
+            ids = sample_next(logits, temperature, top_p, generator)
+            out = torch.cat([out, ids[:, None]], dim=1)
+            done |= ids == eos
+            if bool(done.all()):
+                break
+            ids = ids[:, None]
+    finally:
+        model.train(was_training)
+    result = []
+    for row in out.tolist():
+        result.append(row[: row.index(eos) + 1] if eos in row else row)
+    return result

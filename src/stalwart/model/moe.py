@@ -1,0 +1,137 @@
+"""DeepSeekMoE: shared experts plus fine-grained routed experts (DeepSeek-V3 sec. 2.1.2).
+
+Routing: sigmoid affinities s; the choice uses s + b, where b is a per-expert bias moved
+after every step towards balance (aux-loss-free balancing: b_i += gamma * sign(mean load
+- load_i)); the *weights* use s alone, so the bias decides who computes, never how much
+they count. Experts are chosen inside the topk_group best of n_group groups (a group's
+score is the sum of its two best experts); non-chosen groups are masked with -inf, as
+DeepSeek does (masking with 0 lets a masked group win when every score is negative).
+
+Dispatch sorts the (token, expert) pairs by expert and runs each expert once on its
+contiguous slice: a Python loop over experts, never over tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stalwart.model.config import ModelConfig
+
+
+class DenseMLP(nn.Module):
+    """SwiGLU feed-forward (also the shared experts, which are one wider SwiGLU)."""
+
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        # Routing is computed in fp32 whatever the activation dtype (transformers keeps
+        # gate.weight and the bias in fp32 for the same reason: near-ties flip in bf16).
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size, dtype=torch.float32))
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (N, hidden) -> (weights (N, k), expert ids (N, k), sigmoid scores (N, E))."""
+        cfg = self.cfg
+        E, G = cfg.n_routed_experts, cfg.n_group
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        for_choice = scores + self.e_score_correction_bias
+        if G > 1:
+            group_scores = for_choice.view(-1, G, E // G).topk(2, dim=-1)[0].sum(-1)
+            keep = torch.zeros_like(group_scores, dtype=torch.bool)
+            keep.scatter_(1, group_scores.topk(cfg.topk_group, dim=-1, sorted=False)[1], True)
+            keep = keep.unsqueeze(-1).expand(-1, G, E // G).reshape(-1, E)
+            for_choice = for_choice.masked_fill(~keep, float("-inf"))
+        idx = for_choice.topk(cfg.num_experts_per_tok, dim=-1, sorted=False)[1]
+        weights = scores.gather(1, idx)
+        if cfg.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * cfg.routed_scaling_factor, idx, scores
+
+
+class RoutedExperts(nn.Module):
+    """E SwiGLU experts stored as stacked (E, out, in) weights; export splits them per expert."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        E, H, inter = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_proj = nn.Parameter(torch.empty(E, inter, H))
+        self.up_proj = nn.Parameter(torch.empty(E, inter, H))
+        self.down_proj = nn.Parameter(torch.empty(E, H, inter))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        E, k = self.gate_proj.shape[0], idx.shape[1]
+        flat = idx.reshape(-1)
+        order = flat.argsort(stable=True)
+        token_of = order // k
+        counts = torch.bincount(flat, minlength=E).tolist()  # the one host sync per layer
+        chunks = x[token_of].split(counts)
+        outs = []
+        for e, chunk in enumerate(chunks):
+            if chunk.shape[0] == 0:
+                continue
+            h = F.silu(chunk @ self.gate_proj[e].T) * (chunk @ self.up_proj[e].T)
+            outs.append(h @ self.down_proj[e].T)
+        y = torch.cat(outs) * weights.reshape(-1)[order, None].to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token_of, y)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.gate = Router(cfg)
+        self.experts = RoutedExperts(cfg)
+        self.shared_experts = (DenseMLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+                               if cfg.n_shared_experts else None)
+        # Tokens routed to each expert since the last bias update (not saved: it is a
+        # per-step statistic; the bias it produces is saved with the weights).
+        self.register_buffer("expert_load", torch.zeros(cfg.n_routed_experts), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns the output and, in training, the sequence-wise balance loss (else None)."""
+        B, T, H = x.shape
+        flat = x.reshape(-1, H)
+        weights, idx, scores = self.gate(flat)
+        y = self.experts(flat, weights, idx).view(B, T, H)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        aux = None
+        if self.training:
+            with torch.no_grad():
+                self.expert_load += torch.bincount(idx.reshape(-1), minlength=self.cfg.n_routed_experts)
+            if self.cfg.seq_aux_loss_alpha > 0:
+                aux = self.sequence_balance_loss(scores.view(B, T, -1), idx.view(B, T, -1))
+        return y, aux
+
+    def sequence_balance_loss(self, scores: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """alpha * sum_i f_i P_i per sequence (V3 eqs. 17-20), averaged over the batch."""
+        E, k, T = self.cfg.n_routed_experts, self.cfg.num_experts_per_tok, scores.shape[1]
+        chosen = torch.zeros_like(scores).scatter_(-1, idx, 1.0)
+        f = chosen.sum(1) * (E / (k * T))
+        p = (scores / scores.sum(-1, keepdim=True)).mean(1)
+        return self.cfg.seq_aux_loss_alpha * (f * p).sum(-1).mean()
+
+    @torch.no_grad()
+    def update_bias(self, load: torch.Tensor | None = None) -> None:
+        """b_i += gamma * sign(mean load - load_i), then reset the counter.
+
+        `load` lets a caller pass the load summed over data-parallel replicas, so that
+        every replica moves its bias identically.
+        """
+        load = self.expert_load if load is None else load
+        if load.sum() > 0:
+            self.gate.e_score_correction_bias += self.cfg.bias_update_speed * torch.sign(load.mean() - load)
+        self.expert_load.zero_()

@@ -1,0 +1,91 @@
+"""The `stalwart` command as a user runs it: real processes, real files, exit codes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def stalwart(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "stalwart", *args], capture_output=True, text=True,
+                          timeout=300, cwd=cwd, env=env)
+
+
+def test_doctor_json_reports_device_backend_and_versions():
+    r = stalwart("doctor", "--json", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["kind"] == "cpu" and report["backend"] == "gloo"
+    assert report["torchft"] == "0.2.0" and "fp32" in report["dtypes"]
+
+
+def test_doctor_table_names_each_check():
+    r = stalwart("doctor")
+    assert r.returncode == 0, r.stderr
+    for word in ("device", "backend", "dtypes", "torch", "torchft"):
+        assert word in r.stdout
+
+
+def test_model_info_reports_deepseek_v3_at_671b_total_37b_activated():
+    r = stalwart("model-info", "deepseek-v3", "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert round(info["total"] / 1e9) == 671 and round(info["activated"] / 1e9) in (37, 38)
+
+
+def test_export_then_generate_from_the_folder(tmp_path):
+    r = stalwart("export", "tiny", str(tmp_path / "m"), "--seed", "3")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["model_type"] == "deepseek_v3"
+    r = stalwart("generate", str(tmp_path / "m"), "--prompt", "12+34=", "--max-new-tokens", "8")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("12+34=")
+    assert "tokens/s" in r.stderr
+    sampled = [stalwart("generate", str(tmp_path / "m"), "--prompt", "a", "--temperature", "1",
+                        "--seed", "9", "--max-new-tokens", "12").stdout for _ in range(2)]
+    assert sampled[0] == sampled[1]
+
+
+def one_line_error(r: subprocess.CompletedProcess) -> str:
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["export", "giant", "OUT"], "neither a model folder nor a preset"),
+    (["model-info", "giant"], "unknown preset 'giant'"),
+    (["export", "deepseek-v3", "OUT"], "too large"),
+    (["doctor", "--device", "tpu"], "unknown device 'tpu'"),
+    (["generate", "missing-folder", "--prompt", "x"], "neither a model folder"),
+    (["generate", "tiny", "--prompt", "x", "--max-new-tokens", "many"], "invalid int value"),
+    (["generate", "tiny", "--prompt", "x", "--top-p", "0"], "top_p"),
+    (["export", "tiny", "OUT", "--dtype", "fp8"], "invalid choice"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_input_is_one_clear_line_and_exit_code_2(args, words, tmp_path):
+    line = one_line_error(stalwart(*args, cwd=tmp_path))
+    assert words in line
+    assert not (tmp_path / "OUT").exists()
+
+
+def test_corrupt_model_folder_is_one_clear_line(tmp_path):
+    assert stalwart("export", "tiny", str(tmp_path / "m")).returncode == 0
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    line = one_line_error(stalwart("generate", str(tmp_path / "m"), "--prompt", "x"))
+    assert "model.safetensors is corrupt or truncated" in line
+
+
+def test_export_refuses_to_overwrite_without_force(tmp_path):
+    assert stalwart("export", "tiny", str(tmp_path / "m"), "--seed", "1").returncode == 0
+    before = (tmp_path / "m" / "model.safetensors").read_bytes()
+    assert "--force" in one_line_error(stalwart("export", "tiny", str(tmp_path / "m"), "--seed", "2"))
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
+    assert stalwart("export", "tiny", str(tmp_path / "m"), "--seed", "2", "--force").returncode == 0
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() != before
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary or old folder left behind

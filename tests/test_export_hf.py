@@ -1,0 +1,150 @@
+"""Export to a Hugging Face deepseek_v3 folder: transformers loads it with identical logits,
+and stalwart reads back what it or transformers wrote."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from stalwart.data.tokenizer import default_corpus, train_tokenizer
+from stalwart.errors import ConfigError, ModelFileError
+from stalwart.export.hf import load_hf_folder, save_hf_folder
+from stalwart.model import DeepSeekForCausalLM, ModelConfig
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+VOCAB = 320
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(default_corpus(), VOCAB)
+
+
+def config(**changes) -> ModelConfig:
+    base = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, q_lora_rank=32,
+                kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, intermediate_size=96,
+                n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=32,
+                n_group=1, topk_group=1, first_k_dense_replace=1, max_position_embeddings=256,
+                initializer_range=0.1)
+    base.update(changes)
+    return ModelConfig.from_dict(base)
+
+
+def random_model(cfg: ModelConfig, seed: int = 0) -> DeepSeekForCausalLM:
+    torch.manual_seed(seed)
+    model = DeepSeekForCausalLM(cfg).eval()
+    with torch.no_grad():  # a trained-looking bias, so that the export must carry it
+        for moe in model.moe_layers():
+            moe.gate.e_score_correction_bias.normal_(0, 0.05)
+    return model
+
+
+CONFIGS = {
+    "moe-grouped-several-per-token": dict(n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3,
+                                          routed_scaling_factor=2.5),
+    "no-q-lora": dict(q_lora_rank=None),
+    "yarn-rope-scaling": dict(rope_scaling={"factor": 8.0, "original_max_position_embeddings": 32,
+                                            "mscale": 1.0, "mscale_all_dim": 1.0}),
+    "yarn-mscale-differs": dict(rope_scaling={"factor": 4.0, "original_max_position_embeddings": 64,
+                                              "mscale": 0.707, "mscale_all_dim": 0.5}, norm_topk_prob=False),
+    "mtp-two-shared-experts": dict(num_nextn_predict_layers=1, n_shared_experts=2, first_k_dense_replace=0),
+    "dense": dict(n_routed_experts=0),
+}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_transformers_loads_the_export_with_identical_logits(name, tokenizer, tmp_path):
+    model = random_model(config(**CONFIGS[name]))
+    save_hf_folder(model, tokenizer, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert type(hf).__name__ == "DeepseekV3ForCausalLM"
+    ids = torch.randint(0, VOCAB, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = model(ids).logits, hf(ids).logits
+    assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["moe-grouped-several-per-token", "mtp-two-shared-experts", "dense"])
+def test_reimported_export_is_the_same_model(name, tokenizer, tmp_path):
+    model = random_model(config(**CONFIGS[name]))
+    save_hf_folder(model, tokenizer, tmp_path / "hf")
+    back, tok = load_hf_folder(tmp_path / "hf")
+    assert back.cfg == model.cfg
+    a, b = model.state_dict(), back.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert tok.to_str() == tokenizer.to_str()
+
+
+def test_folder_saved_by_transformers_loads_into_stalwart(tokenizer, tmp_path):
+    model = random_model(config(**CONFIGS["moe-grouped-several-per-token"]))
+    save_hf_folder(model, tokenizer, tmp_path / "ours")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32).eval()
+    hf.save_pretrained(tmp_path / "theirs")
+    transformers.AutoTokenizer.from_pretrained(tmp_path / "ours").save_pretrained(tmp_path / "theirs")
+    back, _ = load_hf_folder(tmp_path / "theirs")
+    ids = torch.randint(0, VOCAB, (1, 32))
+    with torch.no_grad():
+        assert (back(ids).logits - hf(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_layout_on_disk_is_deepseeks(tokenizer, tmp_path):
+    cfg = config(num_nextn_predict_layers=1)
+    save_hf_folder(random_model(cfg), tokenizer, tmp_path / "hf", dtype=torch.bfloat16)
+    raw = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert raw["model_type"] == "deepseek_v3" and raw["num_nextn_predict_layers"] == 1
+    assert raw["topk_method"] == "noaux_tc" and raw["scoring_func"] == "sigmoid"
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+        # Routed experts one tensor each; router bias and weight stay fp32 in a bf16 export.
+        assert "model.layers.1.mlp.experts.7.down_proj.weight" in names
+        assert f.get_tensor("model.layers.1.mlp.gate.e_score_correction_bias").dtype == torch.float32
+        assert f.get_tensor("model.layers.1.mlp.gate.weight").dtype == torch.float32
+        assert f.get_tensor("model.layers.1.mlp.experts.0.up_proj.weight").dtype == torch.bfloat16
+    # MTP as DeepSeek's release stores it: layer index num_hidden_layers.
+    mtp = {n for n in names if n.startswith("model.layers.3.")}
+    for part in ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight",
+                 "shared_head.head.weight", "embed_tokens.weight", "self_attn.kv_b_proj.weight"):
+        assert f"model.layers.3.{part}" in mtp
+    for f in ("tokenizer.json", "tokenizer_config.json", "config.json", "model.safetensors"):
+        assert (tmp_path / "hf" / f).is_file()
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert tok.eos_token_id == raw["eos_token_id"] and tok.bos_token_id == raw["bos_token_id"]
+
+
+def test_plain_attention_model_refuses_to_export(tokenizer, tmp_path):
+    cfg = config(attention="mha", n_routed_experts=0, v_head_dim=24)
+    with pytest.raises(ConfigError, match="MLA"):
+        save_hf_folder(random_model(cfg), tokenizer, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_export_never_leaves_a_half_written_folder(tokenizer, tmp_path, monkeypatch):
+    import stalwart.export.hf as hf_module
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(hf_module, "save_tokenizer", full_disk)  # fails after the weights are written
+    with pytest.raises(OSError):
+        save_hf_folder(random_model(config()), tokenizer, tmp_path / "hf")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "config.json").unlink(), "config.json not found"),
+    (lambda d: (d / "config.json").write_text("{not json"), "not valid JSON"),
+    (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:5000]),
+     "corrupt or truncated"),
+    (lambda d: (d / "model.safetensors").unlink(), "not found"),
+    (lambda d: (d / "tokenizer.json").unlink(), "tokenizer.json"),
+    (lambda d: (d / "config.json").write_text(json.dumps(
+        {**json.loads((d / "config.json").read_text()), "hidden_size": 96})), "shape"),
+])
+def test_damaged_folder_is_a_model_file_error(damage, message, tokenizer, tmp_path):
+    save_hf_folder(random_model(config()), tokenizer, tmp_path / "hf")
+    damage(tmp_path / "hf")
+    with pytest.raises(ModelFileError, match=message):
+        load_hf_folder(tmp_path / "hf")

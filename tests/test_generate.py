@@ -1,0 +1,76 @@
+"""Generation with the MLA latent cache: greedy equals transformers' greedy on the same folder;
+sampling is seeded; eos stops."""
+
+import pytest
+import torch
+
+from stalwart.data.tokenizer import default_corpus, train_tokenizer
+from stalwart.errors import UserError
+from stalwart.export.hf import load_hf_folder, save_hf_folder
+from stalwart.generate import generate, sample_next
+from stalwart.model import DeepSeekForCausalLM, ModelConfig
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+
+def export_random(tmp_path, **changes):
+    cfg = dict(vocab_size=320, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, q_lora_rank=32,
+               kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, intermediate_size=96,
+               n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_group=2, topk_group=1,
+               first_k_dense_replace=1, max_position_embeddings=256, initializer_range=0.2,
+               num_nextn_predict_layers=1)
+    cfg.update(changes)
+    torch.manual_seed(0)
+    model = DeepSeekForCausalLM(ModelConfig.from_dict(cfg))
+    save_hf_folder(model, train_tokenizer(default_corpus(), 320), tmp_path / "hf")
+    return tmp_path / "hf"
+
+
+@pytest.mark.parametrize("changes", [dict(), dict(q_lora_rank=None, rope_scaling={"factor": 4.0,
+                                                  "original_max_position_embeddings": 64})])
+def test_greedy_output_equals_transformers_greedy(tmp_path, changes):
+    folder = export_random(tmp_path, **changes)
+    ours, _ = load_hf_folder(folder)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    prompt = torch.randint(3, 320, (1, 10), generator=torch.Generator().manual_seed(5))
+    expected = hf.generate(prompt, max_new_tokens=40, do_sample=False, eos_token_id=None,
+                           pad_token_id=2)[0, 10:].tolist()
+    got = generate(ours, prompt.tolist(), max_new_tokens=40, eos_token_id=-1)[0]
+    assert got == expected
+
+
+def test_batched_generation_equals_one_prompt_at_a_time(tmp_path):
+    model, _ = load_hf_folder(export_random(tmp_path))
+    prompts = torch.randint(3, 320, (3, 6), generator=torch.Generator().manual_seed(2)).tolist()
+    batched = generate(model, prompts, max_new_tokens=12, eos_token_id=-1)
+    assert batched == [generate(model, [p], max_new_tokens=12, eos_token_id=-1)[0] for p in prompts]
+
+
+def test_sampling_repeats_with_the_same_seed_and_differs_with_another(tmp_path):
+    model, _ = load_hf_folder(export_random(tmp_path, initializer_range=0.02))
+    run = lambda seed: generate(model, [[5, 6, 7]], max_new_tokens=30, temperature=1.0, top_p=0.95,
+                                seed=seed, eos_token_id=-1)[0]
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+
+
+def test_top_p_keeps_the_smallest_prefix_reaching_the_mass():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    draws = {int(sample_next(logits, 1.0, 0.7, g)) for _ in range(300)}
+    assert draws == {0, 1}  # 0.5 < 0.7 <= 0.8: tokens 2 and 3 are never drawn
+    assert int(sample_next(logits, 1.0, 1e-6, g)) == 0  # a tiny top_p is greedy
+
+
+def test_generation_stops_after_eos(tmp_path):
+    model, _ = load_hf_folder(export_random(tmp_path))
+    free = generate(model, [[5, 6, 7]], max_new_tokens=20, eos_token_id=-1)[0]
+    stopped = generate(model, [[5, 6, 7]], max_new_tokens=20, eos_token_id=free[3])[0]
+    assert stopped == free[: free.index(free[3]) + 1]
+
+
+def test_too_long_a_generation_is_a_user_error(tmp_path):
+    model, _ = load_hf_folder(export_random(tmp_path))
+    with pytest.raises(UserError, match="max_position_embeddings"):
+        generate(model, [[5] * 200], max_new_tokens=100)
