@@ -176,3 +176,20 @@ def test_same_seed_same_initialisation():
     torch.manual_seed(7)
     b = DeepSeekForCausalLM(small()).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gathered_and_sorted_expert_dispatch_agree_in_value_and_gradient():
+    torch.manual_seed(0)
+    cfg = small(num_experts_per_tok=3, n_group=1, topk_group=1)
+    moe = MoE(cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(10, cfg.hidden_size, requires_grad=True)
+    weights, idx, _ = moe.gate(x)
+    results = []
+    for path in (moe.experts._forward_gathered, moe.experts._forward_sorted):
+        y = path(x, weights, idx)
+        grads = torch.autograd.grad(y.square().sum(), [x, moe.experts.down_proj], retain_graph=True)
+        results.append((y, *grads))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

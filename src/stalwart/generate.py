@@ -30,7 +30,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(model: DeepSeekForCausalLM, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
              eos_token_id: int | None = None) -> list[list[int]]:

@@ -31,9 +31,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 whatever the activation dtype: bf16 variance underflows.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
@@ -112,6 +110,8 @@ class KVCache:
         self.layers = [LayerCache() for _ in range(num_layers)]
         self.max_len = max_len
         self.length = 0
+        # cos/sin for positions 0..max_len, computed once per generation instead of per step.
+        self.rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors)
@@ -161,11 +161,12 @@ class MultiHeadLatentAttention(nn.Module):
         if T == 1 and cache is not None:
             # Absorbed decode: q_nope W_UK attends to the latent directly; values come out in
             # latent space and go through W_UV once, per head.
-            q_latent = torch.einsum("bhtd,hdr->bhtr", q_nope, w_kv_b[:, :dn])
+            # (plain matmuls that broadcast over batch: einsum's planning costs more than the math here)
+            q_latent = q_nope @ w_kv_b[:, :dn]  # (B, h, 1, r)
             scores = (q_latent @ latent.unsqueeze(1).transpose(-1, -2)
                       + q_rope @ k_rope.unsqueeze(1).transpose(-1, -2)) * self.scale
             probs = scores.float().softmax(-1).to(q.dtype)
-            out = torch.einsum("bhtr,hvr->bhtv", probs @ latent.unsqueeze(1), w_kv_b[:, dn:])
+            out = (probs @ latent.unsqueeze(1)) @ w_kv_b[:, dn:].transpose(-1, -2)  # (B, h, 1, dv)
         else:
             S = latent.shape[1]
             kv = self.kv_b_proj(latent).view(B, S, self.n_heads, dn + dv).transpose(1, 2)

@@ -8,7 +8,8 @@ score is the sum of its two best experts); non-chosen groups are masked with -in
 DeepSeek does (masking with 0 lets a masked group win when every score is negative).
 
 Dispatch sorts the (token, expert) pairs by expert and runs each expert once on its
-contiguous slice: a Python loop over experts, never over tokens.
+contiguous slice: a Python loop over experts, never over tokens. A decode step, with only
+a few pairs, gathers each pair's expert weights and runs three batched matmuls instead.
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from stalwart.model.config import ModelConfig
+
+
+# Below this many (token, expert) pairs, copying each pair's expert weights is cheaper than
+# sorting and a Python loop over experts (measured with bench/generate.py: decode steps).
+GATHER_MAX_ASSIGNMENTS = 64
 
 
 class DenseMLP(nn.Module):
@@ -72,6 +78,24 @@ class RoutedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, H, inter))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        if idx.numel() <= GATHER_MAX_ASSIGNMENTS:
+            return self._forward_gathered(x, weights, idx)
+        return self._forward_sorted(x, weights, idx)
+
+    def _forward_gathered(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Few (token, expert) pairs (decoding): gather each pair's weights, three batched matmuls."""
+        N, k = idx.shape
+        flat = idx.reshape(-1)
+        xs = x.repeat_interleave(k, dim=0).unsqueeze(1)  # (N*k, 1, H)
+        def pick(w: torch.Tensor) -> torch.Tensor:  # (N*k, in, out); index_select beats w[flat] here
+            return w.index_select(0, flat).transpose(1, 2)
+
+        h = F.silu(xs @ pick(self.gate_proj)) * (xs @ pick(self.up_proj))
+        y = (h @ pick(self.down_proj)).view(N, k, -1)
+        return (y * weights.unsqueeze(-1).to(x.dtype)).sum(1)
+
+    def _forward_sorted(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Many pairs (training, prefill): sort by expert, one matmul chain per expert's slice."""
         E, k = self.gate_proj.shape[0], idx.shape[1]
         flat = idx.reshape(-1)
         order = flat.argsort(stable=True)

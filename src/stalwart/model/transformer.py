@@ -97,6 +97,9 @@ class DeepSeekForCausalLM(nn.Module):
         for moe in self.moe_layers():
             moe.gate.e_score_correction_bias.zero_()
 
+    def rope_cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_cos_sin(self.inv_freq, self.rope_factor, positions, dtype)
+
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
 
@@ -106,17 +109,21 @@ class DeepSeekForCausalLM(nn.Module):
 
         With a cache, positions continue from cache.length and the cache advances by T.
         """
-        start = cache.length if cache is not None else 0
-        positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+        T = input_ids.shape[1]
         h = self.model.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(self.inv_freq, self.rope_factor, positions, h.dtype)
+        if cache is None:
+            cos, sin = self.rope_cos_sin(torch.arange(T, device=h.device), h.dtype)
+        else:
+            if cache.rope is None:
+                cache.rope = self.rope_cos_sin(torch.arange(cache.max_len, device=h.device), h.dtype)
+            cos, sin = (t[cache.length:cache.length + T] for t in cache.rope)
         balance: list[torch.Tensor] = []
         for layer in self.model.layers:
             h, aux = layer(h, cos, sin, cache)
             if aux is not None:
                 balance.append(aux)
         if cache is not None:
-            cache.length += input_ids.shape[1]
+            cache.length += T
         h = self.model.norm(h)
         logits = self.lm_head(h)
         if labels is None:
