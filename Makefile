@@ -20,7 +20,7 @@ $(VENV)/.setup-done: pyproject.toml
 
 demo: setup
 	$(VENV)/bin/stalwart doctor
-	$(VENV)/bin/stalwart export tiny runs/demo-random --seed 0
+	$(VENV)/bin/stalwart export tiny runs/demo-random --seed 0 --force
 	$(VENV)/bin/stalwart generate runs/demo-random --prompt "12+34=" --max-new-tokens 16
 
 test: setup

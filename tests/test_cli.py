@@ -89,3 +89,17 @@ def test_export_refuses_to_overwrite_without_force(tmp_path):
     assert stalwart("export", "tiny", str(tmp_path / "m"), "--seed", "2", "--force").returncode == 0
     assert (tmp_path / "m" / "model.safetensors").read_bytes() != before
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary or old folder left behind
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"n_group": 3}, "n_routed_experts (8) must be divisible by model.n_group (3)"),
+    ({"qk_rope_head_dim": 15}, "qk_rope_head_dim must be even"),
+    ({"num_experts_per_tok": 20}, "num_experts_per_tok"),
+    ({"hidden_size": "wide"}, "hidden_size must be an integer"),
+])
+def test_inconsistent_model_config_is_one_clear_line(change, words, tmp_path):
+    assert stalwart("export", "tiny", str(tmp_path / "m")).returncode == 0
+    config = tmp_path / "m" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), **change}))
+    for args in (["generate", str(tmp_path / "m"), "--prompt", "x"], ["model-info", str(tmp_path / "m")]):
+        assert words in one_line_error(stalwart(*args))
