@@ -26,6 +26,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="stalwart", description="Train DeepSeek-style models on imperfect fleets.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
+    p = sub.add_parser("train", help="train a model (no arguments: the default job, about 5 minutes on 2 CPU cores)",
+                       description="Train from a recipe; override any field with --section.key VALUE "
+                                   "(sections: model, data, optim, train, eval, checkpoint).")
+    p.add_argument("--recipe", default="default", help="default, dense-baseline, multiplication, smoke")
+    p.add_argument("--out", help="run directory (default: runs/RECIPE-TIMESTAMP)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last good checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_train, accepts_overrides=True)
+
     p = sub.add_parser("doctor", help="report the accelerator, collective backend, dtypes and versions")
     p.add_argument("--device", help="cpu, cuda[:N], npu[:N], xpu[:N], mps (default: auto, or $STALWART_DEVICE)")
     p.add_argument("--preset", help="also report a preset's parameter counts")
@@ -45,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("generate", help="generate text from a model folder")
-    p.add_argument("model", help="model folder")
+    p = sub.add_parser("generate", help="generate text from a run directory or a model folder")
+    p.add_argument("model", help="run directory (its newest good checkpoint) or Hugging Face model folder")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
@@ -55,6 +64,76 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.set_defaults(func=cmd_generate)
     return parser
+
+
+def parse_overrides(extra: list[str]) -> dict[str, str]:
+    """["--train.steps", "10", "--data.seq_len=64"] -> {"train.steps": "10", "data.seq_len": "64"}."""
+    overrides: dict[str, str] = {}
+    i = 0
+    while i < len(extra):
+        token = extra[i]
+        if not token.startswith("--") or "." not in token.split("=")[0]:
+            raise UserError(f"unrecognised argument {token!r} (overrides look like --section.key VALUE)")
+        if "=" in token:
+            key, value = token[2:].split("=", 1)
+        elif i + 1 < len(extra):
+            key, value = token[2:], extra[i + 1]
+            i += 1
+        else:
+            raise UserError(f"{token} needs a value")
+        overrides[key] = value
+        i += 1
+    return overrides
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from stalwart.config import RunConfig, apply_overrides
+    from stalwart.recipes import recipe
+    from stalwart.train.loop import train
+
+    overrides = parse_overrides(args.overrides)
+    if args.resume:
+        if not args.out:
+            raise UserError("--resume needs --out RUN_DIR")
+        config_path = Path(args.out) / "config.json"
+        try:
+            cfg = RunConfig.from_dict(json.loads(config_path.read_text()))
+        except FileNotFoundError:
+            raise UserError(f"{config_path} not found: {args.out} is not a run directory") from None
+        except json.JSONDecodeError as e:
+            raise UserError(f"{config_path} is not valid JSON: {e}") from None
+    else:
+        cfg = recipe(args.recipe)
+    cfg = apply_overrides(cfg, overrides)
+    out = Path(args.out or f"runs/{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if not args.resume and out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} already holds a run: pass --resume to continue it, or another --out")
+    result = train(cfg, out, resume=args.resume, quiet=args.quiet)
+    if not args.quiet:
+        print_train_summary(out, result)
+    return 0
+
+
+def print_train_summary(out, result) -> None:
+    s = result.summary
+    lines = [f"run: {out}"]
+    if s["eval_exact_match"] is not None:
+        lines.append(f"held-out exact match: {s['eval_exact_match']:.1%}")
+    if s["eval_loss"] is not None:
+        lines.append(f"eval loss: {s['eval_loss']:.4f}   final train loss: {s['final_train_loss']:.4f}")
+    if s["tokens_per_s"]:
+        lines.append(f"throughput: {s['tokens_per_s']:,.0f} tokens/s on {s['device']} ({s['dtype']}), "
+                     f"{s['steps']} steps in {s['wall_s']:.0f}s")
+    lines.append(f"files: {out}/metrics.jsonl, {out}/summary.json, checkpoints in {out}/checkpoints"
+                 + (f", Hugging Face export in {s['export']}" if s["export"] else ""))
+    if result.samples:
+        prompt, generated, ok = result.samples[0]
+        lines.append(f"sample: {prompt}{generated}   [{'correct' if ok else 'wrong'}]")
+    lines.append(f"try: stalwart generate {out} --prompt \"{result.samples[0][0] if result.samples else 'Hello'}\"")
+    print("\n".join(lines))
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -144,14 +223,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     new = generate(model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_p=args.top_p, seed=args.seed)[0]
     elapsed = time.perf_counter() - start
-    print(args.prompt + decode(tokenizer, new))
+    print(args.prompt + decode(tokenizer, new), flush=True)
     print(f"[{len(new)} tokens in {elapsed:.2f}s, {len(new) / max(elapsed, 1e-9):.1f} tokens/s on {info.device}]",
           file=sys.stderr)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
     try:
         return args.func(args)
     except UserError as e:

@@ -227,6 +227,30 @@ def seed_everything(seed: int) -> None:
         torch.mps.manual_seed(seed)
 
 
+def rng_state(info: DeviceInfo) -> dict:
+    """Every RNG state a training step may draw from, as plain tensors and lists (so that a
+    checkpoint holding it loads with weights_only=True)."""
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    state = {"python": [version, list(internal), gauss], "torch": torch.get_rng_state(),
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+    module = _accelerator_module(info.kind)
+    if module is not None and info.kind != "mps" and _count(info.kind) > 0:
+        state["device"] = module.get_rng_state(info.device)
+    return state
+
+
+def set_rng_state(info: DeviceInfo, state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    module = _accelerator_module(info.kind)
+    if "device" in state and module is not None and info.kind != "mps":
+        module.set_rng_state(state["device"], info.device)
+
+
 def synchronize(info: DeviceInfo) -> None:
     """Wait for queued kernels on the device; needed before reading a wall clock."""
     if info.kind == "cpu":

@@ -29,9 +29,35 @@ def random_model(name: str, seed: int = 0) -> tuple[DeepSeekForCausalLM, Any]:
     return DeepSeekForCausalLM(cfg), train_tokenizer(default_corpus(), cfg.vocab_size)
 
 
+def is_run_dir(path: Path) -> bool:
+    return (path / "checkpoints").is_dir() and (path / "config.json").is_file()
+
+
+def load_run(path: Path) -> tuple[DeepSeekForCausalLM, Any]:
+    """The newest checkpoint of a run directory that verifies (a corrupt one is skipped)."""
+    import json
+
+    from stalwart.checkpoint import load_latest
+    from stalwart.config import RunConfig
+    from stalwart.data.tokenizer import load_tokenizer
+
+    try:
+        cfg = RunConfig.from_dict(json.loads((path / "config.json").read_text()))
+    except json.JSONDecodeError as e:
+        raise ModelFileError(f"{path / 'config.json'} is not valid JSON: {e}") from None
+    latest = load_latest(path / "checkpoints")
+    if latest is None:
+        raise ModelFileError(f"{path} has no good checkpoint yet")
+    model = DeepSeekForCausalLM(cfg.model)
+    model.load_state_dict(latest.model_state)
+    return model, load_tokenizer(path)
+
+
 def open_model(spec: str, seed: int = 0) -> tuple[DeepSeekForCausalLM, Any]:
-    """`spec` is a model folder, or a preset name for a randomly initialised model."""
+    """`spec` is a run directory, a model folder, or a preset name for a random model."""
     path = Path(spec)
+    if path.exists() and is_run_dir(path):
+        return load_run(path)
     if path.exists():
         if not is_hf_folder(path):
             raise ModelFileError(f"{path} is not a model folder (no config.json)")

@@ -1,0 +1,208 @@
+"""The typed run configuration: one frozen dataclass per component, validated on load, and
+`--section.key value` overrides from the command line.
+
+Every error names the field (`train.steps must be >= 1, got 0`), so a user can fix it
+from the message alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from stalwart.data.tasks import TASKS
+from stalwart.errors import ConfigError
+from stalwart.model import ModelConfig, preset
+from stalwart.model.config import validate as validate_model
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    task: str = "addition"  # a generated task (data/tasks.py), or "files" for data.files
+    files: tuple[str, ...] = ()  # .txt / .jsonl paths when task is "files"
+    min_digits: int = 3  # operand width, drawn in [min_digits, max_digits]
+    max_digits: int = 3
+    seq_len: int = 128
+    seed: int = 0
+    tokenizer_documents: int = 4000  # documents the BPE tokenizer is trained on
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 500
+    batch_size: int = 32
+    grad_accum: int = 1
+    seed: int = 0
+    device: str = "auto"  # auto, cpu, cuda[:N], npu[:N], xpu[:N], mps
+    dtype: str = "auto"  # auto (bf16 autocast where the device has it, else fp32), fp32, bf16
+    compile: bool = False  # torch.compile the model
+    log_every: int = 10
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = 250  # steps between evaluations (and at the end); 0: only at the end
+    problems: int = 200  # held-out problems scored by exact match
+    batches: int = 4  # held-out batches for the eval loss
+    max_new_tokens: int = 48
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 100  # steps between checkpoints (and at the end)
+    keep: int = 3
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    recipe: str = "default"
+    model: ModelConfig = field(default_factory=lambda: preset("tiny"))
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @staticmethod
+    def from_dict(raw: dict[str, Any]) -> RunConfig:
+        if not isinstance(raw, dict):
+            raise ConfigError("a run config must be a JSON object")
+        sections = {f.name for f in dataclasses.fields(RunConfig)}
+        unknown = sorted(set(raw) - sections)
+        if unknown:
+            raise ConfigError(f"unknown config section(s): {', '.join(unknown)}")
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(RunConfig):
+            if f.name not in raw:
+                continue
+            if f.name == "recipe":
+                kwargs["recipe"] = raw["recipe"]
+            elif f.name == "model":
+                kwargs["model"] = ModelConfig.from_dict(raw["model"])
+            else:
+                kwargs[f.name] = _section(f.name, SECTION_TYPES[f.name], raw[f.name])
+        return validate(RunConfig(**kwargs))
+
+
+SECTION_TYPES = {"data": DataConfig, "optim": OptimConfig, "train": TrainConfig, "eval": EvalConfig,
+                 "checkpoint": CheckpointConfig}
+
+
+def _section(name: str, cls: type, raw: Any) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config section {name} must be an object")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in raw.items():
+        if key not in known:
+            raise ConfigError(f"unknown config key {name}.{key} (known: {', '.join(known)})")
+        _check(f"{name}.{key}", known[key].type, value)
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+    return cls(**values)
+
+
+def _check(name: str, type_name: str, value: Any) -> None:
+    ok = {
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+        "str": isinstance(value, str),
+        "tuple[str, ...]": isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value),
+    }[type_name]
+    if not ok:
+        raise ConfigError(f"{name} must be of type {type_name}, got {value!r}")
+
+
+def parse_value(name: str, type_name: str, text: str) -> Any:
+    """A command-line string as the field's type."""
+    try:
+        if type_name == "int":
+            return int(text)
+        if type_name == "float":
+            return float(text)
+        if type_name == "int | None":
+            return None if text.lower() in ("none", "null") else int(text)
+        if type_name == "bool":
+            if text.lower() in ("true", "1", "yes", "on"):
+                return True
+            if text.lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if type_name == "tuple[str, ...]":
+            return tuple(p for p in text.split(",") if p)
+        if type_name == "RopeScaling | None":
+            return None if text.lower() in ("none", "null") else json.loads(text)
+    except (ValueError, json.JSONDecodeError):
+        raise ConfigError(f"--{name} expects {type_name}, got {text!r}") from None
+    return text
+
+
+def apply_overrides(cfg: RunConfig, overrides: dict[str, str]) -> RunConfig:
+    """Apply {"section.key": "text"} overrides; names and types are checked."""
+    raw = cfg.to_dict()
+    for name, text in overrides.items():
+        section, _, key = name.partition(".")
+        if section not in SECTION_TYPES and section != "model" or not key:
+            raise ConfigError(f"unknown config key {name} (sections: model, {', '.join(SECTION_TYPES)})")
+        cls = ModelConfig if section == "model" else SECTION_TYPES[section]
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if key not in fields:
+            raise ConfigError(f"unknown config key {name} (known in {section}: {', '.join(fields)})")
+        raw[section][key] = parse_value(name, fields[key].type, text)
+    return RunConfig.from_dict(raw)
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    validate_model(cfg.model)
+    d, o, t, e, c = cfg.data, cfg.optim, cfg.train, cfg.eval, cfg.checkpoint
+
+    def need(condition: bool, message: str) -> None:
+        if not condition:
+            raise ConfigError(message)
+
+    need(d.task in TASKS + ("files",), f"data.task must be one of {', '.join(TASKS + ('files',))}, got {d.task!r}")
+    need(d.task != "files" or bool(d.files), "data.files must list at least one file when data.task is 'files'")
+    need(1 <= d.min_digits <= d.max_digits <= 18, f"data.min_digits and data.max_digits must satisfy "
+         f"1 <= min <= max <= 18, got {d.min_digits} and {d.max_digits}")
+    need(2 <= d.seq_len <= cfg.model.max_position_embeddings,
+         f"data.seq_len must be in 2..model.max_position_embeddings ({cfg.model.max_position_embeddings}), "
+         f"got {d.seq_len}")
+    need(d.tokenizer_documents >= 1, f"data.tokenizer_documents must be >= 1, got {d.tokenizer_documents}")
+    need(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
+    need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+    need(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+    need(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+    need(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, f"optim.beta1 and optim.beta2 must be in [0, 1), got {o.beta1}, "
+         f"{o.beta2}")
+    need(o.eps > 0, f"optim.eps must be > 0, got {o.eps}")
+    need(o.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {o.grad_clip}")
+    need(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
+    need(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
+    need(t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}")
+    need(t.dtype in ("auto", "fp32", "bf16"), f"train.dtype must be auto, fp32 or bf16, got {t.dtype!r}")
+    need(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
+    need(e.every >= 0, f"eval.every must be >= 0, got {e.every}")
+    need(e.problems >= 0 and e.batches >= 0, "eval.problems and eval.batches must be >= 0")
+    need(e.max_new_tokens >= 1, f"eval.max_new_tokens must be >= 1, got {e.max_new_tokens}")
+    need(c.every >= 1, f"checkpoint.every must be >= 1, got {c.every}")
+    need(c.keep >= 1, f"checkpoint.keep must be >= 1, got {c.keep}")
+    return cfg

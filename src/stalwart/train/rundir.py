@@ -1,0 +1,80 @@
+"""The run directory contract (DESIGN.md): config.json, metrics.jsonl, events.jsonl,
+summary.json, checkpoints/, tokenizer.json, export/.
+
+metrics.jsonl and events.jsonl are appended one line per record and flushed; a process
+killed mid-line leaves a partial last line, which `truncate_metrics` drops on resume along
+with the steps the resumed run will redo.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from stalwart.fsutil import atomic_write_bytes, atomic_write_json
+
+
+class RunDir:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.checkpoints = self.path / "checkpoints"
+        self.export = self.path / "export"
+        self.metrics_path = self.path / "metrics.jsonl"
+        self.events_path = self.path / "events.jsonl"
+        self.config_path = self.path / "config.json"
+        self.summary_path = self.path / "summary.json"
+        self.tokenizer_path = self.path / "tokenizer.json"
+
+    def create(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.checkpoints.mkdir(exist_ok=True)
+
+    def write_config(self, text: str) -> None:
+        atomic_write_bytes(self.config_path, text.encode())
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        _append(self.metrics_path, record)
+
+    def event(self, kind: str, **fields: Any) -> None:
+        _append(self.events_path, {"time": round(time.time(), 3), "event": kind, **fields})
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        atomic_write_json(self.summary_path, summary)
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        return _read_jsonl(self.metrics_path)
+
+    def read_events(self) -> list[dict[str, Any]]:
+        return _read_jsonl(self.events_path)
+
+    def truncate_metrics(self, last_step: int) -> None:
+        """Keep only complete records of steps <= last_step (atomically rewritten)."""
+        kept = [r for r in self.read_metrics() if r.get("step", 0) <= last_step]
+        atomic_write_bytes(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+
+
+    def repair_events(self) -> None:
+        """Drop a partial last line left by a killed process, so appends stay parseable."""
+        if self.events_path.exists():
+            text = "".join(json.dumps(r) + "\n" for r in self.read_events())
+            atomic_write_bytes(self.events_path, text.encode())
+
+
+def _append(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a partial line from a killed process
+    return records
