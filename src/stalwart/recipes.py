@@ -28,7 +28,7 @@ def multiplication() -> RunConfig:
     """The harder family: 1-2 digit multiplication by partial products."""
     cfg = default()
     return dataclasses.replace(cfg, recipe="multiplication",
-                               data=dataclasses.replace(cfg.data, task="multiplication", max_digits=2),
+                               data=dataclasses.replace(cfg.data, task="multiplication", min_digits=1, max_digits=2),
                                train=dataclasses.replace(cfg.train, steps=1500))
 
 

@@ -152,7 +152,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
             step_time += dt
             record = {"step": step, "loss": loss_sum["lm_loss"], "total_loss": loss_sum["loss"],
                       "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt, "step_s": dt,
-                      "tokens": tokens_seen, "participants": 1}
+                      "tokens": tokens_seen, "participants": 1, "time": round(time.time(), 4)}
             if model.mtp:
                 record["mtp_loss"] = loss_sum["mtp_loss"]
             if imbalance is not None:

@@ -1,0 +1,175 @@
+"""`stalwart train` end to end, in real processes: the run directory contract, determinism,
+bit-exact resume after SIGKILL at any moment (checkpoint writes included), corrupt
+checkpoints, user data, and bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from stalwart.checkpoint import list_checkpoints, verify_checkpoint
+
+pytestmark = pytest.mark.slow
+
+# The smoke recipe with 30 steps, checkpoints every 5 (keep 2).
+ARGS = ["--recipe", "smoke", "--train.steps", "30", "--quiet"]
+
+
+def train(out: Path, *extra: str, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stalwart", "train", "--out", str(out), *ARGS, *extra],
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def curve(run: Path) -> list[tuple[int, float, float]]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in records]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference") / "run"
+    r = train(out)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_train_writes_the_run_directory_contract(reference):
+    config = json.loads((reference / "config.json").read_text())
+    assert config["recipe"] == "smoke" and config["train"]["steps"] == 30
+    records = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 31))
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "step_s", "participants", "expert_imbalance",
+                "mtp_loss"):
+        assert key in records[0], key
+    assert records[-1]["loss"] < records[0]["loss"]
+    summary = json.loads((reference / "summary.json").read_text())
+    for key in ("steps", "tokens", "wall_s", "tokens_per_s", "final_train_loss", "eval_loss", "eval_exact_match",
+                "replicas", "goodput", "events"):
+        assert key in summary, key
+    assert summary["steps"] == 30 and 0 <= summary["eval_exact_match"] <= 1
+    events = [json.loads(line)["event"] for line in (reference / "events.jsonl").read_text().splitlines()]
+    assert events.count("checkpoint") == 6 and "export" in events
+    assert [p.name for p in list_checkpoints(reference / "checkpoints")] == ["step-000030", "step-000025"]
+    assert (reference / "export" / "model.safetensors").is_file()
+
+
+def test_generate_runs_on_the_run_directory(reference):
+    r = subprocess.run([sys.executable, "-m", "stalwart", "generate", str(reference), "--prompt", "123+456=",
+                        "--max-new-tokens", "8"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("123+456=")
+
+
+def test_same_seed_gives_the_same_loss_curve_and_another_seed_does_not(reference, tmp_path):
+    assert train(tmp_path / "same").returncode == 0
+    assert curve(tmp_path / "same") == curve(reference)
+    assert train(tmp_path / "other", "--train.seed", "1", "--train.steps", "5").returncode == 0
+    assert curve(tmp_path / "other")[:5] != curve(reference)[:5]
+
+
+@pytest.mark.parametrize("fault", ["kill@3", "kill@13", "kill-in-checkpoint@10", "kill-in-checkpoint@30"])
+def test_run_killed_at_a_step_resumes_with_bit_identical_losses(fault, reference, tmp_path):
+    run = tmp_path / "run"
+    r = train(run, env={"STALWART_INJECT": fault})
+    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr)
+    r = train(run, "--resume")
+    assert r.returncode == 0, r.stderr
+    assert curve(run) == curve(reference)  # floats compared exactly
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_run_killed_by_a_signal_at_any_moment_resumes_with_bit_identical_losses(reference, tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "stalwart", "train", "--out", str(run), *ARGS],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 120
+    metrics = run / "metrics.jsonl"
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 17:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(30) == -signal.SIGKILL, "the run finished before it could be killed"
+    assert train(run, "--resume").returncode == 0
+    assert curve(run) == curve(reference)
+
+
+def test_corrupt_newest_checkpoint_is_reported_and_the_previous_one_used(reference, tmp_path):
+    run = tmp_path / "run"
+    assert train(run, env={"STALWART_INJECT": "kill@13"}).returncode == -signal.SIGKILL
+    weights = run / "checkpoints" / "step-000010" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    r = train(run, "--resume", "--train.log_every", "100")
+    assert r.returncode == 0, r.stderr
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    corrupt = [e for e in events if e["event"] == "checkpoint_corrupt"]
+    assert len(corrupt) == 1 and "step-000010" in corrupt[0]["path"]
+    assert [e["step"] for e in events if e["event"] == "resume"] == [5]
+    assert curve(run) == curve(reference)
+
+
+def test_trains_on_user_text_and_jsonl_files(tmp_path):
+    (tmp_path / "a.txt").write_text("\n\n".join(f"Paragraph {i} says hello to the world." for i in range(80)))
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": f"record {i}: ünïcode ✓"}) + "\n"
+                                              for i in range(80)))
+    files = f"{tmp_path / 'a.txt'},{tmp_path / 'b.jsonl'}"
+    r = train(tmp_path / "run", "--data.task", "files", "--data.files", files, "--train.steps", "6")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["eval_exact_match"] is None and summary["eval_loss"] is not None
+
+
+def one_line_error(r: subprocess.CompletedProcess) -> str:
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--train.stepz", "5"], "unknown config key train.stepz"),
+    (["--train.steps", "five"], "--train.steps expects int"),
+    (["--train.steps", "0"], "train.steps must be >= 1"),
+    (["--optim.lr", "-1"], "optim.lr must be > 0"),
+    (["--model.n_group", "3"], "must be divisible by model.n_group (3)"),
+    (["--data.seq_len", "4096"], "data.seq_len must be in"),
+    (["--recipe", "huge"], "unknown recipe 'huge'"),
+    (["--data.task", "files", "--data.files", "/nonexistent/corpus.txt"], "cannot read data file"),
+    (["--bogus"], "unrecognised argument '--bogus'"),
+])
+def test_bad_input_is_one_clear_line_and_exit_code_2(extra, words, tmp_path):
+    line = one_line_error(train(tmp_path / "run", *extra))
+    assert words in line
+    assert not list_checkpoints(tmp_path / "run" / "checkpoints")
+
+
+def test_existing_run_needs_resume_and_resume_needs_a_run(reference, tmp_path):
+    assert "--resume" in one_line_error(train(reference))
+    assert "not a run directory" in one_line_error(train(tmp_path / "nothing", "--resume"))
+
+
+def test_disk_full_during_a_checkpoint_is_one_line_and_no_partial_checkpoint(tmp_path):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        r = train(mount / "run", "--train.steps", "10")
+        line = one_line_error(r)
+        assert "No space left on device" in line and "checkpoint step-" in line
+        checkpoints = mount / "run" / "checkpoints"
+        assert not [p for p in checkpoints.iterdir() if p.name.startswith(".")]
+        for path in list_checkpoints(checkpoints):
+            verify_checkpoint(path)  # whatever is there is complete
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
