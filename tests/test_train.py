@@ -173,3 +173,17 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_no_partial_checkpoint(tmp
             verify_checkpoint(path)  # whatever is there is complete
     finally:
         subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_resuming_a_finished_run_trains_nothing_and_reports_it_again(reference, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    before = json.loads((run / "summary.json").read_text())
+    r = train(run, "--resume")
+    assert r.returncode == 0, r.stderr
+    after = json.loads((run / "summary.json").read_text())
+    assert curve(run) == curve(reference)
+    assert after["final_train_loss"] == before["final_train_loss"]
+    assert after["eval_exact_match"] == before["eval_exact_match"]

@@ -122,7 +122,7 @@ def print_train_summary(out, result) -> None:
     lines = [f"run: {out}"]
     if s["eval_exact_match"] is not None:
         lines.append(f"held-out exact match: {s['eval_exact_match']:.1%}")
-    if s["eval_loss"] is not None:
+    if s["eval_loss"] is not None and s["final_train_loss"] is not None:
         lines.append(f"eval loss: {s['eval_loss']:.4f}   final train loss: {s['final_train_loss']:.4f}")
     if s["tokens_per_s"]:
         lines.append(f"throughput: {s['tokens_per_s']:,.0f} tokens/s on {s['device']} ({s['dtype']}), "

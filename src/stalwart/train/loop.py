@@ -96,6 +96,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
                           batch_size=cfg.train.batch_size, seed=cfg.data.seed)
     autocast, compute_dtype = _autocast(cfg, info)
     step, tokens_seen = 0, 0
+    record: dict[str, Any] = {}  # the last step's metrics
 
     for partial in ckpt.remove_partial(run.checkpoints):
         run.event("checkpoint_partial_removed", path=str(partial))
@@ -112,6 +113,8 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
             step, tokens_seen = latest.step, int(state["tokens_seen"])
         run.truncate_metrics(step)
         run.repair_events()
+        done = run.read_metrics()
+        record = done[-1] if done else {}
         run.event("resume", step=step, checkpoint=str(latest.path) if latest else None)
     run.event("start", step=step, device=str(info.device), dtype=compute_dtype,
               parameters=sum(p.numel() for p in model.parameters()))
@@ -121,7 +124,6 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
     progress = Progress(total, step, quiet=quiet, log_every=cfg.train.log_every)
     first_step = step
     started, step_time, last = time.perf_counter(), 0.0, EvalResult(None, None, [])
-    record: dict[str, Any] = {}
     model.train()
     with progress:
         while step < total:
@@ -170,6 +172,8 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
                     "loader": loader.state_dict(), "rng": rng_state(info)}, keep=cfg.checkpoint.keep)
                 run.event("checkpoint", step=step, path=str(path))
 
+    if step == first_step:  # resumed a finished run: nothing trained, report its final state
+        last = evaluate(cfg, model, tokenizer, info)
     wall = time.perf_counter() - started
     export: Path | None = None
     if cfg.model.attention == "mla":
