@@ -193,3 +193,14 @@ def test_gathered_and_sorted_expert_dispatch_agree_in_value_and_gradient():
         results.append((y, *grads))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("raw, words", [
+    ({"rope_scaling": {"factor": "x"}}, "model.rope_scaling.factor must be a number"),
+    ({"rope_scaling": {"nope": 1}}, "unknown config key model.rope_scaling.nope"),
+    ({"q_lora_rank": 1.5}, "model.q_lora_rank must be an integer or null"),
+    ({"norm_topk_prob": "yes"}, "model.norm_topk_prob must be true or false"),
+])
+def test_wrong_types_in_a_model_config_name_the_field(raw, words):
+    with pytest.raises(ConfigError, match=words.replace(".", r"\.")):
+        ModelConfig.from_dict(raw)

@@ -14,6 +14,7 @@ from typing import Any
 
 from stalwart.data.tasks import TASKS
 from stalwart.errors import ConfigError
+from stalwart.fields import check_fields
 from stalwart.model import ModelConfig, preset
 from stalwart.model.config import validate as validate_model
 
@@ -111,25 +112,8 @@ SECTION_TYPES = {"data": DataConfig, "optim": OptimConfig, "train": TrainConfig,
 def _section(name: str, cls: type, raw: Any) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"config section {name} must be an object")
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    for key, value in raw.items():
-        if key not in known:
-            raise ConfigError(f"unknown config key {name}.{key} (known: {', '.join(known)})")
-        _check(f"{name}.{key}", known[key].type, value)
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
-    return cls(**values)
-
-
-def _check(name: str, type_name: str, value: Any) -> None:
-    ok = {
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
-        "bool": isinstance(value, bool),
-        "str": isinstance(value, str),
-        "tuple[str, ...]": isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value),
-    }[type_name]
-    if not ok:
-        raise ConfigError(f"{name} must be of type {type_name}, got {value!r}")
+    check_fields(name, cls, raw)
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
 
 
 def parse_value(name: str, type_name: str, text: str) -> Any:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from stalwart.errors import ConfigError
+from stalwart.fields import check_fields, field_values
 
 
 @dataclass(frozen=True)
@@ -95,17 +96,12 @@ class ModelConfig:
     @staticmethod
     def from_dict(raw: dict[str, Any]) -> ModelConfig:
         raw = dict(raw)
-        known = {f.name for f in dataclasses.fields(ModelConfig)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ConfigError(f"unknown model config field(s): {', '.join(unknown)}")
+        check_fields("model", ModelConfig, raw)
         if raw.get("rope_scaling") is not None:
             scaling = raw["rope_scaling"]
             if not isinstance(scaling, dict):
                 raise ConfigError("model.rope_scaling must be an object or null")
-            bad = sorted(set(scaling) - {f.name for f in dataclasses.fields(RopeScaling)})
-            if bad:
-                raise ConfigError(f"unknown model.rope_scaling field(s): {', '.join(bad)}")
+            check_fields("model.rope_scaling", RopeScaling, scaling)
             raw["rope_scaling"] = RopeScaling(**scaling)
         return validate(ModelConfig(**raw))
 
@@ -115,23 +111,11 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-def _check_type(cfg: ModelConfig) -> None:
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        expected = f.type if isinstance(f.type, str) else f.type.__name__
-        if expected == "int" and (not isinstance(value, int) or isinstance(value, bool)):
-            raise ConfigError(f"model.{f.name} must be an integer, got {value!r}")
-        if expected == "float" and (not isinstance(value, (int, float)) or isinstance(value, bool)):
-            raise ConfigError(f"model.{f.name} must be a number, got {value!r}")
-        if expected == "bool" and not isinstance(value, bool):
-            raise ConfigError(f"model.{f.name} must be true or false, got {value!r}")
-        if expected == "int | None" and value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-            raise ConfigError(f"model.{f.name} must be an integer or null, got {value!r}")
-
-
 def validate(cfg: ModelConfig) -> ModelConfig:
     """Return cfg unchanged, or raise ConfigError naming the first inconsistent field."""
-    _check_type(cfg)
+    check_fields("model", ModelConfig, field_values(cfg))
+    if cfg.rope_scaling is not None:
+        check_fields("model.rope_scaling", RopeScaling, field_values(cfg.rope_scaling))
     positive = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                 "intermediate_size", "max_position_embeddings", "qk_rope_head_dim", "v_head_dim"]
     for name in positive:

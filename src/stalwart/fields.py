@@ -1,0 +1,47 @@
+"""Type checks for the fields of the typed configs (model, run sections), with messages
+that name the field: `train.steps must be an integer, got 'five'`.
+
+Field types are read from the dataclasses' annotations (strings, under
+`from __future__ import annotations`); types not listed here (nested dataclasses) are
+checked by their own section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from stalwart.errors import ConfigError
+
+_CHECKS = {
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "float": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "tuple[str, ...]": (lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v),
+                        "a list of strings"),
+}
+
+
+def check_value(name: str, type_name: str, value: Any) -> None:
+    base = type_name.removesuffix(" | None")
+    optional = base != type_name
+    if optional and value is None or base not in _CHECKS:
+        return
+    ok, what = _CHECKS[base]
+    if not ok(value):
+        raise ConfigError(f"{name} must be {what}{' or null' if optional else ''}, got {value!r}")
+
+
+def check_fields(prefix: str, cls: type, values: dict[str, Any]) -> None:
+    """Every key is a field of `cls` and every value has the field's type."""
+    known = {f.name: f.type for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"unknown config key {prefix}.{key} (known: {', '.join(known)})")
+        check_value(f"{prefix}.{key}", known[key], value)
+
+
+def field_values(obj: Any) -> dict[str, Any]:
+    """A dataclass instance's fields, one level deep (nested dataclasses stay objects)."""
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
