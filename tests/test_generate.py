@@ -74,3 +74,11 @@ def test_too_long_a_generation_is_a_user_error(tmp_path):
     model, _ = load_hf_folder(export_random(tmp_path))
     with pytest.raises(UserError, match="max_position_embeddings"):
         generate(model, [[5] * 200], max_new_tokens=100)
+
+
+def test_bad_temperature_is_a_user_error_and_a_tiny_one_is_greedy(tmp_path):
+    model, _ = load_hf_folder(export_random(tmp_path))
+    with pytest.raises(UserError, match="temperature must be a finite number"):
+        generate(model, [[5, 6]], max_new_tokens=2, temperature=float("nan"))
+    greedy = generate(model, [[5, 6]], max_new_tokens=8, eos_token_id=-1)
+    assert generate(model, [[5, 6]], max_new_tokens=8, temperature=1e-45, seed=1, eos_token_id=-1) == greedy

@@ -196,7 +196,12 @@ def test_gathered_and_sorted_expert_dispatch_agree_in_value_and_gradient():
 
 
 @pytest.mark.parametrize("raw, words", [
-    ({"rope_scaling": {"factor": "x"}}, "model.rope_scaling.factor must be a number"),
+    ({"rope_scaling": {"factor": "x"}}, "model.rope_scaling.factor must be a finite number"),
+    ({"rope_scaling": {"original_max_position_embeddings": 0}},
+     "model.rope_scaling.original_max_position_embeddings must be > 0"),
+    ({"initializer_range": -1.0}, "model.initializer_range must be > 0"),
+    ({"mtp_loss_weight": float("nan")}, "model.mtp_loss_weight must be a finite number"),
+    ({"rope_theta": 1.0}, "model.rope_theta must be > 1"),
     ({"rope_scaling": {"nope": 1}}, "unknown config key model.rope_scaling.nope"),
     ({"q_lora_rank": 1.5}, "model.q_lora_rank must be an integer or null"),
     ({"norm_topk_prob": "yes"}, "model.norm_topk_prob must be true or false"),
@@ -204,3 +209,26 @@ def test_gathered_and_sorted_expert_dispatch_agree_in_value_and_gradient():
 def test_wrong_types_in_a_model_config_name_the_field(raw, words):
     with pytest.raises(ConfigError, match=words.replace(".", r"\.")):
         ModelConfig.from_dict(raw)
+
+
+def test_a_batch_with_no_trained_position_has_zero_loss_not_nan():
+    model = DeepSeekForCausalLM(small(num_nextn_predict_layers=1))
+    ids = torch.randint(0, 300, (2, 6))
+    out = model(ids, labels=torch.full_like(ids, -100))
+    assert out.lm_loss.item() == 0.0 and out.mtp_loss.item() == 0.0
+
+
+def test_mtp_reads_the_input_tokens_even_where_labels_are_masked():
+    torch.manual_seed(0)
+    model = DeepSeekForCausalLM(small(num_nextn_predict_layers=1, seq_aux_loss_alpha=0.0)).eval()
+    ids = torch.randint(3, 300, (1, 10))
+    labels = ids.roll(-1, 1)
+    prompt_masked = labels.clone()
+    prompt_masked[0, :3] = -100  # a 3-token prompt: not trained on
+    targets_masked = labels.clone()
+    targets_masked[0, 1:3] = -100  # the same MTP targets dropped, label 0 kept
+    # Depth 1 predicts labels[:, 1:] from input_ids[:, 1:]: both maskings drop the same MTP
+    # targets, and the MTP module's inputs never depend on which labels are masked.
+    a = model(ids, labels=prompt_masked).mtp_loss
+    b = model(ids, labels=targets_masked).mtp_loss
+    torch.testing.assert_close(a, b, rtol=0, atol=0)

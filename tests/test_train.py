@@ -138,23 +138,42 @@ def one_line_error(r: subprocess.CompletedProcess) -> str:
 @pytest.mark.parametrize("extra, words", [
     (["--train.stepz", "5"], "unknown config key train.stepz"),
     (["--train.steps", "five"], "--train.steps expects int"),
-    (["--train.steps", "0"], "train.steps must be >= 1"),
+    (["--train.steps", "0"], "train.steps must be in 1..999999"),
     (["--optim.lr", "-1"], "optim.lr must be > 0"),
     (["--model.n_group", "3"], "must be divisible by model.n_group (3)"),
     (["--data.seq_len", "4096"], "data.seq_len must be in"),
     (["--recipe", "huge"], "unknown recipe 'huge'"),
     (["--data.task", "files", "--data.files", "/nonexistent/corpus.txt"], "cannot read data file"),
     (["--bogus"], "unrecognised argument '--bogus'"),
+    (["--data.task", "multiplication", "--data.min_digits", "1", "--data.max_digits", "1"], "no eval problems"),
+    (["--train.seed", "-1"], "train.seed must be in"),
+    (["--model.initializer_range", "nan"], "model.initializer_range must be a finite number"),
 ])
 def test_bad_input_is_one_clear_line_and_exit_code_2(extra, words, tmp_path):
     line = one_line_error(train(tmp_path / "run", *extra))
     assert words in line
-    assert not list_checkpoints(tmp_path / "run" / "checkpoints")
+    assert not (tmp_path / "run").exists()  # rejected before a run directory is made
 
 
 def test_existing_run_needs_resume_and_resume_needs_a_run(reference, tmp_path):
     assert "--resume" in one_line_error(train(reference))
     assert "not a run directory" in one_line_error(train(tmp_path / "nothing", "--resume"))
+    (tmp_path / "file").write_text("x")
+    assert "is a file" in one_line_error(train(tmp_path / "file"))
+
+
+def test_resume_refuses_to_change_the_model_or_data_and_leaves_the_run_intact(reference, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    config = (run / "config.json").read_text()
+    line = one_line_error(train(run, "--resume", "--model.hidden_size", "32"))
+    assert "--resume cannot change model.hidden_size" in line
+    assert (run / "config.json").read_text() == config
+    r = train(run, "--resume", "--train.steps", "32")  # how long may change
+    assert r.returncode == 0, r.stderr
+    assert [s for s, *_ in curve(run)] == list(range(1, 33))
 
 
 def test_disk_full_during_a_checkpoint_is_one_line_and_no_partial_checkpoint(tmp_path):

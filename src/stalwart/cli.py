@@ -22,6 +22,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"seed must be in 0..2^63-1, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="stalwart", description="Train DeepSeek-style models on imperfect fleets.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -50,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="model folder, or a preset name for a randomly initialised model")
     p.add_argument("out", help="folder to write (created atomically)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    p.add_argument("--seed", type=int, default=0, help="initialisation seed when SRC is a preset")
+    p.add_argument("--seed", type=_seed, default=0, help="initialisation seed when SRC is a preset")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_export)
 
@@ -60,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--device")
     p.set_defaults(func=cmd_generate)
     return parser
@@ -90,7 +97,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from stalwart.config import RunConfig, apply_overrides
+    from stalwart.config import RESUMABLE_OVERRIDES, apply_overrides, read_run_config
     from stalwart.recipes import recipe
     from stalwart.train.loop import train
 
@@ -98,18 +105,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         if not args.out:
             raise UserError("--resume needs --out RUN_DIR")
-        config_path = Path(args.out) / "config.json"
-        try:
-            cfg = RunConfig.from_dict(json.loads(config_path.read_text()))
-        except FileNotFoundError:
-            raise UserError(f"{config_path} not found: {args.out} is not a run directory") from None
-        except json.JSONDecodeError as e:
-            raise UserError(f"{config_path} is not valid JSON: {e}") from None
+        fixed = sorted(set(overrides) - set(RESUMABLE_OVERRIDES))
+        if fixed:
+            raise UserError(f"--resume cannot change {', '.join(fixed)} (it may change: "
+                            f"{', '.join(RESUMABLE_OVERRIDES)})")
+        cfg = read_run_config(Path(args.out) / "config.json")
     else:
         cfg = recipe(args.recipe)
     cfg = apply_overrides(cfg, overrides)
     out = Path(args.out or f"runs/{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if not args.resume and out.exists() and any(out.iterdir()):
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a run directory")
+    if not args.resume and (out / "config.json").exists():
         raise UserError(f"{out} already holds a run: pass --resume to continue it, or another --out")
     result = train(cfg, out, resume=args.resume, quiet=args.quiet)
     if not args.quiet:
@@ -148,19 +155,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _model_info(spec: str) -> dict:
-    from stalwart.export.hf import CONFIG_FILE, config_from_hf
-    from stalwart.model import ModelConfig, parameter_counts, preset
     from pathlib import Path
 
-    path = Path(spec)
-    if path.exists():
-        try:
-            cfg = config_from_hf(json.loads((path / CONFIG_FILE).read_text()))
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"cannot read {path / CONFIG_FILE}: {e}") from None
-    else:
-        cfg = preset(spec)
-    assert isinstance(cfg, ModelConfig)
+    from stalwart.export.hf import read_hf_config
+    from stalwart.model import parameter_counts, preset
+
+    cfg = read_hf_config(Path(spec)) if Path(spec).exists() else preset(spec)
     counts = parameter_counts(cfg)
     return {"model": spec, **counts,
             "layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size, "attention": cfg.attention,
@@ -239,6 +239,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UserError as e:
         print(f"stalwart {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:
+        # A path the user gave that cannot be read or written (a file where a folder should
+        # be, no permission, a full disk): the environment's problem, not a bug.
+        where = f": {e.filename}" if e.filename else ""
+        print(f"stalwart {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"stalwart {args.command}: interrupted", file=sys.stderr)

@@ -10,10 +10,11 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from stalwart.data.tasks import TASKS
-from stalwart.errors import ConfigError
+from stalwart.errors import ConfigError, UserError
 from stalwart.fields import check_fields
 from stalwart.model import ModelConfig, preset
 from stalwart.model.config import validate as validate_model
@@ -59,7 +60,6 @@ class EvalConfig:
     every: int = 250  # steps between evaluations (and at the end); 0: only at the end
     problems: int = 200  # held-out problems scored by exact match
     batches: int = 4  # held-out batches for the eval loss
-    max_new_tokens: int = 48
 
 
 @dataclass(frozen=True)
@@ -99,11 +99,20 @@ class RunConfig:
             if f.name == "recipe":
                 kwargs["recipe"] = raw["recipe"]
             elif f.name == "model":
+                if not isinstance(raw["model"], dict):
+                    raise ConfigError("config section model must be an object")
                 kwargs["model"] = ModelConfig.from_dict(raw["model"])
             else:
                 kwargs[f.name] = _section(f.name, SECTION_TYPES[f.name], raw[f.name])
         return validate(RunConfig(**kwargs))
 
+
+MAX_STEPS = 999_999  # checkpoint folders are step-NNNNNN
+
+# What --resume may change: how long, how often, where. Anything else (model shape, data,
+# optimizer) would not continue the same run.
+RESUMABLE_OVERRIDES = ("train.steps", "train.log_every", "train.device", "train.compile", "eval.every",
+                       "eval.problems", "eval.batches", "checkpoint.every", "checkpoint.keep")
 
 SECTION_TYPES = {"data": DataConfig, "optim": OptimConfig, "train": TrainConfig, "eval": EvalConfig,
                  "checkpoint": CheckpointConfig}
@@ -138,6 +147,16 @@ def parse_value(name: str, type_name: str, text: str) -> Any:
     except (ValueError, json.JSONDecodeError):
         raise ConfigError(f"--{name} expects {type_name}, got {text!r}") from None
     return text
+
+
+def read_run_config(path: Path) -> RunConfig:
+    """RUN_DIR/config.json as a validated RunConfig; any problem is one UserError line."""
+    try:
+        return RunConfig.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        raise UserError(f"{path} not found: {Path(path).parent} is not a run directory") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
 
 
 def apply_overrides(cfg: RunConfig, overrides: dict[str, str]) -> RunConfig:
@@ -179,14 +198,15 @@ def validate(cfg: RunConfig) -> RunConfig:
          f"{o.beta2}")
     need(o.eps > 0, f"optim.eps must be > 0, got {o.eps}")
     need(o.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {o.grad_clip}")
-    need(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
+    need(1 <= t.steps <= MAX_STEPS, f"train.steps must be in 1..{MAX_STEPS}, got {t.steps}")
+    for name, seed in (("train.seed", t.seed), ("data.seed", d.seed)):
+        need(0 <= seed < 2**63, f"{name} must be in 0..2^63-1, got {seed}")
     need(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
     need(t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}")
     need(t.dtype in ("auto", "fp32", "bf16"), f"train.dtype must be auto, fp32 or bf16, got {t.dtype!r}")
     need(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
     need(e.every >= 0, f"eval.every must be >= 0, got {e.every}")
     need(e.problems >= 0 and e.batches >= 0, "eval.problems and eval.batches must be >= 0")
-    need(e.max_new_tokens >= 1, f"eval.max_new_tokens must be >= 1, got {e.max_new_tokens}")
     need(c.every >= 1, f"checkpoint.every must be >= 1, got {c.every}")
     need(c.keep >= 1, f"checkpoint.keep must be >= 1, got {c.keep}")
     return cfg

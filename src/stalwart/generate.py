@@ -9,16 +9,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import math
+
 import torch
 
 from stalwart.errors import UserError
 from stalwart.model import DeepSeekForCausalLM, KVCache
 
 
+# Below this temperature, logits / T overflows to inf and sampling is greedy anyway.
+GREEDY_BELOW = 1e-5
+
+
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
                 generator: torch.Generator | None) -> torch.Tensor:
     """logits (B, V) -> token ids (B,). temperature 0 is greedy."""
-    if temperature <= 0:
+    if temperature < GREEDY_BELOW:
         return logits.argmax(-1)
     probs = (logits.float() / temperature).softmax(-1)
     if top_p < 1.0:
@@ -37,8 +43,12 @@ def generate(model: DeepSeekForCausalLM, prompts: Sequence[Sequence[int]], *, ma
     """Continue equal-length prompts; returns only the new tokens of each, cut after eos."""
     if not prompts or len({len(p) for p in prompts}) != 1 or not prompts[0]:
         raise UserError("generate needs one or more non-empty prompts of equal token length")
-    if max_new_tokens < 0 or not 0 < top_p <= 1 or temperature < 0:
-        raise UserError("max_new_tokens must be >= 0, top_p in (0, 1], temperature >= 0")
+    if max_new_tokens < 0:
+        raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not 0 < top_p <= 1:
+        raise UserError(f"top_p must be in (0, 1], got {top_p}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise UserError(f"temperature must be a finite number >= 0, got {temperature}")
     cfg = model.cfg
     device = next(model.parameters()).device
     total = len(prompts[0]) + max_new_tokens

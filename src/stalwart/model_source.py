@@ -35,22 +35,30 @@ def is_run_dir(path: Path) -> bool:
 
 def load_run(path: Path) -> tuple[DeepSeekForCausalLM, Any]:
     """The newest checkpoint of a run directory that verifies (a corrupt one is skipped)."""
-    import json
+    import sys
 
     from stalwart.checkpoint import load_latest
-    from stalwart.config import RunConfig
+    from stalwart.config import read_run_config
     from stalwart.data.tokenizer import load_tokenizer
 
-    try:
-        cfg = RunConfig.from_dict(json.loads((path / "config.json").read_text()))
-    except json.JSONDecodeError as e:
-        raise ModelFileError(f"{path / 'config.json'} is not valid JSON: {e}") from None
-    latest = load_latest(path / "checkpoints")
+    cfg = read_run_config(path / "config.json")
+    latest = load_latest(path / "checkpoints", on_corrupt=lambda p, msg: print(
+        f"warning: {msg}; using the previous checkpoint", file=sys.stderr))
     if latest is None:
         raise ModelFileError(f"{path} has no good checkpoint yet")
     model = DeepSeekForCausalLM(cfg.model)
-    model.load_state_dict(latest.model_state)
+    load_model_state(model, latest.model_state, latest.path)
     return model, load_tokenizer(path)
+
+
+def load_model_state(model: DeepSeekForCausalLM, state: dict, where: Path) -> None:
+    """Load a checkpoint's weights; a shape or name mismatch is a one-line ModelFileError."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise ModelFileError(f"{where} does not match the run's model config: "
+                             f"{first[1].strip() if len(first) > 1 else first[0]}") from None
 
 
 def open_model(spec: str, seed: int = 0) -> tuple[DeepSeekForCausalLM, Any]:

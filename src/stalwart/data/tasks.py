@@ -28,6 +28,7 @@ from stalwart.errors import ConfigError
 
 TASKS = ("addition", "multiplication")
 EVAL_SLICE = 64  # one problem in 64 is held out for evaluation
+MAX_DRAWS = 20_000  # a split this rare is as good as empty (1-digit multiplication has no eval pair)
 ANSWER_MARK = "so "
 _ANSWER = re.compile(r"so (-?\d+)")
 
@@ -93,7 +94,7 @@ def make_problem(task: str, split: str, index: int, seed: int, min_digits: int, 
                           f"got {min_digits} and {max_digits}")
     rng = random.Random(f"{task}:{split}:{seed}:{index}")
     want_eval = split == "eval"
-    while True:  # rejection sampling into the split; 1/64 of draws are eval problems
+    for _ in range(MAX_DRAWS):  # rejection sampling into the split; 1/64 of draws are eval problems
         # Widths weighted by how many problems each has: uniform over all problems, so a
         # 1-digit width does not fill a third of the eval set with its hundred pairs.
         width = rng.choices(range(min_digits, max_digits + 1),
@@ -101,6 +102,8 @@ def make_problem(task: str, split: str, index: int, seed: int, min_digits: int, 
         a, b = _operands(task, rng, width)
         if _is_eval(task, a, b) == want_eval:
             return _BUILDERS[task](a, b, width)
+    raise ConfigError(f"{task} with {min_digits}-{max_digits} digit operands has (almost) no {split} problems: "
+                      "use more digits")
 
 
 def extract_answer(generated: str) -> str | None:

@@ -25,11 +25,11 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from stalwart.data.tokenizer import load_tokenizer, save_tokenizer
 from stalwart.errors import ConfigError, ModelFileError
-from stalwart.fsutil import atomic_directory, atomic_write_json
+from stalwart.fsutil import atomic_directory, atomic_write_bytes, atomic_write_json
 from stalwart.model import DeepSeekForCausalLM, ModelConfig, RopeScaling
 
 WEIGHTS_FILE = "model.safetensors"
@@ -102,6 +102,10 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str,
 
 
 def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
+    if not isinstance(raw, dict):
+        raise ModelFileError("config.json is not a JSON object")
+    if not isinstance(raw.get("stalwart", {}), dict):
+        raise ModelFileError("config.json: the 'stalwart' entry must be an object")
     if raw.get("model_type") != "deepseek_v3":
         raise ModelFileError(f"config.json has model_type {raw.get('model_type')!r}, expected 'deepseek_v3'")
     try:
@@ -206,7 +210,9 @@ def save_hf_folder(model: DeepSeekForCausalLM, tokenizer: Any, out: Path, *, dty
         raise ConfigError(f"tokenizer has {tokenizer.get_vocab_size()} tokens, model only {cfg.vocab_size}")
     config = hf_config(cfg, dtype)
     with atomic_directory(out, replace=replace) as tmp:
-        save_file(to_hf_state_dict(model, dtype), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        # Serialised in memory and written by us: safetensors' own writer reports a full disk
+        # as a SafetensorError rather than an OSError.
+        atomic_write_bytes(tmp / WEIGHTS_FILE, save(to_hf_state_dict(model, dtype), metadata={"format": "pt"}))
         atomic_write_json(tmp / CONFIG_FILE, config)
         atomic_write_json(tmp / "generation_config.json", {
             "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
@@ -219,22 +225,31 @@ def is_hf_folder(path: Path) -> bool:
     return (Path(path) / CONFIG_FILE).is_file()
 
 
-def load_hf_folder(path: Path) -> tuple[DeepSeekForCausalLM, Any]:
-    """Load an HF deepseek_v3 folder (ours or transformers') into our model, on CPU, fp32."""
+def read_hf_config(path: Path) -> ModelConfig:
+    """The model config of an HF folder; a missing or malformed file is a ModelFileError."""
     path = Path(path)
     if not path.is_dir():
         raise ModelFileError(f"{path} is not a folder")
     config_path = path / CONFIG_FILE
     try:
-        raw = json.loads(config_path.read_text())
+        raw = json.loads(config_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ModelFileError(f"{config_path} not found: not a model folder") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelFileError(f"{config_path} is not valid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise ModelFileError(f"{config_path} is not a JSON object")
-    cfg = config_from_hf(raw)
+    return config_from_hf(raw)
+
+
+def load_hf_folder(path: Path) -> tuple[DeepSeekForCausalLM, Any]:
+    """Load an HF deepseek_v3 folder (ours or transformers') into our model, on CPU, fp32."""
+    path = Path(path)
+    cfg = read_hf_config(path)
     tensors = _load_weights(path)
+    mtp_prefix = f"model.layers.{cfg.num_hidden_layers}."
+    if cfg.num_nextn_predict_layers and not any(name.startswith(mtp_prefix) for name in tensors):
+        # transformers drops the MTP layer when it loads and re-saves a folder: the main
+        # model is complete without it.
+        cfg = cfg.replace(num_nextn_predict_layers=0)
     model = DeepSeekForCausalLM(cfg)
     model.load_state_dict({k: v.float() for k, v in from_hf_state_dict(cfg, tensors).items()}, strict=True)
     return model, load_tokenizer(path)

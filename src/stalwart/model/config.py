@@ -160,8 +160,23 @@ def validate(cfg: ModelConfig) -> ModelConfig:
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if not 0 <= getattr(cfg, name) < cfg.vocab_size:
             raise ConfigError(f"model.{name} must be inside the vocabulary (0..{cfg.vocab_size - 1})")
-    if cfg.rope_scaling is not None and cfg.rope_scaling.factor < 1:
-        raise ConfigError(f"model.rope_scaling.factor must be >= 1, got {cfg.rope_scaling.factor}")
+    for name in ("initializer_range", "rms_norm_eps", "routed_scaling_factor"):
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"model.{name} must be > 0, got {getattr(cfg, name)}")
+    for name in ("bias_update_speed", "seq_aux_loss_alpha", "mtp_loss_weight"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"model.{name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.rope_theta <= 1:
+        raise ConfigError(f"model.rope_theta must be > 1, got {cfg.rope_theta}")
+    s = cfg.rope_scaling
+    if s is not None:
+        if s.factor < 1:
+            raise ConfigError(f"model.rope_scaling.factor must be >= 1, got {s.factor}")
+        for name in ("original_max_position_embeddings", "beta_fast", "beta_slow"):
+            if getattr(s, name) <= 0:
+                raise ConfigError(f"model.rope_scaling.{name} must be > 0, got {getattr(s, name)}")
+        if s.mscale < 0 or s.mscale_all_dim < 0:
+            raise ConfigError("model.rope_scaling.mscale and mscale_all_dim must be >= 0")
     return cfg
 
 

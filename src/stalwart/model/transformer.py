@@ -132,7 +132,7 @@ class DeepSeekForCausalLM(nn.Module):
         out = CausalLMOutput(logits=logits, lm_loss=_cross_entropy(logits, labels))
         loss = out.lm_loss
         if self.mtp:
-            out.mtp_loss, mtp_balance = self._mtp_loss(h, labels, cos, sin)
+            out.mtp_loss, mtp_balance = self._mtp_loss(h, input_ids, labels, cos, sin)
             balance += mtp_balance
             loss = loss + self.cfg.mtp_loss_weight * out.mtp_loss
         if balance:
@@ -141,7 +141,7 @@ class DeepSeekForCausalLM(nn.Module):
         out.loss = loss
         return out
 
-    def _mtp_loss(self, h: torch.Tensor, labels: torch.Tensor, cos: torch.Tensor,
+    def _mtp_loss(self, h: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor, cos: torch.Tensor,
                   sin: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Mean over MTP depths of the cross-entropy of predicting k+1 tokens ahead."""
         losses, balance = [], []
@@ -149,9 +149,9 @@ class DeepSeekForCausalLM(nn.Module):
             T = labels.shape[1] - k
             if T <= 0:
                 break
-            # labels[:, j] is token j+1, so the token k steps after position i is labels[:, i+k-1].
-            next_ids = labels[:, k - 1:k - 1 + T].clamp_min(0)
-            emb = self.model.embed_tokens(next_ids)
+            # Depth k at position i reads token i+k (an input, trained on or not) and predicts
+            # token i+k+1, which is labels[:, i+k].
+            emb = self.model.embed_tokens(input_ids[:, k:k + T])
             h = mtp.eh_proj(torch.cat([mtp.enorm(emb), mtp.hnorm(h[:, :T])], dim=-1))
             h, aux = mtp.layer(h, cos[:T], sin[:T])
             if aux is not None:
@@ -168,8 +168,10 @@ class DeepSeekForCausalLM(nn.Module):
 
 
 def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX)
+    """Mean over the trained positions; 0 (not NaN) when a batch has none."""
+    total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                            ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (labels != IGNORE_INDEX).sum().clamp_min(1)
 
 
 def parameter_counts(cfg: ModelConfig) -> dict[str, int]:

@@ -39,10 +39,12 @@ def eval_loss(model: DeepSeekForCausalLM, loader: PackedLoader, batches: int, de
     return total / batches
 
 
-def exact_match(model: DeepSeekForCausalLM, tokenizer, problems: list[Problem], max_new_tokens: int,
+def exact_match(model: DeepSeekForCausalLM, tokenizer, problems: list[Problem],
                 batch_size: int = 64) -> tuple[float | None, list[tuple[str, str, bool]]]:
     if not problems:
         return None, []
+    # Room for the longest reference solution and its eos: a longer generation is wrong anyway.
+    max_new_tokens = max(len(encode(tokenizer, p.solution)) for p in problems) + 1
     by_length: dict[int, list[tuple[int, list[int]]]] = defaultdict(list)
     for i, p in enumerate(problems):
         ids = encode(tokenizer, p.prompt)

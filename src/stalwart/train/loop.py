@@ -14,6 +14,7 @@ nothing in a step depends on wall-clock time.
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,11 +27,13 @@ from stalwart.config import RunConfig
 from stalwart.data.loader import PackedLoader, TaskDocuments, TextDocuments
 from stalwart.data.tasks import make_problem
 from stalwart.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
-from stalwart.device import DeviceInfo, autocast_dtype, resolve_device, rng_state, seed_everything, set_rng_state
+from stalwart.device import (DeviceInfo, autocast_dtype, enable_determinism, resolve_device, rng_state,
+                             seed_everything, set_rng_state)
 from stalwart.errors import ConfigError
 from stalwart.export.hf import save_hf_folder
 from stalwart.faults import inject
 from stalwart.model import DeepSeekForCausalLM
+from stalwart.model_source import load_model_state
 from stalwart.train.evaluate import EvalResult, eval_loss, exact_match
 from stalwart.train.optim import build_optimizer, lr_at
 from stalwart.train.progress import Progress
@@ -50,10 +53,9 @@ def documents(cfg: RunConfig, split: str):
     return TaskDocuments(d.task, split, d.seed, d.min_digits, d.max_digits)
 
 
-def _tokenizer(cfg: RunConfig, run: RunDir, resume: bool):
+def _tokenizer(cfg: RunConfig, run: RunDir, resume: bool, docs):
     if resume and run.tokenizer_path.exists():
         return load_tokenizer(run.path)
-    docs = documents(cfg, "train")
     n = min(cfg.data.tokenizer_documents, len(docs) or cfg.data.tokenizer_documents)
     tok = train_tokenizer(("".join(docs.document(i)) for i in range(n)), cfg.model.vocab_size)
     save_tokenizer(tok, run.path, model_max_length=cfg.model.max_position_embeddings)
@@ -82,17 +84,23 @@ def expert_imbalance(model: DeepSeekForCausalLM) -> float | None:
 
 
 def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = False) -> TrainResult:
+    # Everything that can reject the input happens before the run directory exists.
+    info = resolve_device(None if cfg.train.device == "auto" else cfg.train.device)
+    train_docs = documents(cfg, "train")  # reads (and so checks) user files
+    if cfg.data.task != "files":  # an empty split must fail now, not at the first evaluation
+        make_problem(cfg.data.task, "eval", 0, cfg.data.seed, cfg.data.min_digits, cfg.data.max_digits)
     run = RunDir(out)
     run.create()
-    info = resolve_device(None if cfg.train.device == "auto" else cfg.train.device)
-    seed_everything(cfg.train.seed)
-    tokenizer = _tokenizer(cfg, run, resume)
+    # config.json first: from here on the folder is a run that --resume can continue.
     run.write_config(cfg.to_json())
+    seed_everything(cfg.train.seed)
+    enable_determinism(info)
+    tokenizer = _tokenizer(cfg, run, resume, train_docs)
 
     model = DeepSeekForCausalLM(cfg.model).to(info.device)
     forward = torch.compile(model) if cfg.train.compile else model
     optimizer = build_optimizer(model, cfg.optim)
-    loader = PackedLoader(documents(cfg, "train"), tokenizer, seq_len=cfg.data.seq_len,
+    loader = PackedLoader(train_docs, tokenizer, seq_len=cfg.data.seq_len,
                           batch_size=cfg.train.batch_size, seed=cfg.data.seed)
     autocast, compute_dtype = _autocast(cfg, info)
     step, tokens_seen = 0, 0
@@ -103,9 +111,9 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
     if resume:
         latest = ckpt.load_latest(run.checkpoints, on_corrupt=lambda p, msg: (
             run.event("checkpoint_corrupt", path=str(p), error=msg),
-            None if quiet else print(f"warning: {msg}; using the previous checkpoint")))
+            None if quiet else print(f"warning: {msg}; using the previous checkpoint", file=sys.stderr)))
         if latest is not None:
-            model.load_state_dict(latest.model_state)
+            load_model_state(model, latest.model_state, latest.path)
             state = latest.train_state
             optimizer.load_state_dict(state["optimizer"])
             loader.load_state_dict(state["loader"])
@@ -143,6 +151,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
                 loss_sum["lm_loss"] += float(out.lm_loss.detach()) / cfg.train.grad_accum
                 if out.mtp_loss is not None:
                     loss_sum["mtp_loss"] += float(out.mtp_loss.detach()) / cfg.train.grad_accum
+                del out  # the logits (B x T x vocab) must not live on into the next forward
             clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
             optimizer.step()
@@ -205,5 +214,5 @@ def evaluate(cfg: RunConfig, model: DeepSeekForCausalLM, tokenizer, info: Device
         d = cfg.data
         problems = [make_problem(d.task, "eval", i, d.seed, d.min_digits, d.max_digits)
                     for i in range(cfg.eval.problems)]
-        accuracy, samples = exact_match(model, tokenizer, problems, cfg.eval.max_new_tokens)
+        accuracy, samples = exact_match(model, tokenizer, problems)
     return EvalResult(loss, accuracy, samples)
