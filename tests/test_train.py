@@ -206,3 +206,14 @@ def test_resuming_a_finished_run_trains_nothing_and_reports_it_again(reference, 
     assert curve(run) == curve(reference)
     assert after["final_train_loss"] == before["final_train_loss"]
     assert after["eval_exact_match"] == before["eval_exact_match"]
+
+
+def test_the_main_job_reaches_90_percent_exact_match_on_held_out_problems(tmp_path):
+    """`stalwart train` with no arguments: the README's main job (about 3 minutes here)."""
+    r = subprocess.run([sys.executable, "-m", "stalwart", "train", "--out", str(tmp_path / "run")],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["eval_exact_match"] >= 0.9, summary
+    assert "held-out exact match" in r.stdout and "sample:" in r.stdout
+    assert (tmp_path / "run" / "export" / "config.json").is_file()

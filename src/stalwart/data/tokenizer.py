@@ -11,6 +11,9 @@ Assumptions the rest of stalwart relies on:
 - `get_vocab_size()` equals the requested size exactly, because the model's embedding
   table is sized from it; a small corpus is padded with reserved special tokens.
 - Training is deterministic: the same texts give byte-identical `tokenizer.json`.
+- The literal strings `<|bos|>`, `<|eos|>`, `<|pad|>` (and `<|reserved_N|>`) in a text
+  encode as those special tokens, as transformers does; decoding drops them. Data that
+  must carry them as plain text needs escaping first.
 
 Nothing is fetched from a hub; `transformers` can load the saved folder but is not needed.
 """

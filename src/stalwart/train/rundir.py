@@ -51,15 +51,17 @@ class RunDir:
 
     def truncate_metrics(self, last_step: int) -> None:
         """Keep only complete records of steps <= last_step (atomically rewritten)."""
-        kept = [r for r in self.read_metrics() if r.get("step", 0) <= last_step]
-        atomic_write_bytes(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+        _rewrite(self.metrics_path, [r for r in self.read_metrics() if r.get("step", 0) <= last_step])
 
 
     def repair_events(self) -> None:
         """Drop a partial last line left by a killed process, so appends stay parseable."""
         if self.events_path.exists():
-            text = "".join(json.dumps(r) + "\n" for r in self.read_events())
-            atomic_write_bytes(self.events_path, text.encode())
+            _rewrite(self.events_path, self.read_events())
+
+
+def _rewrite(path: Path, records: list[dict[str, Any]]) -> None:
+    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode())
 
 
 def _append(path: Path, record: dict[str, Any]) -> None:
