@@ -21,7 +21,8 @@ ARGS = ["--recipe", "smoke", "--train.steps", "30", "--quiet"]
 
 
 def train(out: Path, *extra: str, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stalwart", "train", "--out", str(out), *ARGS, *extra],
+    args = ARGS[2:] if "--resume" in extra else ARGS  # a resumed run keeps its own recipe
+    return subprocess.run([sys.executable, "-m", "stalwart", "train", "--out", str(out), *args, *extra],
                           capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
@@ -147,6 +148,7 @@ def one_line_error(r: subprocess.CompletedProcess) -> str:
     (["--bogus"], "unrecognised argument '--bogus'"),
     (["--data.task", "multiplication", "--data.min_digits", "1", "--data.max_digits", "1"], "no eval problems"),
     (["--train.seed", "-1"], "train.seed must be in"),
+    (["--data.files", "notes.txt"], "data.files is read only when data.task is 'files'"),
     (["--model.initializer_range", "nan"], "model.initializer_range must be a finite number"),
 ])
 def test_bad_input_is_one_clear_line_and_exit_code_2(extra, words, tmp_path):
@@ -170,6 +172,9 @@ def test_resume_refuses_to_change_the_model_or_data_and_leaves_the_run_intact(re
     config = (run / "config.json").read_text()
     line = one_line_error(train(run, "--resume", "--model.hidden_size", "32"))
     assert "--resume cannot change model.hidden_size" in line
+    r = subprocess.run([sys.executable, "-m", "stalwart", "train", "--out", str(run), "--resume", "--recipe",
+                        "smoke"], capture_output=True, text=True, timeout=120)
+    assert "--recipe does not apply" in one_line_error(r)
     assert (run / "config.json").read_text() == config
     r = train(run, "--resume", "--train.steps", "32")  # how long may change
     assert r.returncode == 0, r.stderr

@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model (no arguments: the default job, about 5 minutes on 2 CPU cores)",
                        description="Train from a recipe; override any field with --section.key VALUE "
                                    "(sections: model, data, optim, train, eval, checkpoint).")
-    p.add_argument("--recipe", default="default", help="default, dense-baseline, multiplication, smoke")
+    p.add_argument("--recipe", help="default (the default), dense-baseline, multiplication, smoke")
     p.add_argument("--out", help="run directory (default: runs/RECIPE-TIMESTAMP)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last good checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -105,13 +105,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         if not args.out:
             raise UserError("--resume needs --out RUN_DIR")
+        if args.recipe:
+            raise UserError("--resume continues the run's own config; --recipe does not apply")
         fixed = sorted(set(overrides) - set(RESUMABLE_OVERRIDES))
         if fixed:
             raise UserError(f"--resume cannot change {', '.join(fixed)} (it may change: "
                             f"{', '.join(RESUMABLE_OVERRIDES)})")
         cfg = read_run_config(Path(args.out) / "config.json")
     else:
-        cfg = recipe(args.recipe)
+        cfg = recipe(args.recipe or "default")
     cfg = apply_overrides(cfg, overrides)
     out = Path(args.out or f"runs/{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
     if out.exists() and not out.is_dir():

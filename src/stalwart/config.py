@@ -184,6 +184,7 @@ def validate(cfg: RunConfig) -> RunConfig:
 
     need(d.task in TASKS + ("files",), f"data.task must be one of {', '.join(TASKS + ('files',))}, got {d.task!r}")
     need(d.task != "files" or bool(d.files), "data.files must list at least one file when data.task is 'files'")
+    need(d.task == "files" or not d.files, f"data.files is read only when data.task is 'files' (it is {d.task!r})")
     need(1 <= d.min_digits <= d.max_digits <= 18, f"data.min_digits and data.max_digits must satisfy "
          f"1 <= min <= max <= 18, got {d.min_digits} and {d.max_digits}")
     need(2 <= d.seq_len <= cfg.model.max_position_embeddings,
