@@ -281,3 +281,12 @@ def test_unsupported_state_is_refused_at_save_time_without_writing(tmp_path):
     with pytest.raises(ValueError, match="keep"):
         save_checkpoint(tmp_path, 1, model_state(), train_state(), keep=0)
     assert not tmp_path.exists() or list(tmp_path.iterdir()) == []
+
+
+def test_a_replaced_checkpoint_left_aside_by_a_kill_is_restored_not_deleted(tmp_path):
+    root = tmp_path / "ckpt"
+    path = save_checkpoint(root, 4, {"w": torch.ones(3)}, {"step": 4}, keep=2)
+    aside = root / ".step-000004.old-12345"
+    os.replace(path, aside)  # killed after the old folder moved aside, before the new one landed
+    assert remove_partial(root) == []
+    assert verify_checkpoint(root / "step-000004") == 4 and not aside.exists()

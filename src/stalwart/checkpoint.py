@@ -191,6 +191,12 @@ def remove_partial(root: Path) -> list[Path]:
     removed = []
     for p in sorted(root.iterdir()):
         if _PARTIAL_DIR.fullmatch(p.name) and p.is_dir() and not p.is_symlink():
+            # A kill between the two renames of a same-step replace leaves the old, complete
+            # checkpoint as `.step-N.old-PID` and no `step-N`: put it back rather than lose it.
+            original = root / p.name[1:].split(".")[0]
+            if ".old-" in p.name and not original.exists():
+                os.replace(p, original)
+                continue
             shutil.rmtree(p)
             removed.append(p)
     return removed
