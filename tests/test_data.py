@@ -120,7 +120,8 @@ def test_every_recipe_is_a_valid_config_that_round_trips_through_json():
 
 def test_overrides_are_typed_and_validated():
     cfg = apply_overrides(recipe("smoke"), {"train.steps": "7", "model.q_lora_rank": "none",
-                                            "data.files": "a.txt,b.txt", "train.compile": "false"})
+                                            "data.task": "files", "data.files": "a.txt,b.txt",
+                                            "train.compile": "false"})
     assert cfg.train.steps == 7 and cfg.model.q_lora_rank is None and cfg.data.files == ("a.txt", "b.txt")
     for bad, words in [({"train.nope": "1"}, "unknown config key train.nope"),
                        ({"nosection.x": "1"}, "unknown config key nosection.x"),
