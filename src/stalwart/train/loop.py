@@ -205,8 +205,10 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
 
 def evaluate(cfg: RunConfig, model: DeepSeekForCausalLM, tokenizer, info: DeviceInfo) -> EvalResult:
     loss = None
-    if cfg.eval.batches and (cfg.data.task != "files" or len(documents(cfg, "eval"))):
-        loader = PackedLoader(documents(cfg, "eval"), tokenizer, seq_len=cfg.data.seq_len,
+    eval_docs = documents(cfg, "eval") if cfg.eval.batches else None
+    # A task's eval split is unbounded (len 0); user files may have no held-out document.
+    if eval_docs is not None and (cfg.data.task != "files" or len(eval_docs)):
+        loader = PackedLoader(eval_docs, tokenizer, seq_len=cfg.data.seq_len,
                               batch_size=cfg.train.batch_size, seed=cfg.data.seed)
         loss = eval_loss(model, loader, cfg.eval.batches, info.device)
     accuracy, samples = None, []
