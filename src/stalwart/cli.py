@@ -35,12 +35,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model (no arguments: the default job, about 5 minutes on 2 CPU cores)",
                        description="Train from a recipe; override any field with --section.key VALUE "
-                                   "(sections: model, data, optim, train, eval, checkpoint).")
+                                   "(sections: model, data, optim, train, eval, checkpoint, replicas, guards).")
     p.add_argument("--recipe", help="default (the default), dense-baseline, multiplication, smoke")
     p.add_argument("--out", help="run directory (default: runs/RECIPE-TIMESTAMP)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last good checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--replicas", type=int, metavar="N",
+                   help="replica groups on torchft (replicas.count): a Lighthouse on loopback and one process "
+                        "per group, restarted when it crashes or hangs")
+    p.add_argument("--lighthouse", metavar="URL", help="an existing Lighthouse (see `stalwart lighthouse`)")
+    p.add_argument("--replica-id", type=int, metavar="ID",
+                   help="with --lighthouse: this process is replica group ID (0..N-1), without a supervisor")
+    p.add_argument("--groups", metavar="IDS", help="with --lighthouse: supervise only these groups (e.g. 0,1)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="the address peers reach this machine's groups at (default 127.0.0.1)")
     p.set_defaults(func=cmd_train, accepts_overrides=True)
+
+    p = sub.add_parser("lighthouse", help="run a torchft Lighthouse for replica groups on several machines")
+    p.add_argument("--bind", default="127.0.0.1:29510", help="HOST:PORT to listen on (default 127.0.0.1:29510)")
+    p.add_argument("--min-replicas", type=int, default=1, help="groups needed for a quorum (default 1)")
+    p.add_argument("--join-timeout-s", type=float, default=1.0)
+    p.add_argument("--heartbeat-timeout-s", type=float, default=2.0)
+    p.set_defaults(func=cmd_lighthouse)
 
     p = sub.add_parser("doctor", help="report the accelerator, collective backend, dtypes and versions")
     p.add_argument("--device", help="cpu, cuda[:N], npu[:N], xpu[:N], mps (default: auto, or $STALWART_DEVICE)")
@@ -97,11 +113,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
+    from stalwart.faults import check_spec
+    from stalwart.train.loop import TrainResult
+
+    check_spec()
+
     from stalwart.config import RESUMABLE_OVERRIDES, apply_overrides, read_run_config
     from stalwart.recipes import recipe
-    from stalwart.train.loop import train
+    from stalwart.train.loop import Replica, train
 
     overrides = parse_overrides(args.overrides)
+    if args.replicas is not None:
+        overrides["replicas.count"] = str(args.replicas)
+    if args.replica_id is not None and not args.lighthouse:
+        raise UserError("--replica-id needs --lighthouse URL")
+    if args.replica_id is not None and args.groups:
+        raise UserError("--replica-id and --groups exclude each other")
+    joining = args.replica_id is not None and args.out and (Path(args.out) / "config.json").exists()
+    if joining:  # a (re)started group of a running job continues the run's own config
+        args.resume = True
     if args.resume:
         if not args.out:
             raise UserError("--resume needs --out RUN_DIR")
@@ -120,10 +150,76 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UserError(f"--out {out} is a file, not a run directory")
     if not args.resume and (out / "config.json").exists():
         raise UserError(f"{out} already holds a run: pass --resume to continue it, or another --out")
+    if args.replica_id is not None:
+        if not 0 <= args.replica_id < cfg.replicas.count:
+            raise UserError(f"--replica-id {args.replica_id} is not in 0..{cfg.replicas.count - 1} "
+                            f"(--replicas {cfg.replicas.count})")
+        from stalwart.replication.supervisor import EXIT_EXCLUDED
+        from stalwart.train.loop import Excluded
+
+        try:
+            train(cfg, out, resume=args.resume, quiet=args.quiet,
+                  replica=Replica(args.replica_id, _lighthouse_url(args.lighthouse), args.host))
+        except Excluded as e:
+            print(f"stalwart train: {e}; leaving the job (guards.exclude_stragglers)", file=sys.stderr)
+            return EXIT_EXCLUDED
+        return 0
+    if cfg.replicas.count > 1 or args.lighthouse:
+        from stalwart.replication.supervisor import supervise
+
+        groups = _group_list(args.groups, cfg.replicas.count) if args.groups else None
+        summary = supervise(cfg, out, resume=args.resume, quiet=args.quiet, groups=groups, host=args.host,
+                            lighthouse=_lighthouse_url(args.lighthouse) if args.lighthouse else None)
+        if not args.quiet:
+            print_train_summary(out, TrainResult(summary))
+        return 0
     result = train(cfg, out, resume=args.resume, quiet=args.quiet)
     if not args.quiet:
         print_train_summary(out, result)
     return 0
+
+
+def _lighthouse_url(text: str) -> str:
+    url = text if "://" in text else f"http://{text}"
+    host, _, port = url.split("://", 1)[1].rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--lighthouse {text!r} is not HOST:PORT or http://HOST:PORT")
+    return url
+
+
+def _group_list(text: str, count: int) -> list[int]:
+    try:
+        groups = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise UserError(f"--groups {text!r} is not a comma-separated list of group ids") from None
+    if not groups or not all(0 <= g < count for g in groups):
+        raise UserError(f"--groups {text!r}: ids must be in 0..{count - 1} (--replicas {count})")
+    return groups
+
+
+def cmd_lighthouse(args: argparse.Namespace) -> int:
+    import time
+
+    from torchft.coordination import LighthouseServer
+
+    host, _, port = args.bind.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise UserError(f"--bind {args.bind!r} is not HOST:PORT")
+    if args.min_replicas < 1 or args.join_timeout_s <= 0 or args.heartbeat_timeout_s <= 0:
+        raise UserError("--min-replicas must be >= 1 and the timeouts > 0")
+    try:
+        server = LighthouseServer(bind=args.bind, min_replicas=args.min_replicas,
+                                  join_timeout_ms=int(args.join_timeout_s * 1000), quorum_tick_ms=50,
+                                  heartbeat_timeout_ms=int(args.heartbeat_timeout_s * 1000))
+    except RuntimeError as e:
+        raise UserError(f"cannot start the Lighthouse on {args.bind}: {str(e).splitlines()[0]}") from None
+    print(f"lighthouse listening on {args.bind} (min {args.min_replicas} replica groups); pass "
+          f"--lighthouse http://{args.bind} to `stalwart train`", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        server.shutdown()
 
 
 def print_train_summary(out, result) -> None:

@@ -66,6 +66,39 @@ class EvalConfig:
 class CheckpointConfig:
     every: int = 100  # steps between checkpoints (and at the end)
     keep: int = 3
+    # > 0: checkpoint at the Young/Daly interval sqrt(2 * C * MTBF) - C, with C the measured
+    # cost of the last checkpoint; `every` is then only the interval until C is known.
+    mtbf_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class ReplicasConfig:
+    """Replica groups on torchft (replication/). Timeouts bound how long a dead or hung group
+    can hold up the others; see replication/group.py for what each one covers."""
+    count: int = 1  # replica groups; 1 trains in this process without torchft
+    min_replicas: int = 1  # fewer live groups than this: steps are not committed
+    timeout_s: float = 5.0  # collectives, the commit vote and a heal's state transfer
+    quorum_timeout_s: float = 60.0  # waiting for a quorum before the group gives up (and restarts)
+    heartbeat_timeout_s: float = 2.0  # the Lighthouse drops a group silent this long
+    join_timeout_s: float = 1.0  # the Lighthouse waits this long for late joiners of a quorum
+    max_restarts: int = 10  # per group, by the supervisor; then the group stays down
+    restart_backoff_s: float = 0.5  # first restart delay, doubled per restart of the same group (max 8 s)
+    hang_timeout_s: float = 30.0  # the supervisor kills and restarts a group with no step this long
+    torchft_defaults: bool = False  # use torchft's own timeouts (60 s) instead: the benchmark baseline
+
+
+@dataclass(frozen=True)
+class GuardsConfig:
+    """guards.py: what makes a step or a replica bad."""
+    spike_sigma: float = 6.0  # 0 disables spike detection (OLMo-core: 6 sigma)
+    spike_window: int = 128  # accepted steps in the rolling window (OLMo-core: 128)
+    spike_min_history: int = 50  # accepted steps before spikes are judged (early training is noisy)
+    rollback_spikes: int = 3  # this many spikes within rollback_window steps roll back; 0: never
+    rollback_window: int = 50
+    fingerprint_every: int = 10  # steps between cross-replica fingerprint checks; 0: never
+    straggler_factor: float = 2.0  # compute time above factor x median is slow; 0: no tracking
+    straggler_patience: int = 20  # consecutive slow steps before a group is reported
+    exclude_stragglers: bool = False  # a reported straggler leaves the job
 
 
 @dataclass(frozen=True)
@@ -77,6 +110,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    replicas: ReplicasConfig = field(default_factory=ReplicasConfig)
+    guards: GuardsConfig = field(default_factory=GuardsConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -112,10 +147,12 @@ MAX_STEPS = 999_999  # checkpoint folders are step-NNNNNN
 # What --resume may change: how long, how often, where. Anything else (model shape, data,
 # optimizer) would not continue the same run.
 RESUMABLE_OVERRIDES = ("train.steps", "train.log_every", "train.device", "train.compile", "eval.every",
-                       "eval.problems", "eval.batches", "checkpoint.every", "checkpoint.keep")
+                       "eval.problems", "eval.batches", "checkpoint.every", "checkpoint.keep",
+                       "checkpoint.mtbf_s", *(f"replicas.{f.name}" for f in dataclasses.fields(ReplicasConfig)),
+                       *(f"guards.{f.name}" for f in dataclasses.fields(GuardsConfig)))
 
 SECTION_TYPES = {"data": DataConfig, "optim": OptimConfig, "train": TrainConfig, "eval": EvalConfig,
-                 "checkpoint": CheckpointConfig}
+                 "checkpoint": CheckpointConfig, "replicas": ReplicasConfig, "guards": GuardsConfig}
 
 
 def _section(name: str, cls: type, raw: Any) -> Any:
@@ -210,4 +247,23 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(e.problems >= 0 and e.batches >= 0, "eval.problems and eval.batches must be >= 0")
     need(c.every >= 1, f"checkpoint.every must be >= 1, got {c.every}")
     need(c.keep >= 1, f"checkpoint.keep must be >= 1, got {c.keep}")
+    need(c.mtbf_s >= 0, f"checkpoint.mtbf_s must be >= 0, got {c.mtbf_s}")
+    r, g = cfg.replicas, cfg.guards
+    need(1 <= r.count <= 64, f"replicas.count must be in 1..64, got {r.count}")
+    need(1 <= r.min_replicas <= r.count, f"replicas.min_replicas must be in 1..replicas.count ({r.count}), "
+         f"got {r.min_replicas}")
+    for name in ("timeout_s", "quorum_timeout_s", "heartbeat_timeout_s", "join_timeout_s", "hang_timeout_s"):
+        need(getattr(r, name) > 0, f"replicas.{name} must be > 0, got {getattr(r, name)}")
+    need(r.max_restarts >= 0, f"replicas.max_restarts must be >= 0, got {r.max_restarts}")
+    need(r.restart_backoff_s >= 0, f"replicas.restart_backoff_s must be >= 0, got {r.restart_backoff_s}")
+    need(g.spike_sigma >= 0, f"guards.spike_sigma must be >= 0, got {g.spike_sigma}")
+    need(g.spike_window >= 2 and 2 <= g.spike_min_history <= g.spike_window,
+         f"guards.spike_window and guards.spike_min_history must satisfy 2 <= min_history <= window, "
+         f"got {g.spike_window} and {g.spike_min_history}")
+    need(g.rollback_spikes >= 0 and g.rollback_window >= 1, "guards.rollback_spikes must be >= 0 and "
+         "guards.rollback_window >= 1")
+    need(g.fingerprint_every >= 0, f"guards.fingerprint_every must be >= 0, got {g.fingerprint_every}")
+    need(g.straggler_factor == 0 or g.straggler_factor > 1,
+         f"guards.straggler_factor must be 0 (off) or > 1, got {g.straggler_factor}")
+    need(g.straggler_patience >= 1, f"guards.straggler_patience must be >= 1, got {g.straggler_patience}")
     return cfg

@@ -1,12 +1,20 @@
 """Deterministic fault injection, for tests and chaos runs: faults fire at a named point of
 a named step, never after a sleep.
 
-    STALWART_INJECT="kill@12,kill-in-checkpoint@20"
+    STALWART_INJECT="kill@12,kill-in-checkpoint@20,nan-grad@7:1,flip-bit@9:2"
 
 `kill@N` SIGKILLs the process at the start of step N (before any of its work);
 `kill-in-checkpoint@N` SIGKILLs it halfway through writing the checkpoint of step N, after
-the weights are on disk and before the folder is renamed into place. Injection points are
-plain function calls that cost one set lookup when nothing is injected.
+the weights are on disk and before the folder is renamed into place; `nan-grad@N` fills one
+gradient with NaN after the backward pass of step N; `flip-bit@N` flips one bit of one
+weight after step N is committed (silent data corruption).
+
+A `:R` suffix fires the fault only in replica group R (`set_replica`); without it the
+fault fires in every process that reads the variable. The supervisor passes the variable
+to a group's first process only: a restarted group runs clean.
+
+Injection points are plain function calls that cost one set lookup when nothing is
+injected.
 """
 
 from __future__ import annotations
@@ -18,22 +26,46 @@ import signal
 from stalwart.errors import ConfigError
 
 INJECT_ENV = "STALWART_INJECT"
-POINTS = ("kill", "kill-in-checkpoint")
+POINTS = ("kill", "kill-in-checkpoint", "nan-grad", "flip-bit")
+_replica: int | None = None
+_fired: set[tuple[str, int]] = set()  # each fault fires once per process, even if its step is retried
+
+
+def set_replica(replica: int | None) -> None:
+    global _replica
+    _replica = replica
 
 
 @functools.cache
-def _planned(spec: str) -> frozenset[tuple[str, int]]:
+def _planned(spec: str) -> frozenset[tuple[str, int, int | None]]:
     planned = set()
     for item in filter(None, (s.strip() for s in spec.split(","))):
-        point, _, step = item.partition("@")
-        if point not in POINTS or not step.isdigit():
-            raise ConfigError(f"{INJECT_ENV}: bad fault {item!r} (expected POINT@STEP, POINT one of {', '.join(POINTS)})")
-        planned.add((point, int(step)))
+        point, _, where = item.partition("@")
+        step, _, replica = where.partition(":")
+        if point not in POINTS or not step.isdigit() or (replica and not replica.isdigit()):
+            raise ConfigError(f"{INJECT_ENV}: bad fault {item!r} (expected POINT@STEP or POINT@STEP:REPLICA, "
+                              f"POINT one of {', '.join(POINTS)})")
+        planned.add((point, int(step), int(replica) if replica else None))
     return frozenset(planned)
 
 
-def inject(point: str, step: int) -> None:
-    """Fire the fault planned for (point, step), if any."""
+def check_spec() -> None:
+    """Reject a malformed STALWART_INJECT before anything starts."""
+    _planned(os.environ.get(INJECT_ENV, ""))
+
+
+def inject(point: str, step: int) -> bool:
+    """Fire the fault planned for (point, step) in this process, if any: the kill points
+    SIGKILL the process; the others return True for the caller to corrupt its own state."""
     spec = os.environ.get(INJECT_ENV)
-    if spec and (point, step) in _planned(spec):
+    if not spec:
+        return False
+    planned = _planned(spec)
+    if (point, step, None) not in planned and (_replica is None or (point, step, _replica) not in planned):
+        return False
+    if (point, step) in _fired:
+        return False
+    _fired.add((point, step))
+    if point.startswith("kill"):
         os.kill(os.getpid(), signal.SIGKILL)
+    return True

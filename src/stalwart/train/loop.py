@@ -14,6 +14,8 @@ nothing in a step depends on wall-clock time.
 from __future__ import annotations
 
 import contextlib
+import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -31,11 +33,16 @@ from stalwart.device import (DeviceInfo, autocast_dtype, enable_determinism, res
                              seed_everything, set_rng_state)
 from stalwart.errors import ConfigError
 from stalwart.export.hf import save_hf_folder
-from stalwart.faults import inject
+from stalwart.faults import inject, set_replica
+from stalwart.goodput import CheckpointClock, goodput_report
+from stalwart.guards import (NONFINITE, OK, ROLLBACK, SPIKE, SpikeGuard, StragglerTracker, Verdict, fingerprint,
+                             odd_ones_out)
 from stalwart.model import DeepSeekForCausalLM
 from stalwart.model_source import load_model_state
+from stalwart.replication.group import LocalGroup, TorchFTGroup
 from stalwart.train.evaluate import EvalResult, eval_loss, exact_match
 from stalwart.train.optim import build_optimizer, lr_at
+from stalwart.train.exchange import StepExchange
 from stalwart.train.progress import Progress
 from stalwart.train.rundir import RunDir
 
@@ -53,7 +60,7 @@ def documents(cfg: RunConfig, split: str):
     return TaskDocuments(d.task, split, d.seed, d.min_digits, d.max_digits)
 
 
-def _tokenizer(cfg: RunConfig, run: RunDir, resume: bool, docs):
+def prepare_tokenizer(cfg: RunConfig, run: RunDir, resume: bool, docs):
     if resume and run.tokenizer_path.exists():
         return load_tokenizer(run.path)
     n = min(cfg.data.tokenizer_documents, len(docs) or cfg.data.tokenizer_documents)
@@ -76,129 +83,311 @@ def _autocast(cfg: RunConfig, info: DeviceInfo):
     return (lambda: torch.autocast(device_type=info.device.type, dtype=dtype)), "bf16"
 
 
-def expert_imbalance(model: DeepSeekForCausalLM) -> float | None:
+def _imbalance(loads: list[torch.Tensor]) -> float | None:
     """Mean over MoE layers of max expert load / mean expert load (1.0 is perfect balance)."""
-    ratios = [float(m.expert_load.max() / m.expert_load.mean()) for m in model.moe_layers()
-              if m.expert_load.sum() > 0]
+    ratios = [float(load.max() / load.mean()) for load in loads if load.sum() > 0]
     return sum(ratios) / len(ratios) if ratios else None
 
 
-def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = False) -> TrainResult:
+class Excluded(Exception):
+    """This replica group was reported as a straggler and guards.exclude_stragglers is on."""
+
+
+def flip_one_bit(param: torch.Tensor) -> None:
+    """Silent data corruption, injected: flip the highest mantissa bit of one fp32 weight."""
+    with torch.no_grad():
+        bits = param.data.view(-1)[:1].view(torch.int32)
+        bits ^= 1 << 22
+
+
+def _one_line(error: BaseException | None) -> str | None:
+    return None if error is None else (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+
+
+def _rollback(run: RunDir, trainer: Trainer, group, on_corrupt, step: int, *, report: bool) -> None:
+    """Repeated spikes: weights and optimizer from the last good checkpoint; the loader keeps
+    its position, so the batches since that checkpoint (the offending ones) are skipped."""
+    t = time.perf_counter()
+    latest = ckpt.load_latest(run.checkpoints, on_corrupt=on_corrupt)
+    if latest is None:
+        if report:
+            run.event("rollback_unavailable", step=step, reason="no checkpoint yet")
+        return
+    trainer.load_checkpoint(latest, loader=False)
+    group.set_step(trainer.step)
+    if report:
+        run.event("rollback", from_step=step - 1, to_step=trainer.step, checkpoint=str(latest.path),
+                  seconds=round(time.perf_counter() - t, 3))
+
+
+def _check_fingerprints(run: RunDir, trainer: Trainer, group, step: int) -> None:
+    """Compare this group's parameter + optimizer fingerprint with every participant's; a
+    group outside the majority heals from a peer at the next quorum."""
+    n = group.num_replicas
+    slots = torch.zeros(2 * n, dtype=torch.int64)
+    slots[group.replica], slots[n + group.replica] = trainer.fingerprint(), 1
+    if not group.allreduce_int(slots):
+        return  # a peer left mid-exchange: the next check compares again
+    values = slots.tolist()
+    prints = {r: values[r] for r in range(n) if values[n + r]}
+    odd, resolved = odd_ones_out(prints)
+    if not odd:
+        return
+    if group.is_lowest:
+        run.event("sdc_detected", step=step, replicas=odd, resolved=resolved,
+                  fingerprints={str(r): f"{v:016x}" for r, v in prints.items()})
+    if resolved and group.replica in odd:
+        group.force_heal()
+
+
+class Trainer:
+    """The training state that checkpoints save and that a healing replica receives."""
+
+    def __init__(self, model: DeepSeekForCausalLM, optimizer: torch.optim.Optimizer, loader: PackedLoader,
+                 guard: SpikeGuard) -> None:
+        self.model, self.optimizer, self.loader, self.guard = model, optimizer, loader, guard
+        self.step, self.tokens_seen = 0, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "loader": self.loader.state_dict(), "guard": self.guard.state_dict(),
+                "step": self.step, "tokens_seen": self.tokens_seen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        load_model_state(self.model, state["model"], Path("peer"))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.loader.load_state_dict(state["loader"])
+        self.guard.load_state_dict(state["guard"])
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+
+    def load_checkpoint(self, latest: ckpt.LoadedCheckpoint, *, loader: bool = True) -> dict[str, Any]:
+        """Weights, optimizer and counters from a checkpoint (and the loader position unless a
+        rollback keeps reading past the offending batches); returns its train state."""
+        load_model_state(self.model, latest.model_state, latest.path)
+        state = latest.train_state
+        self.optimizer.load_state_dict(state["optimizer"])
+        if loader:
+            self.loader.load_state_dict(state["loader"])
+        if "guard" in state:
+            self.guard.load_state_dict(state["guard"])
+        self.step, self.tokens_seen = latest.step, int(state["tokens_seen"])
+        return state
+
+    def fingerprint(self) -> int:
+        tensors = list(self.model.state_dict().values())
+        for per_param in self.optimizer.state_dict()["state"].values():
+            tensors += [v for v in per_param.values() if isinstance(v, torch.Tensor)]
+        return fingerprint(tensors)
+
+
+@dataclass
+class Replica:
+    """Where this process sits in a replicated job: None for a single-process run."""
+    replica: int
+    lighthouse: str
+    host: str
+
+
+def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = False,
+          replica: Replica | None = None) -> TrainResult:
     # Everything that can reject the input happens before the run directory exists.
     info = resolve_device(None if cfg.train.device == "auto" else cfg.train.device)
     train_docs = documents(cfg, "train")  # reads (and so checks) user files
     if cfg.data.task != "files":  # an empty split must fail now, not at the first evaluation
         make_problem(cfg.data.task, "eval", 0, cfg.data.seed, cfg.data.min_digits, cfg.data.max_digits)
-    run = RunDir(out)
+    run = RunDir(out, replica=None if replica is None else replica.replica)
+    set_replica(None if replica is None else replica.replica)
     run.create()
     # config.json first: from here on the folder is a run that --resume can continue.
     run.write_config(cfg.to_json())
     seed_everything(cfg.train.seed)
     enable_determinism(info)
-    tokenizer = _tokenizer(cfg, run, resume, train_docs)
+    tokenizer = prepare_tokenizer(cfg, run, resume, train_docs)
 
     model = DeepSeekForCausalLM(cfg.model).to(info.device)
     forward = torch.compile(model) if cfg.train.compile else model
-    optimizer = build_optimizer(model, cfg.optim)
-    loader = PackedLoader(train_docs, tokenizer, seq_len=cfg.data.seq_len,
-                          batch_size=cfg.train.batch_size, seed=cfg.data.seed)
+    g = cfg.guards
+    trainer = Trainer(model, build_optimizer(model, cfg.optim),
+                      PackedLoader(train_docs, tokenizer, seq_len=cfg.data.seq_len, batch_size=cfg.train.batch_size,
+                                   seed=cfg.data.seed, shard=replica.replica if replica else 0,
+                                   num_shards=cfg.replicas.count if replica else 1),
+                      SpikeGuard(sigma=g.spike_sigma, window=g.spike_window, min_history=g.spike_min_history,
+                                 rollback_spikes=g.rollback_spikes, rollback_window=g.rollback_window))
+    optimizer = trainer.optimizer
     autocast, compute_dtype = _autocast(cfg, info)
-    step, tokens_seen = 0, 0
     record: dict[str, Any] = {}  # the last step's metrics
 
-    for partial in ckpt.remove_partial(run.checkpoints):
-        run.event("checkpoint_partial_removed", path=str(partial))
+    def on_corrupt(path: Path, msg: str) -> None:
+        run.event("checkpoint_corrupt", path=str(path), error=msg)
+        if not quiet:
+            print(f"warning: {msg}; using the previous checkpoint", file=sys.stderr)
+
+    if replica is None:  # a replica group never cleans up: another group may be saving right now
+        for partial in ckpt.remove_partial(run.checkpoints):
+            run.event("checkpoint_partial_removed", path=str(partial))
     if resume:
-        latest = ckpt.load_latest(run.checkpoints, on_corrupt=lambda p, msg: (
-            run.event("checkpoint_corrupt", path=str(p), error=msg),
-            None if quiet else print(f"warning: {msg}; using the previous checkpoint", file=sys.stderr)))
+        latest = ckpt.load_latest(run.checkpoints, on_corrupt=on_corrupt)
         if latest is not None:
-            load_model_state(model, latest.model_state, latest.path)
-            state = latest.train_state
-            optimizer.load_state_dict(state["optimizer"])
-            loader.load_state_dict(state["loader"])
-            set_rng_state(info, state["rng"])
-            step, tokens_seen = latest.step, int(state["tokens_seen"])
-        run.truncate_metrics(step)
-        run.repair_events()
-        done = run.read_metrics()
-        record = done[-1] if done else {}
-        run.event("resume", step=step, checkpoint=str(latest.path) if latest else None)
-    run.event("start", step=step, device=str(info.device), dtype=compute_dtype,
-              parameters=sum(p.numel() for p in model.parameters()))
+            set_rng_state(info, trainer.load_checkpoint(latest)["rng"])
+        if replica is None:  # the supervisor repairs the files of a replicated run
+            run.truncate_metrics(trainer.step)
+            run.repair_events()
+            done = run.read_metrics()
+            record = done[-1] if done else {}
+        run.event("resume", step=trainer.step, checkpoint=str(latest.path) if latest else None)
+    group: LocalGroup | TorchFTGroup = LocalGroup() if replica is None else TorchFTGroup(
+        cfg.replicas, replica=replica.replica, lighthouse=replica.lighthouse, host=replica.host,
+        state_dict=trainer.state_dict, load_state_dict=trainer.load_state_dict, step=trainer.step)
+    run.event("start", step=trainer.step, device=str(info.device), dtype=compute_dtype,
+              parameters=sum(p.numel() for p in model.parameters()), pid=os.getpid())
 
     total = cfg.train.steps
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len * cfg.train.grad_accum
-    progress = Progress(total, step, quiet=quiet, log_every=cfg.train.log_every)
-    first_step = step
-    started, step_time, last = time.perf_counter(), 0.0, EvalResult(None, None, [])
+    progress = Progress(total, trainer.step, quiet=quiet, log_every=cfg.train.log_every)
+    first_step, first_tokens = trainer.step, trainer.tokens_seen
+    started, started_at, step_time = time.perf_counter(), time.time(), 0.0
+    last = EvalResult(None, None, [])
+    params = [p for p in model.parameters() if p.requires_grad]
+    moe_layers = model.moe_layers()
+    stragglers = StragglerTracker(factor=g.straggler_factor, patience=g.straggler_patience)
+    checkpoints = CheckpointClock(cfg.checkpoint)
+    members: tuple[int, ...] = ()
     model.train()
-    with progress:
-        while step < total:
-            step += 1
-            inject("kill", step)
-            t0 = time.perf_counter()
-            lr = lr_at(step, total, cfg.optim)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0}
-            for _ in range(cfg.train.grad_accum):
-                x, y = loader.next_batch()
-                with autocast():
-                    out = forward(x.to(info.device), labels=y.to(info.device))
-                (out.loss / cfg.train.grad_accum).backward()
-                loss_sum["loss"] += float(out.loss.detach()) / cfg.train.grad_accum
-                loss_sum["lm_loss"] += float(out.lm_loss.detach()) / cfg.train.grad_accum
-                if out.mtp_loss is not None:
-                    loss_sum["mtp_loss"] += float(out.mtp_loss.detach()) / cfg.train.grad_accum
-                del out  # the logits (B x T x vocab) must not live on into the next forward
-            clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            imbalance = expert_imbalance(model)
-            model.update_router_biases()
-            tokens_seen += tokens_per_step
-            dt = time.perf_counter() - t0
-            step_time += dt
-            record = {"step": step, "loss": loss_sum["lm_loss"], "total_loss": loss_sum["loss"],
-                      "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt, "step_s": dt,
-                      "tokens": tokens_seen, "participants": 1, "time": round(time.time(), 4)}
-            if model.mtp:
-                record["mtp_loss"] = loss_sum["mtp_loss"]
-            if imbalance is not None:
-                record["expert_imbalance"] = imbalance
-            run.append_metrics(record)
-            progress.update(step, record)
+    try:
+        with progress:
+            while trainer.step < total:
+                inject("kill", trainer.step + 1)
+                t0 = time.perf_counter()
+                group.start_step()
+                if group.healed_from:
+                    run.event("heal", step=trainer.step, seconds=round(time.perf_counter() - t0, 3),
+                              bytes=group.transport.bytes_received)
+                if trainer.step >= total:
+                    break
+                step = trainer.step + 1
+                lr = lr_at(step, total, cfg.optim)
+                for param_group in optimizer.param_groups:
+                    param_group["lr"] = lr
+                losses = torch.zeros(3)  # loss, lm_loss, mtp_loss: summed over micro-batches
+                for _ in range(cfg.train.grad_accum):
+                    x, y = trainer.loader.next_batch()
+                    with autocast():
+                        out = forward(x.to(info.device), labels=y.to(info.device))
+                    (out.loss / cfg.train.grad_accum).backward()
+                    losses += torch.stack([out.loss.detach().float().cpu(), out.lm_loss.detach().float().cpu(),
+                                           torch.tensor(0.0) if out.mtp_loss is None else
+                                           out.mtp_loss.detach().float().cpu()]) / cfg.train.grad_accum
+                    del out  # the logits (B x T x vocab) must not live on into the next forward
+                if inject("nan-grad", step):
+                    params[0].grad.fill_(float("nan"))
+                compute_s = time.perf_counter() - t0
 
-            if (cfg.eval.every and step % cfg.eval.every == 0) or step == total:
-                last = evaluate(cfg, model, tokenizer, info)
-                run.event("eval", step=step, eval_loss=last.loss, eval_exact_match=last.exact_match)
-                progress.note(step, last)
-            if step % cfg.checkpoint.every == 0 or step == total:
-                path = ckpt.save_checkpoint(run.checkpoints, step, model.state_dict(), {
-                    "step": step, "tokens_seen": tokens_seen, "optimizer": optimizer.state_dict(),
-                    "loader": loader.state_dict(), "rng": rng_state(info)}, keep=cfg.checkpoint.keep)
-                run.event("checkpoint", step=step, path=str(path))
+                # One collective per step: gradients, losses, expert loads and per-group timing.
+                exchange = StepExchange.pack(params, losses, moe_layers, group, compute_s)
+                collective_ok = group.allreduce_sum(exchange.buffer)
+                error = group.error()  # why the collective failed, before the vote adds its own
+                n = max(group.participants, 1)
+                verdict = Verdict(OK)
+                grad_norm = float("nan")
+                if collective_ok:
+                    exchange.unpack_gradients(params, n)
+                    clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+                    loss, lm_loss, mtp_loss = (exchange.losses() / n).tolist()
+                    verdict = trainer.guard.check(step, lm_loss, grad_norm)
+                committed = group.should_commit(verdict.commit, verdict.reason)
+                imbalance = None
+                if committed:
+                    optimizer.step()
+                    loads = exchange.expert_loads(len(moe_layers))
+                    imbalance = _imbalance(loads)
+                    for moe, load in zip(moe_layers, loads):
+                        moe.update_bias(load)
+                    trainer.step, trainer.tokens_seen = step, trainer.tokens_seen + tokens_per_step * n
+                    trainer.guard.accept(lm_loss, grad_norm)
+                else:
+                    for moe in moe_layers:
+                        moe.expert_load.zero_()
+                optimizer.zero_grad(set_to_none=True)
+                dt = time.perf_counter() - t0
+                timings = exchange.compute_times() if collective_ok else {}
+                if collective_ok and set(timings) != set(members):
+                    if group.is_lowest and members:
+                        run.event("quorum", step=step, replicas=sorted(timings), participants=n)
+                    members = tuple(sorted(timings))
 
-    if step == first_step:  # resumed a finished run: nothing trained, report its final state
+                if committed:
+                    step_time += dt
+                    record = {"step": step, "loss": lm_loss, "total_loss": loss, "lr": lr, "grad_norm": grad_norm,
+                              "tokens_per_s": tokens_per_step * n / dt, "step_s": dt,
+                              "tokens": trainer.tokens_seen, "participants": n, "time": round(time.time(), 4)}
+                    if model.mtp:
+                        record["mtp_loss"] = mtp_loss
+                    if imbalance is not None:
+                        record["expert_imbalance"] = imbalance
+                    run.append_metrics(record)
+                    progress.update(step, record)
+                    if inject("flip-bit", step):
+                        flip_one_bit(params[0])
+                elif not collective_ok:
+                    run.event("step_failed", step=step, seconds=round(dt, 3), participants=n,
+                              error=_one_line(error))
+                    continue
+                elif verdict.kind in (NONFINITE, SPIKE, ROLLBACK):  # every replica: each shows its state
+                    run.event("step_skipped", step=step, guard=verdict.kind, reason=verdict.reason,
+                              fingerprint=f"{trainer.fingerprint():016x}")
+                if verdict.kind == ROLLBACK:
+                    _rollback(run, trainer, group, on_corrupt, step, report=group.is_lowest)
+                    continue
+                if not committed:
+                    continue
+
+                for slow in stragglers.observe(timings):
+                    if group.is_lowest:
+                        run.event("straggler", step=step, replica=slow, compute_s=round(timings[slow], 4),
+                                  median_s=round(statistics.median(timings.values()), 4),
+                                  excluded=g.exclude_stragglers)
+                    if slow == group.replica and g.exclude_stragglers:
+                        raise Excluded(f"replica {slow} is a straggler")
+                if g.fingerprint_every and step % g.fingerprint_every == 0 and n > 1:
+                    _check_fingerprints(run, trainer, group, step)
+                if (cfg.eval.every and step % cfg.eval.every == 0) or step == total:
+                    last = evaluate(cfg, model, tokenizer, info)
+                    if group.is_lowest:
+                        run.event("eval", step=step, eval_loss=last.loss, eval_exact_match=last.exact_match)
+                    progress.note(step, last)
+                if group.is_lowest and checkpoints.due(step, total):
+                    t = time.perf_counter()
+                    state = trainer.state_dict()
+                    path = ckpt.save_checkpoint(run.checkpoints, step, state.pop("model"), {
+                        **state, "rng": rng_state(info)}, keep=cfg.checkpoint.keep)
+                    cost = checkpoints.saved(time.perf_counter() - t)
+                    run.event("checkpoint", step=step, path=str(path), cost_s=round(cost, 4),
+                              **checkpoints.describe())
+        if replica is not None:
+            run.event("finish", step=trainer.step, fingerprint=f"{trainer.fingerprint():016x}")
+    finally:
+        group.shutdown()
+
+    if trainer.step == first_step:  # resumed a finished run: nothing trained, report its final state
         last = evaluate(cfg, model, tokenizer, info)
     wall = time.perf_counter() - started
+    if not group.is_lowest:  # one group (the lowest live one) exports and reports
+        return TrainResult({"steps": trainer.step}, last.samples)
     export: Path | None = None
     if cfg.model.attention == "mla":
         export = save_hf_folder(model.cpu(), tokenizer, run.export, replace=True)
         run.event("export", path=str(export))
     else:
         run.event("export_skipped", reason="plain attention has no deepseek_v3 form")
-    events = run.read_events()
     summary = {
-        "steps": step, "tokens": tokens_seen, "wall_s": round(wall, 3),
-        "tokens_per_s": round(tokens_per_step * (step - first_step) / step_time, 1) if step_time else None,
+        "steps": trainer.step, "tokens": trainer.tokens_seen, "wall_s": round(wall, 3),
+        "tokens_per_s": round((trainer.tokens_seen - first_tokens) / step_time, 1) if step_time else None,
         "final_train_loss": record.get("loss"), "eval_loss": last.loss, "eval_exact_match": last.exact_match,
-        "replicas": 1, "goodput": round(step_time / wall, 4) if wall else None,
-        "events": len(events), "device": str(info.device), "dtype": compute_dtype,
+        "replicas": cfg.replicas.count, "device": str(info.device), "dtype": compute_dtype,
         "export": str(export) if export else None, "recipe": cfg.recipe,
     }
+    summary.update(goodput_report(run.read_metrics(), run.read_events(), wall_s=wall, since=started_at))
     run.write_summary(summary)
     return TrainResult(summary, last.samples)
 

@@ -9,6 +9,7 @@ with the steps the resumed run will redo.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,12 @@ from stalwart.fsutil import atomic_write_bytes, atomic_write_json
 
 
 class RunDir:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, replica: int | None = None) -> None:
+        """`replica`: this process's replica group; its records and events are tagged with it
+        (several groups append to the same files, one whole line per write)."""
         self.path = Path(path)
+        self.replica = replica
+        self._tag = {} if replica is None else {"replica": replica}
         self.checkpoints = self.path / "checkpoints"
         self.export = self.path / "export"
         self.metrics_path = self.path / "metrics.jsonl"
@@ -35,13 +40,19 @@ class RunDir:
         atomic_write_bytes(self.config_path, text.encode())
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        _append(self.metrics_path, record)
+        _append(self.metrics_path, {**record, **self._tag})
 
     def event(self, kind: str, **fields: Any) -> None:
-        _append(self.events_path, {"time": round(time.time(), 3), "event": kind, **fields})
+        _append(self.events_path, {"time": round(time.time(), 3), "event": kind, **self._tag, **fields})
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write_json(self.summary_path, summary)
+
+    def read_summary(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.summary_path.read_text(encoding="utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
 
     def read_metrics(self) -> list[dict[str, Any]]:
         return _read_jsonl(self.metrics_path)
@@ -65,9 +76,13 @@ def _rewrite(path: Path, records: list[dict[str, Any]]) -> None:
 
 
 def _append(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
+    # One os.write of the whole line on an O_APPEND file: lines from several processes never
+    # interleave (a local POSIX filesystem appends each write atomically at the end).
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(record) + "\n").encode())
+    finally:
+        os.close(fd)
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -1,0 +1,166 @@
+"""One replica group's view of the job: the training loop talks to a `Group`, and the group
+hides whether peers exist.
+
+`LocalGroup` is the whole job in one process (`stalwart train`, replicas.count 1).
+`TorchFTGroup` is one replica group coordinated by torchft's Manager and the Lighthouse:
+
+- `start_step` runs the quorum synchronously (use_async_quorum=False): a group that is
+  behind the most advanced participant receives its full state (weights, optimizer, loader,
+  guards, counters) from a peer before the step, over `SafeHTTPTransport`, and so takes
+  part in that very step. Healing is torchft's: a group is healed when its step is behind.
+- `allreduce_sum` sums one flat float buffer (gradients and step statistics) over the
+  participants; a peer that dies or hangs makes it fail within `timeout_s`, the step is
+  then not committed, and the next quorum is formed without that peer (the Lighthouse
+  drops a group that has not heartbeated for `heartbeat_timeout_s`).
+- `should_commit(ok)` is the commit vote; a guard's rejection is reported to the Manager
+  as an error, so it votes no.
+
+Timeouts (ReplicasConfig): a dead peer costs one failed step plus the Lighthouse's
+heartbeat timeout; a hung peer (SIGSTOP) costs up to `timeout_s` more, the time a
+collective waits before giving up on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from stalwart.config import ReplicasConfig
+
+
+class GuardRejected(Exception):
+    """A guard voted the step down: every replica reaches the same verdict."""
+
+
+class LocalGroup:
+    """No peers: every step commits unless a guard rejects it."""
+
+    replica = 0
+    num_replicas = 1
+    participants = 1
+    is_lowest = True
+    healed_from: str | None = None
+
+    def start_step(self) -> None:
+        pass
+
+    def allreduce_sum(self, buffer: torch.Tensor) -> bool:
+        return True
+
+    def allreduce_int(self, values: torch.Tensor) -> bool:
+        return True
+
+    def slot(self) -> int:
+        return 0
+
+    def should_commit(self, ok: bool, reason: str = "") -> bool:
+        return ok
+
+    def error(self) -> BaseException | None:
+        return None
+
+    def force_heal(self) -> None:
+        raise RuntimeError("a single replica has no peer to heal from")
+
+    def set_step(self, step: int) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
+
+class TorchFTGroup:
+    """One replica group (one rank) under torchft.
+
+    Args:
+        replica: this group's index, 0..num_replicas-1 (its data shard and its slot).
+        lighthouse: the Lighthouse address, http://HOST:PORT.
+        host: the address peers reach this group's servers at (127.0.0.1 on one machine).
+        state_dict / load_state_dict: the training state that a healing peer receives.
+        step: the committed step this group starts from (0, or a checkpoint's).
+    """
+
+    def __init__(self, cfg: ReplicasConfig, *, replica: int, lighthouse: str, host: str,
+                 state_dict: Callable[[], Any], load_state_dict: Callable[[Any], None], step: int) -> None:
+        from torch.distributed import TCPStore
+        from torchft import Manager
+        from torchft.process_group import ProcessGroupGloo
+
+        from stalwart.replication.transport import SafeHTTPTransport
+
+        for name in ("torchft", "torchft_quorums", "torchft_commits", "torchft_errors"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        self.replica, self.num_replicas = replica, cfg.count
+        self.healed_from: str | None = None
+        defaults = cfg.torchft_defaults
+        timeout = timedelta(seconds=60 if defaults else cfg.timeout_s)
+        quorum_timeout = timedelta(seconds=60 if defaults else cfg.quorum_timeout_s)
+        # The group's own store (one rank per group: this process is its master).
+        self._store = TCPStore(host, 0, is_master=True, wait_for_workers=False)
+        self.transport = SafeHTTPTransport(host, timeout)
+        self._load = load_state_dict
+
+        def heal(state: Any) -> None:
+            load_state_dict(state)
+            self.healed_from = "peer"
+
+        self.manager = Manager(
+            pg=ProcessGroupGloo(timeout=timeout), load_state_dict=heal, state_dict=state_dict,
+            min_replica_size=cfg.min_replicas, use_async_quorum=False, timeout=timeout,
+            quorum_timeout=quorum_timeout, connect_timeout=timedelta(seconds=10 if not defaults else 60),
+            rank=0, world_size=1, store_addr=host, store_port=self._store.port, lighthouse_addr=lighthouse,
+            replica_id=f"replica{replica}", hostname=host, checkpoint_transport=self.transport,
+            init_sync=True)
+        self.set_step(step)
+        self.participants = 0
+        self.is_lowest = False
+
+    def set_step(self, step: int) -> None:
+        """Align torchft's step with ours (after loading a checkpoint or rolling back)."""
+        self.manager.load_state_dict({"step": step, "batches_committed": self.manager.batches_committed()})
+
+    def start_step(self) -> None:
+        self.healed_from = None
+        self.manager.start_quorum()
+        self.participants = self.manager.num_participants()
+        self.is_lowest = self.manager.participating_rank() == 0
+
+    def slot(self) -> int:
+        rank = self.manager.participating_rank()
+        return 0 if rank is None else rank
+
+    def allreduce_sum(self, buffer: torch.Tensor) -> bool:
+        """Sum `buffer` over the participants in place; False if the collective failed."""
+        from torch.distributed import ReduceOp
+
+        self.manager.allreduce(buffer, reduce_op=ReduceOp.SUM).wait()
+        return self.manager.errored() is None
+
+    allreduce_int = allreduce_sum
+
+    def should_commit(self, ok: bool, reason: str = "") -> bool:
+        if not ok:
+            self.manager.report_error(GuardRejected(reason))
+        return self.manager.should_commit()
+
+    def error(self) -> BaseException | None:
+        errored = self.manager.errored()
+        return None if errored is None else errored.original_exception
+
+    def force_heal(self) -> None:
+        """Mark this group's state as bad: it is behind at the next quorum, so torchft heals
+        it from a peer that is up to date."""
+        self.set_step(max(self.manager.current_step() - 1, 0))
+
+    def shutdown(self) -> None:
+        self.manager.shutdown(wait=False)
+        self.transport.shutdown()
+
+
+def local_host() -> str:
+    return os.environ.get("STALWART_HOST", "127.0.0.1")

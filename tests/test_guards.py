@@ -1,0 +1,185 @@
+"""Guards, goodput accounting and the healing transport, in one process."""
+
+import io
+import math
+import os
+import subprocess
+import sys
+import urllib.error
+from datetime import timedelta
+
+import pytest
+import torch
+
+from stalwart.goodput import CheckpointClock, goodput_report, young_daly_interval
+from stalwart.guards import NONFINITE, OK, ROLLBACK, SPIKE, SpikeGuard, StragglerTracker, fingerprint, odd_ones_out
+from stalwart.config import CheckpointConfig
+from stalwart.replication.transport import SafeHTTPTransport, state_from_bytes, state_to_bytes
+
+
+def guard(**kw) -> SpikeGuard:
+    args = {"sigma": 6.0, "window": 16, "min_history": 8, "rollback_spikes": 3, "rollback_window": 10} | kw
+    return SpikeGuard(**args)
+
+
+def warm(g: SpikeGuard, n: int = 10) -> None:
+    for i in range(n):
+        g.accept(2.0 + 0.01 * (i % 3), 1.0 + 0.01 * (i % 2))
+
+
+def test_non_finite_loss_or_grad_norm_is_rejected_and_never_enters_the_window():
+    g = guard()
+    warm(g)
+    before = g.state_dict()
+    assert g.check(11, float("nan"), 1.0).kind == NONFINITE
+    assert g.check(11, 2.0, float("inf")).kind == NONFINITE
+    assert g.state_dict() == before  # nothing recorded: the next bound is the same
+    assert g.check(12, 2.01, 1.0).kind == OK
+
+
+def test_spike_is_skipped_only_after_enough_history_and_does_not_widen_the_bound():
+    g = guard()
+    warm(g, 5)
+    assert g.check(6, 50.0, 1.0).kind == OK  # 5 < min_history: not judged yet
+    warm(g, 10)
+    verdict = g.check(20, 50.0, 1.0)
+    assert verdict.kind == SPIKE and "loss" in verdict.reason
+    assert g.check(21, 2.0, 40.0).kind == SPIKE  # the grad norm alone spiking counts too
+    assert max(g.history["loss"]) < 3  # the spikes were not accepted
+
+
+def test_repeated_spikes_within_the_window_ask_for_a_rollback():
+    g = guard(rollback_spikes=3, rollback_window=10)
+    warm(g)
+    assert g.check(20, 50.0, 1.0).kind == SPIKE
+    assert g.check(35, 50.0, 1.0).kind == SPIKE  # 15 steps later: the first one has aged out
+    assert g.check(38, 50.0, 1.0).kind == SPIKE
+    assert g.check(40, 50.0, 1.0).kind == ROLLBACK
+    assert g.check(41, 50.0, 1.0).kind == SPIKE  # the count starts again after a rollback
+
+
+def test_guard_state_round_trips():
+    g = guard()
+    warm(g)
+    g.check(20, 50.0, 1.0)
+    h = guard()
+    h.load_state_dict(g.state_dict())
+    assert h.state_dict() == g.state_dict()
+
+
+def test_fingerprint_changes_with_any_single_bit():
+    torch.manual_seed(0)
+    tensors = [torch.randn(64, 32), torch.randn(7).to(torch.bfloat16), torch.tensor(3.0)]
+    reference = fingerprint(tensors)
+    assert fingerprint([t.clone() for t in tensors]) == reference
+    for bit in (0, 13, 22, 30, 31):
+        flipped = [t.clone() for t in tensors]
+        flipped[0].view(-1)[17:18].view(torch.int32).bitwise_xor_(1 << bit)
+        assert fingerprint(flipped) != reference, bit
+    swapped = [tensors[1], tensors[0], tensors[2]]
+    assert fingerprint(swapped) != reference
+
+
+def test_odd_ones_out_needs_a_strict_majority():
+    assert odd_ones_out({0: 5, 1: 5, 2: 5}) == ([], True)
+    assert odd_ones_out({0: 5, 1: 5, 2: 6}) == ([2], True)
+    assert odd_ones_out({0: 5, 1: 6}) == ([0, 1], False)  # two replicas: nobody is known good
+
+
+def test_straggler_is_reported_after_patience_consecutive_slow_steps():
+    t = StragglerTracker(factor=2.0, patience=3)
+    slow = {0: 1.0, 1: 1.1, 2: 3.0}
+    assert t.observe(slow) == [] and t.observe(slow) == []
+    assert t.observe({0: 1.0, 1: 1.1, 2: 1.0}) == []  # a normal step resets the count
+    assert [t.observe(slow) for _ in range(3)] == [[], [], [2]]
+
+
+def test_young_daly_interval_matches_the_formula():
+    assert young_daly_interval(10, 3600) == pytest.approx(math.sqrt(2 * 10 * 3600) - 10)
+    assert young_daly_interval(10, 10) == 10  # never shorter than a checkpoint
+    with pytest.raises(ValueError):
+        young_daly_interval(0, 10)
+
+
+def test_checkpoint_clock_uses_fixed_steps_until_the_cost_is_measured():
+    clock = CheckpointClock(CheckpointConfig(every=5, mtbf_s=3600))
+    assert clock.due(5, 100) and not clock.due(6, 100) and clock.due(100, 100)
+    clock.saved(2.0)
+    assert clock.interval_s == pytest.approx(math.sqrt(2 * 2.0 * 3600) - 2.0)
+    assert not clock.due(10, 100)  # the interval is now ~118 s of wall time
+    assert clock.describe()["rule"] == "young-daly"
+
+
+def test_ettr_counts_committed_time_once_and_not_rolled_back_steps():
+    metrics = [{"step": s, "time": 10.0 + s, "step_s": 1.0, "replica": r} for s in range(1, 6) for r in (0, 1)]
+    events = [{"event": "rollback", "time": 15.5, "from_step": 5, "to_step": 3, "seconds": 0.1}]
+    report = goodput_report(metrics, events, wall_s=10.0)
+    # Steps 1..3 count (3 s, both replicas overlapping); 4 and 5 were undone by the rollback.
+    assert report["productive_s"] == pytest.approx(3.0) and report["ettr"] == pytest.approx(0.3)
+    assert report["faults"][0]["kind"] == "rollback" and report["steps_lost"] == 2
+
+
+def test_crash_recovery_time_is_fault_to_heal():
+    metrics = [{"step": 1, "time": 1.0, "step_s": 0.5, "replica": 0}, {"step": 2, "time": 2.5, "step_s": 0.5,
+                                                                         "replica": 0}]
+    events = [{"event": "group_exit", "time": 2.0, "replica": 1, "returncode": -9},
+              {"event": "step_failed", "time": 2.2, "step": 2, "replica": 0},
+              {"event": "heal", "time": 5.0, "replica": 1, "step": 2}]
+    (fault,) = goodput_report(metrics, events, wall_s=6.0)["faults"]
+    assert fault["kind"] == "crash" and fault["recover_s"] == 3.0 and fault["detect_s"] == pytest.approx(0.2)
+    assert fault["steps_lost"] == 1
+
+
+def test_transport_serves_the_state_over_http_and_loads_without_pickle():
+    state = {"user": {"w": torch.arange(6.0), "n": 3, "betas": (0.9, 0.95), "s": "x"}, "torchft": {"step": 7}}
+    # The sender waits up to its timeout (1 s) for a requested step to be staged, then refuses.
+    sender, receiver = SafeHTTPTransport("127.0.0.1", timedelta(seconds=1)), None
+    try:
+        sender.send_checkpoint([1], 7, state, timedelta(seconds=5))
+        receiver = SafeHTTPTransport("127.0.0.1", timedelta(seconds=5))
+        got = receiver.recv_checkpoint(0, sender.metadata(), 7, timedelta(seconds=5))
+        assert torch.equal(got["user"]["w"], state["user"]["w"]) and got["torchft"] == {"step": 7}
+        assert got["user"]["betas"] == (0.9, 0.95)
+        sender.disallow_checkpoint()
+        with pytest.raises(urllib.error.HTTPError, match="409"):  # a step not (or no longer) served
+            receiver.recv_checkpoint(0, sender.metadata(), 8, timedelta(seconds=10))
+    finally:
+        sender.shutdown()
+        if receiver is not None:
+            receiver.shutdown()
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_transport_refuses_a_payload_that_would_run_code():
+    buf = io.BytesIO()
+    torch.save({"x": _Evil()}, buf)
+    with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
+        state_from_bytes(buf.getvalue())
+    assert state_from_bytes(state_to_bytes({"a": torch.ones(2)}))["a"].sum() == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--replica-id", "0"], "--replica-id needs --lighthouse"),
+    (["train", "--lighthouse", "nonsense", "--replica-id", "0"], "is not HOST:PORT"),
+    (["train", "--lighthouse", "127.0.0.1:1", "--replica-id", "5", "--replicas", "2"], "not in 0..1"),
+    (["train", "--replicas", "0"], "replicas.count must be in 1..64"),
+    (["train", "--replicas", "2", "--replicas.min_replicas", "3"], "replicas.min_replicas must be in"),
+    (["train", "--guards.straggler_factor", "0.5"], "guards.straggler_factor"),
+    (["lighthouse", "--bind", "nope"], "is not HOST:PORT"),
+])
+def test_bad_replication_input_is_one_line_and_exit_2(argv, message, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "stalwart", *argv, *(["--out", str(tmp_path / "r")]
+                        if argv[0] == "train" else [])], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_bad_fault_spec_is_one_line_and_exit_2(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "stalwart", "train", "--out", str(tmp_path / "r")],
+                       capture_output=True, text=True, timeout=60, env={**os.environ, "STALWART_INJECT": "nan@x"})
+    assert r.returncode == 2 and "STALWART_INJECT" in r.stderr and len(r.stderr.strip().splitlines()) == 1

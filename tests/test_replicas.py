@@ -1,0 +1,129 @@
+"""Replica groups on torchft, in real processes: a real Lighthouse, gloo, one process per
+group under the supervisor. Faults are injected at named steps (STALWART_INJECT) or by
+signal; each job is a few hundred milliseconds of training and bounded in time."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+FAST = ["--recipe", "smoke", "--quiet", "--guards.fingerprint_every", "5", "--replicas.timeout_s", "3",
+        "--replicas.heartbeat_timeout_s", "1", "--eval.problems", "0"]
+
+
+def job(out: Path, *extra: str, inject: str = "", timeout: float = 180) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "STALWART_INJECT": inject}
+    return subprocess.run([sys.executable, "-m", "stalwart", "train", "--out", str(out), *FAST, *extra],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def final_fingerprints(run: Path) -> dict[int, str]:
+    return {e["replica"]: e["fingerprint"] for e in jsonl(run / "events.jsonl") if e["event"] == "finish"}
+
+
+def test_sigkilled_group_is_restarted_and_healed_while_the_others_continue(tmp_path):
+    run = tmp_path / "run"
+    r = job(run, "--replicas", "3", "--train.steps", "60", inject="kill@20:1")
+    assert r.returncode == 0, r.stderr
+    events = jsonl(run / "events.jsonl")
+    kinds = [e["event"] for e in events]
+    exit_ = next(e for e in events if e["event"] == "group_exit")
+    assert exit_["replica"] == 1 and exit_["signal"] == "SIGKILL"
+    assert "group_restart" in kinds
+    heal = [e for e in events if e["event"] == "heal" and e["replica"] == 1 and e["time"] > exit_["time"]]
+    assert heal, "the restarted group did not heal from a peer"
+    # The survivors never stopped: they committed steps while group 1 was down.
+    metrics = jsonl(run / "metrics.jsonl")
+    during = [m for m in metrics if exit_["time"] < m["time"] < heal[0]["time"] and m["replica"] != 1]
+    assert during and all(m["participants"] == 2 for m in during[1:])
+    # After the heal the restarted group's weights and optimizer equal the survivors': no
+    # fingerprint check found a difference, and all three end bit-identical.
+    assert "sdc_detected" not in kinds
+    prints = final_fingerprints(run)
+    assert sorted(prints) == [0, 1, 2] and len(set(prints.values())) == 1
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 60 and summary["restarts"] == 1
+    crash = [f for f in summary["faults"] if f["kind"] == "crash"]
+    assert crash and crash[0]["recover_s"] is not None and 0 < summary["ettr"] <= 1
+
+
+def test_nan_gradient_in_one_group_is_committed_nowhere(tmp_path):
+    run = tmp_path / "run"
+    r = job(run, "--replicas", "2", "--train.steps", "25", inject="nan-grad@12:1")
+    assert r.returncode == 0, r.stderr
+    events = jsonl(run / "events.jsonl")
+    skipped = [e for e in events if e["event"] == "step_skipped"]
+    assert {e["replica"] for e in skipped} == {0, 1}
+    assert all(e["step"] == 12 and e["guard"] == "nonfinite" for e in skipped)
+    # Both replicas hold the same state after the vote, and it is the state of step 11: the
+    # committed record of step 11 is followed by exactly one of step 12 (the retry).
+    assert len({e["fingerprint"] for e in skipped}) == 1
+    metrics = jsonl(run / "metrics.jsonl")
+    for replica in (0, 1):
+        steps = [m["step"] for m in metrics if m["replica"] == replica]
+        assert steps == sorted(set(steps)) and 12 in steps
+    assert all(m["loss"] == m["loss"] for m in metrics)  # no NaN reached the weights
+    prints = final_fingerprints(run)
+    assert len(set(prints.values())) == 1
+
+
+def test_flipped_bit_in_one_group_is_detected_within_k_steps_and_healed(tmp_path):
+    run = tmp_path / "run"
+    r = job(run, "--replicas", "3", "--train.steps", "30", inject="flip-bit@12:2")
+    assert r.returncode == 0, r.stderr
+    events = jsonl(run / "events.jsonl")
+    sdc = [e for e in events if e["event"] == "sdc_detected"]
+    assert sdc and sdc[0]["replicas"] == [2] and sdc[0]["resolved"]
+    assert 12 < sdc[0]["step"] <= 12 + 5
+    assert any(e["event"] == "heal" and e["replica"] == 2 and e["time"] > sdc[0]["time"] for e in events)
+    assert len(sdc) == 1  # healed: later checks agree
+    prints = final_fingerprints(run)
+    assert sorted(prints) == [0, 1, 2] and len(set(prints.values())) == 1
+
+
+def test_stopped_group_is_dropped_within_the_timeout_and_the_job_continues(tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "stalwart", "train", "--out", str(run), *FAST, "--replicas", "3",
+                             "--train.steps", "400", "--replicas.hang_timeout_s", "60"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            metrics = jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").exists() else []
+            if any(m["step"] >= 10 and m["participants"] == 3 for m in metrics):
+                break
+            time.sleep(0.1)
+        pid = next(e["pid"] for e in jsonl(run / "events.jsonl") if e["event"] == "group_start" and e["replica"] == 2)
+        os.kill(pid, signal.SIGSTOP)
+        stopped = time.time()
+        bound = 3 + 1 + 5  # replicas.timeout_s + heartbeat_timeout_s + slack for this 2-core machine
+        continued = None
+        while time.time() < stopped + bound + 10:
+            later = [m for m in jsonl(run / "metrics.jsonl") if m["time"] > stopped and m["participants"] == 2]
+            if later:
+                continued = later[0]["time"]
+                break
+            time.sleep(0.1)
+        assert continued is not None and continued - stopped < bound, "the others did not continue in time"
+        os.kill(pid, signal.SIGCONT)  # it wakes, finds itself behind, and heals from a peer
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    events = jsonl(run / "events.jsonl")
+    assert any(e["event"] == "heal" and e["replica"] == 2 and e["time"] > stopped for e in events)
+    prints = final_fingerprints(run)
+    assert len(set(prints.values())) == 1
