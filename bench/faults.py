@@ -10,8 +10,12 @@ seconds (plus --grace for the last recovery) the job is stopped.
 
 Measured from the run directory, over the window [first kill - interval, end]:
 - ETTR: the merged time inside committed steps (metrics.jsonl; any group) / window length;
-- recovery: from this script's kill to the killed group's `heal` event (back in the quorum
-  with the state of a live peer); a group not healed by the end counts as unrecovered.
+- recovery: from this script's kill to the killed group back in the quorum with healed
+  state: its first committed step after its `heal` event (goodput.back_in_quorum); a group
+  not back by the end counts as unrecovered;
+- group utilisation: committed (step, group) pairs / (3 x steps): the share of the three
+  groups' steps that went into the model (a group left out of a quorum, or healing, adds
+  nothing to it).
 
 The baseline is the same job with `--replicas.torchft_defaults true`: torchft's Manager
 (timeout and quorum timeout 60 s) and Lighthouse (its default join and heartbeat timeouts).
@@ -36,7 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from stalwart.goodput import merged_length
+from stalwart.goodput import back_in_quorum, merged_length
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -85,15 +89,19 @@ def run_one(name: str, extra: list[str], args, root: Path) -> dict:
                  if m["time"] > window_start and m["time"] - m["step_s"] < end]
     recoveries = []
     for t, replica in kills:
-        heal = [e["time"] for e in events if e["event"] == "heal" and e.get("replica") == replica and e["time"] > t]
-        recoveries.append(round(heal[0] - t, 2) if heal else None)
-    steps = [m["step"] for m in metrics if window_start < m["time"] <= end]
+        back = back_in_quorum(metrics, events, replica, t)
+        recoveries.append(round(back - t, 2) if back is not None else None)
+    in_window = [m for m in metrics if window_start < m["time"] <= end]
+    steps = [m["step"] for m in in_window]
+    # Committed group-steps / (3 x steps): how much of the three groups' work went into the model.
+    group_steps = len({(m["step"], m["replica"]) for m in in_window})
     done = [r for r in recoveries if r is not None]
     return {"name": name, "ettr": round(merged_length(committed) / (end - window_start), 4),
             "kills": len(kills), "recoveries_s": recoveries, "recovered": len(done),
             "mean_recovery_s": round(statistics.fmean(done), 2) if done else None,
             "max_recovery_s": max(done) if done else None,
             "steps_in_window": (max(steps) - min(steps) + 1) if steps else 0,
+            "group_utilisation": round(group_steps / (3 * len(set(steps))), 4) if steps else None,
             "window_s": round(end - window_start, 1)}
 
 
@@ -113,11 +121,11 @@ def main() -> None:
               "cpus": os.cpu_count(), "results": results}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    print("| settings | ETTR | kills | recovered | mean recovery | max recovery | steps |")
-    print("|---|---|---|---|---|---|---|")
+    print("| settings | ETTR | group utilisation | kills | recovered | mean recovery | max recovery | steps |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['name']} | {r['ettr']:.1%} | {r['kills']} | {r['recovered']} | {r['mean_recovery_s']} s "
-              f"| {r['max_recovery_s']} s | {r['steps_in_window']} |")
+        print(f"| {r['name']} | {r['ettr']:.1%} | {r['group_utilisation']:.1%} | {r['kills']} | {r['recovered']} "
+              f"| {r['mean_recovery_s']} s | {r['max_recovery_s']} s | {r['steps_in_window']} |")
 
 
 if __name__ == "__main__":

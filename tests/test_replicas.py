@@ -34,7 +34,7 @@ def final_fingerprints(run: Path) -> dict[int, str]:
 
 def test_sigkilled_group_is_restarted_and_healed_while_the_others_continue(tmp_path):
     run = tmp_path / "run"
-    r = job(run, "--replicas", "3", "--train.steps", "60", inject="kill@20:1")
+    r = job(run, "--replicas", "3", "--train.steps", "60", "--checkpoint.mtbf_s", "5", inject="kill@20:1")
     assert r.returncode == 0, r.stderr
     events = jsonl(run / "events.jsonl")
     kinds = [e["event"] for e in events]
@@ -54,6 +54,9 @@ def test_sigkilled_group_is_restarted_and_healed_while_the_others_continue(tmp_p
     assert sorted(prints) == [0, 1, 2] and len(set(prints.values())) == 1
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 60 and summary["restarts"] == 1
+    # Checkpoints by the lowest live group at the Young/Daly interval once one cost is known.
+    saved = [e for e in events if e["event"] == "checkpoint"]
+    assert {e["replica"] for e in saved} <= {0, 2} and saved[-1]["rule"] == "young-daly"
     crash = [f for f in summary["faults"] if f["kind"] == "crash"]
     assert crash and crash[0]["recover_s"] is not None and 0 < summary["ettr"] <= 1
 
@@ -127,3 +130,34 @@ def test_stopped_group_is_dropped_within_the_timeout_and_the_job_continues(tmp_p
     assert any(e["event"] == "heal" and e["replica"] == 2 and e["time"] > stopped for e in events)
     prints = final_fingerprints(run)
     assert len(set(prints.values())) == 1
+
+
+def test_every_group_dead_then_resume_continues_from_the_last_good_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    r = job(run, "--replicas", "2", "--train.steps", "30", "--replicas.max_restarts", "0", inject="kill@15")
+    assert r.returncode == 2 and "every replica group failed" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    events = jsonl(run / "events.jsonl")
+    assert sum(e["event"] == "group_abandoned" for e in events) == 2
+    r = subprocess.run([sys.executable, "-m", "stalwart", "train", "--out", str(run), "--resume", "--quiet"],
+                       capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    resumed = [e for e in jsonl(run / "events.jsonl") if e["event"] == "resume"]
+    assert {e["checkpoint"].rsplit("/", 1)[1] for e in resumed[-2:]} == {"step-000010"}
+    steps = [m["step"] for m in jsonl(run / "metrics.jsonl") if m["replica"] == 0]
+    assert steps == list(range(1, 31))  # steps 11-14 of the dead attempt were dropped, then redone
+    assert json.loads((run / "summary.json").read_text())["steps"] == 30
+
+
+def test_straggler_is_reported_and_excluded(tmp_path):
+    run = tmp_path / "run"
+    r = job(run, "--replicas", "3", "--train.steps", "60", "--guards.straggler_patience", "5",
+            "--guards.exclude_stragglers", "true", inject="slow@10:2")
+    assert r.returncode == 0, r.stderr
+    events = jsonl(run / "events.jsonl")
+    straggler = [e for e in events if e["event"] == "straggler"]
+    assert straggler and straggler[0]["replica"] == 2 and straggler[0]["excluded"]
+    assert any(e["event"] == "group_excluded" and e["replica"] == 2 for e in events)
+    assert not any(e["event"] == "group_restart" for e in events)
+    last = [m for m in jsonl(run / "metrics.jsonl") if m["step"] == 60]
+    assert last and all(m["participants"] == 2 for m in last)

@@ -222,3 +222,22 @@ def test_the_main_job_reaches_90_percent_exact_match_on_held_out_problems(tmp_pa
     assert summary["eval_exact_match"] >= 0.9, summary
     assert "held-out exact match" in r.stdout and "sample:" in r.stdout
     assert (tmp_path / "run" / "export" / "config.json").is_file()
+
+
+def test_repeated_spikes_roll_back_to_the_last_checkpoint_and_skip_the_offending_batches(tmp_path):
+    run = tmp_path / "run"
+    r = train(run, "--train.steps", "40", "--guards.spike_min_history", "10", "--guards.rollback_spikes", "2",
+              "--guards.rollback_window", "10", env={"STALWART_INJECT": "spike@22,spike@24"})
+    assert r.returncode == 0, r.stderr
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    skipped = [(e["step"], e["guard"]) for e in events if e["event"] == "step_skipped"]
+    assert skipped == [(22, "spike"), (24, "rollback")]
+    (rollback,) = [e for e in events if e["event"] == "rollback"]
+    assert (rollback["from_step"], rollback["to_step"]) == (23, 20)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    first, again = [r for r in records if r["step"] == 21]
+    # Same weights (checkpoint 20) but a later batch: the offending data is not replayed.
+    assert first["loss"] != again["loss"]
+    assert records[-1]["step"] == 40
+    summary = json.loads((run / "summary.json").read_text())
+    assert {f["kind"] for f in summary["faults"]} == {"spike", "rollback"} and summary["steps_lost"] == 1 + 1 + 3

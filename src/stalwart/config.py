@@ -69,6 +69,9 @@ class CheckpointConfig:
     # > 0: checkpoint at the Young/Daly interval sqrt(2 * C * MTBF) - C, with C the measured
     # cost of the last checkpoint; `every` is then only the interval until C is known.
     mtbf_s: float = 0.0
+    # "": RUN_DIR/checkpoints. Groups on several machines with their own RUN_DIRs point this
+    # at one shared folder, so that a rollback or a restart finds the checkpoints anywhere.
+    dir: str = ""
 
 
 @dataclass(frozen=True)
@@ -148,7 +151,7 @@ MAX_STEPS = 999_999  # checkpoint folders are step-NNNNNN
 # optimizer) would not continue the same run.
 RESUMABLE_OVERRIDES = ("train.steps", "train.log_every", "train.device", "train.compile", "eval.every",
                        "eval.problems", "eval.batches", "checkpoint.every", "checkpoint.keep",
-                       "checkpoint.mtbf_s", *(f"replicas.{f.name}" for f in dataclasses.fields(ReplicasConfig)),
+                       "checkpoint.mtbf_s", "checkpoint.dir", *(f"replicas.{f.name}" for f in dataclasses.fields(ReplicasConfig)),
                        *(f"guards.{f.name}" for f in dataclasses.fields(GuardsConfig)))
 
 SECTION_TYPES = {"data": DataConfig, "optim": OptimConfig, "train": TrainConfig, "eval": EvalConfig,

@@ -6,8 +6,10 @@ a named step, never after a sleep.
 `kill@N` SIGKILLs the process at the start of step N (before any of its work);
 `kill-in-checkpoint@N` SIGKILLs it halfway through writing the checkpoint of step N, after
 the weights are on disk and before the folder is renamed into place; `nan-grad@N` fills one
-gradient with NaN after the backward pass of step N; `flip-bit@N` flips one bit of one
-weight after step N is committed (silent data corruption).
+gradient with NaN after the backward pass of step N; `spike@N` multiplies that step's
+gradients by 1000 (a loss-spike-like gradient norm); `flip-bit@N` flips one bit of one
+weight after step N is committed (silent data corruption); `slow@N` makes every step from
+N on three times slower (a straggling device).
 
 A `:R` suffix fires the fault only in replica group R (`set_replica`); without it the
 fault fires in every process that reads the variable. The supervisor passes the variable
@@ -26,7 +28,7 @@ import signal
 from stalwart.errors import ConfigError
 
 INJECT_ENV = "STALWART_INJECT"
-POINTS = ("kill", "kill-in-checkpoint", "nan-grad", "flip-bit")
+POINTS = ("kill", "kill-in-checkpoint", "nan-grad", "spike", "flip-bit", "slow")
 _replica: int | None = None
 _fired: set[tuple[str, int]] = set()  # each fault fires once per process, even if its step is retried
 

@@ -8,7 +8,8 @@ all groups are merged: the job is productive while any group is in a step that c
 Per fault (from events.jsonl):
 - `detect_s`: fault to the first step attempt that reacted to it (a failed step, or a
   commit without the group);
-- `recover_s`: fault to the group back in the quorum with healed state (its `heal` event);
+- `recover_s`: fault to the group back in the quorum with healed state: its first committed
+  step after its `heal` event;
 - `steps_lost`: failed step attempts between the fault and its recovery, plus the steps a
   rollback undid.
 A crash's time is when the supervisor saw the process end (it polls every 0.1 s).
@@ -73,6 +74,16 @@ def merged_length(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+def back_in_quorum(metrics: list[dict[str, Any]], events: list[dict[str, Any]], replica: int,
+                   after: float) -> float | None:
+    """When `replica` first committed a step after healing, following a fault at `after`."""
+    heal = next((e["time"] for e in events if e["event"] == "heal" and e.get("replica") == replica
+                 and e["time"] > after), None)
+    if heal is None:
+        return None
+    return next((r["time"] for r in metrics if r.get("replica") == replica and r["time"] >= heal), None)
+
+
 def goodput_report(metrics: list[dict[str, Any]], events: list[dict[str, Any]], *, wall_s: float,
                    since: float = 0.0) -> dict[str, Any]:
     """ETTR and the fault table of a run (records and events at or after `since` only)."""
@@ -93,8 +104,7 @@ def goodput_report(metrics: list[dict[str, Any]], events: list[dict[str, Any]], 
             t = e["time"]
             reacted = [f["time"] for f in failed if f["time"] >= t - 1.0]
             reacted += [r["time"] for r in metrics if r.get("time", 0) > t and r.get("replica") != e["replica"]][:1]
-            heal = next((h["time"] for h in events if h["event"] == "heal" and h.get("replica") == e["replica"]
-                         and h["time"] > t), None)
+            heal = back_in_quorum(metrics, events, e["replica"], t)
             end = heal if heal is not None else math.inf
             faults.append({"kind": "crash" if e["event"] == "group_exit" else "hang", "replica": e["replica"],
                            "time": t, "detect_s": round(max(min(reacted) - t, 0.0), 3) if reacted else None,

@@ -42,7 +42,7 @@ def load_run(path: Path) -> tuple[DeepSeekForCausalLM, Any]:
     from stalwart.data.tokenizer import load_tokenizer
 
     cfg = read_run_config(path / "config.json")
-    latest = load_latest(path / "checkpoints", on_corrupt=lambda p, msg: print(
+    latest = load_latest(Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else path / "checkpoints", on_corrupt=lambda p, msg: print(
         f"warning: {msg}; using the previous checkpoint", file=sys.stderr))
     if latest is None:
         raise ModelFileError(f"{path} has no good checkpoint yet")

@@ -63,7 +63,7 @@ def supervise(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, lighthous
               groups: list[int] | None = None, host: str = "127.0.0.1") -> dict[str, Any]:
     from stalwart.train.loop import documents, prepare_tokenizer
 
-    run = RunDir(out)
+    run = RunDir(out, checkpoints=cfg.checkpoint.dir)
     run.create()
     run.write_config(cfg.to_json())
     prepare_tokenizer(cfg, run, resume, documents(cfg, "train"))

@@ -195,7 +195,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
     train_docs = documents(cfg, "train")  # reads (and so checks) user files
     if cfg.data.task != "files":  # an empty split must fail now, not at the first evaluation
         make_problem(cfg.data.task, "eval", 0, cfg.data.seed, cfg.data.min_digits, cfg.data.max_digits)
-    run = RunDir(out, replica=None if replica is None else replica.replica)
+    run = RunDir(out, replica=None if replica is None else replica.replica, checkpoints=cfg.checkpoint.dir)
     set_replica(None if replica is None else replica.replica)
     run.create()
     # config.json first: from here on the folder is a run that --resume can continue.
@@ -252,6 +252,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
     stragglers = StragglerTracker(factor=g.straggler_factor, patience=g.straggler_patience)
     checkpoints = CheckpointClock(cfg.checkpoint)
     members: tuple[int, ...] = ()
+    slowed = False  # the `slow` fault, once fired, lasts
     model.train()
     try:
         with progress:
@@ -280,6 +281,13 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
                     del out  # the logits (B x T x vocab) must not live on into the next forward
                 if inject("nan-grad", step):
                     params[0].grad.fill_(float("nan"))
+                if inject("spike", step):
+                    for p in params:
+                        if p.grad is not None:
+                            p.grad.mul_(1000.0)
+                slowed = slowed or inject("slow", step)
+                if slowed:
+                    time.sleep(2 * (time.perf_counter() - t0))
                 compute_s = time.perf_counter() - t0
 
                 # One collective per step: gradients, losses, expert loads and per-group timing.

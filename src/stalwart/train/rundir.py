@@ -18,13 +18,14 @@ from stalwart.fsutil import atomic_write_bytes, atomic_write_json
 
 
 class RunDir:
-    def __init__(self, path: Path, replica: int | None = None) -> None:
+    def __init__(self, path: Path, replica: int | None = None, checkpoints: str = "") -> None:
         """`replica`: this process's replica group; its records and events are tagged with it
-        (several groups append to the same files, one whole line per write)."""
+        (several groups append to the same files, one whole line per write). `checkpoints`:
+        another folder for them (checkpoint.dir), e.g. one that machines share."""
         self.path = Path(path)
         self.replica = replica
         self._tag = {} if replica is None else {"replica": replica}
-        self.checkpoints = self.path / "checkpoints"
+        self.checkpoints = Path(checkpoints) if checkpoints else self.path / "checkpoints"
         self.export = self.path / "export"
         self.metrics_path = self.path / "metrics.jsonl"
         self.events_path = self.path / "events.jsonl"
@@ -34,7 +35,7 @@ class RunDir:
 
     def create(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        self.checkpoints.mkdir(exist_ok=True)
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
 
     def write_config(self, text: str) -> None:
         atomic_write_bytes(self.config_path, text.encode())

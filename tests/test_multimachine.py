@@ -1,0 +1,86 @@
+"""The README's two-machine recipe, run for real: two network namespaces joined by a veth
+pair with a rate-limited link (tc tbf), a `stalwart lighthouse` in one, and one replica
+group in each, each with its own run directory (nothing shared but the network)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _sh(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def two_hosts():
+    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("tc") is None:
+        pytest.skip("needs root and iproute2 (ip, tc) to create network namespaces")
+    tag = uuid.uuid4().hex[:6]
+    a, b = f"stw-a-{tag}", f"stw-b-{tag}"
+    try:
+        _sh("ip", "netns", "add", a)
+        _sh("ip", "netns", "add", b)
+        _sh("ip", "link", "add", f"va{tag}", "type", "veth", "peer", "name", f"vb{tag}")
+    except (subprocess.CalledProcessError, OSError) as e:
+        for ns in (a, b):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        pytest.skip(f"cannot create network namespaces here: {e}")
+    try:
+        for ns, dev, addr in ((a, f"va{tag}", "10.77.0.1"), (b, f"vb{tag}", "10.77.0.2")):
+            _sh("ip", "link", "set", dev, "netns", ns)
+            _sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
+            _sh("ip", "-n", ns, "link", "set", dev, "up")
+            _sh("ip", "-n", ns, "link", "set", "lo", "up")
+            # A 100 Mbit/s link each way (the kernel here has tbf, not netem).
+            _sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", "100mbit",
+                "burst", "64kb", "latency", "50ms")
+        yield {"a": (a, f"va{tag}", "10.77.0.1"), "b": (b, f"vb{tag}", "10.77.0.2")}
+    finally:
+        for ns in (a, b):
+            subprocess.run(["ip", "netns", "pids", ns], capture_output=True)
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def _in(ns: str, dev: str, *args: str, **kw) -> subprocess.Popen:
+    # GLOO_SOCKET_IFNAME: gloo must use the link between the hosts, not the hostname's address.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": dev}
+    return subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "stalwart", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kw)
+
+
+def test_two_hosts_train_one_model_over_a_rate_limited_link(two_hosts, tmp_path):
+    (ns_a, dev_a, ip_a), (ns_b, dev_b, ip_b) = two_hosts["a"], two_hosts["b"]
+    lighthouse = _in(ns_a, dev_a, "lighthouse", "--bind", f"{ip_a}:29510", "--min-replicas", "2")
+    procs = []
+    try:
+        time.sleep(0.5)  # the lighthouse binds before the first group asks for a quorum
+        common = ["train", "--recipe", "smoke", "--quiet", "--replicas", "2", "--train.steps", "30",
+                  "--lighthouse", f"http://{ip_a}:29510", "--eval.problems", "0", "--replicas.min_replicas", "2"]
+        # Host A: a supervisor for its group (examples/slurm); host B: a bare group process.
+        procs = [_in(ns_a, dev_a, *common, "--groups", "0", "--host", ip_a, "--out", str(tmp_path / "host-a")),
+                 _in(ns_b, dev_b, *common, "--replica-id", "1", "--host", ip_b, "--out", str(tmp_path / "host-b"))]
+        results = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in [lighthouse, *procs]:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 0, err
+    finish = {}
+    for host in ("host-a", "host-b"):
+        events = [json.loads(line) for line in (tmp_path / host / "events.jsonl").read_text().splitlines()]
+        finish.update({e["replica"]: e["fingerprint"] for e in events if e["event"] == "finish"})
+        records = [json.loads(line) for line in (tmp_path / host / "metrics.jsonl").read_text().splitlines()]
+        assert records[-1]["step"] == 30 and all(r["participants"] == 2 for r in records)
+    assert sorted(finish) == [0, 1] and finish[0] == finish[1]  # one model, trained across the link
+    assert (tmp_path / "host-a" / "summary.json").exists()  # the lowest group reports, the other not
+    assert not (tmp_path / "host-b" / "summary.json").exists()
