@@ -161,3 +161,19 @@ def test_straggler_is_reported_and_excluded(tmp_path):
     assert not any(e["event"] == "group_restart" for e in events)
     last = [m for m in jsonl(run / "metrics.jsonl") if m["step"] == 60]
     assert last and all(m["participants"] == 2 for m in last)
+
+
+def test_groups_of_two_torchrun_ranks_train_one_model_and_heal_as_a_group(tmp_path):
+    run = tmp_path / "run"
+    r = job(run, "--replicas", "2", "--replicas.ranks_per_group", "2", "--train.steps", "300", inject="kill@15:1",
+            timeout=240)
+    assert r.returncode == 0, r.stderr
+    events = jsonl(run / "events.jsonl")
+    exit_ = next(e for e in events if e["event"] == "group_exit")
+    assert exit_["replica"] == 1
+    assert any(e["event"] == "heal" and e["replica"] == 1 and e["time"] > exit_["time"] for e in events)
+    finish = {(e["replica"], e["rank"]): e["fingerprint"] for e in events if e["event"] == "finish"}
+    assert sorted(finish) == [(0, 0), (0, 1), (1, 0), (1, 1)] and len(set(finish.values())) == 1
+    metrics = jsonl(run / "metrics.jsonl")
+    assert {m["rank"] for m in metrics} == {0}  # one record per group and step
+    assert metrics[-1]["step"] == 300

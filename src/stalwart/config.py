@@ -79,6 +79,7 @@ class ReplicasConfig:
     """Replica groups on torchft (replication/). Timeouts bound how long a dead or hung group
     can hold up the others; see replication/group.py for what each one covers."""
     count: int = 1  # replica groups; 1 trains in this process without torchft
+    ranks_per_group: int = 1  # processes per group (torchrun), each on its own data shard
     min_replicas: int = 1  # fewer live groups than this: steps are not committed
     timeout_s: float = 5.0  # collectives, the commit vote and a heal's state transfer
     quorum_timeout_s: float = 60.0  # waiting for a quorum before the group gives up (and restarts)
@@ -253,6 +254,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(c.mtbf_s >= 0, f"checkpoint.mtbf_s must be >= 0, got {c.mtbf_s}")
     r, g = cfg.replicas, cfg.guards
     need(1 <= r.count <= 64, f"replicas.count must be in 1..64, got {r.count}")
+    need(1 <= r.ranks_per_group <= 64, f"replicas.ranks_per_group must be in 1..64, got {r.ranks_per_group}")
     need(1 <= r.min_replicas <= r.count, f"replicas.min_replicas must be in 1..replicas.count ({r.count}), "
          f"got {r.min_replicas}")
     for name in ("timeout_s", "quorum_timeout_s", "heartbeat_timeout_s", "join_timeout_s", "hang_timeout_s"):

@@ -43,6 +43,8 @@ class LocalGroup:
     replica = 0
     num_replicas = 1
     participants = 1
+    contributors = 1
+    rank = 0
     is_lowest = True
     healed_from: str | None = None
 
@@ -52,7 +54,7 @@ class LocalGroup:
     def allreduce_sum(self, buffer: torch.Tensor) -> bool:
         return True
 
-    def allreduce_int(self, values: torch.Tensor) -> bool:
+    def allreduce_across_groups(self, values: torch.Tensor) -> bool:
         return True
 
     def slot(self) -> int:
@@ -77,6 +79,12 @@ class LocalGroup:
 class TorchFTGroup:
     """One replica group (one rank) under torchft.
 
+    Several ranks per group (torchrun sets RANK, WORLD_SIZE, MASTER_ADDR/PORT): the ranks of a
+    group sum the step buffer among themselves first (torch.distributed, the device's
+    backend), then each rank sums it with the same rank of the other groups through torchft,
+    so every rank of every group ends with the total. torchft heals each rank from the same
+    rank of a healthy group.
+
     Args:
         replica: this group's index, 0..num_replicas-1 (its data shard and its slot).
         lighthouse: the Lighthouse address, http://HOST:PORT.
@@ -86,7 +94,8 @@ class TorchFTGroup:
     """
 
     def __init__(self, cfg: ReplicasConfig, *, replica: int, lighthouse: str, host: str,
-                 state_dict: Callable[[], Any], load_state_dict: Callable[[Any], None], step: int) -> None:
+                 state_dict: Callable[[], Any], load_state_dict: Callable[[Any], None], step: int,
+                 backend: str = "gloo") -> None:
         from torch.distributed import TCPStore
         from torchft import Manager
         from torchft.process_group import ProcessGroupGloo
@@ -100,8 +109,17 @@ class TorchFTGroup:
         defaults = cfg.torchft_defaults
         timeout = timedelta(seconds=60 if defaults else cfg.timeout_s)
         quorum_timeout = timedelta(seconds=60 if defaults else cfg.quorum_timeout_s)
-        # The group's own store (one rank per group: this process is its master).
-        self._store = TCPStore(host, 0, is_master=True, wait_for_workers=False)
+        self.rank, self.ranks = group_rank()
+        if self.ranks > 1:  # torchrun's store serves the group; ranks also talk among themselves
+            import torch.distributed as dist
+
+            dist.init_process_group(backend, timeout=timeout)
+            self._intra = dist
+            store_addr, store_port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        else:  # one rank: this process is its group's store
+            self._intra = None
+            self._store = TCPStore(host, 0, is_master=True, wait_for_workers=False)
+            store_addr, store_port = host, self._store.port
         self.transport = SafeHTTPTransport(host, timeout)
         self._load = load_state_dict
 
@@ -113,11 +131,12 @@ class TorchFTGroup:
             pg=ProcessGroupGloo(timeout=timeout), load_state_dict=heal, state_dict=state_dict,
             min_replica_size=cfg.min_replicas, use_async_quorum=False, timeout=timeout,
             quorum_timeout=quorum_timeout, connect_timeout=timedelta(seconds=10 if not defaults else 60),
-            rank=0, world_size=1, store_addr=host, store_port=self._store.port, lighthouse_addr=lighthouse,
+            rank=self.rank, world_size=self.ranks, store_addr=store_addr, store_port=store_port,
+            lighthouse_addr=lighthouse,
             replica_id=f"replica{replica}", hostname=host, checkpoint_transport=self.transport,
             init_sync=True)
         self.set_step(step)
-        self.participants = 0
+        self.participants = self.contributors = 0
         self.is_lowest = False
 
     def set_step(self, step: int) -> None:
@@ -128,7 +147,9 @@ class TorchFTGroup:
         self.healed_from = None
         self.manager.start_quorum()
         self.participants = self.manager.num_participants()
-        self.is_lowest = self.manager.participating_rank() == 0
+        self.contributors = self.participants * self.ranks
+        # The lowest live group's rank 0 writes checkpoints, the summary and the export.
+        self.is_lowest = self.manager.participating_rank() == 0 and self.rank == 0
 
     def slot(self) -> int:
         rank = self.manager.participating_rank()
@@ -136,12 +157,17 @@ class TorchFTGroup:
 
     def allreduce_sum(self, buffer: torch.Tensor) -> bool:
         """Sum `buffer` over the participants in place; False if the collective failed."""
+
+        if self._intra is not None:
+            self._intra.all_reduce(buffer)
+        return self.allreduce_across_groups(buffer)
+
+    def allreduce_across_groups(self, values: torch.Tensor) -> bool:
+        """Sum over the same rank of every participating group; False if it failed."""
         from torch.distributed import ReduceOp
 
-        self.manager.allreduce(buffer, reduce_op=ReduceOp.SUM).wait()
+        self.manager.allreduce(values, reduce_op=ReduceOp.SUM).wait()
         return self.manager.errored() is None
-
-    allreduce_int = allreduce_sum
 
     def should_commit(self, ok: bool, reason: str = "") -> bool:
         if not ok:
@@ -160,7 +186,11 @@ class TorchFTGroup:
     def shutdown(self) -> None:
         self.manager.shutdown(wait=False)
         self.transport.shutdown()
+        if self._intra is not None:
+            self._intra.destroy_process_group()
 
 
-def local_host() -> str:
-    return os.environ.get("STALWART_HOST", "127.0.0.1")
+def group_rank() -> tuple[int, int]:
+    """(rank, ranks) of this process inside its replica group: torchrun's RANK and
+    WORLD_SIZE, or (0, 1)."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))

@@ -87,10 +87,14 @@ def supervise(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, lighthous
     procs = {r: GroupProcess(r) for r in groups}
     env = dict(os.environ)
     # Share the cores: N groups with all cores each would oversubscribe the machine.
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(groups))))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // (len(groups) * cfg.replicas.ranks_per_group))))
 
     def spawn(g: GroupProcess) -> None:
-        args = [sys.executable, "-m", "stalwart", "train", "--out", str(run.path), "--quiet",
+        launcher = [sys.executable]
+        if cfg.replicas.ranks_per_group > 1:  # torchrun starts the group's ranks; we restart the group as a whole
+            launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(cfg.replicas.ranks_per_group),
+                         "--max-restarts", "0"]
+        args = [*launcher, "-m", "stalwart", "train", "--out", str(run.path), "--quiet",
                 "--lighthouse", lighthouse, "--replica-id", str(g.replica), "--host", host]
         log = open(run.path / "logs" / f"replica-{g.replica}.log", "ab")
         # Injected faults fire in a group's first process only: its restart runs clean.

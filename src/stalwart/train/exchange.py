@@ -63,6 +63,8 @@ class StepExchange:
         return list(loads.view(self.num_layers, self.num_experts)) if self.num_layers else []
 
     def compute_times(self) -> dict[int, float]:
-        """{replica: seconds of forward and backward} for every participant of the step."""
+        """{replica: seconds of forward and backward (mean over its ranks)} for every
+        participant of the step."""
         slots = self._tail(3 + self.num_layers * self.num_experts, 2 * self.num_slots).cpu().tolist()
-        return {r: slots[r] for r in range(self.num_slots) if slots[self.num_slots + r] > 0}
+        n = self.num_slots
+        return {r: slots[r] / slots[n + r] for r in range(n) if slots[n + r] > 0}

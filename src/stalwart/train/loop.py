@@ -39,7 +39,7 @@ from stalwart.guards import (NONFINITE, OK, ROLLBACK, SPIKE, SpikeGuard, Straggl
                              odd_ones_out)
 from stalwart.model import DeepSeekForCausalLM
 from stalwart.model_source import load_model_state
-from stalwart.replication.group import LocalGroup, TorchFTGroup
+from stalwart.replication.group import LocalGroup, TorchFTGroup, group_rank
 from stalwart.train.evaluate import EvalResult, eval_loss, exact_match
 from stalwart.train.optim import build_optimizer, lr_at
 from stalwart.train.exchange import StepExchange
@@ -126,7 +126,7 @@ def _check_fingerprints(run: RunDir, trainer: Trainer, group, step: int) -> None
     n = group.num_replicas
     slots = torch.zeros(2 * n, dtype=torch.int64)
     slots[group.replica], slots[n + group.replica] = trainer.fingerprint(), 1
-    if not group.allreduce_int(slots):
+    if not group.allreduce_across_groups(slots):
         return  # a peer left mid-exchange: the next check compares again
     values = slots.tolist()
     prints = {r: values[r] for r in range(n) if values[n + r]}
@@ -195,7 +195,14 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
     train_docs = documents(cfg, "train")  # reads (and so checks) user files
     if cfg.data.task != "files":  # an empty split must fail now, not at the first evaluation
         make_problem(cfg.data.task, "eval", 0, cfg.data.seed, cfg.data.min_digits, cfg.data.max_digits)
-    run = RunDir(out, replica=None if replica is None else replica.replica, checkpoints=cfg.checkpoint.dir)
+    rank, ranks = group_rank()
+    if replica is None and ranks > 1:
+        raise ConfigError("several ranks (torchrun) train as a replica group: pass --lighthouse URL --replica-id ID")
+    if ranks != cfg.replicas.ranks_per_group and replica is not None:
+        raise ConfigError(f"this group has {ranks} ranks (WORLD_SIZE) but replicas.ranks_per_group is "
+                          f"{cfg.replicas.ranks_per_group}")
+    run = RunDir(out, replica=None if replica is None else replica.replica, checkpoints=cfg.checkpoint.dir,
+                 rank=rank, ranks=ranks)
     set_replica(None if replica is None else replica.replica)
     run.create()
     # config.json first: from here on the folder is a run that --resume can continue.
@@ -209,8 +216,8 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
     g = cfg.guards
     trainer = Trainer(model, build_optimizer(model, cfg.optim),
                       PackedLoader(train_docs, tokenizer, seq_len=cfg.data.seq_len, batch_size=cfg.train.batch_size,
-                                   seed=cfg.data.seed, shard=replica.replica if replica else 0,
-                                   num_shards=cfg.replicas.count if replica else 1),
+                                   seed=cfg.data.seed, shard=replica.replica * ranks + rank if replica else 0,
+                                   num_shards=cfg.replicas.count * ranks if replica else 1),
                       SpikeGuard(sigma=g.spike_sigma, window=g.spike_window, min_history=g.spike_min_history,
                                  rollback_spikes=g.rollback_spikes, rollback_window=g.rollback_window))
     optimizer = trainer.optimizer
@@ -237,7 +244,8 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
         run.event("resume", step=trainer.step, checkpoint=str(latest.path) if latest else None)
     group: LocalGroup | TorchFTGroup = LocalGroup() if replica is None else TorchFTGroup(
         cfg.replicas, replica=replica.replica, lighthouse=replica.lighthouse, host=replica.host,
-        state_dict=trainer.state_dict, load_state_dict=trainer.load_state_dict, step=trainer.step)
+        state_dict=trainer.state_dict, load_state_dict=trainer.load_state_dict, step=trainer.step,
+        backend=info.backend)
     run.event("start", step=trainer.step, device=str(info.device), dtype=compute_dtype,
               parameters=sum(p.numel() for p in model.parameters()), pid=os.getpid())
 
@@ -294,7 +302,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
                 exchange = StepExchange.pack(params, losses, moe_layers, group, compute_s)
                 collective_ok = group.allreduce_sum(exchange.buffer)
                 error = group.error()  # why the collective failed, before the vote adds its own
-                n = max(group.participants, 1)
+                n = max(group.contributors, 1)  # processes whose gradients are in the sum
                 verdict = Verdict(OK)
                 grad_norm = float("nan")
                 if collective_ok:
@@ -321,14 +329,15 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
                 timings = exchange.compute_times() if collective_ok else {}
                 if collective_ok and set(timings) != set(members):
                     if group.is_lowest and members:
-                        run.event("quorum", step=step, replicas=sorted(timings), participants=n)
+                        run.event("quorum", step=step, replicas=sorted(timings), participants=group.participants)
                     members = tuple(sorted(timings))
 
                 if committed:
                     step_time += dt
                     record = {"step": step, "loss": lm_loss, "total_loss": loss, "lr": lr, "grad_norm": grad_norm,
                               "tokens_per_s": tokens_per_step * n / dt, "step_s": dt,
-                              "tokens": trainer.tokens_seen, "participants": n, "time": round(time.time(), 4)}
+                              "tokens": trainer.tokens_seen, "participants": group.participants,
+                              "time": round(time.time(), 4)}
                     if model.mtp:
                         record["mtp_loss"] = mtp_loss
                     if imbalance is not None:
@@ -338,7 +347,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
                     if inject("flip-bit", step):
                         flip_one_bit(params[0])
                 elif not collective_ok:
-                    run.event("step_failed", step=step, seconds=round(dt, 3), participants=n,
+                    run.event("step_failed", step=step, seconds=round(dt, 3), participants=group.participants,
                               error=_one_line(error))
                     continue
                 elif verdict.kind in (NONFINITE, SPIKE, ROLLBACK):  # every replica: each shows its state
@@ -373,7 +382,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
                     run.event("checkpoint", step=step, path=str(path), cost_s=round(cost, 4),
                               **checkpoints.describe())
         if replica is not None:
-            run.event("finish", step=trainer.step, fingerprint=f"{trainer.fingerprint():016x}")
+            run.event("finish", step=trainer.step, fingerprint=f"{trainer.fingerprint():016x}", every_rank=True)
     finally:
         group.shutdown()
 

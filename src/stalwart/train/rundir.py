@@ -18,13 +18,16 @@ from stalwart.fsutil import atomic_write_bytes, atomic_write_json
 
 
 class RunDir:
-    def __init__(self, path: Path, replica: int | None = None, checkpoints: str = "") -> None:
+    def __init__(self, path: Path, replica: int | None = None, checkpoints: str = "", rank: int = 0,
+                 ranks: int = 1) -> None:
         """`replica`: this process's replica group; its records and events are tagged with it
-        (several groups append to the same files, one whole line per write). `checkpoints`:
-        another folder for them (checkpoint.dir), e.g. one that machines share."""
+        (several groups append to the same files, one whole line per write). With several
+        ranks per group only rank 0 writes, except events sent with every_rank=True.
+        `checkpoints`: another folder for them (checkpoint.dir), e.g. one machines share."""
         self.path = Path(path)
         self.replica = replica
-        self._tag = {} if replica is None else {"replica": replica}
+        self.writer = rank == 0
+        self._tag = ({} if replica is None else {"replica": replica}) | ({"rank": rank} if ranks > 1 else {})
         self.checkpoints = Path(checkpoints) if checkpoints else self.path / "checkpoints"
         self.export = self.path / "export"
         self.metrics_path = self.path / "metrics.jsonl"
@@ -41,10 +44,12 @@ class RunDir:
         atomic_write_bytes(self.config_path, text.encode())
 
     def append_metrics(self, record: dict[str, Any]) -> None:
-        _append(self.metrics_path, {**record, **self._tag})
+        if self.writer:
+            _append(self.metrics_path, {**record, **self._tag})
 
-    def event(self, kind: str, **fields: Any) -> None:
-        _append(self.events_path, {"time": round(time.time(), 3), "event": kind, **self._tag, **fields})
+    def event(self, kind: str, *, every_rank: bool = False, **fields: Any) -> None:
+        if self.writer or every_rank:
+            _append(self.events_path, {"time": round(time.time(), 3), "event": kind, **self._tag, **fields})
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write_json(self.summary_path, summary)
