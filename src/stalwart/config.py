@@ -87,7 +87,9 @@ class ReplicasConfig:
     join_timeout_s: float = 1.0  # the Lighthouse waits this long for late joiners of a quorum
     max_restarts: int = 10  # per group, by the supervisor; then the group stays down
     restart_backoff_s: float = 0.5  # first restart delay, doubled per restart of the same group (max 8 s)
-    hang_timeout_s: float = 30.0  # the supervisor kills and restarts a group with no step this long
+    # The supervisor kills and restarts a group with no progress (step, eval batch) this long;
+    # keep it above quorum_timeout_s, which a healthy group may spend waiting for a quorum.
+    hang_timeout_s: float = 90.0
     torchft_defaults: bool = False  # use torchft's own timeouts (60 s) instead: the benchmark baseline
 
 

@@ -51,7 +51,7 @@ class LocalGroup:
     def start_step(self) -> None:
         pass
 
-    def allreduce_sum(self, buffer: torch.Tensor) -> bool:
+    def allreduce_sum(self, buffer: torch.Tensor | None) -> bool:
         return True
 
     def allreduce_across_groups(self, values: torch.Tensor) -> bool:

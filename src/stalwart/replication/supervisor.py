@@ -5,7 +5,8 @@ crashes or hangs, shows the job's progress, and writes the job's summary.
 A restarted group starts from the latest checkpoint and heals from a live peer at its
 first quorum, so the job never restarts and the surviving groups never stop. Restarts
 back off (`restart_backoff_s`, doubled per restart of the same group, at most 8 s) up to
-`max_restarts` per group; a group that made no step for `hang_timeout_s` (SIGSTOP, a
+`max_restarts` per group; a group that made no progress (no step, no evaluation batch: its
+RUN_DIR/logs/replica-R.alive file is touched at each) for `hang_timeout_s` (SIGSTOP, a
 wedged device) is killed and restarted like a crashed one.
 
 Each group's output goes to RUN_DIR/logs/replica-R.log. Events written here: group_start
@@ -117,9 +118,13 @@ def supervise(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, lighthous
             while not all(g.done for g in procs.values()):
                 time.sleep(POLL_S)
                 now = time.monotonic()
+                for g in procs.values():  # each group touches its .alive file every step and eval batch
+                    try:
+                        beat = time.time() - run.alive_path(g.replica).stat().st_mtime
+                        g.last_progress = max(g.last_progress, now - beat)
+                    except FileNotFoundError:
+                        pass
                 for record in tail.read():
-                    if "replica" in record and record["replica"] in procs:
-                        procs[record["replica"]].last_progress = now
                     if record.get("step", 0) > shown:
                         shown = record["step"]
                         progress.update(shown, record)
@@ -173,7 +178,8 @@ def supervise(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, lighthous
     summary.update({"wall_s": round(wall, 3), "replicas": cfg.replicas.count,
                     "restarts": sum(g.restarts for g in procs.values()), "groups_finished": finished})
     run.write_summary(summary)
-    run.event("job_end", ok=True, wall_s=round(wall, 3))
+    run.event("job_end", ok=True, wall_s=round(wall, 3), ettr=summary["ettr"], steps_lost=summary["steps_lost"],
+              mean_recover_s=summary["mean_recover_s"], restarts=summary["restarts"])
     return summary
 
 

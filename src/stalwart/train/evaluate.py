@@ -7,6 +7,7 @@ token length so that each group decodes as one batch.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +27,9 @@ class EvalResult:
 
 
 @torch.no_grad()
-def eval_loss(model: DeepSeekForCausalLM, loader: PackedLoader, batches: int, device: torch.device) -> float | None:
+def eval_loss(model: DeepSeekForCausalLM, loader: PackedLoader, batches: int, device: torch.device,
+              tick: Callable[[], None] = lambda: None) -> float | None:
+    """Mean next-token loss over `batches` held-out batches; `tick()` after each (liveness)."""
     if batches == 0:
         return None
     was_training = model.training
@@ -35,12 +38,13 @@ def eval_loss(model: DeepSeekForCausalLM, loader: PackedLoader, batches: int, de
     for _ in range(batches):
         x, y = loader.next_batch()
         total += float(model(x.to(device), labels=y.to(device)).lm_loss)
+        tick()
     model.train(was_training)
     return total / batches
 
 
-def exact_match(model: DeepSeekForCausalLM, tokenizer, problems: list[Problem],
-                batch_size: int = 64) -> tuple[float | None, list[tuple[str, str, bool]]]:
+def exact_match(model: DeepSeekForCausalLM, tokenizer, problems: list[Problem], batch_size: int = 64,
+                tick: Callable[[], None] = lambda: None) -> tuple[float | None, list[tuple[str, str, bool]]]:
     if not problems:
         return None, []
     # Room for the longest reference solution and its eos: a longer generation is wrong anyway.
@@ -57,5 +61,6 @@ def exact_match(model: DeepSeekForCausalLM, tokenizer, problems: list[Problem],
             outs = generate(model, [ids for _, ids in chunk], max_new_tokens=min(max_new_tokens, limit - length))
             for (i, _), out in zip(chunk, outs):
                 generated[i] = decode(tokenizer, out)
+            tick()
     results = [(p.prompt, generated[i], is_correct(p, generated[i])) for i, p in enumerate(problems)]
     return sum(ok for *_, ok in results) / len(results), results[:8]

@@ -4,7 +4,9 @@
       | expert load per MoE layer | compute seconds per replica slot | member flag per slot ]
 
 One collective per step instead of one per statistic; and because every replica then holds
-the same numbers, every guard reaches the same verdict. A parameter that got no gradient
+the same numbers, every guard reaches the same verdict. A job of one process has nothing to
+exchange: `LocalExchange` answers the same questions from the step's own tensors, without
+copying the gradients (that copy cost ~4% of a CPU step of the tiny model). A parameter that got no gradient
 on any participant (an expert no token was routed to) keeps grad None, as it would in one
 process, so AdamW skips it rather than decaying it.
 """
@@ -68,3 +70,32 @@ class StepExchange:
         slots = self._tail(3 + self.num_layers * self.num_experts, 2 * self.num_slots).cpu().tolist()
         n = self.num_slots
         return {r: slots[r] / slots[n + r] for r in range(n) if slots[n + r] > 0}
+
+
+class LocalExchange:
+    """The same accessors for a job without peers: nothing is copied or summed."""
+
+    buffer = None
+
+    def __init__(self, losses: torch.Tensor, moe_layers: list, compute_s: float) -> None:
+        self._losses, self._compute_s = losses, compute_s
+        self._loads = [m.expert_load.float() for m in moe_layers]
+
+    def unpack_gradients(self, params: list[torch.Tensor], participants: int) -> None:
+        pass
+
+    def losses(self) -> torch.Tensor:
+        return self._losses.double()
+
+    def expert_loads(self, num_layers: int) -> list[torch.Tensor]:
+        return self._loads
+
+    def compute_times(self) -> dict[int, float]:
+        return {0: self._compute_s}
+
+
+def step_exchange(params: list[torch.Tensor], losses: torch.Tensor, moe_layers: list, group,
+                  compute_s: float) -> StepExchange | LocalExchange:
+    if group.num_replicas == 1 and group.contributors == 1:
+        return LocalExchange(losses, moe_layers, compute_s)
+    return StepExchange.pack(params, losses, moe_layers, group, compute_s)

@@ -14,6 +14,7 @@ nothing in a step depends on wall-clock time.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 import os
 import statistics
 import sys
@@ -42,7 +43,7 @@ from stalwart.model_source import load_model_state
 from stalwart.replication.group import LocalGroup, TorchFTGroup, group_rank
 from stalwart.train.evaluate import EvalResult, eval_loss, exact_match
 from stalwart.train.optim import build_optimizer, lr_at
-from stalwart.train.exchange import StepExchange
+from stalwart.train.exchange import step_exchange
 from stalwart.train.progress import Progress
 from stalwart.train.rundir import RunDir
 
@@ -266,6 +267,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
         with progress:
             while trainer.step < total:
                 inject("kill", trainer.step + 1)
+                run.beat()
                 t0 = time.perf_counter()
                 group.start_step()
                 if group.healed_from:
@@ -299,7 +301,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
                 compute_s = time.perf_counter() - t0
 
                 # One collective per step: gradients, losses, expert loads and per-group timing.
-                exchange = StepExchange.pack(params, losses, moe_layers, group, compute_s)
+                exchange = step_exchange(params, losses, moe_layers, group, compute_s)
                 collective_ok = group.allreduce_sum(exchange.buffer)
                 error = group.error()  # why the collective failed, before the vote adds its own
                 n = max(group.contributors, 1)  # processes whose gradients are in the sum
@@ -369,7 +371,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
                 if g.fingerprint_every and step % g.fingerprint_every == 0 and n > 1:
                     _check_fingerprints(run, trainer, group, step)
                 if (cfg.eval.every and step % cfg.eval.every == 0) or step == total:
-                    last = evaluate(cfg, model, tokenizer, info)
+                    last = evaluate(cfg, model, tokenizer, info, tick=run.beat)
                     if group.is_lowest:
                         run.event("eval", step=step, eval_loss=last.loss, eval_exact_match=last.exact_match)
                     progress.note(step, last)
@@ -409,18 +411,19 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
     return TrainResult(summary, last.samples)
 
 
-def evaluate(cfg: RunConfig, model: DeepSeekForCausalLM, tokenizer, info: DeviceInfo) -> EvalResult:
+def evaluate(cfg: RunConfig, model: DeepSeekForCausalLM, tokenizer, info: DeviceInfo,
+             tick: Callable[[], None] = lambda: None) -> EvalResult:
     loss = None
     eval_docs = documents(cfg, "eval") if cfg.eval.batches else None
     # A task's eval split is unbounded (len 0); user files may have no held-out document.
     if eval_docs is not None and (cfg.data.task != "files" or len(eval_docs)):
         loader = PackedLoader(eval_docs, tokenizer, seq_len=cfg.data.seq_len,
                               batch_size=cfg.train.batch_size, seed=cfg.data.seed)
-        loss = eval_loss(model, loader, cfg.eval.batches, info.device)
+        loss = eval_loss(model, loader, cfg.eval.batches, info.device, tick)
     accuracy, samples = None, []
     if cfg.data.task != "files" and cfg.eval.problems:
         d = cfg.data
         problems = [make_problem(d.task, "eval", i, d.seed, d.min_digits, d.max_digits)
                     for i in range(cfg.eval.problems)]
-        accuracy, samples = exact_match(model, tokenizer, problems)
+        accuracy, samples = exact_match(model, tokenizer, problems, tick=tick)
     return EvalResult(loss, accuracy, samples)

@@ -54,6 +54,19 @@ class RunDir:
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write_json(self.summary_path, summary)
 
+    def alive_path(self, replica: int) -> Path:
+        return self.path / "logs" / f"replica-{replica}.alive"
+
+    def beat(self) -> None:
+        """Tell the supervisor this group is making progress (a step, an eval batch)."""
+        if self.replica is not None and self.writer:
+            path = self.alive_path(self.replica)
+            try:
+                os.utime(path)
+            except FileNotFoundError:
+                path.parent.mkdir(exist_ok=True)
+                path.touch()
+
     def read_summary(self) -> dict[str, Any]:
         try:
             return json.loads(self.summary_path.read_text(encoding="utf-8"))
