@@ -25,6 +25,8 @@ import functools
 import os
 import signal
 
+import torch
+
 from stalwart.errors import ConfigError
 
 INJECT_ENV = "STALWART_INJECT"
@@ -71,3 +73,21 @@ def inject(point: str, step: int) -> bool:
     if point.startswith("kill"):
         os.kill(os.getpid(), signal.SIGKILL)
     return True
+
+
+def corrupt_gradients(step: int, params: list[torch.Tensor]) -> None:
+    """The gradient faults planned for this step: `nan-grad` and `spike`."""
+    if inject("nan-grad", step):
+        params[0].grad.fill_(float("nan"))
+    if inject("spike", step):
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(1000.0)
+
+
+def corrupt_weights(step: int, params: list[torch.Tensor]) -> None:
+    """`flip-bit`: flip the highest mantissa bit of one fp32 weight (silent corruption)."""
+    if inject("flip-bit", step):
+        with torch.no_grad():
+            bits = params[0].data.view(-1)[:1].view(torch.int32)
+            bits ^= 1 << 22

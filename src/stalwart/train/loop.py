@@ -34,18 +34,17 @@ from stalwart.device import (DeviceInfo, autocast_dtype, enable_determinism, res
                              seed_everything, set_rng_state)
 from stalwart.errors import ConfigError
 from stalwart.export.hf import save_hf_folder
-from stalwart.faults import inject, set_replica
+from stalwart.faults import corrupt_gradients, corrupt_weights, inject, set_replica
 from stalwart.goodput import CheckpointClock, goodput_report
-from stalwart.guards import (NONFINITE, OK, ROLLBACK, SPIKE, SpikeGuard, StragglerTracker, Verdict, fingerprint,
-                             odd_ones_out)
+from stalwart.guards import (NONFINITE, OK, ROLLBACK, SPIKE, SpikeGuard, StragglerTracker, Verdict, odd_ones_out)
 from stalwart.model import DeepSeekForCausalLM
-from stalwart.model_source import load_model_state
 from stalwart.replication.group import LocalGroup, TorchFTGroup, group_rank
 from stalwart.train.evaluate import EvalResult, eval_loss, exact_match
 from stalwart.train.optim import build_optimizer, lr_at
 from stalwart.train.exchange import step_exchange
 from stalwart.train.progress import Progress
 from stalwart.train.rundir import RunDir
+from stalwart.train.state import Trainer
 
 
 @dataclass
@@ -94,13 +93,6 @@ class Excluded(Exception):
     """This replica group was reported as a straggler and guards.exclude_stragglers is on."""
 
 
-def flip_one_bit(param: torch.Tensor) -> None:
-    """Silent data corruption, injected: flip the highest mantissa bit of one fp32 weight."""
-    with torch.no_grad():
-        bits = param.data.view(-1)[:1].view(torch.int32)
-        bits ^= 1 << 22
-
-
 def _one_line(error: BaseException | None) -> str | None:
     return None if error is None else (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
 
@@ -139,46 +131,6 @@ def _check_fingerprints(run: RunDir, trainer: Trainer, group, step: int) -> None
                   fingerprints={str(r): f"{v:016x}" for r, v in prints.items()})
     if resolved and group.replica in odd:
         group.force_heal()
-
-
-class Trainer:
-    """The training state that checkpoints save and that a healing replica receives."""
-
-    def __init__(self, model: DeepSeekForCausalLM, optimizer: torch.optim.Optimizer, loader: PackedLoader,
-                 guard: SpikeGuard) -> None:
-        self.model, self.optimizer, self.loader, self.guard = model, optimizer, loader, guard
-        self.step, self.tokens_seen = 0, 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "loader": self.loader.state_dict(), "guard": self.guard.state_dict(),
-                "step": self.step, "tokens_seen": self.tokens_seen}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        load_model_state(self.model, state["model"], Path("peer"))
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.loader.load_state_dict(state["loader"])
-        self.guard.load_state_dict(state["guard"])
-        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
-
-    def load_checkpoint(self, latest: ckpt.LoadedCheckpoint, *, loader: bool = True) -> dict[str, Any]:
-        """Weights, optimizer and counters from a checkpoint (and the loader position unless a
-        rollback keeps reading past the offending batches); returns its train state."""
-        load_model_state(self.model, latest.model_state, latest.path)
-        state = latest.train_state
-        self.optimizer.load_state_dict(state["optimizer"])
-        if loader:
-            self.loader.load_state_dict(state["loader"])
-        if "guard" in state:
-            self.guard.load_state_dict(state["guard"])
-        self.step, self.tokens_seen = latest.step, int(state["tokens_seen"])
-        return state
-
-    def fingerprint(self) -> int:
-        tensors = list(self.model.state_dict().values())
-        for per_param in self.optimizer.state_dict()["state"].values():
-            tensors += [v for v in per_param.values() if isinstance(v, torch.Tensor)]
-        return fingerprint(tensors)
 
 
 @dataclass
@@ -289,12 +241,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
                                            torch.tensor(0.0) if out.mtp_loss is None else
                                            out.mtp_loss.detach().float().cpu()]) / cfg.train.grad_accum
                     del out  # the logits (B x T x vocab) must not live on into the next forward
-                if inject("nan-grad", step):
-                    params[0].grad.fill_(float("nan"))
-                if inject("spike", step):
-                    for p in params:
-                        if p.grad is not None:
-                            p.grad.mul_(1000.0)
+                corrupt_gradients(step, params)
                 slowed = slowed or inject("slow", step)
                 if slowed:
                     time.sleep(2 * (time.perf_counter() - t0))
@@ -346,8 +293,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
                         record["expert_imbalance"] = imbalance
                     run.append_metrics(record)
                     progress.update(step, record)
-                    if inject("flip-bit", step):
-                        flip_one_bit(params[0])
+                    corrupt_weights(step, params)
                 elif not collective_ok:
                     run.event("step_failed", step=step, seconds=round(dt, 3), participants=group.participants,
                               error=_one_line(error))
