@@ -119,14 +119,16 @@ def test_ettr_counts_committed_time_once_and_not_rolled_back_steps():
     assert report["faults"][0]["kind"] == "rollback" and report["steps_lost"] == 2
 
 
-def test_crash_recovery_time_is_fault_to_heal():
+def test_crash_recovery_time_is_fault_to_the_first_commit_after_the_heal():
     metrics = [{"step": 1, "time": 1.0, "step_s": 0.5, "replica": 0}, {"step": 2, "time": 2.5, "step_s": 0.5,
-                                                                         "replica": 0}]
+                                                                         "replica": 0},
+               {"step": 3, "time": 5.4, "step_s": 0.4, "replica": 1}]
     events = [{"event": "group_exit", "time": 2.0, "replica": 1, "returncode": -9},
               {"event": "step_failed", "time": 2.2, "step": 2, "replica": 0},
               {"event": "heal", "time": 5.0, "replica": 1, "step": 2}]
     (fault,) = goodput_report(metrics, events, wall_s=6.0)["faults"]
-    assert fault["kind"] == "crash" and fault["recover_s"] == 3.0 and fault["detect_s"] == pytest.approx(0.2)
+    assert fault["kind"] == "crash" and fault["recover_s"] == pytest.approx(3.4)
+    assert fault["detect_s"] == pytest.approx(0.2)
     assert fault["steps_lost"] == 1
 
 
