@@ -34,6 +34,8 @@ from stalwart.train.progress import Progress
 from stalwart.train.rundir import RunDir
 
 EXIT_EXCLUDED = 3  # a group that left the job as a straggler: not restarted
+START_TOGETHER_ENV = "STALWART_START_TOGETHER"  # groups started by this job's supervisor
+START_TOGETHER_TIMEOUT_S = 120.0
 POLL_S = 0.1
 MAX_BACKOFF_S = 8.0
 
@@ -85,6 +87,8 @@ def supervise(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, lighthous
     groups = list(range(cfg.replicas.count)) if groups is None else groups
     run.event("job_start", replicas=cfg.replicas.count, groups=groups, lighthouse=lighthouse, step=first_step)
     (run.path / "logs").mkdir(exist_ok=True)
+    for stale in (run.path / "logs").glob("replica-*.ready"):
+        stale.unlink()
     procs = {r: GroupProcess(r) for r in groups}
     env = dict(os.environ)
     # Share the cores: N groups with all cores each would oversubscribe the machine.
@@ -98,8 +102,10 @@ def supervise(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, lighthous
         args = [*launcher, "-m", "stalwart", "train", "--out", str(run.path), "--quiet",
                 "--lighthouse", lighthouse, "--replica-id", str(g.replica), "--host", host]
         log = open(run.path / "logs" / f"replica-{g.replica}.log", "ab")
-        # Injected faults fire in a group's first process only: its restart runs clean.
-        group_env = env if g.restarts == 0 else {k: v for k, v in env.items() if k != INJECT_ENV}
+        # Injected faults fire in a group's first process only: its restart runs clean. The
+        # first processes wait for each other before step 1 (a restart joins at once).
+        group_env = {**env, START_TOGETHER_ENV: str(len(groups))} if g.restarts == 0 else \
+            {k: v for k, v in env.items() if k != INJECT_ENV}
         g.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=group_env, start_new_session=True)
         log.close()
         g.last_progress, g.restart_at = time.monotonic(), None
@@ -215,3 +221,17 @@ class _MetricsTail:
             except ValueError:
                 continue
         return records
+
+
+def start_together(run: RunDir, replica: int) -> None:
+    """At a job's start, wait (up to START_TOGETHER_TIMEOUT_S) until every group the
+    supervisor started is ready for its first quorum, so that no group trains the first
+    steps alone and the others begin by healing from it."""
+    groups = int(os.environ.pop(START_TOGETHER_ENV, "0") or 0)
+    if groups <= 1:
+        return
+    logs = run.path / "logs"
+    (logs / f"replica-{replica}.ready").touch()
+    deadline = time.monotonic() + START_TOGETHER_TIMEOUT_S
+    while len(list(logs.glob("replica-*.ready"))) < groups and time.monotonic() < deadline:
+        time.sleep(0.05)

@@ -39,6 +39,7 @@ from stalwart.goodput import CheckpointClock, goodput_report
 from stalwart.guards import (NONFINITE, OK, ROLLBACK, SPIKE, SpikeGuard, StragglerTracker, Verdict, odd_ones_out)
 from stalwart.model import DeepSeekForCausalLM
 from stalwart.replication.group import LocalGroup, TorchFTGroup, group_rank
+from stalwart.replication.supervisor import start_together
 from stalwart.train.evaluate import EvalResult, eval_loss, exact_match
 from stalwart.train.optim import build_optimizer, lr_at
 from stalwart.train.exchange import step_exchange
@@ -199,6 +200,8 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
         cfg.replicas, replica=replica.replica, lighthouse=replica.lighthouse, host=replica.host,
         state_dict=trainer.state_dict, load_state_dict=trainer.load_state_dict, step=trainer.step,
         backend=info.backend)
+    if replica is not None:
+        start_together(run, replica.replica)
     run.event("start", step=trainer.step, device=str(info.device), dtype=compute_dtype,
               parameters=sum(p.numel() for p in model.parameters()), pid=os.getpid())
 
