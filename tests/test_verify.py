@@ -1,6 +1,7 @@
 """`stalwart verify` on the CPU: every check passes on a healthy backend, and a backend
 with one wrong kernel (perturbed for some shapes only) is caught at exactly that op."""
 
+import functools
 import json
 import subprocess
 import sys
@@ -9,7 +10,9 @@ import pytest
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from stalwart import cli
 from stalwart.device import resolve_device
+from stalwart.verify import run as verify_run
 from stalwart.verify.run import verify
 
 
@@ -96,3 +99,12 @@ def test_bad_verify_input_is_one_line_and_exit_2(argv, message):
                        timeout=120)
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
+
+
+def test_cli_exits_1_and_names_the_failing_op(monkeypatch, capsys):
+    # The real suite, with the planted bug on its device side.
+    monkeypatch.setattr(verify_run, "verify", functools.partial(verify, backend_mode=SoftmaxWrongForSize1()))
+    code = cli.main(["verify", "--device", "cpu", "--steps", "2", "--no-collective"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "checks FAILED: softmax [size-1 dims]" in out.replace("\n", " ")

@@ -98,6 +98,17 @@ def _gather(src, idx, base):
     return base.index_select(0, idx) + src
 
 
+def _gather_routing_weights(scores, idx):
+    return scores.gather(1, idx)
+
+
+def _scores_and_choice(n, experts, k) -> Inputs:
+    def make(g):
+        scores = _randn(g, n, experts)
+        return [scores, scores.topk(k, dim=-1)[1]]
+    return make
+
+
 def _scatter_add(src, idx, base):
     return base.scatter_add(0, idx[:, None].expand_as(src), src)
 
@@ -144,6 +155,7 @@ def op_cases() -> list[OpCase]:
         OpCase("index_add (expert combine)", "basic", _index_add, _dispatch(64, 32, 8), slack=2),
         OpCase("index_select (expert dispatch)", "basic", _gather, _dispatch(64, 32, 8)),
         OpCase("scatter_add", "basic", _scatter_add, _dispatch(64, 32, 8), slack=2),
+        OpCase("gather (routing weights)", "basic", _gather_routing_weights, _scores_and_choice(64, 16, 4)),
         OpCase("cross_entropy", "basic", _xent_fn, _xent(64, 256), slack=2),
         OpCase("cross_entropy", "large magnitude", _xent_fn, _xent(64, 256, scale=100), slack=2),
         OpCase("scaled_dot_product_attention", "basic", _sdpa, _attention(2, 4, 16, 32), slack=2),
