@@ -24,13 +24,19 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from stalwart.config import ReplicasConfig
+
+
+START_TOGETHER_ENV = "STALWART_START_TOGETHER"  # set by the supervisor for a job's first processes
+START_TOGETHER_TIMEOUT_S = 120.0
 
 
 class GuardRejected(Exception):
@@ -194,3 +200,16 @@ def group_rank() -> tuple[int, int]:
     """(rank, ranks) of this process inside its replica group: torchrun's RANK and
     WORLD_SIZE, or (0, 1)."""
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def start_together(logs: Path, replica: int) -> None:
+    """At a job's start, wait (up to START_TOGETHER_TIMEOUT_S) until every group the
+    supervisor started is ready for its first quorum, so that no group trains the first
+    steps alone and the others begin by healing from it."""
+    groups = int(os.environ.pop(START_TOGETHER_ENV, "0") or 0)
+    if groups <= 1:
+        return
+    (logs / f"replica-{replica}.ready").touch()
+    deadline = time.monotonic() + START_TOGETHER_TIMEOUT_S
+    while len(list(logs.glob("replica-*.ready"))) < groups and time.monotonic() < deadline:
+        time.sleep(0.05)

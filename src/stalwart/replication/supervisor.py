@@ -29,13 +29,12 @@ from stalwart import checkpoint as ckpt
 from stalwart.config import RunConfig
 from stalwart.errors import UserError
 from stalwart.faults import INJECT_ENV
+from stalwart.replication.group import START_TOGETHER_ENV
 from stalwart.goodput import goodput_report
 from stalwart.train.progress import Progress
 from stalwart.train.rundir import RunDir
 
 EXIT_EXCLUDED = 3  # a group that left the job as a straggler: not restarted
-START_TOGETHER_ENV = "STALWART_START_TOGETHER"  # groups started by this job's supervisor
-START_TOGETHER_TIMEOUT_S = 120.0
 POLL_S = 0.1
 MAX_BACKOFF_S = 8.0
 
@@ -222,16 +221,3 @@ class _MetricsTail:
                 continue
         return records
 
-
-def start_together(run: RunDir, replica: int) -> None:
-    """At a job's start, wait (up to START_TOGETHER_TIMEOUT_S) until every group the
-    supervisor started is ready for its first quorum, so that no group trains the first
-    steps alone and the others begin by healing from it."""
-    groups = int(os.environ.pop(START_TOGETHER_ENV, "0") or 0)
-    if groups <= 1:
-        return
-    logs = run.path / "logs"
-    (logs / f"replica-{replica}.ready").touch()
-    deadline = time.monotonic() + START_TOGETHER_TIMEOUT_S
-    while len(list(logs.glob("replica-*.ready"))) < groups and time.monotonic() < deadline:
-        time.sleep(0.05)

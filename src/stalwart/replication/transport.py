@@ -1,11 +1,11 @@
 """Live healing over HTTP without pickle: torchft's CheckpointTransport, serving a peer's
 state as `torch.save` bytes that the receiver opens with `torch.load(weights_only=True)`.
 
-torchft's own HTTPTransport and PGTransport unpickle what arrives from the network
-(`weights_only=False`, `pickle.loads`); a replica that can be reached by anyone on the
-network must not run arbitrary code from a request. The state here is tensors, numbers,
-strings, lists and dicts (the same contract as a checkpoint's train_state), which the
-restricted unpickler accepts and nothing else.
+torchft's own HTTPTransport and PGTransport run the unrestricted unpickler on what arrives
+from the network (torch's loader with weights_only off, and pickle); a replica that anyone
+on the network can reach must not run arbitrary code from a request. The state here is
+tensors, numbers, strings, lists and dicts (the same contract as a checkpoint's
+train_state), which the restricted unpickler accepts and nothing else.
 
 Protocol: `send_checkpoint` (called on a healthy replica inside the quorum, when some peer
 is behind) snapshots the state into bytes and serves it at GET /checkpoint/STEP until

@@ -38,8 +38,7 @@ from stalwart.faults import corrupt_gradients, corrupt_weights, inject, set_repl
 from stalwart.goodput import CheckpointClock, goodput_report
 from stalwart.guards import (NONFINITE, OK, ROLLBACK, SPIKE, SpikeGuard, StragglerTracker, Verdict, odd_ones_out)
 from stalwart.model import DeepSeekForCausalLM
-from stalwart.replication.group import LocalGroup, TorchFTGroup, group_rank
-from stalwart.replication.supervisor import start_together
+from stalwart.replication.group import LocalGroup, TorchFTGroup, group_rank, start_together
 from stalwart.train.evaluate import EvalResult, eval_loss, exact_match
 from stalwart.train.optim import build_optimizer, lr_at
 from stalwart.train.exchange import step_exchange
@@ -201,7 +200,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
         state_dict=trainer.state_dict, load_state_dict=trainer.load_state_dict, step=trainer.step,
         backend=info.backend)
     if replica is not None:
-        start_together(run, replica.replica)
+        start_together(run.path / "logs", replica.replica)
     run.event("start", step=trainer.step, device=str(info.device), dtype=compute_dtype,
               parameters=sum(p.numel() for p in model.parameters()), pid=os.getpid())
 
