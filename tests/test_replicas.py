@@ -182,3 +182,34 @@ def test_groups_of_two_torchrun_ranks_train_one_model_and_heal_as_a_group(tmp_pa
     metrics = jsonl(run / "metrics.jsonl")
     assert {m["rank"] for m in metrics} == {0}  # one record per group and step
     assert metrics[-1]["step"] == 300
+
+
+def test_group_that_stays_stopped_is_killed_by_the_watchdog_restarted_and_healed(tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "stalwart", "train", "--out", str(run), *FAST, "--replicas", "2",
+                             "--train.steps", "600", "--replicas.hang_timeout_s", "6"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            metrics = jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").exists() else []
+            if any(m["step"] >= 10 and m["participants"] == 2 for m in metrics):
+                break
+            time.sleep(0.1)
+        pid = next(e["pid"] for e in jsonl(run / "events.jsonl") if e["event"] == "group_start" and e["replica"] == 1)
+        os.kill(pid, signal.SIGSTOP)  # never resumed: only the watchdog can end it
+        stopped = time.time()
+        _, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    events = jsonl(run / "events.jsonl")
+    hung = next(e for e in events if e["event"] == "group_hung")
+    assert hung["replica"] == 1 and hung["pid"] == pid
+    # hang_timeout_s from its last beat (at most one step before the stop), plus polling and slack
+    assert 5 <= hung["time"] - stopped < 6 + 5
+    assert any(e["event"] == "group_restart" and e["replica"] == 1 for e in events)
+    assert any(e["event"] == "heal" and e["replica"] == 1 and e["time"] > hung["time"] for e in events)
+    assert len(set(final_fingerprints(run).values())) == 1

@@ -52,7 +52,7 @@ class LocalGroup:
     contributors = 1
     rank = 0
     is_lowest = True
-    healed_from: str | None = None
+    healed = False
 
     def start_step(self) -> None:
         pass
@@ -111,7 +111,7 @@ class TorchFTGroup:
         for name in ("torchft", "torchft_quorums", "torchft_commits", "torchft_errors"):
             logging.getLogger(name).setLevel(logging.ERROR)
         self.replica, self.num_replicas = replica, cfg.count
-        self.healed_from: str | None = None
+        self.healed = False  # in the last start_step, this group received a peer's state
         defaults = cfg.torchft_defaults
         timeout = timedelta(seconds=60 if defaults else cfg.timeout_s)
         quorum_timeout = timedelta(seconds=60 if defaults else cfg.quorum_timeout_s)
@@ -127,11 +127,10 @@ class TorchFTGroup:
             self._store = TCPStore(host, 0, is_master=True, wait_for_workers=False)
             store_addr, store_port = host, self._store.port
         self.transport = SafeHTTPTransport(host, timeout)
-        self._load = load_state_dict
 
         def heal(state: Any) -> None:
             load_state_dict(state)
-            self.healed_from = "peer"
+            self.healed = True
 
         self.manager = Manager(
             pg=ProcessGroupGloo(timeout=timeout), load_state_dict=heal, state_dict=state_dict,
@@ -150,7 +149,7 @@ class TorchFTGroup:
         self.manager.load_state_dict({"step": step, "batches_committed": self.manager.batches_committed()})
 
     def start_step(self) -> None:
-        self.healed_from = None
+        self.healed = False
         self.manager.start_quorum()
         self.participants = self.manager.num_participants()
         self.contributors = self.participants * self.ranks

@@ -148,7 +148,6 @@ def supervise(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, lighthous
                         g.proc.wait()
                         run.event("group_hung", replica=g.replica, pid=g.proc.pid,
                                   silent_s=round(now - g.last_progress, 1))
-                        code = None
                         g.proc = None
                         _schedule_restart(run, g, r)
                         continue

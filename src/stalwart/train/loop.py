@@ -224,7 +224,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
                 run.beat()
                 t0 = time.perf_counter()
                 group.start_step()
-                if group.healed_from:
+                if group.healed:
                     run.event("heal", step=trainer.step, seconds=round(time.perf_counter() - t0, 3),
                               bytes=group.transport.bytes_received)
                 if trainer.step >= total:
