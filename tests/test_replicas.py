@@ -61,6 +61,16 @@ def test_sigkilled_group_is_restarted_and_healed_while_the_others_continue(tmp_p
     assert {e["replica"] for e in saved} <= {0, 2} and saved[-1]["rule"] == "young-daly"
     crash = [f for f in summary["faults"] if f["kind"] == "crash"]
     assert crash and crash[0]["recover_s"] is not None and 0 < summary["ettr"] <= 1
+    # The planner takes the recovery measured here as a replica group's restart, and adds
+    # the heal of the planned state over the fleet's scale-out link (H800: 50 GB/s).
+    r = subprocess.run([sys.executable, "-m", "stalwart", "plan", "--model", "deepseek-v3", "--tokens", "1T",
+                        "--accelerator", "H800", "--devices", "2048", "--pp", "16", "--ep", "64",
+                        "--strategy", "replicas", "--from-run", str(run), "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert plan["measured"]["recover_s"] == summary["mean_recover_s"]
+    assert plan["failures"]["recover_s"] == pytest.approx(summary["mean_recover_s"] + plan["failures"]["checkpoint_gb"] / 50)
 
 
 def test_nan_gradient_in_one_group_is_committed_nowhere(tmp_path):

@@ -71,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_verify)
 
+    p = sub.add_parser("plan", help="how a run would go on a fleet: time, cost, ETTR and the bottleneck",
+                       description="Model a training run's compute, communication and failures on a fleet from "
+                                   "the accelerator catalog (docs/plan.md).")
+    from stalwart.plan.command import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_plan)
+
     p = sub.add_parser("doctor", help="report the accelerator, collective backend, dtypes and versions")
     p.add_argument("--device", help="cpu, cuda[:N], npu[:N], xpu[:N], mps (default: auto, or $STALWART_DEVICE)")
     p.add_argument("--preset", help="also report a preset's parameter counts")
@@ -301,6 +309,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
                    f"{len(failed)} of {len(checks)} checks FAILED: {', '.join(sorted({c.name.split(':')[0] for c in failed}))}")
         console.print(escape(verdict))
     return 1 if failed else 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from stalwart.plan.command import run
+
+    return run(args)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:

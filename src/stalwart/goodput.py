@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from stalwart.config import CheckpointConfig
+if TYPE_CHECKING:  # the planner uses this module without the model's imports (torch)
+    from stalwart.config import CheckpointConfig
 
 
 def young_daly_interval(checkpoint_s: float, mtbf_s: float) -> float:
