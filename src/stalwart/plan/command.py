@@ -183,6 +183,10 @@ def _num(value: float | None, unit: str = "") -> str:
     return f"{value:.3g}{unit}"
 
 
+def _percent(share: float) -> str:
+    return f"{share:.1%}" if share >= 0.001 else f"{share * 100:.2g}%"
+
+
 def _shares(r: dict) -> str:
     """'compute 76%, scale-out 21%, failures 3%': the bottleneck first."""
     if r["time_shares"] is None:
@@ -206,12 +210,14 @@ def _print_plan(r: dict) -> None:
         ("tokens, steps", f"{_num(r['tokens'])}, {r['steps']:,} of {_num(r['batch_tokens'])}"),
         ("training FLOPs", f"{r['training_flops']:.3e}"),
         ("parallelism", par),
-        ("MFU", f"{r['mfu']:.1%} (" + ("roofline" if r["mfu_source"] == "roofline" else
-                                        f"{r['mfu_source']}; the roofline gives {r['mfu_roofline']:.1%}") + ")"),
+        ("MFU", f"{_percent(r['mfu'])} (" + ("roofline" if r["mfu_source"] == "roofline" else
+                                            f"{r['mfu_source']}; the roofline gives {_percent(r['mfu_roofline'])}")
+                + ")"),
         ("step", f"{r['step_s']:.2f}s: compute {st['compute_s']:.2f}s, bubble {st['bubble_s']:.2f}s, exposed "
                  f"scale-up {st['exposed_scale_up_s']:.2f}s, scale-out {st['exposed_scale_out_s']:.2f}s"),
         ("memory per device", f"{mem['state_gb'] + mem['activation_gb']:.0f} of {mem['hbm_gb']:g} GB"),
-        ("failures", f"MTBF {f['mtbf_job_s'] / 3600:.2f}h for the job, ~{_num(f['expected'])} expected"),
+        ("failures", f"MTBF {f['mtbf_job_s'] / 3600:.2f}h for the job"
+                     + ("" if f["expected"] is None else f", ~{_num(f['expected'])} expected")),
         ("checkpoint", f"{f['checkpoint_s']:.1f}s every {f['checkpoint_interval_s'] / 60:.1f} min "
                        f"({f['checkpoint_rule']})"),
         ("per failure", f"recover {f['recover_s']:.0f}s, lost {f['lost_per_failure_s']:.0f}s"),
@@ -239,11 +245,11 @@ def _print_compare(result: dict) -> None:
     console = _console()
     first = result["plans"][0]
     table = Table(title=f"{first['model']}: {_num(first['tokens'])} tokens on {first['devices']} devices")
-    for column in ("fleet", "strategy", "MFU", "days", "device-hours", "cost", "ETTR", "where the time goes", "fits"):
+    for column in ("fleet", "strategy", "MFU", "days", "dev-hours", "cost", "ETTR", "where the time goes", "fits"):
         table.add_column(column, justify="left" if column in ("fleet", "strategy", "where the time goes") else "right",
                          no_wrap=True)
     for r in result["plans"]:
-        table.add_row(r["accelerator"], r["parallelism"]["strategy"], f"{r['mfu']:.1%}",
+        table.add_row(r["accelerator"], r["parallelism"]["strategy"], _percent(r["mfu"]),
                       "never" if r["days"] is None else f"{r['days']:.0f}", _num(r["device_hours"]),
                       "-" if r["cost"] is None else f"{r['cost'] / 1e6:.1f}M", f"{r['ettr']:.1%}",
                       _shares(r), "yes" if r["memory"]["fits"] else "NO")

@@ -67,6 +67,7 @@ def save_png(result: dict, path: Path) -> Path:
                     ax.plot(*zip(*points), marker="o", color=colours[i % len(colours)],
                             linestyle="-" if j == 0 else "--", label=f"{fleet} {strategy}")
         ax.set_xscale("log", base=2)
+        ax.set_xticks(result["factors"], [f"x{f:g}" for f in result["factors"]])
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
         if label == "days":
@@ -74,7 +75,8 @@ def save_png(result: dict, path: Path) -> Path:
     axes[1][0].set_xlabel("MTBF x (catalog value = 1)")
     axes[1][1].set_xlabel("scale-out bandwidth x (catalog value = 1)")
     first = result["plans"][0]
-    fig.suptitle(f"{first['model']}: {first['tokens'] / 1e12:g}T tokens on {first['devices']} devices per fleet")
+    fig.suptitle(f"{first['model']}: {first['tokens'] / 1e12:.3g}T tokens on {first['devices']} devices per fleet "
+                 "(solid: sync restarts, dashed: replica groups)")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     buffer = io.BytesIO()
