@@ -140,10 +140,11 @@ def check(spec: RunSpec) -> None:
             raise ConfigError(f"{name} must be positive, got {value:g}")
 
 
-def _off_domain(span: int, domain: int) -> float:
-    """Share of a collective's traffic that leaves the scale-up domain when it spans `span`
-    ranks: none if they fit in one domain, else all but the domain's own share."""
-    return 0.0 if span <= domain else 1.0 - domain / span
+def _place(nbytes: float, span: int, domain: int) -> tuple[float, float]:
+    """(scale-up, scale-out) bytes of a collective over `span` consecutive ranks: all on the
+    scale-up link while they fit in one domain, else all but the domain's own share leaves it."""
+    off = 0.0 if span <= domain else 1.0 - domain / span
+    return nbytes * (1 - off), nbytes * off
 
 
 def estimate(spec: RunSpec) -> dict:
@@ -185,34 +186,29 @@ def estimate(spec: RunSpec) -> dict:
     bubble_s = local_s * (p.pp - 1) / (p.virtual_stages * micro)
     tokens_rank = spec.batch_tokens / dp
     domain = a.scale_up_domain
-    up, out, up_dp, out_dp = 0.0, 0.0, 0.0, 0.0  # bytes per device per step
+    # Bytes each device sends per step, as (scale-up, scale-out): model-parallel traffic
+    # (tensor, expert, pipeline) and gradient traffic (data-parallel or DiLoCo's).
     tp_bytes = layers_stage * 4 * 2 * (p.tp - 1) / p.tp * tokens_rank * s.hidden * WEIGHT_BYTES
-    up, out = up + tp_bytes * (1 - _off_domain(p.tp, domain)), out + tp_bytes * _off_domain(p.tp, domain)
+    model = [_place(tp_bytes, p.tp, domain)]
     if s.is_moe and p.ep > 1:
         ep_bytes = (s.moe_layers / p.pp) * 4 * tokens_rank / p.tp * s.experts_per_token * s.hidden * \
             WEIGHT_BYTES * (p.ep - 1) / p.ep
-        off = _off_domain(p.tp * p.ep, domain)
-        up, out = up + ep_bytes * (1 - off), out + ep_bytes * off
-    if p.pp > 1:
+        model.append(_place(ep_bytes, p.tp * p.ep, domain))
+    if p.pp > 1:  # stage neighbours are tp x ep ranks apart
         pp_bytes = micro * 2 * spec.seq_len * s.hidden * WEIGHT_BYTES / p.tp
-        if p.tp * p.ep * p.pp <= domain:
-            up += pp_bytes
-        else:
-            out += pp_bytes
-    whole_fleet_in_domain = spec.devices <= domain
+        model.append((pp_bytes, 0.0) if p.tp * p.ep * p.pp <= domain else (0.0, pp_bytes))
+    up, out = (sum(pair) for pair in zip(*model))
     outer_s = 0.0
     if p.strategy == "diloco":
         # Inside a group: dense gradients over its ep ranks, every step. Across groups: the
         # outer gradient of the whole shard, every H steps, compressed, not overlapped.
-        inner = 2 * (p.ep - 1) / p.ep * dense * WEIGHT_BYTES
-        off = _off_domain(p.tp * p.ep, domain)
-        up_dp, out_dp = inner * (1 - off), inner * off
+        up_dp, out_dp = _place(2 * (p.ep - 1) / p.ep * dense * WEIGHT_BYTES, p.tp * p.ep, domain)
         outer = 2 * (groups - 1) / groups * params * p.diloco_bits / 8 / p.diloco_h
-        link = a.scale_up_gb_s if whole_fleet_in_domain else a.scale_out_gb_s
+        link = a.scale_up_gb_s if spec.devices <= domain else a.scale_out_gb_s
         outer_s = outer / (link * 1e9)
     else:
         grads = 2 * (dp - 1) / dp * dense * WEIGHT_BYTES + 2 * (groups - 1) / groups * experts * WEIGHT_BYTES
-        up_dp, out_dp = (grads, 0.0) if whole_fleet_in_domain else (0.0, grads)
+        up_dp, out_dp = _place(grads, spec.devices, domain)
     up_s, out_s = up / (a.scale_up_gb_s * 1e9), out / (a.scale_out_gb_s * 1e9)
     up_dp_s, out_dp_s = up_dp / (a.scale_up_gb_s * 1e9), out_dp / (a.scale_out_gb_s * 1e9)
     backward = 2 / 3 * local_s
