@@ -8,6 +8,7 @@ each `{"value": ..., "source": "..."}`. Names are matched without regard to case
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +37,6 @@ class Accelerator:
 
     def scaled(self, **factors: float) -> Accelerator:
         """This device with some fields multiplied (for sensitivity studies)."""
-        import dataclasses
-
         return dataclasses.replace(self, **{k: getattr(self, k) * f for k, f in factors.items()})
 
 
@@ -56,8 +55,8 @@ def _entry(key: str, raw: object, where: str) -> Accelerator:
         value = item["value"]
         if value is None and nullable:
             values[field] = None
-        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ConfigError(f"{where}: {key}.{field} must be a positive number, got {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e12:
+            raise ConfigError(f"{where}: {key}.{field} must be a positive number below 1e12, got {value!r}")
         else:
             values[field] = value
         sources[field] = item["source"]
@@ -68,6 +67,8 @@ def _entry(key: str, raw: object, where: str) -> Accelerator:
 
 
 def _read(path: Path) -> dict[str, Accelerator]:
+    if Path(path).is_dir():
+        raise ConfigError(f"catalog {path} is a folder; --catalog takes a JSON file")
     try:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -13,18 +13,34 @@ from pathlib import Path
 
 from stalwart.errors import ConfigError
 from stalwart.plan.catalog import accelerator, load_catalog
-from stalwart.plan.estimate import (GROUP_RESTART_S, KERNEL_EFFICIENCY, RESTART_S, STRATEGIES, Parallelism, RunSpec,
-                                    estimate)
+from stalwart.plan.compare import COMPARE_FLEETS
+from stalwart.plan.estimate import (CHECKPOINT_WRITE_GB_S, GROUP_RESTART_S, KERNEL_EFFICIENCY, RESTART_S, STRATEGIES,
+                                    Parallelism, RunSpec, estimate)
 
 _SUFFIXES = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
 # The --compare scenario: a DeepSeek-R2-class model (plan/shapes.py) on 30T tokens, twice
 # DeepSeek-V3's data (an assumption), at V3's sequence length and batch, with V3's
 # parallelism (PP16 with two chunks per stage, EP64, all-to-alls overlapped as DualPipe
-# does), on 4096 devices of each fleet.
+# does), on 4096 devices of each fleet. Any flag given replaces its value.
 COMPARE_DEFAULTS = {"model": "deepseek-r2-class", "tokens": 30e12, "devices": 4096, "seq_len": 4096,
-                    "batch_tokens": 15360 * 4096, "tp": 1, "pp": 16, "ep": 64, "virtual_stages": 2, "overlap": 1.0}
-SINGLE_DEFAULTS = {"seq_len": 4096, "batch_tokens": 16 * 2**20, "tp": 1, "pp": 1, "ep": 1, "virtual_stages": 1,
-                   "overlap": 0.0}
+                    "batch_tokens": 15360 * 4096, "pp": 16, "ep": 64, "virtual_stages": 2, "overlap": 1.0}
+# Flags that become RunSpec / Parallelism fields of the same name; unset ones keep the
+# dataclass's default (or COMPARE_DEFAULTS' with --compare).
+_SPEC_FLAGS = ("tokens", "devices", "seq_len", "batch_tokens", "precision", "mfu", "overlap", "kernel_efficiency",
+               "mtbf_hours", "checkpoint_s", "checkpoint_interval_s", "checkpoint_write_gb_s", "restart_s",
+               "group_restart_s")
+_PARALLEL_FLAGS = ("tp", "pp", "ep", "virtual_stages", "strategy", "diloco_h", "diloco_bits")
+
+
+def number(text: str) -> float:
+    """A finite float: NaN and infinity would travel silently into every figure."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+    return value
 
 
 def quantity(text: str) -> float:
@@ -32,8 +48,8 @@ def quantity(text: str) -> float:
     raw = text.strip()
     scale = _SUFFIXES.get(raw[-1:].upper(), 1.0)
     try:
-        value = float(raw[:-1] if scale != 1.0 else raw) * scale
-    except ValueError:
+        value = number(raw[:-1] if scale != 1.0 else raw) * scale
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r} (e.g. 14.8T, 500B, 63M)") from None
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
@@ -46,8 +62,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                      "folder, run directory, or a JSON file of shape fields")
     run.add_argument("--tokens", type=quantity, help="training tokens, e.g. 14.8T")
     run.add_argument("--seq-len", type=int, help="sequence length (default 4096)")
-    run.add_argument("--batch-tokens", type=quantity, help="tokens per optimizer step (default 16M)")
-    run.add_argument("--precision", choices=("bf16", "fp8"), default="bf16", help="GEMM precision (default bf16)")
+    run.add_argument("--batch-tokens", type=quantity,
+                     help="tokens per optimizer step (default 16,777,216: 2048 sequences of 8192)")
+    run.add_argument("--precision", choices=("bf16", "fp8"),
+                     help="GEMM precision for the roofline (default bf16; MFU is always against the BF16 peak)")
     fleet = p.add_argument_group("the fleet")
     fleet.add_argument("--accelerator", help="catalog key, e.g. H800 (see --list)")
     fleet.add_argument("--devices", type=int, help="devices in the fleet")
@@ -58,103 +76,132 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        ("ep", "expert-parallel ranks, taken from the data-parallel ones"),
                        ("virtual-stages", "interleaved chunks per pipeline stage")):
         par.add_argument(f"--{name}", type=int, help=f"{what} (default 1)")
-    par.add_argument("--strategy", choices=STRATEGIES, default="sync",
+    par.add_argument("--strategy", choices=STRATEGIES,
                      help="sync: a failure restarts the job from its checkpoint; replicas: stalwart's replica "
                           "groups heal live; diloco: replica groups that synchronise every H steps (default sync)")
-    par.add_argument("--diloco-h", type=int, default=100, help="DiLoCo inner steps per outer step (default 100)")
-    par.add_argument("--diloco-bits", type=int, default=16, help="bits per outer-gradient value: 4, 8, 16, 32")
+    par.add_argument("--diloco-h", type=int, help="DiLoCo inner steps per outer step (default 100)")
+    par.add_argument("--diloco-bits", type=int, help="bits per outer-gradient value: 4, 8, 16 (default), 32")
     perf = p.add_argument_group("speed, failures and cost")
-    perf.add_argument("--mfu", type=float, help="achieved model FLOPs utilisation, 0-1 (default: the roofline's)")
-    perf.add_argument("--overlap", type=float, help="share of compute under which TP/EP/PP traffic hides, 0-1")
-    perf.add_argument("--kernel-efficiency", type=float, default=KERNEL_EFFICIENCY,
+    perf.add_argument("--mfu", type=number, help="achieved model FLOPs utilisation, 0-1 (default: the roofline's)")
+    perf.add_argument("--overlap", type=number, help="share of compute under which TP/EP/PP traffic hides, 0-1")
+    perf.add_argument("--kernel-efficiency", type=number,
                       help=f"share of peak the kernels reach (default {KERNEL_EFFICIENCY}, fitted to Llama 3.1 405B)")
-    perf.add_argument("--price", type=float, default=2.0, help="price per device-hour (default 2.0)")
-    perf.add_argument("--mtbf-hours", type=float, help="per-device MTBF (default: the catalog's)")
-    perf.add_argument("--checkpoint-s", type=float, help="blocking cost of one checkpoint (default: state / write rate)")
-    perf.add_argument("--checkpoint-interval-s", type=float, help="fixed interval (default: Young/Daly)")
-    perf.add_argument("--checkpoint-write-gb-s", type=float, default=1.0,
-                      help="per-device checkpoint write bandwidth (default 1.0)")
-    perf.add_argument("--restart-s", type=float, default=RESTART_S,
+    perf.add_argument("--price", type=number, help="price per device-hour (default 2.0)")
+    perf.add_argument("--mtbf-hours", type=number, help="per-device MTBF (default: the catalog's)")
+    perf.add_argument("--checkpoint-s", type=number, help="blocking cost of one checkpoint (default: state / write rate)")
+    perf.add_argument("--checkpoint-interval-s", type=number, help="fixed interval (default: Young/Daly)")
+    perf.add_argument("--checkpoint-write-gb-s", type=number,
+                      help=f"per-device checkpoint write bandwidth (default {CHECKPOINT_WRITE_GB_S:g})")
+    perf.add_argument("--restart-s", type=number,
                       help=f"a whole job's restart, for --strategy sync (default {RESTART_S:g})")
-    perf.add_argument("--group-restart-s", type=float, default=GROUP_RESTART_S,
+    perf.add_argument("--group-restart-s", type=number,
                       help=f"a replica group's restart before its heal (default {GROUP_RESTART_S:g})")
     perf.add_argument("--from-run", type=Path, metavar="RUN_DIR",
-                      help="take step time, checkpoint cost and recovery time measured in a stalwart run")
+                      help="take checkpoint cost and recovery time measured in a stalwart run (and its "
+                           "throughput as the MFU, with --run-accelerator)")
     perf.add_argument("--run-accelerator", metavar="KEY",
                       help="the catalog device the --from-run run used: its throughput becomes the MFU")
     out = p.add_argument_group("output")
     out.add_argument("--compare", action="store_true",
-                     help="a DeepSeek-R2-class run on H800, H20 and Ascend 910C fleets, with sensitivity to MTBF "
-                          "and scale-out bandwidth")
+                     help="a DeepSeek-R2-class run on H800, H20 and Ascend 910C fleets, as a restarting job and as "
+                          "replica groups (and --strategy's), with sensitivity to MTBF and scale-out bandwidth")
     out.add_argument("--fleets", help="with --compare: catalog keys, comma-separated")
     out.add_argument("--png", type=Path, default=Path("plan-compare.png"),
                      help="with --compare: the figure (default plan-compare.png)")
     out.add_argument("--json", action="store_true", help="machine-readable output")
 
 
+def _from_run(args: argparse.Namespace, catalog: dict, given: dict) -> dict:
+    """Measured figures of --from-run into `given` where the user did not set them; says what
+    was used and what was not, and why."""
+    from stalwart.plan.measured import measure_run
+
+    run_device = accelerator(catalog, args.run_accelerator) if args.run_accelerator else None
+    measured = measure_run(args.from_run, run_device)
+    used, unused = [], []
+    if measured["mfu"] is None:
+        unused.append("throughput: no --run-accelerator to take it as an MFU")
+    elif "mfu" in given:
+        unused.append("throughput: --mfu given")
+    else:
+        given["mfu"] = min(measured["mfu"], 1.0)
+        used.append(f"MFU {measured['mfu']:.3g} against {measured['mfu_against']}")
+    if measured["checkpoint_write_gb_s"] is None:
+        unused.append("checkpoint cost: the run wrote no checkpoint that is still on disk")
+    elif "checkpoint_s" in given or "checkpoint_write_gb_s" in given:
+        unused.append("checkpoint cost: --checkpoint-s or --checkpoint-write-gb-s given")
+    else:
+        given["checkpoint_write_gb_s"] = measured["checkpoint_write_gb_s"]
+        used.append(f"checkpoint write rate {measured['checkpoint_write_gb_s']:.3g} GB/s")
+    strategy = given.get("strategy", "sync")
+    if measured["recover_s"] is None:
+        unused.append("recovery: the run recorded none (no fault in a replicated run)")
+    elif strategy == "sync":
+        unused.append("recovery: a replica group's; --strategy sync restarts the whole job (--restart-s)")
+    elif "group_restart_s" in given:
+        unused.append("recovery: --group-restart-s given")
+    else:
+        given["group_restart_s"] = measured["recover_s"]
+        used.append(f"group restart {measured['recover_s']:.3g} s")
+    return {**measured, "used": used, "not_used": unused}
+
+
 def build_spec(args: argparse.Namespace, catalog: dict) -> tuple[RunSpec, dict | None]:
-    defaults = COMPARE_DEFAULTS if args.compare else SINGLE_DEFAULTS
-
-    def given(name: str):
-        value = getattr(args, name)
-        return defaults.get(name) if value is None else value
-
-    missing = [flag for flag, name in (("--model", "model"), ("--tokens", "tokens"),
-                                       ("--accelerator", "accelerator"), ("--devices", "devices"))
-               if given(name) is None and not (args.compare and name == "accelerator")]
-    if missing:
-        raise ConfigError(f"a plan needs {', '.join(missing)} (or --compare for the built-in scenario)")
-    measured = None
-    overrides = {"group_restart_s": args.group_restart_s, "checkpoint_s": args.checkpoint_s,
-               "checkpoint_write_gb_s": args.checkpoint_write_gb_s, "mfu": args.mfu}
-    if args.run_accelerator and not args.from_run:
-        raise ConfigError("--run-accelerator needs --from-run")
-    if args.from_run:
-        from stalwart.plan.measured import measure_run
-
-        run_device = accelerator(catalog, args.run_accelerator) if args.run_accelerator else None
-        measured = measure_run(args.from_run, run_device)
-        if measured["checkpoint_write_gb_s"] and args.checkpoint_s is None:
-            overrides["checkpoint_write_gb_s"] = measured["checkpoint_write_gb_s"]
-        if measured["recover_s"] and args.group_restart_s == GROUP_RESTART_S:
-            overrides["group_restart_s"] = measured["recover_s"]
-        if measured["mfu"] and args.mfu is None:
-            overrides["mfu"] = min(measured["mfu"], 1.0)
+    """The run the flags describe, and what --from-run measured (or None)."""
     from stalwart.plan.shapes import model_shape
 
-    key = args.accelerator or "H800"  # --compare replaces it with each fleet
-    spec = RunSpec(
-        shape=model_shape(given("model")), tokens=given("tokens"), accelerator=accelerator(catalog, key),
-        devices=given("devices"), seq_len=given("seq_len"), batch_tokens=given("batch_tokens"),
-        parallel=Parallelism(tp=given("tp"), pp=given("pp"), ep=given("ep"), virtual_stages=given("virtual_stages"),
-                             strategy=args.strategy, diloco_h=args.diloco_h, diloco_bits=args.diloco_bits),
-        precision=args.precision, overlap=given("overlap"), kernel_efficiency=args.kernel_efficiency,
-        price_per_hour=args.price, mtbf_hours=args.mtbf_hours, checkpoint_interval_s=args.checkpoint_interval_s,
-        restart_s=args.restart_s, **overrides)
+    given = {name: getattr(args, name) for name in ("model", *_SPEC_FLAGS, *_PARALLEL_FLAGS)
+             if getattr(args, name) is not None}
+    if args.compare:
+        if args.accelerator:
+            raise ConfigError("--compare plans each of --fleets; --accelerator is for a single plan")
+        given = {**COMPARE_DEFAULTS, **given}
+    missing = [flag for flag, name in (("--model", "model"), ("--tokens", "tokens"), ("--devices", "devices"))
+               if name not in given]
+    if not args.compare and not args.accelerator:
+        missing.insert(2, "--accelerator")
+    if missing:
+        raise ConfigError(f"a plan needs {', '.join(missing)} (or --compare for the built-in scenario)")
+    if args.run_accelerator and not args.from_run:
+        raise ConfigError("--run-accelerator needs --from-run")
+    measured = _from_run(args, catalog, given) if args.from_run else None
+    parallel = Parallelism(**{k: given[k] for k in _PARALLEL_FLAGS if k in given})
+    device = accelerator(catalog, args.accelerator or COMPARE_FLEETS[0])  # --compare replaces it per fleet
+    price = {} if args.price is None else {"price_per_hour": args.price}
+    spec = RunSpec(shape=model_shape(given["model"]), accelerator=device, parallel=parallel, **price,
+                   **{k: given[k] for k in _SPEC_FLAGS if k in given})
     return spec, measured
+
+
+def _fleets(text: str | None, catalog: dict) -> list:
+    keys = [k.strip() for k in text.split(",") if k.strip()] if text else list(COMPARE_FLEETS)
+    if not keys:
+        raise ConfigError("--fleets is empty")
+    fleets = list({accelerator(catalog, k).key: accelerator(catalog, k) for k in keys}.values())
+    return fleets
 
 
 def run(args: argparse.Namespace) -> int:
     catalog = load_catalog(args.catalog)
     if args.list:
         return _print_catalog(catalog, args.json)
+    if not args.compare and args.fleets:
+        raise ConfigError("--fleets needs --compare")
     spec, measured = build_spec(args, catalog)
     if args.compare:
-        from stalwart.plan.compare import COMPARE_FLEETS, compare, save_png
+        from stalwart.plan.compare import compare, save_png
 
-        keys = [k.strip() for k in args.fleets.split(",") if k.strip()] if args.fleets else list(COMPARE_FLEETS)
-        if not keys:
-            raise ConfigError("--fleets is empty")
-        result = compare(spec, [accelerator(catalog, k) for k in keys])
+        folder = args.png.parent
+        if not folder.is_dir():
+            raise ConfigError(f"--png {args.png}: the folder {folder} does not exist")
+        strategies = tuple(dict.fromkeys(("sync", "replicas", spec.parallel.strategy)))
+        result = compare(spec, _fleets(args.fleets, catalog), strategies)
         result["png"] = str(save_png(result, args.png))
-        if measured:
-            result["measured"] = measured
-        _emit(result, args.json, _print_compare)
-        return 0
-    result = estimate(spec)
+    else:
+        result = estimate(spec)
     if measured:
         result["measured"] = measured
-    _emit(result, args.json, _print_plan)
+    _emit(result, args.json, _print_compare if args.compare else _print_plan)
     return 0
 
 
@@ -174,13 +221,14 @@ def _console():
     return Console(width=None if sys.stdout.isatty() else 120)
 
 
-def _num(value: float | None, unit: str = "") -> str:
+def _num(value: float | None) -> str:
+    """A count: 14.8T tokens, 2.76M device-hours, 671B parameters."""
     if value is None:
         return "never"
     for suffix, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(value) >= size:
-            return f"{value / size:.3g}{suffix}{unit}"
-    return f"{value:.3g}{unit}"
+            return f"{value / size:.3g}{suffix}"
+    return f"{value:.3g}"
 
 
 def _percent(share: float) -> str:
@@ -230,7 +278,9 @@ def _print_plan(r: dict) -> None:
     if "measured" in r:
         m = r["measured"]
         rows.append(("measured in", f"{m['run']}: step {m['step_s']:.3f}s, "
-                                    f"{_num(m['flops_per_s_per_device'], 'FLOP/s')} per device"))
+                                    f"{m['flops_per_s_per_device'] / 1e9:.3g} GFLOP/s per device"))
+        rows.append(("taken from it", "; ".join(m["used"]) or "nothing"))
+        rows.append(("not taken", "; ".join(m["not_used"]) or "-"))
     for name, value in rows:
         table.add_row(name, value)
     console = _console()

@@ -5,15 +5,17 @@ Assumptions, each a parameter of `RunSpec` (docs/plan.md walks through them):
 
 - Parallelism: `tp x pp x dp` devices; experts sharded over `ep` of the data-parallel
   ranks (ep divides dp), as DeepSeek-V3 trains (PP16, EP64 across nodes, ZeRO-1 DP). Ranks
-  are placed tensor-parallel innermost, then expert-parallel, then pipeline stages: a
-  collective stays on the scale-up link while the ranks it spans fit in one domain.
-- A step (roofline): compute = FLOPs / (peak x kernel_efficiency); memory = weights read
-  three times per micro-batch plus the optimizer's pass, over HBM bandwidth; the larger of
-  the two, plus the pipeline bubble (pp-1)/(v m) for m micro-batches of one sequence and v
-  virtual stages. Tensor-parallel all-reduces, expert all-to-alls (dispatch and combine,
-  forward and backward) and pipeline sends hide under `overlap` x compute; the
-  data-parallel gradient all-reduce (bf16, ring) hides under the backward pass (2/3 of
-  compute). What does not hide is added to the step.
+  are numbered tensor-parallel innermost, then expert-parallel, then pipeline stage, then
+  the rest of data-parallel; the share of a collective's peers outside a rank's scale-up
+  domain is the share of its bytes that crosses the scale-out link.
+- A step (roofline): compute = FLOPs / (peak x kernel_efficiency) (the fitted efficiency
+  absorbs what the FLOP count leaves out: recomputation, norms, imbalance); memory =
+  weights read three times per micro-batch plus the optimizer's pass, over HBM bandwidth;
+  the larger of the two, plus the pipeline bubble (pp-1)/(v m) for m micro-batches of one
+  sequence and v virtual stages. Tensor-parallel all-reduces, expert all-to-alls (dispatch
+  and combine, forward and backward) and pipeline sends hide under `overlap` x compute; the
+  gradient all-reduce (bf16, ring) hides under the backward pass (2/3 of compute); a link
+  hides at most one compute time in all. What does not hide is added to the step.
 - Failures: devices fail independently, each at its MTBF. `sync`: any failure stops the
   whole job, which restarts from its last checkpoint (restart + half an interval lost),
   checkpoints every Young/Daly interval. `replicas` (stalwart's replica groups): a failure
@@ -25,6 +27,7 @@ Assumptions, each a parameter of `RunSpec` (docs/plan.md walks through them):
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -50,6 +53,9 @@ GROUP_RESTART_S = 60.0
 CHECKPOINT_WRITE_GB_S = 1.0
 # Bytes per parameter: bf16 weights; fp32 gradients; fp32 master copy and Adam's two moments.
 WEIGHT_BYTES, GRAD_BYTES, OPTIMIZER_BYTES = 2, 4, 12
+# The optimizer's pass over HBM: it reads the bf16 weights, fp32 master, gradients and
+# moments (2 + 4 + 4 + 8) and writes weights, master and moments back (2 + 4 + 8).
+OPTIMIZER_PASS_BYTES = 32
 DILOCO_BYTES = 8  # the outer Nesterov momentum and the last synchronised weights, fp32
 DILOCO_BITS = (4, 8, 16, 32)
 
@@ -87,15 +93,29 @@ class RunSpec:
     group_restart_s: float = GROUP_RESTART_S
 
 
-def check(spec: RunSpec) -> None:
+# Ranges that keep every figure finite; each value outside one is refused by name.
+_RANGES = {"tokens": (1.0, 1e18), "mfu": (1e-9, 1.0), "overlap": (0.0, 1.0), "kernel-efficiency": (1e-3, 1.0),
+           "price": (0.0, 1e6), "mtbf-hours": (1e-3, 1e9), "checkpoint-s": (1e-6, 1e7),
+           "checkpoint-interval-s": (1e-6, 1e9), "checkpoint-write-gb-s": (1e-6, 1e6), "restart-s": (0.0, 1e7),
+           "group-restart-s": (0.0, 1e7)}
+
+
+def validate_run_spec(spec: RunSpec) -> None:
     """Raise ConfigError naming the first inconsistent input."""
     p, s, a = spec.parallel, spec.shape, spec.accelerator
     for name, value in (("devices", spec.devices), ("tp", p.tp), ("pp", p.pp), ("ep", p.ep),
                         ("virtual-stages", p.virtual_stages), ("seq-len", spec.seq_len), ("diloco-h", p.diloco_h)):
-        if not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name} must be a positive whole number, got {value!r}")
-    if not spec.tokens > 0:
-        raise ConfigError(f"tokens must be positive, got {spec.tokens:g}")
+        if not isinstance(value, int) or not 1 <= value <= 10**8:
+            raise ConfigError(f"{name} must be a whole number from 1 to 10^8, got {value!r}")
+    for name, value in (("tokens", spec.tokens), ("mfu", spec.mfu), ("overlap", spec.overlap),
+                        ("kernel-efficiency", spec.kernel_efficiency), ("price", spec.price_per_hour),
+                        ("mtbf-hours", spec.mtbf_hours), ("checkpoint-s", spec.checkpoint_s),
+                        ("checkpoint-interval-s", spec.checkpoint_interval_s),
+                        ("checkpoint-write-gb-s", spec.checkpoint_write_gb_s), ("restart-s", spec.restart_s),
+                        ("group-restart-s", spec.group_restart_s)):
+        low, high = _RANGES[name]
+        if value is not None and not low <= value <= high:
+            raise ConfigError(f"{name} must be between {low:g} and {high:g}, got {value:.4g}")
     if p.strategy not in STRATEGIES:
         raise ConfigError(f"unknown strategy {p.strategy!r} (known: {', '.join(STRATEGIES)})")
     if spec.devices % (p.tp * p.pp):
@@ -108,13 +128,17 @@ def check(spec: RunSpec) -> None:
         raise ConfigError(f"tp {p.tp} does not divide the model's {s.heads} attention heads")
     if p.pp * p.virtual_stages > s.layers:
         raise ConfigError(f"pp x virtual-stages = {p.pp * p.virtual_stages} exceeds the model's {s.layers} layers")
+    if p.virtual_stages > 1 and p.pp == 1:
+        raise ConfigError("virtual-stages needs a pipeline (pp > 1)")
     if p.ep > 1 and not s.is_moe:
         raise ConfigError(f"ep {p.ep} needs a mixture-of-experts model; {s.name} is dense")
     if s.is_moe and s.experts % p.ep:
         raise ConfigError(f"ep {p.ep} does not divide the model's {s.experts} routed experts")
     if spec.batch_tokens < dp * spec.seq_len:
-        raise ConfigError(f"batch of {spec.batch_tokens:g} tokens is less than one {spec.seq_len}-token sequence "
+        raise ConfigError(f"batch of {spec.batch_tokens:.4g} tokens is less than one {spec.seq_len}-token sequence "
                           f"for each of the {dp} data-parallel ranks")
+    if spec.batch_tokens > 1e12:
+        raise ConfigError(f"batch-tokens must be at most 1e12, got {spec.batch_tokens:.4g}")
     if p.strategy != "sync" and dp // p.ep < 2:
         raise ConfigError(f"strategy {p.strategy} needs at least 2 replica groups; dp / ep = {dp // p.ep}")
     if p.diloco_bits not in DILOCO_BITS:
@@ -123,168 +147,211 @@ def check(spec: RunSpec) -> None:
         raise ConfigError(f"precision must be bf16 or fp8, got {spec.precision!r}")
     if spec.precision == "fp8" and a.fp8_tflops is None:
         raise ConfigError(f"{a.key} has no FP8 (the catalog's fp8_tflops is null); use --precision bf16")
-    if spec.mfu is not None and not 0 < spec.mfu <= 1:
-        raise ConfigError(f"mfu must be in (0, 1], got {spec.mfu:g}")
-    if not 0 <= spec.overlap <= 1:
-        raise ConfigError(f"overlap must be in [0, 1], got {spec.overlap:g}")
-    if not 0 < spec.kernel_efficiency <= 1:
-        raise ConfigError(f"kernel-efficiency must be in (0, 1], got {spec.kernel_efficiency:g}")
-    for name, value in (("price", spec.price_per_hour), ("restart-s", spec.restart_s),
-                        ("group-restart-s", spec.group_restart_s)):
-        if value < 0:
-            raise ConfigError(f"{name} must be >= 0, got {value:g}")
-    for name, value in (("mtbf-hours", spec.mtbf_hours), ("checkpoint-s", spec.checkpoint_s),
-                        ("checkpoint-interval-s", spec.checkpoint_interval_s),
-                        ("checkpoint-write-gb-s", spec.checkpoint_write_gb_s)):
-        if value is not None and not value > 0:
-            raise ConfigError(f"{name} must be positive, got {value:g}")
+    if spec.checkpoint_s and spec.checkpoint_interval_s and spec.checkpoint_interval_s < spec.checkpoint_s:
+        raise ConfigError(f"checkpoint-interval-s ({spec.checkpoint_interval_s:g}) is shorter than one checkpoint "
+                          f"({spec.checkpoint_s:g} s)")
 
 
-def _place(nbytes: float, span: int, domain: int) -> tuple[float, float]:
-    """(scale-up, scale-out) bytes of a collective over `span` consecutive ranks: all on the
-    scale-up link while they fit in one domain, else all but the domain's own share leaves it."""
-    off = 0.0 if span <= domain else 1.0 - domain / span
-    return nbytes * (1 - off), nbytes * off
+def off_domain_share(dims: list[tuple[int, int]], domain: int) -> float:
+    """The share of a collective's peers outside rank 0's scale-up domain. `dims` are the
+    (count, stride) of the rank dimensions the collective spans; the domain holds ranks
+    0..domain-1. For an all-to-all this is the share of bytes that leaves the domain; for a
+    ring or a pipeline it approximates the share of hops that do."""
+    total = math.prod(count for count, _ in dims)
+    if total <= 1:
+        return 0.0
+    # Only positions below `domain` can be inside: enumerate those of each dimension.
+    ranges = [[i * stride for i in range(min(count, -(-domain // stride)))] for count, stride in dims]
+    inside = sum(1 for offsets in itertools.product(*ranges) if sum(offsets) < domain)
+    return 1.0 - inside / total
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """The degrees and per-device shares that follow from a spec."""
+
+    dp: int
+    groups: int  # replica groups: data-parallel copies of the whole model (dp / ep)
+    group_devices: int
+    micro: float  # micro-batches of one sequence per data-parallel rank and step
+    tokens_rank: float  # tokens through one rank per step
+    layers_stage: float
+    dense: float  # parameters per device outside the routed experts
+    experts: float  # routed-expert parameters per device
+
+    @property
+    def params(self) -> float:
+        return self.dense + self.experts
+
+
+def _layout(spec: RunSpec) -> _Layout:
+    s, p = spec.shape, spec.parallel
+    dp = spec.devices // (p.tp * p.pp)
+    return _Layout(dp=dp, groups=dp // p.ep, group_devices=p.tp * p.pp * p.ep,
+                   micro=spec.batch_tokens / (dp * spec.seq_len), tokens_rank=spec.batch_tokens / dp,
+                   # MTP's parameters count with the dense ones (its layer sits on the last stage).
+                   layers_stage=s.layers / p.pp, dense=(s.dense_params + s.mtp_params) / (p.tp * p.pp),
+                   experts=s.expert_params / (p.pp * p.ep))
+
+
+def _memory(spec: RunSpec, lay: _Layout) -> dict:
+    """Bytes per device: training state, activations, and what a checkpoint or heal moves."""
+    p, s = spec.parallel, spec.shape
+    if p.strategy == "sync":  # ZeRO-1: optimizer state sharded over the ranks holding a copy
+        optimizer = OPTIMIZER_BYTES * (lay.dense / lay.dp + lay.experts / lay.groups)
+    else:  # a replica group holds its whole state, so that it can heal a peer
+        optimizer = OPTIMIZER_BYTES * (lay.dense / p.ep + lay.experts)
+    if p.strategy == "diloco":
+        optimizer += DILOCO_BYTES * lay.params
+    state = (WEIGHT_BYTES + GRAD_BYTES) * lay.params + optimizer
+    # Full recomputation: a layer's input per micro-batch in flight (up to pp of them on the
+    # first stage), plus one layer's working set (~34 bytes per token and hidden unit,
+    # Korthikanti et al. 2022), split over tensor-parallel ranks.
+    activations = (min(p.pp, lay.micro) * lay.layers_stage * 2 + 34) * spec.seq_len * s.hidden / p.tp
+    return {"state": state, "activations": activations, "checkpoint": state - GRAD_BYTES * lay.params}
+
+
+def _step(spec: RunSpec, lay: _Layout) -> dict:
+    """One step on the roofline, in seconds per device."""
+    s, a, p = spec.shape, spec.accelerator, spec.parallel
+    flops = spec.shape.flops_per_token(spec.seq_len) * spec.batch_tokens / spec.devices
+    peak = (a.fp8_tflops if spec.precision == "fp8" else a.bf16_tflops) * 1e12
+    compute = flops / (peak * spec.kernel_efficiency)
+    memory = (3 * WEIGHT_BYTES * lay.params * lay.micro + OPTIMIZER_PASS_BYTES * lay.params) / (a.hbm_tb_s * 1e12)
+    local = max(compute, memory)
+    bubble = local * (p.pp - 1) / (p.virtual_stages * lay.micro)
+    domain, stage_stride = a.scale_up_domain, p.tp * p.ep * p.pp
+
+    def split(nbytes: float, dims: list[tuple[int, int]]) -> tuple[float, float]:
+        off = off_domain_share(dims, domain)
+        return nbytes * (1 - off), nbytes * off
+
+    # Model-parallel traffic: tensor-parallel all-reduces (2 forward, 2 backward per layer),
+    # expert all-to-alls (dispatch and combine, forward and backward), pipeline sends (one
+    # per chunk boundary, forward and backward).
+    traffic = [split(lay.layers_stage * 4 * 2 * (p.tp - 1) / p.tp * lay.tokens_rank * s.hidden * WEIGHT_BYTES,
+                     [(p.tp, 1)])]
+    if s.is_moe and p.ep > 1:
+        traffic.append(split((s.moe_layers / p.pp) * 4 * lay.tokens_rank / p.tp * s.experts_per_token * s.hidden
+                             * WEIGHT_BYTES * (p.ep - 1) / p.ep, [(p.ep, p.tp)]))
+    if p.pp > 1:
+        traffic.append(split(lay.micro * p.virtual_stages * 2 * spec.seq_len * s.hidden * WEIGHT_BYTES / p.tp,
+                             [(p.pp, p.tp * p.ep)]))
+    model_up, model_out = (sum(pair) for pair in zip(*traffic))
+    # Gradient traffic (ring all-reduce, bf16): dense gradients over all data-parallel
+    # ranks, expert gradients over the groups. DiLoCo: dense gradients over a group's ep
+    # ranks every step; the whole shard's outer gradient across groups every H steps,
+    # compressed and not overlapped.
+    groups_dims = [(lay.groups, stage_stride)]
+    outer_s = 0.0
+    if p.strategy == "diloco":
+        grad_up, grad_out = split(2 * (p.ep - 1) / p.ep * lay.dense * WEIGHT_BYTES, [(p.ep, p.tp)])
+        outer_up, outer_out = split(2 * (lay.groups - 1) / lay.groups * lay.params * p.diloco_bits / 8
+                                    / p.diloco_h, groups_dims)
+        outer_s = outer_up / (a.scale_up_gb_s * 1e9) + outer_out / (a.scale_out_gb_s * 1e9)
+    else:
+        dense_up, dense_out = split(2 * (lay.dp - 1) / lay.dp * lay.dense * WEIGHT_BYTES,
+                                    [(p.ep, p.tp), (lay.groups, stage_stride)])
+        expert_up, expert_out = split(2 * (lay.groups - 1) / lay.groups * lay.experts * WEIGHT_BYTES, groups_dims)
+        grad_up, grad_out = dense_up + expert_up, dense_out + expert_out
+
+    def exposed(model_bytes: float, grad_bytes: float, gb_s: float) -> tuple[float, float]:
+        busy_model, busy_grad = model_bytes / (gb_s * 1e9), grad_bytes / (gb_s * 1e9)
+        each = max(0.0, busy_model - spec.overlap * local) + max(0.0, busy_grad - 2 / 3 * local)
+        return busy_model + busy_grad, max(each, busy_model + busy_grad - local)
+
+    up_s, exposed_up = exposed(model_up, grad_up, a.scale_up_gb_s)
+    out_s, exposed_out = exposed(model_out, grad_out, a.scale_out_gb_s)
+    return {"flops": flops, "compute_s": compute, "memory_s": memory, "local_s": local, "bubble_s": bubble,
+            "scale_up_s": up_s, "scale_out_s": out_s + outer_s, "exposed_scale_up_s": exposed_up,
+            "exposed_scale_out_s": exposed_out + outer_s,
+            "roofline_s": local + bubble + exposed_up + exposed_out + outer_s}
+
+
+def _failures(spec: RunSpec, lay: _Layout, step_s: float, checkpoint_bytes: float) -> dict:
+    """Checkpoint cost and interval, and what each failure costs, as a share of wall time."""
+    p, a = spec.parallel, spec.accelerator
+    mtbf_job_s = (spec.mtbf_hours or a.mtbf_hours) * 3600 / spec.devices
+    checkpoint_s = spec.checkpoint_s or checkpoint_bytes / (spec.checkpoint_write_gb_s * 1e9)
+    interval_s = spec.checkpoint_interval_s or young_daly_interval(checkpoint_s, mtbf_job_s)
+    if p.strategy == "sync":
+        recover_s = spec.restart_s
+        lost_per_failure_s = spec.restart_s + (interval_s + checkpoint_s) / 2
+    else:
+        recover_s = spec.group_restart_s + checkpoint_bytes / (a.scale_out_gb_s * 1e9)  # restart, then heal
+        # Per failure: everyone loses the step in flight; the group's share of the fleet is
+        # out for its recovery (and, with DiLoCo, its local steps since the last sync).
+        group_lost_s = recover_s + (p.diloco_h * step_s / 2 if p.strategy == "diloco" else 0.0)
+        lost_per_failure_s = step_s + lay.group_devices / spec.devices * group_lost_s
+    return {"mtbf_device_hours": mtbf_job_s * spec.devices / 3600, "mtbf_job_s": mtbf_job_s,
+            "checkpoint_gb": checkpoint_bytes / 1e9, "checkpoint_s": checkpoint_s, "checkpoint_interval_s": interval_s,
+            "checkpoint_rule": "given" if spec.checkpoint_interval_s else "young-daly", "recover_s": recover_s,
+            "lost_per_failure_s": lost_per_failure_s, "lost_share": lost_per_failure_s / mtbf_job_s}
 
 
 def estimate(spec: RunSpec) -> dict:
     """The plan, as the JSON `stalwart plan --json` prints."""
-    check(spec)
-    s, a, p = spec.shape, spec.accelerator, spec.parallel
-    dp = spec.devices // (p.tp * p.pp)
-    groups = dp // p.ep
-    group_devices = p.tp * p.pp * p.ep
-    flops_per_token = s.flops_per_token(spec.seq_len)
+    validate_run_spec(spec)
+    shape, device, par = spec.shape, spec.accelerator, spec.parallel
+    lay = _layout(spec)
     steps = math.ceil(spec.tokens / spec.batch_tokens)
-    tokens = steps * spec.batch_tokens
-    flops_device = flops_per_token * spec.batch_tokens / spec.devices  # per step
-
-    # Memory per device: parameters, their gradients and optimizer state, and activations.
-    dense = s.dense_params / (p.tp * p.pp)
-    experts = s.expert_params / (p.pp * p.ep)
-    params = dense + experts
-    if p.strategy == "sync":  # ZeRO-1: optimizer state sharded over the ranks holding a copy
-        optimizer = OPTIMIZER_BYTES * (dense / dp + experts / groups)
-    else:  # a replica group holds its whole state, so that it can heal a peer
-        optimizer = OPTIMIZER_BYTES * (dense / p.ep + experts)
-    optimizer += DILOCO_BYTES * params if p.strategy == "diloco" else 0
-    state_bytes = (WEIGHT_BYTES + GRAD_BYTES) * params + optimizer
-    micro = spec.batch_tokens / (dp * spec.seq_len)  # micro-batches of one sequence per step
-    # Full recomputation: a layer's input per micro-batch in flight (up to pp of them on the
-    # first stage), plus one layer's working set (~34 bytes per token and hidden unit,
-    # Korthikanti et al. 2022), split over tensor-parallel ranks.
-    layers_stage = s.layers / p.pp
-    activation_bytes = (min(p.pp, micro) * layers_stage * 2 + 34) * spec.seq_len * s.hidden / p.tp
-    checkpoint_bytes = state_bytes - GRAD_BYTES * params
-
-    # A step on the roofline.
-    peak = (a.fp8_tflops if spec.precision == "fp8" else a.bf16_tflops) * 1e12
-    compute_s = flops_device / (peak * spec.kernel_efficiency)
-    hbm_bytes = 3 * WEIGHT_BYTES * params * micro + 32 * params
-    memory_s = hbm_bytes / (a.hbm_tb_s * 1e12)
-    local_s = max(compute_s, memory_s)
-    bubble_s = local_s * (p.pp - 1) / (p.virtual_stages * micro)
-    tokens_rank = spec.batch_tokens / dp
-    domain = a.scale_up_domain
-    # Bytes each device sends per step, as (scale-up, scale-out): model-parallel traffic
-    # (tensor, expert, pipeline) and gradient traffic (data-parallel or DiLoCo's).
-    tp_bytes = layers_stage * 4 * 2 * (p.tp - 1) / p.tp * tokens_rank * s.hidden * WEIGHT_BYTES
-    model = [_place(tp_bytes, p.tp, domain)]
-    if s.is_moe and p.ep > 1:
-        ep_bytes = (s.moe_layers / p.pp) * 4 * tokens_rank / p.tp * s.experts_per_token * s.hidden * \
-            WEIGHT_BYTES * (p.ep - 1) / p.ep
-        model.append(_place(ep_bytes, p.tp * p.ep, domain))
-    if p.pp > 1:  # stage neighbours are tp x ep ranks apart
-        pp_bytes = micro * 2 * spec.seq_len * s.hidden * WEIGHT_BYTES / p.tp
-        model.append((pp_bytes, 0.0) if p.tp * p.ep * p.pp <= domain else (0.0, pp_bytes))
-    up, out = (sum(pair) for pair in zip(*model))
-    outer_s = 0.0
-    if p.strategy == "diloco":
-        # Inside a group: dense gradients over its ep ranks, every step. Across groups: the
-        # outer gradient of the whole shard, every H steps, compressed, not overlapped.
-        up_dp, out_dp = _place(2 * (p.ep - 1) / p.ep * dense * WEIGHT_BYTES, p.tp * p.ep, domain)
-        outer = 2 * (groups - 1) / groups * params * p.diloco_bits / 8 / p.diloco_h
-        link = a.scale_up_gb_s if spec.devices <= domain else a.scale_out_gb_s
-        outer_s = outer / (link * 1e9)
-    else:
-        grads = 2 * (dp - 1) / dp * dense * WEIGHT_BYTES + 2 * (groups - 1) / groups * experts * WEIGHT_BYTES
-        up_dp, out_dp = _place(grads, spec.devices, domain)
-    up_s, out_s = up / (a.scale_up_gb_s * 1e9), out / (a.scale_out_gb_s * 1e9)
-    up_dp_s, out_dp_s = up_dp / (a.scale_up_gb_s * 1e9), out_dp / (a.scale_out_gb_s * 1e9)
-    backward = 2 / 3 * local_s
-    exposed_up = max(0.0, up_s - spec.overlap * local_s) + max(0.0, up_dp_s - backward)
-    exposed_out = max(0.0, out_s - spec.overlap * local_s) + max(0.0, out_dp_s - backward) + outer_s
-    roofline_s = local_s + bubble_s + exposed_up + exposed_out
-    bf16_peak = a.bf16_tflops * 1e12
-    mfu_roofline = flops_device / (bf16_peak * roofline_s)
+    memory = _memory(spec, lay)
+    step = _step(spec, lay)
+    bf16_peak = device.bf16_tflops * 1e12
+    mfu_roofline = step["flops"] / (bf16_peak * step["roofline_s"])
     mfu = spec.mfu if spec.mfu is not None else mfu_roofline
-    step_s = flops_device / (bf16_peak * mfu)
-    scale = step_s / roofline_s  # a given MFU stretches the roofline's parts alike
+    step_s = step["flops"] / (bf16_peak * mfu)
+    scale = step_s / step["roofline_s"]  # a given MFU stretches the roofline's parts alike
+    failures = _failures(spec, lay, step_s, memory["checkpoint"])
 
-    # Failures.
-    mtbf_device_s = (spec.mtbf_hours or a.mtbf_hours) * 3600
-    mtbf_job_s = mtbf_device_s / spec.devices
-    checkpoint_s = spec.checkpoint_s or checkpoint_bytes / (spec.checkpoint_write_gb_s * 1e9)
-    interval_s = spec.checkpoint_interval_s or young_daly_interval(checkpoint_s, mtbf_job_s)
     productive_s = steps * step_s
-    with_checkpoints_s = productive_s * (1 + checkpoint_s / interval_s)
-    heal_s = checkpoint_bytes / (a.scale_out_gb_s * 1e9)
-    if p.strategy == "sync":
-        recover_s = spec.restart_s
-        lost_per_failure_s = spec.restart_s + (interval_s + checkpoint_s) / 2
-        lost_share = lost_per_failure_s / mtbf_job_s  # of wall time
-    else:
-        recover_s = spec.group_restart_s + heal_s
-        # Per failure: everyone loses the step in flight; the group's share of the fleet is
-        # out for its recovery (and, with DiLoCo, its local steps since the last sync).
-        group_lost_s = recover_s + (p.diloco_h * step_s / 2 if p.strategy == "diloco" else 0.0)
-        lost_per_failure_s = step_s + group_devices / spec.devices * group_lost_s
-        lost_share = lost_per_failure_s / mtbf_job_s
+    with_checkpoints_s = productive_s * (1 + failures["checkpoint_s"] / failures["checkpoint_interval_s"])
     warnings = []
-    if lost_share >= 1:
+    if spec.tokens < spec.batch_tokens:
+        warnings.append(f"{spec.tokens:.4g} tokens are less than one batch: planned as one step")
+    if lay.micro != int(lay.micro):
+        warnings.append(f"{lay.micro:.3g} micro-batches per data-parallel rank: batch-tokens is not a multiple of "
+                        f"dp x seq-len ({lay.dp} x {spec.seq_len})")
+    if failures["lost_share"] >= 1:
         wall_s = None
-        warnings.append(f"failures outpace recovery: a failure every {mtbf_job_s:.0f}s costs "
-                        f"{lost_per_failure_s:.0f}s; the run never finishes")
+        warnings.append(f"failures outpace recovery: a failure every {failures['mtbf_job_s']:.4g}s costs "
+                        f"{failures['lost_per_failure_s']:.4g}s; the run never finishes")
     else:
-        wall_s = with_checkpoints_s / (1 - lost_share)
-    memory_gb = (state_bytes + activation_bytes) / 1e9
-    if memory_gb > a.hbm_gb:
+        wall_s = with_checkpoints_s / (1 - failures["lost_share"])
+    memory_gb = (memory["state"] + memory["activations"]) / 1e9
+    if memory_gb > device.hbm_gb:
         warnings.append(f"does not fit: {memory_gb:.0f} GB per device (state and activations) "
-                        f"against {a.hbm_gb:g} GB of HBM; raise tp, pp or ep")
-    ettr = productive_s / wall_s if wall_s else 0.0
+                        f"against {device.hbm_gb:g} GB of HBM; raise tp, pp or ep")
     # Where the wall time goes, per step: the bottleneck is the largest part.
-    parts = {"compute": (local_s + bubble_s) * scale, "scale-up": exposed_up * scale,
-             "scale-out": exposed_out * scale,
+    parts = {"compute": (step["local_s"] + step["bubble_s"]) * scale,
+             "scale-up": step["exposed_scale_up_s"] * scale, "scale-out": step["exposed_scale_out_s"] * scale,
              "failures": (wall_s - productive_s) / steps if wall_s else math.inf}
-    bottleneck = max(parts, key=lambda k: parts[k])
-    shares = {k: v * steps / wall_s for k, v in parts.items()} if wall_s else None
     hours = wall_s * spec.devices / 3600 if wall_s else None
+    failures.update(expected=wall_s / failures["mtbf_job_s"] if wall_s else None,
+                    lost_s=wall_s - with_checkpoints_s if wall_s else None,
+                    checkpointing_s=with_checkpoints_s - productive_s)
     return {
-        "model": s.name, "accelerator": a.key, "devices": spec.devices,
-        "parallelism": {"tp": p.tp, "pp": p.pp, "ep": p.ep, "dp": dp, "virtual_stages": p.virtual_stages,
-                        "strategy": p.strategy, "replica_groups": groups, "group_devices": group_devices,
-                        **({"diloco_h": p.diloco_h, "diloco_bits": p.diloco_bits} if p.strategy == "diloco" else {})},
+        "model": shape.name, "accelerator": device.key, "devices": spec.devices,
+        "parallelism": {"tp": par.tp, "pp": par.pp, "ep": par.ep, "dp": lay.dp, "virtual_stages": par.virtual_stages,
+                        "strategy": par.strategy, "replica_groups": lay.groups, "group_devices": lay.group_devices,
+                        **({"diloco_h": par.diloco_h, "diloco_bits": par.diloco_bits}
+                           if par.strategy == "diloco" else {})},
         "precision": spec.precision,
-        "tokens": tokens, "seq_len": spec.seq_len, "batch_tokens": spec.batch_tokens, "steps": steps,
-        "params_total": s.total, "params_active": s.active,
-        "flops_per_token": flops_per_token, "training_flops": flops_per_token * tokens,
+        "tokens": steps * spec.batch_tokens, "seq_len": spec.seq_len, "batch_tokens": spec.batch_tokens,
+        "steps": steps, "params_total": shape.total, "params_active": shape.active,
+        "flops_per_token": shape.flops_per_token(spec.seq_len),
+        "training_flops": shape.flops_per_token(spec.seq_len) * steps * spec.batch_tokens,
         "mfu": mfu, "mfu_source": "given" if spec.mfu is not None else "roofline", "mfu_roofline": mfu_roofline,
         "step_s": step_s,
-        "step": {"compute_s": compute_s * scale, "memory_s": memory_s * scale, "bubble_s": bubble_s * scale,
-                 "scale_up_s": (up_s + up_dp_s) * scale, "scale_out_s": (out_s + out_dp_s + outer_s) * scale,
-                 "exposed_scale_up_s": exposed_up * scale, "exposed_scale_out_s": exposed_out * scale},
-        "memory": {"state_gb": state_bytes / 1e9, "activation_gb": activation_bytes / 1e9, "hbm_gb": a.hbm_gb,
-                   "fits": memory_gb <= a.hbm_gb},
-        "failures": {"mtbf_device_hours": mtbf_device_s / 3600, "mtbf_job_s": mtbf_job_s,
-                     "expected": wall_s / mtbf_job_s if wall_s else None,
-                     "checkpoint_gb": checkpoint_bytes / 1e9, "checkpoint_s": checkpoint_s,
-                     "checkpoint_interval_s": interval_s,
-                     "checkpoint_rule": "given" if spec.checkpoint_interval_s else "young-daly",
-                     "recover_s": recover_s, "lost_per_failure_s": lost_per_failure_s,
-                     "lost_s": wall_s - with_checkpoints_s if wall_s else None,
-                     "checkpointing_s": with_checkpoints_s - productive_s},
+        "step": {k: step[k] * scale for k in ("compute_s", "memory_s", "bubble_s", "scale_up_s", "scale_out_s",
+                                              "exposed_scale_up_s", "exposed_scale_out_s")},
+        "memory": {"state_gb": memory["state"] / 1e9, "activation_gb": memory["activations"] / 1e9,
+                   "hbm_gb": device.hbm_gb, "fits": memory_gb <= device.hbm_gb},
+        "failures": failures,
         "productive_s": productive_s, "wall_s": wall_s, "days": wall_s / 86400 if wall_s else None,
         "device_hours": hours, "price_per_hour": spec.price_per_hour,
         "cost": hours * spec.price_per_hour if hours else None,
-        "ettr": ettr, "bottleneck": bottleneck, "time_shares": shares, "warnings": warnings,
+        "ettr": productive_s / wall_s if wall_s else 0.0, "bottleneck": max(parts, key=lambda k: parts[k]),
+        "time_shares": {k: v * steps / wall_s for k, v in parts.items()} if wall_s else None,
+        "warnings": warnings,
     }

@@ -11,7 +11,9 @@ How they carry over (docs/plan.md): the write bandwidth sets the checkpoint cost
 planned state; the recovery time becomes the group restart time, to which the planner adds
 the heal of the planned state over the fleet's scale-out link (the run's own heal, a few
 MB over loopback, stays in it); the throughput is an MFU only against a catalog device the
-run was on (`run_accelerator`).
+run was on (`run_accelerator`). A small model's checkpoint is mostly fixed latency, so its
+write bandwidth understates a large one's: measure with a model of the target's size per
+device where it matters.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import statistics
 from pathlib import Path
 
 from stalwart.config import read_run_config
-from stalwart.errors import ConfigError
+from stalwart.errors import ConfigError, UserError
 from stalwart.plan.catalog import Accelerator
 from stalwart.plan.shapes import from_model_config
 from stalwart.train.rundir import RunDir
@@ -32,20 +34,26 @@ def measure_run(path: Path, run_accelerator: Accelerator | None = None) -> dict:
     run = RunDir(Path(path))
     if not run.path.is_dir():
         raise ConfigError(f"--from-run {path}: not a folder")
-    cfg = read_run_config(run.config_path)
-    records = [m for m in run.read_metrics() if m.get("step", 0) > WARMUP_STEPS and m.get("step_s")]
+    try:
+        cfg = read_run_config(run.config_path)
+    except UserError:
+        raise ConfigError(f"--from-run {path}: not a stalwart run directory (its config.json is missing or not a "
+                          "run's configuration)") from None
+    records = [m for m in run.read_metrics()
+               if m.get("step", 0) > WARMUP_STEPS and m.get("step_s", 0) > 0 and m.get("tokens_per_s", 0) > 0]
     if not records:
-        raise ConfigError(f"--from-run {path}: metrics.jsonl has no step after the first {WARMUP_STEPS}")
+        raise ConfigError(f"--from-run {path}: metrics.jsonl has no timed step after the first {WARMUP_STEPS}")
+    summary = run.read_summary()  # {} when missing or unreadable: then no recovery was measured
     shape = from_model_config(run.path.name, cfg.model)
     ranks = cfg.replicas.ranks_per_group
     per_device = [m["tokens_per_s"] / (max(m.get("participants", 1), 1) * ranks) for m in records]
     tokens_per_s_device = statistics.median(per_device)
     flops_per_s = shape.flops_per_token(cfg.data.seq_len) * tokens_per_s_device
-    measured = {"run": str(run.path), "model": shape.name, "device": run.read_summary().get("device"),
+    measured = {"run": str(run.path), "model": shape.name, "device": summary.get("device"),
                 "step_s": statistics.median(m["step_s"] for m in records),
                 "tokens_per_s_per_device": tokens_per_s_device, "flops_per_s_per_device": flops_per_s,
                 "mfu": None, "checkpoint_s": None, "checkpoint_bytes": None, "checkpoint_write_gb_s": None,
-                "recover_s": run.read_summary().get("mean_recover_s")}
+                "recover_s": summary.get("mean_recover_s")}
     if run_accelerator is not None:
         measured["mfu"] = flops_per_s / (run_accelerator.bf16_tflops * 1e12)
         measured["mfu_against"] = run_accelerator.key

@@ -36,6 +36,7 @@ class ModelShape:
     moe_layers: int = 0
     mtp_active: float = 0.0  # multi-token prediction: parameters a token passes through
     mtp_layers: int = 0  # multi-token prediction: decoder layers (they attend too)
+    mtp_params: float = 0.0  # multi-token prediction: parameters held (not in `total`, as DeepSeek counts)
 
     @property
     def is_moe(self) -> bool:
@@ -79,7 +80,7 @@ def from_model_config(name: str, cfg: ModelConfig) -> ModelShape:
         v_head_dim=cfg.v_head_dim, vocab=cfg.vocab_size, experts=cfg.n_routed_experts,
         experts_per_token=cfg.num_experts_per_tok if cfg.is_moe else 0,
         expert_params=moe_layers * cfg.n_routed_experts * per_expert, moe_layers=moe_layers,
-        mtp_active=mtp_active, mtp_layers=cfg.num_nextn_predict_layers)
+        mtp_active=mtp_active, mtp_layers=cfg.num_nextn_predict_layers, mtp_params=counts["mtp"])
 
 
 def _llama31_405b() -> ModelShape:
@@ -142,10 +143,23 @@ def shape_from_dict(raw: dict, where: str) -> ModelShape:
     for name in ("total", "active", "layers", "hidden", "heads", "qk_head_dim", "v_head_dim", "vocab"):
         if getattr(shape, name) <= 0:
             raise ConfigError(f"{where}: shape.{name} must be positive, got {getattr(shape, name)}")
+    for name in ("experts", "experts_per_token", "expert_params", "moe_layers", "mtp_active", "mtp_layers",
+                 "mtp_params"):
+        if getattr(shape, name) < 0:
+            raise ConfigError(f"{where}: shape.{name} must be >= 0, got {getattr(shape, name)}")
     if shape.active > shape.total:
         raise ConfigError(f"{where}: shape.active ({shape.active:g}) exceeds shape.total ({shape.total:g})")
-    if shape.experts < 0 or shape.expert_params < 0 or shape.expert_params >= shape.total:
-        raise ConfigError(f"{where}: shape.experts and shape.expert_params must be >= 0 and below the total")
+    if shape.vocab * shape.hidden >= shape.active:
+        raise ConfigError(f"{where}: the embedding (vocab x hidden = {shape.vocab * shape.hidden:g}) must be part of "
+                          f"shape.active ({shape.active:g})")
+    if shape.expert_params >= shape.total:
+        raise ConfigError(f"{where}: shape.expert_params must be below shape.total")
+    if shape.experts and not (shape.expert_params and 1 <= shape.experts_per_token <= shape.experts
+                              and 1 <= shape.moe_layers <= shape.layers):
+        raise ConfigError(f"{where}: a mixture of experts needs expert_params > 0, 1 <= experts_per_token <= "
+                          "experts and 1 <= moe_layers <= layers")
+    if not shape.experts and (shape.expert_params or shape.experts_per_token or shape.moe_layers):
+        raise ConfigError(f"{where}: expert_params, experts_per_token and moe_layers need experts > 0")
     return shape
 
 
