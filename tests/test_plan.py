@@ -267,16 +267,17 @@ def test_from_run_takes_step_time_and_checkpoint_cost_to_extrapolate(measured_ru
     assert r.returncode == 2 and "not a stalwart run directory" in r.stderr
 
 
+TINY_RUN = ["--model", "tiny", "--tokens", "1T", "--accelerator", "H100", "--devices", "8"]
+V3_RUN = ["--model", "deepseek-v3", "--tokens", "1T", "--accelerator", "H800"]
+
+
 @pytest.mark.parametrize("args, words", [
     (["--model", "deepseek-v3", "--tokens", "1T", "--accelerator", "TPUv9", "--devices", "8"], "unknown accelerator"),
-    (["--model", "deepseek-v3", "--tokens", "1T", "--accelerator", "H800", "--devices", "-8"], "devices must be"),
+    ([*V3_RUN, "--devices", "-8"], "devices must be"),
     (["--model", "deepseek-v3", "--tokens=-1T", "--accelerator", "H800", "--devices", "8"], "must be positive"),
-    (["--model", "deepseek-v3", "--tokens", "1T", "--accelerator", "H800", "--devices", "100", "--pp", "16"],
-     "does not divide the fleet"),
-    (["--model", "deepseek-v3", "--tokens", "1T", "--accelerator", "H800", "--devices", "2048", "--ep", "48"],
-     "does not divide"),
-    (["--model", "deepseek-v3", "--tokens", "1T", "--accelerator", "H800", "--devices", "2048", "--pp", "64"],
-     "exceeds the model's 61 layers"),
+    ([*V3_RUN, "--devices", "100", "--pp", "16"], "does not divide the fleet"),
+    ([*V3_RUN, "--devices", "2048", "--ep", "48"], "does not divide"),
+    ([*V3_RUN, "--devices", "2048", "--pp", "64"], "exceeds the model's 61 layers"),
     (["--model", "llama3.1-405b", "--tokens", "1T", "--accelerator", "H100", "--devices", "64", "--ep", "2"],
      "needs a mixture-of-experts model"),
     (["--model", "deepseek-v3", "--tokens", "1T", "--accelerator", "Ascend910B", "--devices", "8",
@@ -287,18 +288,12 @@ def test_from_run_takes_step_time_and_checkpoint_cost_to_extrapolate(measured_ru
     (["--run-accelerator", "H100", "--compare"], "needs --from-run"),
     (["--compare", "--fleets", "H800,nope"], "unknown accelerator 'nope'"),
     (["--compare", "--accelerator", "B200"], "--accelerator is for a single plan"),
-    (["--model", "tiny", "--tokens", "1T", "--accelerator", "H100", "--devices", "8", "--fleets", "H800"],
-     "--fleets needs --compare"),
-    (["--model", "tiny", "--tokens", "1T", "--accelerator", "H100", "--devices", "8", "--kernel-efficiency", "1e-300"],
-     "kernel-efficiency must be between"),
-    (["--model", "tiny", "--tokens", "1T", "--accelerator", "H100", "--devices", "8", "--mtbf-hours", "1e306"],
-     "mtbf-hours must be between"),
-    (["--model", "tiny", "--tokens", "1T", "--accelerator", "H100", "--devices", "8", "--price", "nan"],
-     "must be finite"),
-    (["--model", "tiny", "--tokens", "1T", "--accelerator", "H100", "--devices", "8", "--virtual-stages", "2"],
-     "needs a pipeline"),
-    (["--model", "tiny", "--tokens", "1T", "--accelerator", "H100", "--devices", "8", "--checkpoint-s", "100",
-      "--checkpoint-interval-s", "1"], "shorter than one checkpoint"),
+    ([*TINY_RUN, "--fleets", "H800"], "--fleets needs --compare"),
+    ([*TINY_RUN, "--kernel-efficiency", "1e-300"], "kernel-efficiency must be between"),
+    ([*TINY_RUN, "--mtbf-hours", "1e306"], "mtbf-hours must be between"),
+    ([*TINY_RUN, "--price", "nan"], "must be finite"),
+    ([*TINY_RUN, "--virtual-stages", "2"], "needs a pipeline"),
+    ([*TINY_RUN, "--checkpoint-s", "100", "--checkpoint-interval-s", "1"], "shorter than one checkpoint"),
     (["--compare", "--png", "/nonexistent/folder/x.png"], "does not exist"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, words, tmp_path):

@@ -24,6 +24,24 @@ def job(out: Path, *extra: str, inject: str = "", timeout: float = 180) -> subpr
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def start_job(out: Path, *extra: str) -> subprocess.Popen:
+    """A job left running, for tests that signal its groups."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "stalwart", "train", "--out", str(out), *FAST, *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def group_pid_once_all_train(run: Path, *, groups: int, replica: int, timeout: float = 120) -> int:
+    """The pid of `replica`'s process, once all `groups` have committed step 10 together."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        metrics = jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").exists() else []
+        if any(m["step"] >= 10 and m["participants"] == groups for m in metrics):
+            break
+        time.sleep(0.1)
+    return next(e["pid"] for e in jsonl(run / "events.jsonl") if e["event"] == "group_start" and e["replica"] == replica)
+
+
 def jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -109,18 +127,9 @@ def test_flipped_bit_in_one_group_is_detected_within_k_steps_and_healed(tmp_path
 
 def test_stopped_group_is_dropped_within_the_timeout_and_the_job_continues(tmp_path):
     run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "stalwart", "train", "--out", str(run), *FAST, "--replicas", "3",
-                             "--train.steps", "400", "--replicas.hang_timeout_s", "60"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = start_job(run, "--replicas", "3", "--train.steps", "400", "--replicas.hang_timeout_s", "60")
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            metrics = jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").exists() else []
-            if any(m["step"] >= 10 and m["participants"] == 3 for m in metrics):
-                break
-            time.sleep(0.1)
-        pid = next(e["pid"] for e in jsonl(run / "events.jsonl") if e["event"] == "group_start" and e["replica"] == 2)
+        pid = group_pid_once_all_train(run, groups=3, replica=2)
         os.kill(pid, signal.SIGSTOP)
         stopped = time.time()
         bound = 3 + 1 + 5  # replicas.timeout_s + heartbeat_timeout_s + slack for this 2-core machine
@@ -198,18 +207,9 @@ def test_groups_of_two_torchrun_ranks_train_one_model_and_heal_as_a_group(tmp_pa
 
 def test_group_that_stays_stopped_is_killed_by_the_watchdog_restarted_and_healed(tmp_path):
     run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "stalwart", "train", "--out", str(run), *FAST, "--replicas", "2",
-                             "--train.steps", "600", "--replicas.hang_timeout_s", "6"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = start_job(run, "--replicas", "2", "--train.steps", "600", "--replicas.hang_timeout_s", "6")
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            metrics = jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").exists() else []
-            if any(m["step"] >= 10 and m["participants"] == 2 for m in metrics):
-                break
-            time.sleep(0.1)
-        pid = next(e["pid"] for e in jsonl(run / "events.jsonl") if e["event"] == "group_start" and e["replica"] == 1)
+        pid = group_pid_once_all_train(run, groups=2, replica=1)
         os.kill(pid, signal.SIGSTOP)  # never resumed: only the watchdog can end it
         stopped = time.time()
         _, err = proc.communicate(timeout=240)

@@ -177,8 +177,8 @@ def _fleets(text: str | None, catalog: dict) -> list:
     keys = [k.strip() for k in text.split(",") if k.strip()] if text else list(COMPARE_FLEETS)
     if not keys:
         raise ConfigError("--fleets is empty")
-    fleets = list({accelerator(catalog, k).key: accelerator(catalog, k) for k in keys}.values())
-    return fleets
+    devices = [accelerator(catalog, k) for k in keys]
+    return list({device.key: device for device in devices}.values())  # each fleet once
 
 
 def run(args: argparse.Namespace) -> int:
