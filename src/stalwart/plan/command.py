@@ -13,7 +13,7 @@ from pathlib import Path
 
 from stalwart.errors import ConfigError
 from stalwart.plan.catalog import accelerator, load_catalog
-from stalwart.plan.compare import COMPARE_FLEETS
+from stalwart.plan.compare import COMPARE_FLEETS, COMPARE_STRATEGIES
 from stalwart.plan.estimate import (CHECKPOINT_WRITE_GB_S, GROUP_RESTART_S, KERNEL_EFFICIENCY, RESTART_S, STRATEGIES,
                                     Parallelism, RunSpec, estimate)
 
@@ -194,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
         folder = args.png.parent
         if not folder.is_dir():
             raise ConfigError(f"--png {args.png}: the folder {folder} does not exist")
-        strategies = tuple(dict.fromkeys(("sync", "replicas", spec.parallel.strategy)))
+        strategies = tuple(dict.fromkeys((*COMPARE_STRATEGIES, spec.parallel.strategy)))
         result = compare(spec, _fleets(args.fleets, catalog), strategies)
         result["png"] = str(save_png(result, args.png))
     else:

@@ -2,7 +2,7 @@
 bandwidth: `stalwart plan --compare`, as JSON and as a PNG.
 
 Each fleet is planned with each replication strategy (a classic job that restarts from its
-checkpoint, and stalwart's replica groups); the sensitivity multiplies one input of the
+checkpoint, stalwart's replica groups, and any other asked for); the sensitivity multiplies one input of the
 device (its MTBF, or its scale-out bandwidth) by each factor and plans again. With a given
 MFU the step time does not depend on the links, so the bandwidth sweep then only moves the
 heals: use the roofline (no --mfu) to compare fleets.
@@ -46,7 +46,8 @@ def compare(base: RunSpec, fleets: list[Accelerator], strategies: tuple[str, ...
 
 def save_png(result: dict, path: Path) -> Path:
     """Four panels: days and ETTR against the MTBF factor and the scale-out factor; one
-    colour per fleet, solid for sync and dashed for replica groups. Written atomically."""
+    colour per fleet, one line style per strategy (solid: sync restarts, dashed: replica
+    groups, dotted: a third). Written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,7 +66,7 @@ def save_png(result: dict, path: Path) -> Path:
                 points = [(r["factor"], r[key]) for r in rows if r[key] is not None]
                 if points:
                     ax.plot(*zip(*points), marker="o", color=colours[i % len(colours)],
-                            linestyle="-" if j == 0 else "--", label=f"{fleet} {strategy}")
+                            linestyle=("-", "--", ":")[j % 3], label=f"{fleet} {strategy}")
         ax.set_xscale("log", base=2)
         ax.set_xticks(result["factors"], [f"x{f:g}" for f in result["factors"]])
         ax.set_ylabel(label)
