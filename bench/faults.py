@@ -40,7 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from stalwart.goodput import back_in_quorum, merged_length
+from stalwart.run.goodput import back_in_quorum, merged_length
 
 
 def _jsonl(path: Path) -> list[dict]:

@@ -49,7 +49,7 @@ from stalwart.model import DeepSeekForCausalLM
 from stalwart.recipes import recipe
 from stalwart.train.loop import documents, train
 from stalwart.train.optim import build_optimizer, lr_at
-from stalwart.train.rundir import RunDir
+from stalwart.run.rundir import RunDir
 
 WARMUP_STEPS = 3  # part A: allocator, kernel choice and transformers' lazy setup, per side
 

@@ -5,16 +5,14 @@ import math
 import os
 import subprocess
 import sys
-import urllib.error
-from datetime import timedelta
 
 import pytest
 import torch
 
-from stalwart.goodput import CheckpointClock, goodput_report, young_daly_interval
+from stalwart.run.goodput import CheckpointClock, goodput_report, young_daly_interval
 from stalwart.guards import NONFINITE, OK, ROLLBACK, SPIKE, SpikeGuard, StragglerTracker, fingerprint, odd_ones_out
 from stalwart.config import CheckpointConfig
-from stalwart.replication.transport import SafeHTTPTransport, state_from_bytes, state_to_bytes
+from stalwart.replication.transport import state_from_bytes, state_to_bytes
 
 
 def guard(**kw) -> SpikeGuard:
@@ -132,25 +130,6 @@ def test_crash_recovery_time_is_fault_to_the_first_commit_after_the_heal():
     assert fault["steps_lost"] == 1
 
 
-def test_transport_serves_the_state_over_http_and_loads_without_pickle():
-    state = {"user": {"w": torch.arange(6.0), "n": 3, "betas": (0.9, 0.95), "s": "x"}, "torchft": {"step": 7}}
-    # The sender waits up to its timeout (1 s) for a requested step to be staged, then refuses.
-    sender, receiver = SafeHTTPTransport("127.0.0.1", timedelta(seconds=1)), None
-    try:
-        sender.send_checkpoint([1], 7, state, timedelta(seconds=5))
-        receiver = SafeHTTPTransport("127.0.0.1", timedelta(seconds=5))
-        got = receiver.recv_checkpoint(0, sender.metadata(), 7, timedelta(seconds=5))
-        assert torch.equal(got["user"]["w"], state["user"]["w"]) and got["torchft"] == {"step": 7}
-        assert got["user"]["betas"] == (0.9, 0.95)
-        sender.disallow_checkpoint()
-        with pytest.raises(urllib.error.HTTPError, match="409"):  # a step not (or no longer) served
-            receiver.recv_checkpoint(0, sender.metadata(), 8, timedelta(seconds=10))
-    finally:
-        sender.shutdown()
-        if receiver is not None:
-            receiver.shutdown()
-
-
 class _Evil:
     def __reduce__(self):
         return (os.system, ("echo pwned",))
@@ -171,6 +150,10 @@ def test_transport_refuses_a_payload_that_would_run_code():
     (["train", "--replicas", "0"], "replicas.count must be in 1..64"),
     (["train", "--replicas", "2", "--replicas.min_replicas", "3"], "replicas.min_replicas must be in"),
     (["train", "--guards.straggler_factor", "0.5"], "guards.straggler_factor"),
+    (["train", "--replicas", "2", "--replicas.lighthouse_grace_s", "-1"], "replicas.lighthouse_grace_s must be >= 0"),
+    (["train", "--guards.max_uncommitted_steps", "0"], "guards.max_uncommitted_steps must be >= 1"),
+    (["train", "--lighthouse", "127.0.0.1:1", "--replica-id", "0", "--replicas", "2"], "STALWART_JOB_SECRET is not set"),
+    (["train", "--lighthouse", "127.0.0.1:1", "--groups", "0", "--replicas", "2"], "STALWART_JOB_SECRET is not set"),
     (["lighthouse", "--bind", "nope"], "is not HOST:PORT"),
 ])
 def test_bad_replication_input_is_one_line_and_exit_2(argv, message, tmp_path):
@@ -179,6 +162,14 @@ def test_bad_replication_input_is_one_line_and_exit_2(argv, message, tmp_path):
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_a_malformed_job_secret_is_one_line_and_exit_2(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "stalwart", "train", "--out", str(tmp_path / "r"), "--replicas", "2",
+                        "--lighthouse", "127.0.0.1:1", "--replica-id", "1"], capture_output=True, text=True,
+                       timeout=60, env={**os.environ, "STALWART_JOB_SECRET": "abc123"})
+    assert r.returncode == 2 and "STALWART_JOB_SECRET" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "abc123" not in r.stderr and not (tmp_path / "r").exists()
 
 
 def test_bad_fault_spec_is_one_line_and_exit_2(tmp_path):

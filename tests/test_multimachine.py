@@ -13,6 +13,7 @@ import uuid
 import pytest
 
 pytestmark = pytest.mark.slow
+SECRET = "5a" * 32  # the job secret every machine exports
 
 
 def _sh(*cmd: str) -> None:
@@ -51,7 +52,7 @@ def two_hosts():
 
 def _in(ns: str, dev: str, *args: str, **kw) -> subprocess.Popen:
     # GLOO_SOCKET_IFNAME: gloo must use the link between the hosts, not the hostname's address.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": dev}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": dev, "STALWART_JOB_SECRET": SECRET}
     return subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "stalwart", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kw)
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from stalwart.goodput import young_daly_interval
+from stalwart.run.goodput import young_daly_interval
 from stalwart.model import DeepSeekForCausalLM, preset
 from stalwart.plan.catalog import FIELDS, accelerator, load_catalog
 from stalwart.plan.estimate import Parallelism, RunSpec, estimate, off_domain_share

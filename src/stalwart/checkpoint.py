@@ -12,8 +12,10 @@ last, so a folder without one was interrupted. Loading verifies every file's siz
 SHA-256 first and falls back to the previous checkpoint when one is bad.
 
 Assumptions:
-- One writer per ROOT at a time (one process, or rank 0 of a replica group); readers may
-  run at any time. `remove_partial` must not run while a save is in flight.
+- One writer per ROOT at a time (one process, or rank 0 of the lowest healthy replica
+  group); readers may run at any time. A partial folder is named after its writer (host
+  and pid), and `remove_partial(dead_writers_only=True)` leaves those of live writers (and
+  of other hosts) alone, so a new writer never deletes a save in flight.
 - ROOT is on a local POSIX filesystem: rename is atomic and fsync is honoured.
 - The state fits in host memory twice. Both files are serialized in memory and written
   from Python, because safetensors' and torch.save's native writers report a full disk
@@ -44,7 +46,7 @@ import torch
 
 from stalwart import faults
 from stalwart.errors import ModelFileError, UserError
-from stalwart.fsutil import atomic_directory, atomic_write_bytes, atomic_write_json
+from stalwart.fsutil import atomic_directory, atomic_write_bytes, atomic_write_json, writer_alive, writer_tag
 
 FORMAT = 1
 MODEL_FILE = "model.safetensors"
@@ -52,9 +54,11 @@ TRAIN_STATE_FILE = "train_state.pt"
 MANIFEST_FILE = "MANIFEST.json"
 REQUIRED_FILES = (MODEL_FILE, TRAIN_STATE_FILE)
 _STEP_DIR = re.compile(r"step-(\d{6})")
-# Temporary build folders (`.step-N.XXXX.tmp`), a replaced one (`.step-N.old-PID`) and one
-# being pruned (`.step-N.prune`): all left over only when a process died mid-operation.
+# Temporary build folders (`.step-N.HOST-PID.XXXX.tmp`), a replaced one (`.step-N.old-HOST-PID`)
+# and one being pruned (`.step-N.prune-HOST-PID`): all left over only when a process died
+# mid-operation (or still being written by a live one).
 _PARTIAL_DIR = re.compile(r"\.step-\d{6}\..*")
+_PARTIAL_WRITER = re.compile(r"\.step-\d{6}\.(?:old-|prune-)?([A-Za-z0-9]+-\d+)(?:\..*)?")
 _CHUNK = 1 << 20  # 1 MiB: hashing a multi-GB file in bounded memory
 
 
@@ -183,14 +187,19 @@ def load_latest(root: Path, on_corrupt: Callable[[Path, str], None] | None = Non
     return None
 
 
-def remove_partial(root: Path) -> list[Path]:
-    """Delete folders left by a save or prune that was killed midway; return them."""
+def remove_partial(root: Path, *, dead_writers_only: bool = False) -> list[Path]:
+    """Delete folders left by a save or prune that was killed midway; return them. With
+    `dead_writers_only`, a folder whose writer still runs (or ran on another host) stays."""
     root = Path(root)
     if not root.is_dir():
         return []
     removed = []
     for p in sorted(root.iterdir()):
         if _PARTIAL_DIR.fullmatch(p.name) and p.is_dir() and not p.is_symlink():
+            if dead_writers_only:
+                owner = _PARTIAL_WRITER.fullmatch(p.name)
+                if owner is None or writer_alive(owner.group(1)) is not False:
+                    continue
             # A kill between the two renames of a same-step replace leaves the old, complete
             # checkpoint as `.step-N.old-PID` and no `step-N`: put it back rather than lose it.
             original = root / p.name[1:].split(".")[0]
@@ -252,7 +261,7 @@ def _prune(root: Path, keep: int, protect: Path) -> None:
     # Rename before deleting: a prune killed midway leaves a dot-folder for remove_partial,
     # never a half-deleted step-N that looks like a checkpoint.
     for old in [p for p in list_checkpoints(root) if p != protect][keep - 1:]:
-        doomed = old.with_name(f".{old.name}.prune")
+        doomed = old.with_name(f".{old.name}.prune-{writer_tag()}")
         if doomed.exists():  # left by an earlier prune that was killed
             shutil.rmtree(doomed)
         os.replace(old, doomed)

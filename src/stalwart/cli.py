@@ -11,7 +11,7 @@ import json
 import sys
 from typing import NoReturn
 
-from stalwart.errors import EXIT_USAGE, UserError
+from stalwart.errors import EXIT_STOPPED, EXIT_USAGE, TrainingStopped, UserError
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-replicas", type=int, default=1, help="groups needed for a quorum (default 1)")
     p.add_argument("--join-timeout-s", type=float, default=1.0)
     p.add_argument("--heartbeat-timeout-s", type=float, default=2.0)
+    p.add_argument("--torchft-defaults", action="store_true", help="torchft's own timeouts (the benchmark baseline)")
     p.set_defaults(func=cmd_lighthouse)
 
     p = sub.add_parser("verify", help="check a device's ops, layers and a training curve against float64 on the CPU",
@@ -141,7 +142,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from stalwart.config import RESUMABLE_OVERRIDES, apply_overrides, read_run_config
     from stalwart.recipes import recipe
-    from stalwart.train.loop import Replica, train
+    from stalwart.train.loop import train
 
     overrides = parse_overrides(args.overrides)
     if args.replicas is not None:
@@ -175,21 +176,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not 0 <= args.replica_id < cfg.replicas.count:
             raise UserError(f"--replica-id {args.replica_id} is not in 0..{cfg.replicas.count - 1} "
                             f"(--replicas {cfg.replicas.count})")
-        from stalwart.replication.supervisor import EXIT_EXCLUDED
-        from stalwart.train.loop import Excluded
-
-        try:
-            train(cfg, out, resume=args.resume, quiet=args.quiet,
-                  replica=Replica(args.replica_id, _lighthouse_url(args.lighthouse), args.host))
-        except Excluded as e:
-            print(f"stalwart train: {e}; leaving the job (guards.exclude_stragglers)", file=sys.stderr)
-            return EXIT_EXCLUDED
-        return 0
+        return _train_group(cfg, out, args)
     if cfg.replicas.count > 1 or args.lighthouse:
         from stalwart.replication.supervisor import supervise
+        from stalwart.replication.transport import SECRET_ENV, job_secret, new_job_secret
 
+        secret = job_secret()
+        if secret is None and args.lighthouse:
+            raise UserError(f"{SECRET_ENV} is not set: groups on several machines must share one job secret "
+                            "(export the same 64 hex digits on every machine)")
         groups = _group_list(args.groups, cfg.replicas.count) if args.groups else None
         summary = supervise(cfg, out, resume=args.resume, quiet=args.quiet, groups=groups, host=args.host,
+                            secret=secret.hex() if secret else new_job_secret(),
                             lighthouse=_lighthouse_url(args.lighthouse) if args.lighthouse else None)
         if not args.quiet:
             print_train_summary(out, TrainResult(summary))
@@ -198,6 +196,42 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not args.quiet:
         print_train_summary(out, result)
     return 0
+
+
+def _train_group(cfg, out, args: argparse.Namespace) -> int:
+    """One replica group's process; its exit code tells the supervisor what to do
+    (replication/protocol.py)."""
+    import os
+
+    from stalwart.replication import protocol
+    from stalwart.replication.group import LighthouseLost
+    from stalwart.replication.transport import SECRET_ENV, job_secret
+    from stalwart.train.loop import Replica, train
+    from stalwart.train.recovery import Excluded, NonFiniteAfterHeal, Partitioned, Stalled
+
+    lighthouse = _lighthouse_url(args.lighthouse)
+    secret = job_secret()
+    if secret is None:
+        raise UserError(f"{SECRET_ENV} is not set: every group of a job needs the job's secret (the supervisor "
+                        "sets it; on several machines export the same 64 hex digits everywhere)")
+    protocol.watch_supervisor(lambda: os._exit(protocol.EXIT_ORPHANED))
+    try:
+        train(cfg, out, resume=args.resume, quiet=args.quiet,
+              replica=Replica(args.replica_id, lighthouse, args.host, secret))
+    except Excluded as e:
+        return _group_exit(e, protocol.EXIT_EXCLUDED, "leaving the job (guards.exclude_stragglers)")
+    except NonFiniteAfterHeal as e:
+        return _group_exit(e, protocol.EXIT_NONFINITE, "asking for a restart")
+    except (Partitioned, LighthouseLost) as e:
+        return _group_exit(e, protocol.EXIT_PARTITIONED, "leaving the job to rejoin later")
+    except Stalled as e:
+        return _group_exit(e, protocol.EXIT_STALLED, "stopping the job")
+    return 0
+
+
+def _group_exit(error: Exception, code: int, what: str) -> int:
+    print(f"stalwart train: {error}; {what}", file=sys.stderr, flush=True)
+    return code
 
 
 def _lighthouse_url(text: str) -> str:
@@ -219,6 +253,7 @@ def _group_list(text: str, count: int) -> list[int]:
 
 
 def cmd_lighthouse(args: argparse.Namespace) -> int:
+    import os
     import time
 
     from torchft.coordination import LighthouseServer
@@ -228,14 +263,18 @@ def cmd_lighthouse(args: argparse.Namespace) -> int:
         raise UserError(f"--bind {args.bind!r} is not HOST:PORT")
     if args.min_replicas < 1 or args.join_timeout_s <= 0 or args.heartbeat_timeout_s <= 0:
         raise UserError("--min-replicas must be >= 1 and the timeouts > 0")
+    from stalwart.replication.protocol import watch_supervisor
+
+    timing = {} if args.torchft_defaults else {
+        "join_timeout_ms": int(args.join_timeout_s * 1000), "quorum_tick_ms": 50,
+        "heartbeat_timeout_ms": int(args.heartbeat_timeout_s * 1000)}
     try:
-        server = LighthouseServer(bind=args.bind, min_replicas=args.min_replicas,
-                                  join_timeout_ms=int(args.join_timeout_s * 1000), quorum_tick_ms=50,
-                                  heartbeat_timeout_ms=int(args.heartbeat_timeout_s * 1000))
+        server = LighthouseServer(bind=args.bind, min_replicas=args.min_replicas, **timing)
     except RuntimeError as e:
         raise UserError(f"cannot start the Lighthouse on {args.bind}: {str(e).splitlines()[0]}") from None
     print(f"lighthouse listening on {args.bind} (min {args.min_replicas} replica groups); pass "
           f"--lighthouse http://{args.bind} to `stalwart train`", flush=True)
+    watch_supervisor(lambda: os._exit(0))  # run by a supervisor: it ends with it
     try:
         while True:
             time.sleep(3600)
@@ -414,6 +453,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"stalwart {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except TrainingStopped as e:
+        print(f"stalwart {args.command}: stopped: {e}", file=sys.stderr)
+        return EXIT_STOPPED
     except OSError as e:
         # A path the user gave that cannot be read or written (a file where a folder should
         # be, no permission, a full disk): the environment's problem, not a bug.

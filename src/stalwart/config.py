@@ -91,6 +91,15 @@ class ReplicasConfig:
     # keep it above quorum_timeout_s, which a healthy group may spend waiting for a quorum.
     hang_timeout_s: float = 90.0
     torchft_defaults: bool = False  # use torchft's own timeouts (60 s) instead: the benchmark baseline
+    # A Lighthouse that cannot be reached: groups keep their process and retry the quorum
+    # this long before they give up (a restarted Lighthouse on the same address lets them on).
+    lighthouse_grace_s: float = 60.0
+    # In the quorum but every collective fails (a partition of the data plane): after this
+    # many consecutive failed steps the group leaves the job and rejoins (and heals) later.
+    max_failed_steps: int = 8
+    # A group that committed this many steps since its last restart has its restart budget
+    # (max_restarts) refilled: a fault a day for a month is not a crash loop.
+    restart_refill_steps: int = 500
 
 
 @dataclass(frozen=True)
@@ -105,6 +114,12 @@ class GuardsConfig:
     straggler_factor: float = 2.0  # compute time above factor x median is slow; 0: no tracking
     straggler_patience: int = 20  # consecutive slow steps before a group is reported
     exclude_stragglers: bool = False  # a reported straggler leaves the job
+    # Consecutive steps without a commit before escalating: a fingerprint check at this
+    # many, a rollback to the last checkpoint at twice as many, a stop (exit code 1) at three times.
+    max_uncommitted_steps: int = 20
+    # A group whose own values are not finite again right after a heal is restarted; after
+    # this many such restarts the supervisor abandons it.
+    nonfinite_restarts: int = 2
 
 
 @dataclass(frozen=True)
@@ -263,6 +278,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         need(getattr(r, name) > 0, f"replicas.{name} must be > 0, got {getattr(r, name)}")
     need(r.max_restarts >= 0, f"replicas.max_restarts must be >= 0, got {r.max_restarts}")
     need(r.restart_backoff_s >= 0, f"replicas.restart_backoff_s must be >= 0, got {r.restart_backoff_s}")
+    need(r.lighthouse_grace_s >= 0, f"replicas.lighthouse_grace_s must be >= 0, got {r.lighthouse_grace_s}")
+    need(r.max_failed_steps >= 1, f"replicas.max_failed_steps must be >= 1, got {r.max_failed_steps}")
+    need(r.restart_refill_steps >= 1, f"replicas.restart_refill_steps must be >= 1, got {r.restart_refill_steps}")
     need(g.spike_sigma >= 0, f"guards.spike_sigma must be >= 0, got {g.spike_sigma}")
     need(g.spike_window >= 2 and 2 <= g.spike_min_history <= g.spike_window,
          f"guards.spike_window and guards.spike_min_history must satisfy 2 <= min_history <= window, "
@@ -273,4 +291,6 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(g.straggler_factor == 0 or g.straggler_factor > 1,
          f"guards.straggler_factor must be 0 (off) or > 1, got {g.straggler_factor}")
     need(g.straggler_patience >= 1, f"guards.straggler_patience must be >= 1, got {g.straggler_patience}")
+    need(g.max_uncommitted_steps >= 1, f"guards.max_uncommitted_steps must be >= 1, got {g.max_uncommitted_steps}")
+    need(g.nonfinite_restarts >= 0, f"guards.nonfinite_restarts must be >= 0, got {g.nonfinite_restarts}")
     return cfg

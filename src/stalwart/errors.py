@@ -6,6 +6,7 @@ other exception is a bug in stalwart and keeps its traceback.
 """
 
 EXIT_USAGE = 2
+EXIT_STOPPED = 1
 
 
 class UserError(Exception):
@@ -18,3 +19,8 @@ class ConfigError(UserError):
 
 class ModelFileError(UserError):
     """A model folder or checkpoint is missing, incomplete or corrupt."""
+
+
+class TrainingStopped(Exception):
+    """The run stopped itself for a reason it names (no commit for too long): one line,
+    exit code 1."""

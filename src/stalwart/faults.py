@@ -8,8 +8,10 @@ a named step, never after a sleep.
 the weights are on disk and before the folder is renamed into place; `nan-grad@N` fills one
 gradient with NaN after the backward pass of step N; `spike@N` multiplies that step's
 gradients by 1000 (a loss-spike-like gradient norm); `flip-bit@N` flips one bit of one
-weight after step N is committed (silent data corruption); `slow@N` makes every step from
-N on three times slower (a straggling device).
+weight after step N is committed (silent data corruption); `nan-weight@N` sets one weight
+to NaN after step N is committed (it stays there until healed); `nan-device@N` makes every
+gradient of this process NaN from step N on (a device that keeps producing NaN); `slow@N`
+makes every step from N on three times slower (a straggling device).
 
 A `:R` suffix fires the fault only in replica group R (`set_replica`); without it the
 fault fires in every process that reads the variable. The supervisor passes the variable
@@ -30,9 +32,10 @@ import torch
 from stalwart.errors import ConfigError
 
 INJECT_ENV = "STALWART_INJECT"
-POINTS = ("kill", "kill-in-checkpoint", "nan-grad", "spike", "flip-bit", "slow")
+POINTS = ("kill", "kill-in-checkpoint", "nan-grad", "nan-device", "spike", "flip-bit", "nan-weight", "slow")
 _replica: int | None = None
 _fired: set[tuple[str, int]] = set()  # each fault fires once per process, even if its step is retried
+_nan_device = False  # `nan-device`, once fired, lasts
 
 
 def set_replica(replica: int | None) -> None:
@@ -76,8 +79,10 @@ def inject(point: str, step: int) -> bool:
 
 
 def corrupt_gradients(step: int, params: list[torch.Tensor]) -> None:
-    """The gradient faults planned for this step: `nan-grad` and `spike`."""
-    if inject("nan-grad", step):
+    """The gradient faults planned for this step: `nan-grad`, `nan-device` and `spike`."""
+    global _nan_device
+    _nan_device = inject("nan-device", step) or _nan_device
+    if inject("nan-grad", step) or _nan_device:
         params[0].grad.fill_(float("nan"))
     if inject("spike", step):
         for p in params:
@@ -86,8 +91,11 @@ def corrupt_gradients(step: int, params: list[torch.Tensor]) -> None:
 
 
 def corrupt_weights(step: int, params: list[torch.Tensor]) -> None:
-    """`flip-bit`: flip the highest mantissa bit of one fp32 weight (silent corruption)."""
-    if inject("flip-bit", step):
-        with torch.no_grad():
+    """`flip-bit`: flip the highest mantissa bit of one fp32 weight (silent corruption);
+    `nan-weight`: set one weight to NaN."""
+    with torch.no_grad():
+        if inject("flip-bit", step):
             bits = params[0].data.view(-1)[:1].view(torch.int32)
             bits ^= 1 << 22
+        if inject("nan-weight", step):
+            params[0].data.view(-1)[0] = float("nan")

@@ -1,7 +1,9 @@
 """Atomic file and directory writes: a reader sees the old content or the new, never half.
 
 Files: write a temporary sibling, fsync it, rename over the target, fsync the folder.
-Folders: build a temporary sibling folder, fsync everything, rename it into place.
+Folders: build a temporary sibling folder, fsync everything, rename it into place. The
+temporary names carry their writer (`writer_tag`: host and pid), so that a cleaner can tell
+a folder left by a dead writer from one that a live writer is still filling.
 """
 
 from __future__ import annotations
@@ -9,13 +11,36 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from stalwart.errors import UserError
+
+
+def writer_tag() -> str:
+    """HOST-PID of this process, safe in a file name."""
+    host = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname().split(".")[0]) or "host"
+    return f"{host}-{os.getpid()}"
+
+
+def writer_alive(tag: str) -> bool | None:
+    """Whether the writer named by a `writer_tag` still runs; None when it ran on another
+    host (nobody here can tell)."""
+    host, _, pid = tag.rpartition("-")
+    if host != writer_tag().rpartition("-")[0] or not pid.isdigit():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def fsync_dir(path: Path) -> None:
@@ -68,7 +93,7 @@ def atomic_directory(target: Path, *, replace: bool = False) -> Iterator[Path]:
     if target.is_dir() and any(target.iterdir()) and not replace:
         raise UserError(f"{target} already exists and is not empty (pass --force to replace it)")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.{writer_tag()}.", suffix=".tmp"))
     try:
         os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
@@ -80,7 +105,7 @@ def atomic_directory(target: Path, *, replace: bool = False) -> Iterator[Path]:
         fsync_dir(tmp)
         old = None
         if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            old = target.with_name(f".{target.name}.old-{writer_tag()}")
             os.replace(target, old)
         os.replace(tmp, target)
         fsync_dir(target.parent)

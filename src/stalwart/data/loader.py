@@ -2,8 +2,11 @@
 
 A document is a (prompt, completion) pair of strings; the loss covers the completion and
 its eos, not the prompt (for plain text the prompt is empty). Documents are addressed by
-an integer index, so the loader's whole position is two numbers and a few carried tokens:
-it is saved in every checkpoint and restores the exact same batches.
+an integer index, so the loader's whole position is three integers (`LOADER_STATE`): the
+documents read, the first document whose tokens are still carried, and how many tokens of
+those carried documents are already used. The carried tokens themselves are rebuilt from
+the documents on load, so the position is small enough to travel in every replicated step
+(train/exchange.py) and restores the exact same batches.
 
 Sharding: shard s of n takes documents s, s + n, s + 2n, ... of the stream, so ranks and
 replica groups see disjoint data without talking to each other.
@@ -24,6 +27,10 @@ from stalwart.data.tasks import make_problem
 from stalwart.data.tokenizer import EOS_ID
 from stalwart.errors import ConfigError, UserError
 from stalwart.model import IGNORE_INDEX
+
+
+CHUNK = 64  # documents tokenised at a time
+LOADER_STATE = ("position", "start", "skip")  # the loader's whole state, in this order
 
 
 class Documents(Protocol):
@@ -89,8 +96,10 @@ class TextDocuments:
 class PackedLoader:
     """Concatenates tokenised documents (each followed by eos) and cuts (B, T) batches.
 
-    Finite corpora are read in a fresh seeded permutation each epoch. The state is
-    {"position": documents consumed by this shard, "carry": tokens left over}.
+    Finite corpora are read in a fresh seeded permutation each epoch. Documents are
+    tokenised 64 at a time (a chunk); the state is {"position": documents of this shard
+    read, "start": the first document of the oldest chunk still carried, "skip": tokens of
+    the carried chunks already cut into batches}.
     """
 
     def __init__(self, docs: Documents, tokenizer, *, seq_len: int, batch_size: int, seed: int = 0,
@@ -102,9 +111,10 @@ class PackedLoader:
         self.docs, self.tok = docs, tokenizer
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.shard, self.num_shards = shard, num_shards
-        self.position = 0
-        self.carry_ids: list[int] = []
+        self.position = self.start = self.skip = 0
+        self.carry_ids: list[int] = []  # tokens of the chunks from `start` on, minus `skip` used ones
         self.carry_mask: list[bool] = []
+        self._chunk_lens: list[int] = []  # tokens of each carried chunk, oldest first
         self._perm: tuple[int, list[int]] | None = None
 
     def _doc_index(self, position: int) -> int:
@@ -119,15 +129,27 @@ class PackedLoader:
             self._perm = (epoch, order)
         return self._perm[1][self.shard + offset * self.num_shards]
 
+    def _read_chunk(self) -> None:
+        prompts, completions = zip(*(self.docs.document(self._doc_index(self.position + i)) for i in range(CHUNK)))
+        self.position += CHUNK
+        enc_p = self.tok.encode_batch(list(prompts), add_special_tokens=False)
+        enc_c = self.tok.encode_batch(list(completions), add_special_tokens=False)
+        before = len(self.carry_ids)
+        for p, c in zip(enc_p, enc_c):
+            self.carry_ids += p.ids + c.ids + [EOS_ID]
+            self.carry_mask += [False] * len(p.ids) + [True] * (len(c.ids) + 1)
+        self._chunk_lens.append(len(self.carry_ids) - before)
+
     def _fill(self, need: int) -> None:
         while len(self.carry_ids) < need:
-            prompts, completions = zip(*(self.docs.document(self._doc_index(self.position + i)) for i in range(64)))
-            self.position += 64
-            enc_p = self.tok.encode_batch(list(prompts), add_special_tokens=False)
-            enc_c = self.tok.encode_batch(list(completions), add_special_tokens=False)
-            for p, c in zip(enc_p, enc_c):
-                self.carry_ids += p.ids + c.ids + [EOS_ID]
-                self.carry_mask += [False] * len(p.ids) + [True] * (len(c.ids) + 1)
+            self._read_chunk()
+
+    def _consume(self, n: int) -> None:
+        del self.carry_ids[:n], self.carry_mask[:n]
+        self.skip += n
+        while self._chunk_lens and self.skip >= self._chunk_lens[0]:
+            self.skip -= self._chunk_lens.pop(0)
+            self.start += CHUNK
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """input_ids (B, T) and labels (B, T): labels[t] is token t+1 where it is trained on."""
@@ -135,15 +157,21 @@ class PackedLoader:
         self._fill(rows)
         ids = torch.tensor(self.carry_ids[:rows], dtype=torch.long).view(self.batch_size, -1)
         mask = torch.tensor(self.carry_mask[:rows], dtype=torch.bool).view(self.batch_size, -1)
-        del self.carry_ids[:rows], self.carry_mask[:rows]
+        self._consume(rows)
         labels = ids[:, 1:].masked_fill(~mask[:, 1:], IGNORE_INDEX)
         return ids[:, :-1].contiguous(), labels.contiguous()
 
-    def state_dict(self) -> dict:
-        return {"position": self.position, "carry_ids": torch.tensor(self.carry_ids, dtype=torch.long),
-                "carry_mask": torch.tensor(self.carry_mask, dtype=torch.bool)}
+    def state_dict(self) -> dict[str, int]:
+        return {"position": self.position, "start": self.start, "skip": self.skip}
 
     def load_state_dict(self, state: dict) -> None:
-        self.position = int(state["position"])
-        self.carry_ids = state["carry_ids"].tolist()
-        self.carry_mask = state["carry_mask"].tolist()
+        """Go to a saved position: the carried chunks are read again from `start`."""
+        position, start, skip = (int(state[k]) for k in LOADER_STATE)
+        if start % CHUNK or position % CHUNK or not 0 <= start <= position:
+            raise ValueError(f"not a loader position: {state}")
+        self.position = self.start = start
+        self.skip = 0
+        self.carry_ids, self.carry_mask, self._chunk_lens = [], [], []
+        while self.position < position:
+            self._read_chunk()
+        self._consume(skip)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from stalwart.errors import ConfigError
-from stalwart.goodput import young_daly_interval
+from stalwart.run.goodput import young_daly_interval
 from stalwart.plan.catalog import Accelerator
 
 if TYPE_CHECKING:  # shapes import the model (torch); the CLI's flags must not

@@ -25,7 +25,7 @@ from stalwart.config import read_run_config
 from stalwart.errors import ConfigError, UserError
 from stalwart.plan.catalog import Accelerator
 from stalwart.plan.shapes import from_model_config
-from stalwart.train.rundir import RunDir
+from stalwart.run.rundir import RunDir
 
 WARMUP_STEPS = 5  # the first steps include compilation, allocation and the quorum's start
 

@@ -12,8 +12,15 @@ hides whether peers exist.
   participants; a peer that dies or hangs makes it fail within `timeout_s`, the step is
   then not committed, and the next quorum is formed without that peer (the Lighthouse
   drops a group that has not heartbeated for `heartbeat_timeout_s`).
-- `should_commit(ok)` is the commit vote; a guard's rejection is reported to the Manager
-  as an error, so it votes no.
+- `should_commit(ok)` is the commit vote, taken among the ranks of this group (torchft's
+  vote is per group; groups agree because their verdicts come from the same sums): a
+  guard's rejection, or this group's own non-finite values, is reported to the Manager as
+  an error, so the group votes no, stays at its step, and is behind (so healed) at the next
+  quorum.
+- A Lighthouse that cannot be reached makes the quorum fail; the group keeps its process
+  and retries for `lighthouse_grace_s` (torchft 0.2.0 keeps the failed quorum future and
+  would raise it again: it is dropped before each retry), beating its liveness file so the
+  supervisor does not take the wait for a hang.
 
 Timeouts (ReplicasConfig): a dead peer costs one failed step plus the Lighthouse's
 heartbeat timeout; a hung peer (SIGSTOP) costs up to `timeout_s` more, the time a
@@ -27,20 +34,23 @@ import os
 import time
 from collections.abc import Callable
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from stalwart.config import ReplicasConfig
+from stalwart.errors import ConfigError
 
 
-START_TOGETHER_ENV = "STALWART_START_TOGETHER"  # set by the supervisor for a job's first processes
-START_TOGETHER_TIMEOUT_S = 120.0
+QUORUM_RETRY_S = 0.5
 
 
 class GuardRejected(Exception):
     """A guard voted the step down: every replica reaches the same verdict."""
+
+
+class LighthouseLost(Exception):
+    """No quorum for longer than replicas.lighthouse_grace_s."""
 
 
 class LocalGroup:
@@ -101,7 +111,8 @@ class TorchFTGroup:
 
     def __init__(self, cfg: ReplicasConfig, *, replica: int, lighthouse: str, host: str,
                  state_dict: Callable[[], Any], load_state_dict: Callable[[Any], None], step: int,
-                 backend: str = "gloo") -> None:
+                 secret: bytes, max_state_bytes: int, backend: str = "gloo",
+                 on_quorum_retry: Callable[[BaseException | None, float], None] = lambda error, waited: None) -> None:
         from torch.distributed import TCPStore
         from torchft import Manager
         from torchft.process_group import ProcessGroupGloo
@@ -126,7 +137,8 @@ class TorchFTGroup:
             self._intra = None
             self._store = TCPStore(host, 0, is_master=True, wait_for_workers=False)
             store_addr, store_port = host, self._store.port
-        self.transport = SafeHTTPTransport(host, timeout)
+        self.transport = SafeHTTPTransport(host, timeout, secret=secret, max_bytes=max_state_bytes)
+        self.grace_s, self._on_quorum_retry = cfg.lighthouse_grace_s, on_quorum_retry
 
         def heal(state: Any) -> None:
             load_state_dict(state)
@@ -150,7 +162,24 @@ class TorchFTGroup:
 
     def start_step(self) -> None:
         self.healed = False
-        self.manager.start_quorum()
+        lost_at = None
+        while True:
+            try:
+                self.manager.start_quorum()
+                break
+            except Exception as error:  # noqa: BLE001 (torchft's client raises TimeoutError, RuntimeError, ...)
+                now = time.monotonic()
+                lost_at = lost_at or now
+                if now - lost_at > self.grace_s:
+                    raise LighthouseLost(f"no quorum for {now - lost_at:.0f} s (replicas.lighthouse_grace_s "
+                                         f"{self.grace_s:g}): {str(error).splitlines()[0][:200]}") from error
+                self._on_quorum_retry(error, now - lost_at)
+                self.manager._quorum_future = None
+                time.sleep(QUORUM_RETRY_S)
+        if lost_at is not None:
+            self._on_quorum_retry(None, time.monotonic() - lost_at)
+        if self.transport.refused is not None:  # this group's secret is not the job's: retrying cannot help
+            raise ConfigError(str(self.transport.refused))
         self.participants = self.manager.num_participants()
         self.contributors = self.participants * self.ranks
         # The lowest live group's rank 0 writes checkpoints, the summary and the export.
@@ -199,16 +228,3 @@ def group_rank() -> tuple[int, int]:
     """(rank, ranks) of this process inside its replica group: torchrun's RANK and
     WORLD_SIZE, or (0, 1)."""
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def start_together(logs: Path, replica: int) -> None:
-    """At a job's start, wait (up to START_TOGETHER_TIMEOUT_S) until every group the
-    supervisor started is ready for its first quorum, so that no group trains the first
-    steps alone and the others begin by healing from it."""
-    groups = int(os.environ.pop(START_TOGETHER_ENV, "0") or 0)
-    if groups <= 1:
-        return
-    (logs / f"replica-{replica}.ready").touch()
-    deadline = time.monotonic() + START_TOGETHER_TIMEOUT_S
-    while len(list(logs.glob("replica-*.ready"))) < groups and time.monotonic() < deadline:
-        time.sleep(0.05)

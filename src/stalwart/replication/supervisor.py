@@ -1,23 +1,33 @@
-"""The supervisor of `stalwart train --replicas N`: one process that starts a Lighthouse
+"""The supervisor of `stalwart train --replicas N`: one process that runs the Lighthouse
 (or uses the one given), spawns one process per replica group, restarts a group that
-crashes or hangs, shows the job's progress, and writes the job's summary.
+crashes or hangs, shows the job's progress, and writes the job's summary. The contract
+with the groups (exit codes, liveness, the supervisor watch) is replication/protocol.py.
 
-A restarted group starts from the latest checkpoint and heals from a live peer at its
-first quorum, so the job never restarts and the surviving groups never stop. Restarts
-back off (`restart_backoff_s`, doubled per restart of the same group, at most 8 s) up to
-`max_restarts` per group; a group that made no progress (no step, no evaluation batch: its
-RUN_DIR/logs/replica-R.alive file is touched at each) for `hang_timeout_s` (SIGSTOP, a
-wedged device) is killed and restarted like a crashed one.
+- A restarted group starts from the latest checkpoint and heals from a live peer at its
+  first quorum, so the job never restarts and the surviving groups never stop. Restarts
+  back off (`restart_backoff_s`, doubled per restart of the same group, at most 8 s) up to
+  `max_restarts` per group; a group that has committed `restart_refill_steps` steps since
+  its last restart has its budget refilled.
+- A group that made no progress for `hang_timeout_s` (SIGSTOP, a wedged device) is killed
+  with its whole process group (every rank of a torchrun group) and restarted.
+- On one machine the Lighthouse is a child process, restarted on the same address when it
+  dies; groups ride out the outage (replicas.lighthouse_grace_s).
+- A group that exits with a usage error (bad input, a full disk) stops the job with that
+  line (exit code 2); one that stalled stops it with exit code 1. Never a restart loop.
+- The supervisor's own death (any signal, SIGKILL included) ends its groups and its
+  Lighthouse within a second or two: they watch it. `stalwart train --resume` continues.
 
-Each group's output goes to RUN_DIR/logs/replica-R.log. Events written here: group_start
-(with its pid), group_exit, group_hung, group_restart, group_abandoned, group_excluded,
-job_end.
+Each group's output goes to RUN_DIR/logs/replica-R.log, the Lighthouse's to
+RUN_DIR/logs/lighthouse.log. Events written here: job_start, group_start (with its pid),
+group_exit, group_hung, group_restart, group_abandoned, group_excluded, group_error,
+restart_budget_refilled, lighthouse_start, lighthouse_exit, job_end.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,88 +37,118 @@ from typing import Any
 
 from stalwart import checkpoint as ckpt
 from stalwart.config import RunConfig
-from stalwart.errors import UserError
+from stalwart.data.sources import documents, prepare_tokenizer
+from stalwart.errors import EXIT_USAGE, TrainingStopped, UserError
 from stalwart.faults import INJECT_ENV
-from stalwart.replication.group import START_TOGETHER_ENV
-from stalwart.goodput import goodput_report
-from stalwart.train.progress import Progress
-from stalwart.train.rundir import RunDir
+from stalwart.replication.protocol import (EXIT_EXCLUDED, EXIT_NONFINITE, EXIT_STALLED, START_TOGETHER_ENV,
+                                           SUPERVISOR_ENV, supervisor_identity)
+from stalwart.replication.transport import SECRET_ENV
+from stalwart.run.goodput import goodput_report
+from stalwart.run.progress import Progress
+from stalwart.run.rundir import RunDir
 
-EXIT_EXCLUDED = 3  # a group that left the job as a straggler: not restarted
 POLL_S = 0.1
 MAX_BACKOFF_S = 8.0
+LIGHTHOUSE_START_S = 30.0
 
 
 @dataclass
 class GroupProcess:
     replica: int
     proc: subprocess.Popen | None = None
-    restarts: int = 0
+    restarts: int = 0  # restarts since the budget was last refilled
+    total_restarts: int = 0
+    nonfinite_exits: int = 0
     restart_at: float | None = None
     last_progress: float = field(default_factory=time.monotonic)
+    committed_since_start: int = 0
     done: bool = False  # finished its steps, or gave up for good
     finished: bool = False  # exited 0: trained to the last step
 
 
-def start_lighthouse(cfg: RunConfig, bind: str):
-    """A torchft Lighthouse with this run's quorum settings; returns the server."""
-    from torchft.coordination import LighthouseServer
+class LighthouseProcess:
+    """`stalwart lighthouse` as a child on a fixed address, restarted when it dies."""
 
-    r = cfg.replicas
-    if r.torchft_defaults:
-        return LighthouseServer(bind=bind, min_replicas=r.min_replicas)
-    return LighthouseServer(bind=bind, min_replicas=r.min_replicas, join_timeout_ms=int(r.join_timeout_s * 1000),
-                            quorum_tick_ms=50, heartbeat_timeout_ms=int(r.heartbeat_timeout_s * 1000))
+    def __init__(self, cfg: RunConfig, host: str, run: RunDir, env: dict[str, str]) -> None:
+        r = cfg.replicas
+        self.run, self.env = run, env
+        self.bind = f"{host}:{_free_port(host)}"
+        self.args = [sys.executable, "-m", "stalwart", "lighthouse", "--bind", self.bind,
+                     "--min-replicas", str(r.min_replicas)]
+        self.args += ["--torchft-defaults"] if r.torchft_defaults else \
+            ["--join-timeout-s", str(r.join_timeout_s), "--heartbeat-timeout-s", str(r.heartbeat_timeout_s)]
+        self.proc: subprocess.Popen | None = None
+        self.next_start = 0.0
+        self.start()
+        _wait_for_port(self.bind, LIGHTHOUSE_START_S)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.bind}"
+
+    def start(self) -> None:
+        self.next_start = time.monotonic() + 1.0  # a bind that fails (address still busy) is retried each second
+        with open(self.run.path / "logs" / "lighthouse.log", "ab") as log:
+            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                         start_new_session=True)
+        self.run.event("lighthouse_start", pid=self.proc.pid, address=self.url)
+
+    def poll(self) -> None:
+        """Restart it when it has died (the address may stay busy for a moment: retried)."""
+        if self.proc is None or self.proc.poll() is None or time.monotonic() < self.next_start:
+            return
+        self.run.event("lighthouse_exit", pid=self.proc.pid, returncode=self.proc.returncode)
+        self.start()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            _kill_group(self.proc)
 
 
-def supervise(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, lighthouse: str | None = None,
+def supervise(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, secret: str, lighthouse: str | None = None,
               groups: list[int] | None = None, host: str = "127.0.0.1") -> dict[str, Any]:
-    from stalwart.train.loop import documents, prepare_tokenizer
-
     run = RunDir(out, checkpoints=cfg.checkpoint.dir)
     run.create()
     run.write_config(cfg.to_json())
-    prepare_tokenizer(cfg, run, resume, documents(cfg, "train"))
+    prepare_tokenizer(cfg.data, run.path, reuse=resume, docs=documents(cfg.data, "train"),
+                      vocab_size=cfg.model.vocab_size, max_length=cfg.model.max_position_embeddings)
     started_at, started = time.time(), time.monotonic()
     first_step = 0
     if resume:
-        for partial in ckpt.remove_partial(run.checkpoints):
+        for partial in ckpt.remove_partial(run.checkpoints, dead_writers_only=True):
             run.event("checkpoint_partial_removed", path=str(partial))
         steps = [int(p.name.split("-")[1]) for p in ckpt.list_checkpoints(run.checkpoints)]
         first_step = max(steps, default=0)
         run.truncate_metrics(first_step)
         run.repair_events()
-    server = None
-    if lighthouse is None:
-        server = start_lighthouse(cfg, bind=f"{host}:0")
-        # address() names the machine's hostname; peers here must use the bound address.
-        lighthouse = f"http://{host}:{server.address().rsplit(':', 1)[1]}"
-    groups = list(range(cfg.replicas.count)) if groups is None else groups
-    run.event("job_start", replicas=cfg.replicas.count, groups=groups, lighthouse=lighthouse, step=first_step)
     (run.path / "logs").mkdir(exist_ok=True)
     for stale in (run.path / "logs").glob("replica-*.ready"):
         stale.unlink()
-    procs = {r: GroupProcess(r) for r in groups}
-    env = dict(os.environ)
+    env = {**os.environ, SUPERVISOR_ENV: supervisor_identity(), SECRET_ENV: secret}
+    groups = list(range(cfg.replicas.count)) if groups is None else groups
     # Share the cores: N groups with all cores each would oversubscribe the machine.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // (len(groups) * cfg.replicas.ranks_per_group))))
+    own_lighthouse = LighthouseProcess(cfg, host, run, env) if lighthouse is None else None
+    lighthouse = own_lighthouse.url if own_lighthouse else lighthouse
+    run.event("job_start", replicas=cfg.replicas.count, groups=groups, lighthouse=lighthouse, step=first_step)
+    procs = {r: GroupProcess(r) for r in groups}
 
     def spawn(g: GroupProcess) -> None:
         launcher = [sys.executable]
         if cfg.replicas.ranks_per_group > 1:  # torchrun starts the group's ranks; we restart the group as a whole
-            launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(cfg.replicas.ranks_per_group),
-                         "--max-restarts", "0"]
+            launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                         str(cfg.replicas.ranks_per_group), "--max-restarts", "0"]
         args = [*launcher, "-m", "stalwart", "train", "--out", str(run.path), "--quiet",
                 "--lighthouse", lighthouse, "--replica-id", str(g.replica), "--host", host]
-        log = open(run.path / "logs" / f"replica-{g.replica}.log", "ab")
         # Injected faults fire in a group's first process only: its restart runs clean. The
         # first processes wait for each other before step 1 (a restart joins at once).
-        group_env = {**env, START_TOGETHER_ENV: str(len(groups))} if g.restarts == 0 else \
+        group_env = {**env, START_TOGETHER_ENV: str(len(groups))} if g.total_restarts == 0 else \
             {k: v for k, v in env.items() if k != INJECT_ENV}
-        g.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=group_env, start_new_session=True)
-        log.close()
-        g.last_progress, g.restart_at = time.monotonic(), None
-        run.event("group_start", replica=g.replica, pid=g.proc.pid, restarts=g.restarts)
+        with open(_log_path(run, g.replica), "ab") as log:
+            # Its own session: a hang kill or shutdown reaches every process of the group.
+            g.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=group_env, start_new_session=True)
+        g.last_progress, g.restart_at, g.committed_since_start = time.monotonic(), None, 0
+        run.event("group_start", replica=g.replica, pid=g.proc.pid, restarts=g.total_restarts)
 
     # Slurm and friends stop a job with SIGTERM: end the groups too, not orphan them.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
@@ -116,13 +156,16 @@ def supervise(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, lighthous
     tail = _MetricsTail(run.metrics_path)
     shown = first_step
     r = cfg.replicas
+    stop: Exception | None = None
     try:
         with progress:
             for g in procs.values():
                 spawn(g)
-            while not all(g.done for g in procs.values()):
+            while stop is None and not all(g.done for g in procs.values()):
                 time.sleep(POLL_S)
                 now = time.monotonic()
+                if own_lighthouse is not None:
+                    own_lighthouse.poll()
                 for g in procs.values():  # each group touches its .alive file every step and eval batch
                     try:
                         beat = time.time() - run.alive_path(g.replica).stat().st_mtime
@@ -130,70 +173,141 @@ def supervise(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, lighthous
                     except FileNotFoundError:
                         pass
                 for record in tail.read():
+                    if record.get("replica") in procs:
+                        _count_commit(run, procs[record["replica"]], r.restart_refill_steps)
                     if record.get("step", 0) > shown:
                         shown = record["step"]
                         progress.update(shown, record)
                 for g in procs.values():
-                    if g.done:
-                        continue
-                    if g.proc is None:
-                        if g.restart_at is not None and now >= g.restart_at:
-                            g.restarts += 1
-                            run.event("group_restart", replica=g.replica, restarts=g.restarts)
-                            spawn(g)
-                        continue
-                    code = g.proc.poll()
-                    if code is None and now - g.last_progress > r.hang_timeout_s:
-                        g.proc.kill()
-                        g.proc.wait()
-                        run.event("group_hung", replica=g.replica, pid=g.proc.pid,
-                                  silent_s=round(now - g.last_progress, 1))
-                        g.proc = None
-                        _schedule_restart(run, g, r)
-                        continue
-                    if code is None:
-                        continue
-                    g.proc = None
-                    if code == 0:
-                        g.done = g.finished = True
-                    elif code == EXIT_EXCLUDED:
-                        g.done = True
-                        run.event("group_excluded", replica=g.replica)
-                    else:
-                        run.event("group_exit", replica=g.replica, returncode=code,
-                                  signal=signal.Signals(-code).name if code < 0 else None)
-                        _schedule_restart(run, g, r)
+                    stop = stop or _watch_group(run, cfg, g, now, spawn)
     finally:
         for g in procs.values():
             if g.proc is not None and g.proc.poll() is None:
-                g.proc.kill()
-                g.proc.wait()
-        if server is not None:
-            server.shutdown()
+                _kill_group(g.proc)
+        if own_lighthouse is not None:
+            own_lighthouse.stop()
 
     wall = time.monotonic() - started
     finished = sum(g.finished for g in procs.values())
-    if not finished:
-        run.event("job_end", ok=False, wall_s=round(wall, 3))
+    if stop is not None or not finished:
+        run.event("job_end", ok=False, wall_s=round(wall, 3), reason=str(stop) if stop else "every group failed")
+        if stop is not None:
+            raise stop
         raise UserError(f"every replica group failed; see {run.path}/logs and events.jsonl, and continue with "
                         f"stalwart train --resume --out {run.path}")
     summary = run.read_summary()
     summary.update(goodput_report(run.read_metrics(), run.read_events(), wall_s=wall, since=started_at))
     summary.update({"wall_s": round(wall, 3), "replicas": cfg.replicas.count,
-                    "restarts": sum(g.restarts for g in procs.values()), "groups_finished": finished})
+                    "restarts": sum(g.total_restarts for g in procs.values()), "groups_finished": finished})
     run.write_summary(summary)
     run.event("job_end", ok=True, wall_s=round(wall, 3), ettr=summary["ettr"], steps_lost=summary["steps_lost"],
               mean_recover_s=summary["mean_recover_s"], restarts=summary["restarts"])
     return summary
 
 
+def _watch_group(run: RunDir, cfg: RunConfig, g: GroupProcess, now: float, spawn) -> Exception | None:
+    """One look at one group: restart it when due, kill it when hung, act on its exit.
+    Returns the error that stops the job, if its exit says so."""
+    r = cfg.replicas
+    if g.done:
+        return None
+    if g.proc is None:
+        if g.restart_at is not None and now >= g.restart_at:
+            g.restarts += 1
+            g.total_restarts += 1
+            run.event("group_restart", replica=g.replica, restarts=g.total_restarts)
+            spawn(g)
+        return None
+    code = g.proc.poll()
+    if code is None:
+        if now - g.last_progress > r.hang_timeout_s:
+            _kill_group(g.proc)
+            run.event("group_hung", replica=g.replica, pid=g.proc.pid, silent_s=round(now - g.last_progress, 1),
+                      since=round(time.time() - (now - g.last_progress), 3))
+            g.proc = None
+            _schedule_restart(run, g, r)
+        return None
+    pid, g.proc = g.proc.pid, None
+    if code == 0:
+        g.done = g.finished = True
+    elif code == EXIT_EXCLUDED:
+        g.done = True
+        run.event("group_excluded", replica=g.replica)
+    elif code in (EXIT_USAGE, EXIT_STALLED):
+        g.done = True
+        line = _last_error_line(_log_path(run, g.replica))
+        run.event("group_error", replica=g.replica, pid=pid, returncode=code, error=line)
+        return (UserError if code == EXIT_USAGE else TrainingStopped)(f"replica group {g.replica} stopped the job: {line}")
+    else:
+        run.event("group_exit", replica=g.replica, returncode=code, pid=pid,
+                  signal=signal.Signals(-code).name if code < 0 else None)
+        if code == EXIT_NONFINITE:
+            g.nonfinite_exits += 1
+            if g.nonfinite_exits > cfg.guards.nonfinite_restarts:
+                g.done = True
+                run.event("group_abandoned", replica=g.replica, restarts=g.total_restarts,
+                          reason=f"non-finite right after a heal {g.nonfinite_exits} times (guards.nonfinite_restarts)")
+                return None
+        _schedule_restart(run, g, r)
+    return None
+
+
+def _count_commit(run: RunDir, g: GroupProcess, refill_steps: int) -> None:
+    g.committed_since_start += 1
+    if g.restarts and g.committed_since_start >= refill_steps:
+        run.event("restart_budget_refilled", replica=g.replica, restarts=g.restarts, steps=g.committed_since_start)
+        g.restarts = 0
+
+
 def _schedule_restart(run: RunDir, g: GroupProcess, r) -> None:
     if g.restarts >= r.max_restarts:
         g.done = True
-        run.event("group_abandoned", replica=g.replica, restarts=g.restarts)
+        run.event("group_abandoned", replica=g.replica, restarts=g.total_restarts, reason="replicas.max_restarts")
         return
     delay = min(r.restart_backoff_s * 2 ** g.restarts, MAX_BACKOFF_S)
     g.restart_at = time.monotonic() + delay
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL a process and everything in its session (torchrun and its ranks)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _log_path(run: RunDir, replica: int) -> Path:
+    return run.path / "logs" / f"replica-{replica}.log"
+
+
+def _last_error_line(log: Path) -> str:
+    """The group's own one-line error (`stalwart train: error: ...`), else its last line."""
+    try:
+        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except FileNotFoundError:
+        return "no output"
+    errors = [line for line in lines if line.startswith("stalwart train: ")]
+    line = (errors or lines or ["no output"])[-1]
+    return line.removeprefix("stalwart train: ").removeprefix("error: ")[:300]
+
+
+def _wait_for_port(bind: str, timeout: float) -> None:
+    host, _, port = bind.rpartition(":")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((host, int(port)), timeout=1.0).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise UserError(f"the Lighthouse did not start on {bind} within {timeout:.0f} s (see its log)")
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 class _MetricsTail:
@@ -219,4 +333,3 @@ class _MetricsTail:
             except ValueError:
                 continue
         return records
-

@@ -1,14 +1,26 @@
 """The one buffer a replicated step all-reduces (a sum over the participants):
 
     [ gradients | has-gradient flag per parameter | loss, lm_loss, mtp_loss
-      | expert load per MoE layer | compute seconds per replica slot | member flag per slot ]
+      | expert load per MoE layer | per replica slot: compute seconds, member, non-finite
+      | checkpoint due | per data shard: contributed, loader position ]
 
 One collective per step instead of one per statistic; and because every replica then holds
-the same numbers, every guard reaches the same verdict. A job of one process has nothing to
-exchange: `LocalExchange` answers the same questions from the step's own tensors, without
-copying the gradients (that copy cost ~4% of a CPU step of the tiny model). A parameter that got no gradient
-on any participant (an expert no token was routed to) keeps grad None, as it would in one
-process, so AdamW skips it rather than decaying it.
+the same numbers, every guard reaches the same verdict.
+
+A rank whose own loss or gradients are not finite (a device producing NaN, NaN weights or
+optimizer state) contributes nothing but its flags: its gradients, losses and expert loads
+are left out of the sum, so the healthy participants still commit and the bad group heals
+from them (train/step.py). Each contributing rank writes its loader position into its
+shard's slot (integers split into two exactly representable float32 halves), which is how
+every group keeps the job's data ledger (train/state.py). The lowest group's checkpoint
+clock sets "checkpoint due", so that every group agrees on which steps are checkpointed
+(the check before a checkpoint is a collective: all must take part).
+
+A job of one process has nothing to exchange: `LocalExchange` answers the same questions
+from the step's own tensors, without copying the gradients (that copy cost ~4% of a CPU
+step of the tiny model). A parameter that got no gradient on any participant (an expert no
+token was routed to) keeps grad None, as it would in one process, so AdamW skips it rather
+than decaying it.
 """
 
 from __future__ import annotations
@@ -16,6 +28,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from stalwart.data.loader import LOADER_STATE
+
+_HALF = 1 << 24  # float32 holds every integer below 2**24 exactly
+_SHARD_SLOT = 1 + 2 * len(LOADER_STATE)  # contributed flag, then (high, low) per position field
 
 
 @dataclass
@@ -26,29 +43,46 @@ class StepExchange:
     num_layers: int
     num_experts: int
     num_slots: int
+    num_shards: int
+    own_finite: bool
 
     @classmethod
-    def pack(cls, params: list[torch.Tensor], losses: torch.Tensor, moe_layers: list, group,
-             compute_s: float) -> StepExchange:
+    def pack(cls, params: list[torch.Tensor], losses: torch.Tensor, moe_layers: list, group, compute_s: float,
+             *, shard: int, num_shards: int, position: dict[str, int], checkpoint_due: bool, contribute: bool) -> StepExchange:
         device = params[0].device
         grads = [torch.zeros(p.numel(), device=device) if p.grad is None else p.grad.reshape(-1).float()
                  for p in params]
         has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
         loads = [m.expert_load.float() for m in moe_layers]
-        slots = torch.zeros(2 * group.num_replicas, device=device)
-        slots[group.replica] = compute_s
-        slots[group.num_replicas + group.replica] = 1.0
+        n = group.num_replicas
+        slots = torch.zeros(3 * n + 1 + _SHARD_SLOT * num_shards, device=device)
         buffer = torch.cat([*grads, has_grad, losses.to(device), *loads, slots])
-        return cls(buffer, len(params), sum(g.numel() for g in grads), len(loads),
-                   loads[0].numel() if loads else 0, group.num_replicas)
+        grad_numel = sum(g.numel() for g in grads)
+        values = buffer[:grad_numel + len(params) + 3]
+        own_finite = contribute and bool(torch.isfinite(values).all())
+        tail = buffer[buffer.numel() - slots.numel():]
+        tail[group.replica] = compute_s
+        tail[n + group.replica] = 1.0
+        tail[3 * n] = float(checkpoint_due)
+        if own_finite:
+            base = 3 * n + 1 + _SHARD_SLOT * shard
+            ledger = tail[base:base + _SHARD_SLOT]
+            ledger[0] = 1.0
+            for i, name in enumerate(LOADER_STATE):
+                ledger[1 + 2 * i], ledger[2 + 2 * i] = divmod(position[name], _HALF)
+        else:  # contribute nothing but the flags: the others' sum stays finite
+            buffer[:buffer.numel() - slots.numel()] = 0.0
+            tail[2 * n + group.replica] = 1.0
+        return cls(buffer, len(params), grad_numel, len(loads), loads[0].numel() if loads else 0, n, num_shards,
+                   own_finite)
 
-    def unpack_gradients(self, params: list[torch.Tensor], participants: int) -> None:
+    def unpack_gradients(self, params: list[torch.Tensor], contributors: int) -> None:
         flags = self.buffer[self.grad_numel:self.grad_numel + self.num_params].tolist()
         offset = 0
         for p, flag in zip(params, flags):
             n = p.numel()
             if flag > 0:
-                p.grad = (self.buffer[offset:offset + n] / participants).view_as(p).to(p.dtype)
+                p.grad = (self.buffer[offset:offset + n] / contributors).view_as(p).to(p.dtype)
             else:
                 p.grad = None
             offset += n
@@ -64,24 +98,49 @@ class StepExchange:
         loads = self._tail(3, self.num_layers * self.num_experts)
         return list(loads.view(self.num_layers, self.num_experts)) if self.num_layers else []
 
+    def _slots(self) -> list[float]:
+        start = 3 + self.num_layers * self.num_experts
+        return self._tail(start, 3 * self.num_slots + 1 + _SHARD_SLOT * self.num_shards).cpu().tolist()
+
     def compute_times(self) -> dict[int, float]:
         """{replica: seconds of forward and backward (mean over its ranks)} for every
         participant of the step."""
-        slots = self._tail(3 + self.num_layers * self.num_experts, 2 * self.num_slots).cpu().tolist()
-        n = self.num_slots
+        slots, n = self._slots(), self.num_slots
         return {r: slots[r] / slots[n + r] for r in range(n) if slots[n + r] > 0}
+
+    def nonfinite_replicas(self) -> list[int]:
+        """Replica groups with at least one rank whose own values were not finite."""
+        slots, n = self._slots(), self.num_slots
+        return [r for r in range(n) if slots[2 * n + r] > 0]
+
+    def checkpoint_due(self) -> bool:
+        return self._slots()[3 * self.num_slots] > 0
+
+    def shard_positions(self) -> dict[int, dict[str, int]]:
+        """{shard: loader position after this step's batch} for every contributing rank."""
+        slots, base = self._slots(), 3 * self.num_slots + 1
+        positions = {}
+        for shard in range(self.num_shards):
+            slot = slots[base + _SHARD_SLOT * shard:base + _SHARD_SLOT * (shard + 1)]
+            if slot[0] > 0:
+                positions[shard] = {name: int(slot[1 + 2 * i]) * _HALF + int(slot[2 + 2 * i])
+                                    for i, name in enumerate(LOADER_STATE)}
+        return positions
 
 
 class LocalExchange:
     """The same accessors for a job without peers: nothing is copied or summed."""
 
     buffer = None
+    own_finite = True  # a lone process's non-finite values are the guard's verdict, not a heal
 
-    def __init__(self, losses: torch.Tensor, moe_layers: list, compute_s: float) -> None:
+    def __init__(self, losses: torch.Tensor, moe_layers: list, compute_s: float, *, shard: int,
+                 position: dict[str, int], checkpoint_due: bool) -> None:
         self._losses, self._compute_s = losses, compute_s
         self._loads = [m.expert_load.float() for m in moe_layers]
+        self._shard, self._position, self._checkpoint_due = shard, position, checkpoint_due
 
-    def unpack_gradients(self, params: list[torch.Tensor], participants: int) -> None:
+    def unpack_gradients(self, params: list[torch.Tensor], contributors: int) -> None:
         pass
 
     def losses(self) -> torch.Tensor:
@@ -93,9 +152,24 @@ class LocalExchange:
     def compute_times(self) -> dict[int, float]:
         return {0: self._compute_s}
 
+    def nonfinite_replicas(self) -> list[int]:
+        return []
 
-def step_exchange(params: list[torch.Tensor], losses: torch.Tensor, moe_layers: list, group,
-                  compute_s: float) -> StepExchange | LocalExchange:
+    def checkpoint_due(self) -> bool:
+        return self._checkpoint_due
+
+    def shard_positions(self) -> dict[int, dict[str, int]]:
+        return {self._shard: self._position}
+
+
+def step_exchange(params: list[torch.Tensor], losses: torch.Tensor, moe_layers: list, group, compute_s: float,
+                  loader, *, checkpoint_due: bool, contribute: bool = True) -> StepExchange | LocalExchange:
+    """`contribute` False: this group's state is known bad; it joins the collective with
+    its flags only, like a rank whose values are not finite."""
+    position = loader.state_dict()
     if group.num_replicas == 1 and group.contributors == 1:
-        return LocalExchange(losses, moe_layers, compute_s)
-    return StepExchange.pack(params, losses, moe_layers, group, compute_s)
+        return LocalExchange(losses, moe_layers, compute_s, shard=loader.shard, position=position,
+                             checkpoint_due=checkpoint_due)
+    return StepExchange.pack(params, losses, moe_layers, group, compute_s, shard=loader.shard,
+                             num_shards=loader.num_shards, position=position, checkpoint_due=checkpoint_due,
+                             contribute=contribute)

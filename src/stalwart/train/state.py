@@ -1,5 +1,12 @@
 """The training state that moves: what a checkpoint saves, what a healing replica group
-receives from a peer, and what the silent-corruption check fingerprints."""
+receives from a peer, and what the silent-corruption check fingerprints.
+
+The data ledger (`shards`) is the position of every data shard of the job as of the last
+step whose exchange succeeded: each replicated step carries every contributing rank's
+loader position (train/exchange.py), and every group records all of them. A group that
+heals, restarts or resumes takes its own shard's position from the ledger, never a peer's
+loader: no batch is trained twice and none is skipped (docs/design.md, "Data").
+"""
 
 from __future__ import annotations
 
@@ -10,43 +17,74 @@ import torch
 
 from stalwart import checkpoint as ckpt
 from stalwart.data.loader import PackedLoader
+from stalwart.errors import ConfigError
 from stalwart.guards import SpikeGuard, fingerprint
 from stalwart.model import DeepSeekForCausalLM
 from stalwart.model_source import load_model_state
 
 
-class Trainer:
-    """The training state that checkpoints save and that a healing replica receives."""
+class TrainState:
+    """Weights, optimizer, this shard's loader, the spike guard, the data ledger and the
+    counters of one process."""
 
     def __init__(self, model: DeepSeekForCausalLM, optimizer: torch.optim.Optimizer, loader: PackedLoader,
                  guard: SpikeGuard) -> None:
         self.model, self.optimizer, self.loader, self.guard = model, optimizer, loader, guard
         self.step, self.tokens_seen = 0, 0
+        # Identical on every participant (they follow from the same sums) and carried by a
+        # heal, so that every group takes the same extra collectives at the same points:
+        self.uncommitted = 0  # consecutive step attempts a guard voted down everywhere
+        self.checkpoint_due = False  # the committed step is to be checkpointed
+        self.shards: list[dict[str, int]] = [loader.state_dict() for _ in range(loader.num_shards)]
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "loader": self.loader.state_dict(), "guard": self.guard.state_dict(),
-                "step": self.step, "tokens_seen": self.tokens_seen}
+                "shards": [dict(s) for s in self.shards], "guard": self.guard.state_dict(),
+                "step": self.step, "tokens_seen": self.tokens_seen, "uncommitted": self.uncommitted,
+                "checkpoint_due": self.checkpoint_due}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A healthy peer's state (a heal): its weights, optimizer and ledger; this shard's
+        loader goes to the ledger's position for it."""
         load_model_state(self.model, state["model"], Path("peer"))
         self.optimizer.load_state_dict(state["optimizer"])
-        self.loader.load_state_dict(state["loader"])
         self.guard.load_state_dict(state["guard"])
+        self._load_ledger(state["shards"], "a peer's state")
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self.uncommitted, self.checkpoint_due = int(state["uncommitted"]), bool(state["checkpoint_due"])
 
-    def load_checkpoint(self, latest: ckpt.LoadedCheckpoint, *, loader: bool = True) -> dict[str, Any]:
-        """Weights, optimizer and counters from a checkpoint (and the loader position unless a
-        rollback keeps reading past the offending batches); returns its train state."""
+    def load_checkpoint(self, latest: ckpt.LoadedCheckpoint, *, data: bool = True) -> dict[str, Any]:
+        """Weights, optimizer and counters from a checkpoint, and the ledger unless a
+        rollback keeps reading past the offending batches; returns its train state."""
         load_model_state(self.model, latest.model_state, latest.path)
         state = latest.train_state
         self.optimizer.load_state_dict(state["optimizer"])
-        if loader:
-            self.loader.load_state_dict(state["loader"])
+        if data:
+            self._load_ledger(state["shards"], f"checkpoint {latest.path}")
         if "guard" in state:
             self.guard.load_state_dict(state["guard"])
         self.step, self.tokens_seen = latest.step, int(state["tokens_seen"])
+        self.checkpoint_due = False
         return state
+
+    def _load_ledger(self, shards: list[dict[str, Any]], source: str) -> None:
+        if len(shards) != self.loader.num_shards:
+            raise ConfigError(f"{source} has {len(shards)} data shards but this job has {self.loader.num_shards} "
+                              f"(replicas.count x replicas.ranks_per_group cannot change on --resume)")
+        self.shards = [{k: int(v) for k, v in s.items()} for s in shards]
+        self.rewind_loader()
+
+    def rewind_loader(self) -> None:
+        """This shard's loader back to the ledger: the batch of a step that did not count is
+        drawn again."""
+        own = self.shards[self.loader.shard]
+        if self.loader.state_dict() != own:
+            self.loader.load_state_dict(own)
+
+    def record_shards(self, positions: dict[int, dict[str, int]]) -> None:
+        """The positions of the shards that took part in a step whose exchange succeeded."""
+        for shard, position in positions.items():
+            self.shards[shard] = position
 
     def fingerprint(self) -> int:
         tensors = list(self.model.state_dict().values())

@@ -53,10 +53,13 @@ class CheckpointClock:
             return step % self.every == 0
         return time.monotonic() - self._last >= self.interval_s
 
-    def saved(self, cost_s: float) -> float:
-        self.cost_s = cost_s
-        if self.mtbf_s > 0:
-            self.interval_s = young_daly_interval(max(cost_s, 1e-6), self.mtbf_s)
+    def saved(self, cost_s: float | None) -> float | None:
+        """A checkpoint was written now, at `cost_s` (None: by another group, at a cost
+        this one did not measure; the interval stays as it was)."""
+        if cost_s is not None:
+            self.cost_s = cost_s
+            if self.mtbf_s > 0:
+                self.interval_s = young_daly_interval(max(cost_s, 1e-6), self.mtbf_s)
         self._last = time.monotonic()
         return cost_s
 

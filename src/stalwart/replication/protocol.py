@@ -1,0 +1,93 @@
+"""The contract between the supervisor and its replica-group processes, in one place.
+
+- **Launch**: a group is `stalwart train --out RUN_DIR --lighthouse URL --replica-id R`;
+  joining is resuming: it loads the newest checkpoint and heals from a live peer.
+- **Start together**: the first processes of a job wait for each other before step 1
+  (`START_TOGETHER_ENV`), so no group trains the first steps alone.
+- **Liveness**: rank 0 of a group touches RUN_DIR/logs/replica-R.alive at every step
+  attempt, quorum retry and evaluation batch; a group silent for replicas.hang_timeout_s
+  is killed (its whole process group: every rank of a torchrun group) and restarted.
+- **Supervisor watch**: every process of a group (and a Lighthouse the supervisor runs)
+  exits within `WATCH_PERIOD_S` of the supervisor's death, whatever signal killed it
+  (`SUPERVISOR_ENV` names the supervisor's pid and start time, so a reused pid is no
+  supervisor).
+- **Exit codes**: 0 finished; `EXIT_USAGE` (2) bad input or a full disk: the job stops
+  with that line; `EXIT_EXCLUDED` left as a straggler: not restarted; `EXIT_NONFINITE`
+  non-finite again right after a heal: restarted until guards.nonfinite_restarts, then
+  abandoned; `EXIT_PARTITIONED` every collective failed replicas.max_failed_steps times in
+  a row: restarted (it rejoins and heals); `EXIT_STALLED` no commit for 3 x
+  guards.max_uncommitted_steps: the job stops with exit code 1; anything else is a crash:
+  restarted with backoff.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+from stalwart.errors import EXIT_USAGE
+
+START_TOGETHER_ENV = "STALWART_START_TOGETHER"  # set by the supervisor for a job's first processes
+START_TOGETHER_TIMEOUT_S = 120.0
+SUPERVISOR_ENV = "STALWART_SUPERVISOR"  # "PID:START_TIME" of the supervising process
+WATCH_PERIOD_S = 1.0
+
+EXIT_EXCLUDED = 3
+EXIT_NONFINITE = 4
+EXIT_PARTITIONED = 5
+EXIT_STALLED = 6
+EXIT_ORPHANED = 7  # the supervisor is gone: nobody reads this code, it only marks the log
+__all__ = ["EXIT_USAGE", "EXIT_EXCLUDED", "EXIT_NONFINITE", "EXIT_PARTITIONED", "EXIT_STALLED", "EXIT_ORPHANED"]
+
+
+def start_together(logs: Path, replica: int) -> None:
+    """At a job's start, wait (up to START_TOGETHER_TIMEOUT_S) until every group the
+    supervisor started is ready for its first quorum, so that no group trains the first
+    steps alone and the others begin by healing from it."""
+    groups = int(os.environ.pop(START_TOGETHER_ENV, "0") or 0)
+    if groups <= 1:
+        return
+    (logs / f"replica-{replica}.ready").touch()
+    deadline = time.monotonic() + START_TOGETHER_TIMEOUT_S
+    while len(list(logs.glob("replica-*.ready"))) < groups and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def process_identity(pid: int) -> str | None:
+    """"PID:START_TIME" of a live process (the start time from /proc, so that a pid the
+    kernel hands out again is not mistaken for the old process); None if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        if fields[0] == "Z":  # a zombie is dead
+            return None
+        return f"{pid}:{fields[19]}"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+    except OSError:  # no /proc (macOS): the pid alone
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        return f"{pid}:0"
+
+
+def supervisor_identity() -> str:
+    return process_identity(os.getpid()) or f"{os.getpid()}:0"
+
+
+def watch_supervisor(on_lost) -> None:
+    """If a supervisor started this process, call `on_lost()` from a daemon thread once it
+    is gone (checked every WATCH_PERIOD_S)."""
+    identity = os.environ.get(SUPERVISOR_ENV)
+    if not identity:
+        return
+    pid = int(identity.split(":")[0])
+
+    def watch() -> None:
+        while process_identity(pid) == identity:
+            time.sleep(WATCH_PERIOD_S)
+        on_lost()
+
+    threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()

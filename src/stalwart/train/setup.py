@@ -1,0 +1,174 @@
+"""Everything a training process builds before its first step, in one `Job`.
+
+Everything that can reject the input (device, data files, the split, the shape of a
+torchrun launch, a job secret) is checked before the run directory is touched; then
+config.json is written first, so that from there on the folder is a run `--resume` can
+continue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stalwart import checkpoint as ckpt
+from stalwart.config import RunConfig
+from stalwart.data.loader import PackedLoader
+from stalwart.data.sources import documents, prepare_tokenizer
+from stalwart.data.tasks import make_problem
+from stalwart.device import (DeviceInfo, autocast_dtype, enable_determinism, resolve_device, seed_everything,
+                             set_rng_state)
+from stalwart.errors import ConfigError
+from stalwart.faults import set_replica
+from stalwart.guards import SpikeGuard
+from stalwart.model import DeepSeekForCausalLM
+from stalwart.replication.group import LocalGroup, TorchFTGroup, group_rank
+from stalwart.replication.protocol import start_together
+from stalwart.run.rundir import RunDir
+from stalwart.train.optim import build_optimizer
+from stalwart.train.state import TrainState
+
+
+@dataclass
+class Replica:
+    """Where this process sits in a replicated job: None for a single-process run."""
+    replica: int
+    lighthouse: str
+    host: str
+    secret: bytes
+
+
+@dataclass
+class Job:
+    """One training process: its config, device, run directory, model, state and group."""
+    cfg: RunConfig
+    info: DeviceInfo
+    run: RunDir
+    tokenizer: Any
+    model: DeepSeekForCausalLM
+    forward: Callable[..., Any]  # the model, or its torch.compile'd form
+    state: TrainState
+    group: LocalGroup | TorchFTGroup
+    autocast: Callable[[], Any]
+    compute_dtype: str
+    quiet: bool
+    params: list[torch.Tensor] = field(default_factory=list)
+    moe_layers: list = field(default_factory=list)
+
+    @property
+    def replicated(self) -> bool:
+        return not isinstance(self.group, LocalGroup)
+
+    @property
+    def tokens_per_batch(self) -> int:
+        """Tokens one rank trains per step."""
+        return self.cfg.train.batch_size * self.cfg.data.seq_len * self.cfg.train.grad_accum
+
+    def on_corrupt(self, path: Path, msg: str) -> None:
+        """A checkpoint that does not verify: reported, and the previous one used."""
+        self.run.event("checkpoint_corrupt", path=str(path), error=msg)
+        if not self.quiet:
+            print(f"warning: {msg}; using the previous checkpoint", file=sys.stderr)
+
+
+def autocast_for(cfg: RunConfig, info: DeviceInfo) -> tuple[Callable[[], Any], str]:
+    if cfg.train.dtype == "fp32":
+        dtype = None
+    elif cfg.train.dtype == "bf16":
+        if "bf16" not in info.dtypes:
+            raise ConfigError(f"train.dtype bf16 is not supported on {info.device}")
+        dtype = torch.bfloat16
+    else:
+        dtype = autocast_dtype(info)
+    if dtype is None:
+        return contextlib.nullcontext, "fp32"
+    return (lambda: torch.autocast(device_type=info.device.type, dtype=dtype)), "bf16"
+
+
+def setup(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, replica: Replica | None) -> Job:
+    info = resolve_device(None if cfg.train.device == "auto" else cfg.train.device)
+    train_docs = documents(cfg.data, "train")  # reads (and so checks) user files
+    if cfg.data.task != "files":  # an empty split must fail now, not at the first evaluation
+        make_problem(cfg.data.task, "eval", 0, cfg.data.seed, cfg.data.min_digits, cfg.data.max_digits)
+    rank, ranks = group_rank()
+    if replica is None and ranks > 1:
+        raise ConfigError("several ranks (torchrun) train as a replica group: pass --lighthouse URL --replica-id ID")
+    if ranks != cfg.replicas.ranks_per_group and replica is not None:
+        raise ConfigError(f"this group has {ranks} ranks (WORLD_SIZE) but replicas.ranks_per_group is "
+                          f"{cfg.replicas.ranks_per_group}")
+    autocast, compute_dtype = autocast_for(cfg, info)
+    run = RunDir(out, replica=None if replica is None else replica.replica, checkpoints=cfg.checkpoint.dir,
+                 rank=rank, ranks=ranks)
+    set_replica(None if replica is None else replica.replica)
+    run.create()
+    run.write_config(cfg.to_json())
+    seed_everything(cfg.train.seed)
+    enable_determinism(info)
+    tokenizer = prepare_tokenizer(cfg.data, run.path, reuse=resume, docs=train_docs, vocab_size=cfg.model.vocab_size,
+                                  max_length=cfg.model.max_position_embeddings)
+
+    model = DeepSeekForCausalLM(cfg.model).to(info.device)
+    g = cfg.guards
+    shard, shards = (replica.replica * ranks + rank, cfg.replicas.count * ranks) if replica else (0, 1)
+    state = TrainState(model, build_optimizer(model, cfg.optim),
+                       PackedLoader(train_docs, tokenizer, seq_len=cfg.data.seq_len, batch_size=cfg.train.batch_size,
+                                    seed=cfg.data.seed, shard=shard, num_shards=shards),
+                       SpikeGuard(sigma=g.spike_sigma, window=g.spike_window, min_history=g.spike_min_history,
+                                  rollback_spikes=g.rollback_spikes, rollback_window=g.rollback_window))
+    job = Job(cfg, info, run, tokenizer, model, torch.compile(model) if cfg.train.compile else model, state,
+              LocalGroup(), autocast, compute_dtype, quiet,
+              params=[p for p in model.parameters() if p.requires_grad], moe_layers=model.moe_layers())
+    _restore(job, resume=resume, replicated=replica is not None)
+    if replica is not None:
+        job.group = TorchFTGroup(
+            cfg.replicas, replica=replica.replica, lighthouse=replica.lighthouse, host=replica.host,
+            state_dict=state.state_dict, load_state_dict=state.load_state_dict, step=state.step,
+            secret=replica.secret, max_state_bytes=_max_state_bytes(state), backend=info.backend,
+            on_quorum_retry=lambda error, waited: _quorum_retry(job, error, waited))
+        start_together(run.path / "logs", replica.replica)
+    run.event("start", step=state.step, device=str(info.device), dtype=compute_dtype,
+              parameters=sum(p.numel() for p in model.parameters()), pid=os.getpid())
+    return job
+
+
+def _restore(job: Job, *, resume: bool, replicated: bool) -> None:
+    """Partial checkpoints of a dead writer removed; on --resume, the newest good checkpoint
+    loaded and (for one process) the run's files cut back to it."""
+    run, state = job.run, job.state
+    if not replicated:  # with replica groups the writer cleans up, never a reader
+        for partial in ckpt.remove_partial(run.checkpoints):
+            run.event("checkpoint_partial_removed", path=str(partial))
+    if not resume:
+        return
+    latest = ckpt.load_latest(run.checkpoints, on_corrupt=job.on_corrupt)
+    if latest is not None:
+        set_rng_state(job.info, state.load_checkpoint(latest)["rng"])
+    if not replicated:  # the supervisor repairs the files of a replicated run
+        run.truncate_metrics(state.step)
+        run.repair_events()
+    run.event("resume", step=state.step, checkpoint=str(latest.path) if latest else None)
+
+
+def _max_state_bytes(state: TrainState) -> int:
+    """The largest heal this group accepts: its own weights and buffers plus AdamW's two
+    moments per parameter (a peer's state has the same shapes), a quarter more, and 16 MiB
+    for the plain values (guard window, data ledger, counters)."""
+    weights = sum(t.numel() * t.element_size() for t in state.model.state_dict().values())
+    moments = 2 * sum(p.numel() * p.element_size() for p in state.model.parameters())
+    return (weights + moments) * 5 // 4 + (16 << 20)
+
+
+def _quorum_retry(job: Job, error: BaseException | None, waited: float) -> None:
+    job.run.beat()  # waiting for the Lighthouse is not a hang
+    if error is None:
+        job.run.event("lighthouse_back", step=job.state.step, waited_s=round(waited, 3))
+    elif waited == 0.0:
+        job.run.event("quorum_retry", step=job.state.step, grace_s=job.cfg.replicas.lighthouse_grace_s,
+                      error=str(error).splitlines()[0][:200])

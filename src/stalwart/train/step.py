@@ -1,0 +1,149 @@
+"""One training step, which ends in exactly one outcome (docs/design.md, "The step"):
+
+    committed  the collective succeeded, the guards passed, the vote said yes: the update
+               is applied, the counters and the data ledger advance
+    failed     the collective broke (a peer died, hung or is unreachable) or the vote said
+               no: nothing changes, this shard's batch is drawn again
+    skipped    a guard voted the step down everywhere (a non-finite sum, a spike): nothing
+               changes, the batch counts as read (it is the offending data)
+    rollback   repeated spikes: every group goes back to the last checkpoint
+    corrupt    this group's own loss or gradients are not finite while the others' are: it
+               contributed nothing, votes no, and heals from a healthy peer at the next
+               quorum
+
+`outcome_of` is the whole mapping from what a step saw to its outcome; recovery.py acts
+on it. The step itself never sleeps, retries or escalates.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from stalwart.faults import corrupt_gradients, inject
+from stalwart.guards import NONFINITE, OK, ROLLBACK, Verdict
+from stalwart.train.exchange import step_exchange
+from stalwart.train.optim import lr_at
+from stalwart.train.setup import Job
+
+COMMITTED, FAILED, SKIPPED, ROLLED_BACK, CORRUPT = "committed", "failed", "skipped", "rollback", "corrupt"
+
+
+@dataclass
+class StepResult:
+    outcome: str
+    step: int
+    seconds: float
+    verdict: Verdict = Verdict(OK)
+    record: dict[str, Any] | None = None  # a committed step's metrics
+    timings: dict[int, float] = field(default_factory=dict)  # {replica: compute seconds} when the collective worked
+    nonfinite: list[int] = field(default_factory=list)  # replicas whose own values were not finite
+    error: str | None = None  # why the collective failed
+
+
+def outcome_of(*, collective_ok: bool, own_finite: bool, healthy: int, verdict: Verdict, voted: bool) -> str:
+    """The outcome of a step from the collective's result, whether this group's own values
+    were finite, how many ranks contributed finite values, the guards' verdict on the sum
+    and this group's commit vote."""
+    if not collective_ok:
+        return FAILED
+    if not own_finite:
+        return CORRUPT if healthy else SKIPPED
+    if verdict.kind == ROLLBACK:
+        return ROLLED_BACK
+    if not verdict.commit:
+        return SKIPPED
+    return COMMITTED if voted else FAILED
+
+
+def train_step(job: Job, step: int, *, slowed: bool = False, checkpoint_due: bool = False,
+               exclude_self: bool = False) -> StepResult:
+    """Forward, backward, one exchange, the guards, the vote, and the update if committed.
+    `exclude_self`: this group's state is known bad (a fingerprint outside the majority);
+    it takes part in the collective without contributing and heals afterwards."""
+    cfg, state, group = job.cfg, job.state, job.group
+    t0 = time.perf_counter()
+    lr = lr_at(step, cfg.train.steps, cfg.optim)
+    for param_group in state.optimizer.param_groups:
+        param_group["lr"] = lr
+    losses = torch.zeros(3)  # loss, lm_loss, mtp_loss: summed over micro-batches
+    for _ in range(cfg.train.grad_accum):
+        x, y = state.loader.next_batch()
+        with job.autocast():
+            out = job.forward(x.to(job.info.device), labels=y.to(job.info.device))
+        (out.loss / cfg.train.grad_accum).backward()
+        losses += torch.stack([out.loss.detach().float().cpu(), out.lm_loss.detach().float().cpu(),
+                               torch.tensor(0.0) if out.mtp_loss is None else
+                               out.mtp_loss.detach().float().cpu()]) / cfg.train.grad_accum
+        del out  # the logits (B x T x vocab) must not live on into the next forward
+    corrupt_gradients(step, job.params)
+    if slowed:
+        time.sleep(2 * (time.perf_counter() - t0))
+    compute_s = time.perf_counter() - t0
+
+    exchange = step_exchange(job.params, losses, job.moe_layers, group, compute_s, state.loader,
+                             checkpoint_due=checkpoint_due, contribute=not exclude_self)
+    collective_ok = group.allreduce_sum(exchange.buffer)
+    error = group.error()  # why the collective failed, before the vote adds its own
+    verdict, grad_norm, healthy = Verdict(OK), float("nan"), 0
+    positions: dict[int, dict[str, int]] = {}
+    if collective_ok:
+        positions = exchange.shard_positions()
+        healthy = len(positions)  # ranks whose finite gradients are in the sum
+        if exchange.own_finite and healthy:
+            exchange.unpack_gradients(job.params, healthy)
+            clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(job.params, clip))
+            loss, lm_loss, mtp_loss = (exchange.losses() / healthy).tolist()
+            verdict = state.guard.check(step, lm_loss, grad_norm)
+        elif not healthy:
+            verdict = Verdict(NONFINITE, "no participant has finite values")
+    reason = verdict.reason if exchange.own_finite else "this group's own state is not usable"
+    voted = group.should_commit(verdict.commit and exchange.own_finite, reason)
+    outcome = outcome_of(collective_ok=collective_ok, own_finite=exchange.own_finite, healthy=healthy,
+                         verdict=verdict, voted=voted)
+    record = None
+    if outcome == COMMITTED:
+        state.optimizer.step()
+        loads = exchange.expert_loads(len(job.moe_layers))
+        for moe, load in zip(job.moe_layers, loads):
+            moe.update_bias(load)
+        state.step, state.tokens_seen = step, state.tokens_seen + job.tokens_per_batch * healthy
+        state.uncommitted, state.checkpoint_due = 0, exchange.checkpoint_due()
+        state.guard.accept(lm_loss, grad_norm)
+        dt = time.perf_counter() - t0
+        record = {"step": step, "loss": lm_loss, "total_loss": loss, "lr": lr, "grad_norm": grad_norm,
+                  "tokens_per_s": job.tokens_per_batch * healthy / dt, "step_s": dt, "tokens": state.tokens_seen,
+                  "participants": group.participants, "time": round(time.time(), 4)}
+        if job.model.mtp:
+            record["mtp_loss"] = mtp_loss
+        imbalance = _imbalance(loads)
+        if imbalance is not None:
+            record["expert_imbalance"] = imbalance
+    else:
+        for moe in job.moe_layers:
+            moe.expert_load.zero_()
+        if outcome in (SKIPPED, ROLLED_BACK):
+            state.uncommitted += 1
+    state.optimizer.zero_grad(set_to_none=True)
+    if outcome != FAILED:
+        state.record_shards(positions)  # every contributing shard's batch is consumed
+    state.rewind_loader()  # this shard's batch again, unless it was consumed
+    return StepResult(outcome, step, time.perf_counter() - t0, verdict, record,
+                      exchange.compute_times() if collective_ok else {},
+                      exchange.nonfinite_replicas() if collective_ok else [],
+                      None if error is None else (str(error).strip().splitlines() or [type(error).__name__])[0][:300])
+
+
+def _imbalance(loads: list[torch.Tensor]) -> float | None:
+    """Mean over MoE layers of max expert load / mean expert load (1.0 is perfect balance)."""
+    ratios = [float(load.max() / load.mean()) for load in loads if load.sum() > 0]
+    return sum(ratios) / len(ratios) if ratios else None
+
+
+def slow_fault(step: int, slowed: bool) -> bool:
+    """The `slow` fault, once fired, lasts."""
+    return slowed or inject("slow", step)
