@@ -1,38 +1,42 @@
-"""Goodput under crashes: 3 replica groups of the tiny model, one group SIGKILLed every
-30 s for 3 minutes, with stalwart's settings and with torchft's default settings.
+"""Goodput under faults: 3 replica groups of the tiny model, one fault every 30 s, against
+torchft's own fault-tolerant DDP run as its documentation shows (bench/torchft_ddp.py).
 
-Each configuration runs the default recipe (the `tiny` DeepSeek-style model on 3-digit
-addition) as `stalwart train --replicas 3` in a subprocess, with evaluation only at the end
-(it would otherwise count as non-training time in both runs alike). Once all three groups
-are in the quorum, the clock starts; every --interval seconds the next group (1, 2, 0, 1,
-...) receives SIGKILL from this script, and the supervisor restarts it. After --duration
-seconds (plus --grace for the last recovery) the job is stopped.
+Each run trains the default recipe (the `tiny` DeepSeek-style model on 3-digit addition)
+with 3 replica groups: stalwart as `stalwart train --replicas 3` (evaluation only at the
+end), the baseline as three `torchrun --max-restarts` groups of bench/torchft_ddp.py under
+a `torchft_lighthouse`. Once all three groups are in the quorum, the clock starts; every
+--interval seconds the next group (1, 2, 0, ...) gets the fault, from this script:
 
-Measured from the run directory, over the window [first kill - interval, end]:
-- ETTR: the merged time inside committed steps (metrics.jsonl; any group) / window length;
-- recovery: from this script's kill to the killed group back in the quorum with healed
-  state: its first committed step after its `heal` event (goodput.back_in_quorum); a group
-  not back by the end counts as unrecovered;
-- group utilisation: committed (step, group) pairs / (3 x steps): the share of the three
-  groups' steps that went into the model (a group left out of a quorum, or healing, adds
-  nothing to it).
+- sigkill: SIGKILL to the group's training process (the supervisor, or torchrun, restarts it);
+- sigstop: SIGSTOP, and SIGCONT 20 s later (a device that wedges, then comes back);
+- nan: SIGUSR1, after which the group's device produces NaN in every step (stalwart:
+  `nan-device@sigusr1`; the baseline multiplies its loss by NaN);
+- lighthouse: SIGKILL to the Lighthouse (stalwart's supervisor restarts it on its address).
 
-The baseline is the same job with `--replicas.torchft_defaults true`: torchft's Manager
-(timeout and quorum timeout 60 s) and Lighthouse (its default join and heartbeat timeouts).
+Measured over the window [first fault - interval, end], with stalwart's own accounting
+(run/goodput.py) on both runs' metrics.jsonl:
+- ETTR: each group's time in committed steps / (3 x window);
+- token goodput: committed tokens / (tokens/s with all three groups x window);
+- recovery: fault to the group's first committed step with all three groups in it (for
+  sigstop this includes the 20 s the group is stopped); a group not back by the end is
+  unrecovered;
+- non-finite: committed steps whose loss is not finite.
 
-Run (from the repo root, .venv active):
+Run (from the repo root, .venv active); each run takes about --duration + --grace + 15 s:
 
-    python bench/faults.py                       # both configurations, about 7 minutes
-    python bench/faults.py --duration 60 --json out.json
+    python bench/faults.py                                   # every setting, 3 repetitions
+    python bench/faults.py --settings stalwart:sigkill --repeat 1 --duration 60
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -40,7 +44,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from stalwart.run.goodput import back_in_quorum, merged_length
+from stalwart.run.goodput import goodput_report
+
+SETTINGS = ("stalwart:sigkill", "stalwart:sigstop", "stalwart:nan", "stalwart:lighthouse", "torchft-ddp:sigkill",
+            "torchft-ddp:nan")
+GROUPS = 3
+STOP_S = 20.0  # how long a SIGSTOPped group stays stopped
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -55,77 +64,169 @@ def _jsonl(path: Path) -> list[dict]:
     return out
 
 
-def run_one(name: str, extra: list[str], args, root: Path) -> dict:
-    run = root / name
-    cmd = [sys.executable, "-m", "stalwart", "train", "--out", str(run), "--quiet", "--replicas", "3",
-           "--train.steps", "999999", "--eval.every", "0", "--eval.problems", "0", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "STALWART_INJECT": ""})
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.append(int(entry.name))
+    return found
+
+
+class Stalwart:
+    def __init__(self, run: Path, fault: str) -> None:
+        self.run = run
+        cmd = [sys.executable, "-m", "stalwart", "train", "--out", str(run), "--quiet", "--replicas", str(GROUPS),
+               "--train.steps", "999999", "--eval.every", "0", "--eval.problems", "0",
+               "--guards.nonfinite_restarts", "10"]
+        inject = "nan-device@sigusr1" if fault == "nan" else ""
+        self.procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                       env={**os.environ, "STALWART_INJECT": inject})]
+
+    def victim(self, replica: int) -> int:
+        return [e["pid"] for e in _jsonl(self.run / "events.jsonl")
+                if e["event"] == "group_start" and e["replica"] == replica][-1]
+
+    def lighthouse(self) -> int:
+        return [e["pid"] for e in _jsonl(self.run / "events.jsonl") if e["event"] == "lighthouse_start"][-1]
+
+    def stop(self) -> None:
+        self.procs[0].send_signal(signal.SIGTERM)
+
+
+class TorchftDDP:
+    def __init__(self, run: Path, fault: str) -> None:
+        from stalwart.data.sources import documents, prepare_tokenizer
+        from stalwart.recipes import recipe
+
+        self.run = run
+        run.mkdir(parents=True)
+        cfg = recipe("default")
+        prepare_tokenizer(cfg.data, run, reuse=False, docs=documents(cfg.data, "train"),
+                          vocab_size=cfg.model.vocab_size, max_length=cfg.model.max_position_embeddings)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        lighthouse = Path(sys.executable).with_name("torchft_lighthouse")
+        self.procs = [subprocess.Popen([str(lighthouse), "--min_replicas", "1", "--quorum_tick_ms", "100",
+                                        "--join_timeout_ms", "10000", "--bind", f"127.0.0.1:{port}"],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+        time.sleep(1.0)
+        threads = str(max(1, (os.cpu_count() or 1) // GROUPS))
+        for replica in range(GROUPS):
+            env = {**os.environ, "REPLICA_GROUP_ID": str(replica), "NUM_REPLICA_GROUPS": str(GROUPS),
+                   "TORCHFT_LIGHTHOUSE": f"http://127.0.0.1:{port}", "BENCH_RUN_DIR": str(run),
+                   "OMP_NUM_THREADS": threads}
+            log = open(run / f"replica-{replica}.log", "ab")
+            self.procs.append(subprocess.Popen(
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node",
+                 "1", "--max-restarts", "100", str(Path(__file__).with_name("torchft_ddp.py"))],
+                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
+
+    def victim(self, replica: int) -> int:
+        workers = _children(self.procs[1 + replica].pid)  # torchrun's current worker process
+        return workers[0] if workers else self.procs[1 + replica].pid
+
+    def stop(self) -> None:
+        for proc in self.procs[1:]:
+            for worker in _children(proc.pid):
+                os.kill(worker, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)
+        self.procs[0].kill()
+
+
+def run_one(setting: str, args, root: Path) -> dict:
+    system, fault = setting.split(":")
+    run = root / setting.replace(":", "-")
+    job = (Stalwart if system == "stalwart" else TorchftDDP)(run, fault)
+    faults: list[tuple[float, int]] = []
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and not any(m.get("participants") == 3 for m in _jsonl(run / "metrics.jsonl")):
+        deadline = time.time() + 180
+        while time.time() < deadline and not any(m.get("participants") == GROUPS
+                                                 for m in _jsonl(run / "metrics.jsonl")):
             time.sleep(0.2)
-        kills = []
-        start = time.time()
-        victim = 1
+        start, victim = time.time(), 1
         for k in range(int(args.duration // args.interval)):
             time.sleep(max(0.0, start + (k + 1) * args.interval - time.time()))
-            pid = [e["pid"] for e in _jsonl(run / "events.jsonl")
-                   if e["event"] == "group_start" and e["replica"] == victim][-1]
-            os.kill(pid, signal.SIGKILL)
-            kills.append((time.time(), victim))
-            victim = (victim + 1) % 3
+            if fault == "lighthouse":
+                os.kill(job.lighthouse(), signal.SIGKILL)
+            else:
+                pid = job.victim(victim)
+                os.kill(pid, {"sigkill": signal.SIGKILL, "sigstop": signal.SIGSTOP, "nan": signal.SIGUSR1}[fault])
+                if fault == "sigstop":
+                    time.sleep(STOP_S)
+                    os.kill(pid, signal.SIGCONT)
+            faults.append((time.time() - (STOP_S if fault == "sigstop" else 0.0), victim))
+            victim = (victim + 1) % GROUPS
         time.sleep(args.grace)
         end = time.time()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    window_start = kills[0][0] - args.interval
-    metrics, events = _jsonl(run / "metrics.jsonl"), _jsonl(run / "events.jsonl")
-    committed = [(max(m["time"] - m["step_s"], window_start), min(m["time"], end)) for m in metrics
-                 if m["time"] > window_start and m["time"] - m["step_s"] < end]
+        job.stop()
+        for proc in job.procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    window_start = faults[0][0] - args.interval
+    metrics = [m for m in _jsonl(run / "metrics.jsonl") if window_start < m["time"] <= end]
+    events = [e for e in _jsonl(run / "events.jsonl") if window_start < e["time"] <= end]
+    report = goodput_report(metrics, events, wall_s=end - window_start, groups=GROUPS, since=window_start)
     recoveries = []
-    for t, replica in kills:
-        back = back_in_quorum(metrics, events, replica, t)
+    for t, replica in faults:
+        back = next((m["time"] for m in metrics if m["time"] > t and m["participants"] == GROUPS
+                     and (fault == "lighthouse" or m["replica"] == replica)), None)
         recoveries.append(round(back - t, 2) if back is not None else None)
-    in_window = [m for m in metrics if window_start < m["time"] <= end]
-    steps = [m["step"] for m in in_window]
-    # Committed group-steps / (3 x steps): how much of the three groups' work went into the model.
-    group_steps = len({(m["step"], m["replica"]) for m in in_window})
     done = [r for r in recoveries if r is not None]
-    return {"name": name, "ettr": round(merged_length(committed) / (end - window_start), 4),
-            "kills": len(kills), "recoveries_s": recoveries, "recovered": len(done),
+    return {"setting": setting, "ettr": report["ettr"], "token_goodput": report["token_goodput"],
+            "faults": len(faults), "recoveries_s": recoveries, "recovered": len(done),
             "mean_recovery_s": round(statistics.fmean(done), 2) if done else None,
             "max_recovery_s": max(done) if done else None,
-            "steps_in_window": (max(steps) - min(steps) + 1) if steps else 0,
-            "group_utilisation": round(group_steps / (3 * len(set(steps))), 4) if steps else None,
+            "nonfinite_committed": sum(1 for m in metrics if not math.isfinite(m["loss"])),
             "window_s": round(end - window_start, 1)}
+
+
+def _spread(values: list[float | None], fmt: str) -> str:
+    known = [v for v in values if v is not None]
+    if not known:
+        return "-"
+    mean = format(statistics.fmean(known), fmt)
+    return f"{mean} ({format(min(known), fmt)}-{format(max(known), fmt)})" if len(known) > 1 else mean
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=float, default=180.0)
+    parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, from {', '.join(SETTINGS)}")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=90.0)
     parser.add_argument("--interval", type=float, default=30.0)
-    parser.add_argument("--grace", type=float, default=15.0, help="seconds after the last kill")
+    parser.add_argument("--grace", type=float, default=15.0, help="seconds after the last fault")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
-    results = []
+    results: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, extra in (("stalwart", []), ("torchft-defaults", ["--replicas.torchft_defaults", "true"])):
-            results.append(run_one(name, extra, args, Path(tmp)))
-            print(json.dumps(results[-1]), flush=True)
+        for setting in args.settings.split(","):
+            for rep in range(args.repeat):
+                result = run_one(setting, args, Path(tmp) / f"rep{rep}")
+                results.setdefault(setting, []).append(result)
+                print(json.dumps(result), flush=True)
     report = {"command": "python bench/faults.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
               "cpus": os.cpu_count(), "results": results}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    print("| settings | ETTR | group utilisation | kills | recovered | mean recovery | max recovery | steps |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in results:
-        print(f"| {r['name']} | {r['ettr']:.1%} | {r['group_utilisation']:.1%} | {r['kills']} | {r['recovered']} "
-              f"| {r['mean_recovery_s']} s | {r['max_recovery_s']} s | {r['steps_in_window']} |")
+    print("\nmean (min-max) over repetitions")
+    print("| setting | ETTR | token goodput | recovered | mean recovery | max recovery | non-finite committed |")
+    print("|---|---|---|---|---|---|---|")
+    for setting, runs in results.items():
+        print(f"| {setting} | {_spread([r['ettr'] for r in runs], '.1%')} "
+              f"| {_spread([r['token_goodput'] for r in runs], '.1%')} "
+              f"| {sum(r['recovered'] for r in runs)}/{sum(r['faults'] for r in runs)} "
+              f"| {_spread([r['mean_recovery_s'] for r in runs], '.1f')} s "
+              f"| {_spread([r['max_recovery_s'] for r in runs], '.1f')} s "
+              f"| {sum(r['nonfinite_committed'] for r in runs)} |")
 
 
 if __name__ == "__main__":

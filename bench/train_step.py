@@ -47,7 +47,8 @@ from stalwart.device import DeviceInfo, resolve_device, seed_everything, synchro
 from stalwart.export.hf import save_hf_folder
 from stalwart.model import DeepSeekForCausalLM
 from stalwart.recipes import recipe
-from stalwart.train.loop import documents, train
+from stalwart.data.sources import documents
+from stalwart.train.loop import train
 from stalwart.train.optim import build_optimizer, lr_at
 from stalwart.run.rundir import RunDir
 
@@ -108,7 +109,7 @@ def compare_implementations(cfg: RunConfig, info: DeviceInfo, args: argparse.Nam
     impl = {k: getattr(theirs.config, f"_{k}_implementation", None) or "default" for k in ("experts", "attn")}
     models = {"ours": ours.to(info.device), "ours + MTP": ours_mtp.to(info.device),
               "transformers": theirs.to(info.device)}
-    loader = PackedLoader(documents(cfg, "train"), tok, seq_len=cfg.data.seq_len,
+    loader = PackedLoader(documents(cfg.data, "train"), tok, seq_len=cfg.data.seq_len,
                           batch_size=cfg.train.batch_size, seed=cfg.data.seed)
     batches = [tuple(t.to(info.device) for t in loader.next_batch()) for _ in range(args.steps)]
 
@@ -156,7 +157,7 @@ def bare_loop(cfg: RunConfig, tok, info: DeviceInfo, from_step: int) -> dict:
     seed_everything(cfg.train.seed)
     model = DeepSeekForCausalLM(cfg.model).to(info.device)
     optimizer = build_optimizer(model, cfg.optim)
-    loader = PackedLoader(documents(cfg, "train"), tok, seq_len=cfg.data.seq_len,
+    loader = PackedLoader(documents(cfg.data, "train"), tok, seq_len=cfg.data.seq_len,
                           batch_size=cfg.train.batch_size, seed=cfg.data.seed)
     model.train()
     total, first_loss, t0 = cfg.train.steps, None, 0.0

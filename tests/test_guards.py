@@ -108,19 +108,62 @@ def test_checkpoint_clock_uses_fixed_steps_until_the_cost_is_measured():
     assert clock.describe()["rule"] == "young-daly"
 
 
-def test_ettr_counts_committed_time_once_and_not_rolled_back_steps():
-    metrics = [{"step": s, "time": 10.0 + s, "step_s": 1.0, "replica": r} for s in range(1, 6) for r in (0, 1)]
+def _records(steps, replicas, *, start=10.0, participants=None):
+    return [{"step": s, "time": start + s, "step_s": 1.0, "replica": r, "tokens_per_s": 100.0,
+             "participants": participants or len(replicas)} for s in steps for r in replicas]
+
+
+def test_ettr_sums_each_groups_committed_time_and_leaves_out_rolled_back_steps():
     events = [{"event": "rollback", "time": 15.5, "from_step": 5, "to_step": 3, "seconds": 0.1}]
-    report = goodput_report(metrics, events, wall_s=10.0)
-    # Steps 1..3 count (3 s, both replicas overlapping); 4 and 5 were undone by the rollback.
-    assert report["productive_s"] == pytest.approx(3.0) and report["ettr"] == pytest.approx(0.3)
+    report = goodput_report(_records(range(1, 6), (0, 1)), events, wall_s=10.0, groups=2)
+    # Steps 1..3 of both groups count (2 x 3 s of 2 x 10 s); 4 and 5 were undone by the rollback.
+    assert report["productive_s"] == pytest.approx(6.0) and report["ettr"] == pytest.approx(0.3)
+    assert report["token_goodput"] == pytest.approx(0.3)  # 3 steps x 100 tokens of 10 s x 100 tokens/s
     assert report["faults"][0]["kind"] == "rollback" and report["steps_lost"] == 2
 
 
+def test_two_dead_groups_of_three_show_in_ettr_and_token_goodput():
+    full = _records(range(1, 4), (0, 1, 2))
+    alone = [dict(r, tokens_per_s=100.0 / 3) for r in _records(range(4, 10), (0,), participants=1)]
+    report = goodput_report(full + alone, [], wall_s=9.0, groups=3)
+    assert report["ettr"] == pytest.approx((3 * 3 + 6) / 27, abs=1e-4)
+    assert report["token_goodput"] == pytest.approx((3 * 100 + 6 * 100 / 3) / 900, abs=1e-4)
+
+
+def test_a_heal_after_corruption_discards_that_groups_steps_since_it_was_last_known_good():
+    events = [{"event": "work_discarded", "time": 16.5, "replica": 1, "from_step": 3, "to_step": 6}]
+    report = goodput_report(_records(range(1, 7), (0, 1)), events, wall_s=10.0, groups=2)
+    assert report["productive_s"] == pytest.approx(6 + 3)  # group 1's steps 4..6 are not productive
+
+
+def test_a_hang_is_timed_from_when_the_group_stopped_and_one_that_ended_by_itself_counts_too():
+    metrics = _records(range(1, 4), (0, 1)) + _records(range(4, 9), (0,), participants=1) + \
+        _records(range(9, 11), (0, 1))
+    events = [{"event": "step_failed", "time": 13.8, "step": 4, "replica": 0},
+              {"event": "heal", "time": 18.5, "replica": 1, "step": 8}]  # SIGSTOP, then SIGCONT: no restart
+    (stall,) = goodput_report(metrics, events, wall_s=20.0, groups=2)["faults"]
+    assert stall["kind"] == "stall" and stall["time"] == 13.0  # its last commit
+    assert stall["detect_s"] == pytest.approx(0.8) and stall["recover_s"] == pytest.approx(19.0 - 13.0)
+    hung = [{"event": "group_hung", "time": 17.0, "since": 13.2, "replica": 1},
+            {"event": "group_start", "time": 17.6, "replica": 1}, {"event": "heal", "time": 18.5, "replica": 1, "step": 8}]
+    (hang,) = goodput_report(metrics, events[:1] + hung, wall_s=20.0, groups=2)["faults"]
+    assert hang["kind"] == "hang" and hang["time"] == 13.2 and hang["recover_s"] == pytest.approx(19.0 - 13.2)
+
+
+def test_a_lighthouse_outage_is_one_fault_from_the_last_commit_to_every_group_back():
+    metrics = _records(range(1, 4), (0, 1)) + _records(range(8, 10), (0, 1))
+    events = [{"event": "quorum_retry", "time": 13.5, "replica": 0}, {"event": "quorum_retry", "time": 13.6, "replica": 1},
+              {"event": "lighthouse_back", "time": 17.2, "replica": 1},
+              {"event": "lighthouse_back", "time": 17.4, "replica": 0}]
+    (outage,) = goodput_report(metrics, events, wall_s=20.0, groups=2)["faults"]
+    assert outage["kind"] == "lighthouse" and outage["groups"] == [0, 1] and outage["time"] == 13.0
+    assert outage["recover_s"] == pytest.approx(18.0 - 13.0)
+
+
 def test_crash_recovery_time_is_fault_to_the_first_commit_after_the_heal():
-    metrics = [{"step": 1, "time": 1.0, "step_s": 0.5, "replica": 0}, {"step": 2, "time": 2.5, "step_s": 0.5,
-                                                                         "replica": 0},
-               {"step": 3, "time": 5.4, "step_s": 0.4, "replica": 1}]
+    metrics = [{"step": 1, "time": 1.0, "step_s": 0.5, "replica": 0, "tokens_per_s": 10.0},
+               {"step": 2, "time": 2.5, "step_s": 0.5, "replica": 0, "tokens_per_s": 10.0},
+               {"step": 3, "time": 5.4, "step_s": 0.4, "replica": 1, "tokens_per_s": 10.0}]
     events = [{"event": "group_exit", "time": 2.0, "replica": 1, "returncode": -9},
               {"event": "step_failed", "time": 2.2, "step": 2, "replica": 0},
               {"event": "heal", "time": 5.0, "replica": 1, "step": 2}]

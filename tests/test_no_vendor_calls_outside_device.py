@@ -1,4 +1,4 @@
-"""Only src/stalwart/device.py may name an accelerator vendor's API (STYLE.md rule 6).
+"""Only src/stalwart/device.py may name an accelerator vendor's API (DEVELOPERS.md, the rules checked by tests).
 
 Code that calls `torch.cuda` directly works on the developer's GPU and breaks on an NPU,
 XPU or CPU host; routing every such call through one module is how the loop stays

@@ -8,46 +8,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+from jobs import final_fingerprints, group_pid_once_all_train, job, jsonl, start_job
 
 pytestmark = pytest.mark.slow
-
-FAST = ["--recipe", "smoke", "--quiet", "--guards.fingerprint_every", "5", "--replicas.timeout_s", "3",
-        "--replicas.heartbeat_timeout_s", "1", "--eval.problems", "0"]
-
-
-def job(out: Path, *extra: str, inject: str = "", timeout: float = 180) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "STALWART_INJECT": inject}
-    return subprocess.run([sys.executable, "-m", "stalwart", "train", "--out", str(out), *FAST, *extra],
-                          capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def start_job(out: Path, *extra: str) -> subprocess.Popen:
-    """A job left running, for tests that signal its groups."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "stalwart", "train", "--out", str(out), *FAST, *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-
-
-def group_pid_once_all_train(run: Path, *, groups: int, replica: int, timeout: float = 120) -> int:
-    """The pid of `replica`'s process, once all `groups` have committed step 10 together."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        metrics = jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").exists() else []
-        if any(m["step"] >= 10 and m["participants"] == groups for m in metrics):
-            break
-        time.sleep(0.1)
-    return next(e["pid"] for e in jsonl(run / "events.jsonl") if e["event"] == "group_start" and e["replica"] == replica)
-
-
-def jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def final_fingerprints(run: Path) -> dict[int, str]:
-    return {e["replica"]: e["fingerprint"] for e in jsonl(run / "events.jsonl") if e["event"] == "finish"}
 
 
 def test_sigkilled_group_is_restarted_and_healed_while_the_others_continue(tmp_path):

@@ -51,7 +51,7 @@ def test_train_writes_the_run_directory_contract(reference):
     assert records[-1]["loss"] < records[0]["loss"]
     summary = json.loads((reference / "summary.json").read_text())
     for key in ("steps", "tokens", "wall_s", "tokens_per_s", "final_train_loss", "eval_loss", "eval_exact_match",
-                "replicas", "goodput", "events"):
+                "replicas", "ettr", "token_goodput", "events"):
         assert key in summary, key
     assert summary["steps"] == 30 and 0 <= summary["eval_exact_match"] <= 1
     events = [json.loads(line)["event"] for line in (reference / "events.jsonl").read_text().splitlines()]

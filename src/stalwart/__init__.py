@@ -1,6 +1,6 @@
 """stalwart: train DeepSeek-style language models on imperfect fleets.
 
-The package is layered as ../DESIGN.md describes: `device` is the only module that knows
+The package is layered as docs/design.md describes: `device` is the only module that knows
 accelerators, `model` knows nothing of replicas, `export` maps to Hugging Face names.
 """
 

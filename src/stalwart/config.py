@@ -53,6 +53,10 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 autocast where the device has it, else fp32), fp32, bf16
     compile: bool = False  # torch.compile the model
     log_every: int = 10
+    # Data provenance: each metrics record lists the loader position ("position:start:skip")
+    # of every data shard whose batch the step trained, so that a run can be audited for
+    # batches trained twice or skipped.
+    trace_data: bool = False
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,9 @@ class ReplicasConfig:
     ranks_per_group: int = 1  # processes per group (torchrun), each on its own data shard
     min_replicas: int = 1  # fewer live groups than this: steps are not committed
     timeout_s: float = 5.0  # collectives, the commit vote and a heal's state transfer
-    quorum_timeout_s: float = 60.0  # waiting for a quorum before the group gives up (and restarts)
+    # One quorum attempt; a failed one (Lighthouse unreachable, too few groups) is retried
+    # until lighthouse_grace_s is spent. It bounds how long an outage goes unnoticed.
+    quorum_timeout_s: float = 10.0
     heartbeat_timeout_s: float = 2.0  # the Lighthouse drops a group silent this long
     join_timeout_s: float = 1.0  # the Lighthouse waits this long for late joiners of a quorum
     max_restarts: int = 10  # per group, by the supervisor; then the group stays down
@@ -167,9 +173,13 @@ MAX_STEPS = 999_999  # checkpoint folders are step-NNNNNN
 
 # What --resume may change: how long, how often, where. Anything else (model shape, data,
 # optimizer) would not continue the same run.
-RESUMABLE_OVERRIDES = ("train.steps", "train.log_every", "train.device", "train.compile", "eval.every",
-                       "eval.problems", "eval.batches", "checkpoint.every", "checkpoint.keep",
-                       "checkpoint.mtbf_s", "checkpoint.dir", *(f"replicas.{f.name}" for f in dataclasses.fields(ReplicasConfig)),
+# replicas.count and replicas.ranks_per_group fix the data shards (the data ledger has one
+# position per shard), so a resumed run keeps them.
+RESUMABLE_OVERRIDES = ("train.steps", "train.log_every", "train.device", "train.compile", "train.trace_data",
+                       "eval.every", "eval.problems", "eval.batches", "checkpoint.every", "checkpoint.keep",
+                       "checkpoint.mtbf_s", "checkpoint.dir",
+                       *(f"replicas.{f.name}" for f in dataclasses.fields(ReplicasConfig)
+                         if f.name not in ("count", "ranks_per_group")),
                        *(f"guards.{f.name}" for f in dataclasses.fields(GuardsConfig)))
 
 SECTION_TYPES = {"data": DataConfig, "optim": OptimConfig, "train": TrainConfig, "eval": EvalConfig,

@@ -4,7 +4,7 @@ This is the only module in stalwart that touches a vendor namespace (`torch.cuda
 `torch.npu`/`torch_npu`, `torch.xpu`, `torch.mps`, `torch.backends`); a test fails if any
 other file does. Everything else asks this module for a `DeviceInfo` and uses the plain
 `torch.device` in it, so the training loop runs unchanged on CPU, CUDA, Ascend NPU, XPU
-or MPS (DESIGN.md, "Layers").
+or MPS (docs/design.md, "Layers").
 
 Assumptions:
 - One process drives one device. Under `torchrun` (several ranks in one replica group),
@@ -13,7 +13,7 @@ Assumptions:
   only its absence (or a broken native library) is tolerated; it is probed *before*
   CUDA, because `torch_npu.contrib.transfer_to_npu` patches `torch.cuda` so that CUDA
   looks available on an NPU host.
-- What a backend claims and what it does can differ (DESIGN.md, "buggy backend"), so
+- What a backend claims and what it does can differ (`stalwart verify` exists because of it), so
   dtype support is probed by computing in it, not only read from a flag.
 """
 
@@ -284,7 +284,7 @@ def memory_stats(info: DeviceInfo) -> dict[str, int]:
 
 
 def enable_determinism(info: DeviceInfo) -> None:
-    """Make kernels deterministic (DESIGN.md: same seed, same config, same loss curve).
+    """Make kernels deterministic (same seed, same config, same loss curve).
 
     warn_only: an op with no deterministic kernel warns instead of stopping the run.
     Call it right after resolve_device, before any model code: torch reads

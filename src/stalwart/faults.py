@@ -9,9 +9,14 @@ the weights are on disk and before the folder is renamed into place; `nan-grad@N
 gradient with NaN after the backward pass of step N; `spike@N` multiplies that step's
 gradients by 1000 (a loss-spike-like gradient norm); `flip-bit@N` flips one bit of one
 weight after step N is committed (silent data corruption); `nan-weight@N` sets one weight
-to NaN after step N is committed (it stays there until healed); `nan-device@N` makes every
+of the first decoder layer to NaN after step N is committed (every token passes through it,
+so the loss is NaN from then on, until the group is healed); `nan-device@N` makes every
 gradient of this process NaN from step N on (a device that keeps producing NaN); `slow@N`
 makes every step from N on three times slower (a straggling device).
+
+`nan-device@sigusr1` arms the same fault for a signal instead of a step: the device starts
+producing NaN at the first step after the process receives SIGUSR1, at a moment chosen from
+outside (bench/faults.py sends it).
 
 A `:R` suffix fires the fault only in replica group R (`set_replica`); without it the
 fault fires in every process that reads the variable. The supervisor passes the variable
@@ -36,7 +41,7 @@ POINTS = ("kill", "kill-in-checkpoint", "nan-grad", "nan-device", "spike", "flip
 _replica: int | None = None
 _fired: set[tuple[str, int]] = set()  # each fault fires once per process, even if its step is retried
 _nan_device = False  # `nan-device`, once fired, lasts
-
+ON_SIGNAL = -1  # the "step" of a fault armed for SIGUSR1
 
 def set_replica(replica: int | None) -> None:
     global _replica
@@ -49,11 +54,24 @@ def _planned(spec: str) -> frozenset[tuple[str, int, int | None]]:
     for item in filter(None, (s.strip() for s in spec.split(","))):
         point, _, where = item.partition("@")
         step, _, replica = where.partition(":")
-        if point not in POINTS or not step.isdigit() or (replica and not replica.isdigit()):
+        on_signal = point == "nan-device" and step == "sigusr1"
+        if point not in POINTS or not (step.isdigit() or on_signal) or (replica and not replica.isdigit()):
             raise ConfigError(f"{INJECT_ENV}: bad fault {item!r} (expected POINT@STEP or POINT@STEP:REPLICA, "
-                              f"POINT one of {', '.join(POINTS)})")
-        planned.add((point, int(step), int(replica) if replica else None))
+                              f"POINT one of {', '.join(POINTS)}; or nan-device@sigusr1)")
+        planned.add((point, ON_SIGNAL if on_signal else int(step), int(replica) if replica else None))
     return frozenset(planned)
+
+
+def arm_signal_faults() -> None:
+    """Install the SIGUSR1 handler of `nan-device@sigusr1`, if this process has it planned."""
+    spec = os.environ.get(INJECT_ENV)
+    planned = _planned(spec) if spec else frozenset()
+    if ("nan-device", ON_SIGNAL, None) in planned or ("nan-device", ON_SIGNAL, _replica) in planned:
+        def start_nan(*_: object) -> None:
+            global _nan_device
+            _nan_device = True
+
+        signal.signal(signal.SIGUSR1, start_nan)
 
 
 def check_spec() -> None:
@@ -92,10 +110,10 @@ def corrupt_gradients(step: int, params: list[torch.Tensor]) -> None:
 
 def corrupt_weights(step: int, params: list[torch.Tensor]) -> None:
     """`flip-bit`: flip the highest mantissa bit of one fp32 weight (silent corruption);
-    `nan-weight`: set one weight to NaN."""
+    `nan-weight`: set one weight of the first decoder layer (params[1]) to NaN."""
     with torch.no_grad():
         if inject("flip-bit", step):
             bits = params[0].data.view(-1)[:1].view(torch.int32)
             bits ^= 1 << 22
         if inject("nan-weight", step):
-            params[0].data.view(-1)[0] = float("nan")
+            params[1].data.view(-1)[0] = float("nan")

@@ -17,6 +17,10 @@ from stalwart.plan.compare import COMPARE_FLEETS, COMPARE_STRATEGIES
 from stalwart.plan.estimate import (CHECKPOINT_WRITE_GB_S, GROUP_RESTART_S, KERNEL_EFFICIENCY, RESTART_S, STRATEGIES,
                                     Parallelism, RunSpec, estimate)
 
+HELP = "how a run would go on a fleet: time, cost, ETTR and the bottleneck"
+DESCRIPTION = ("Model a training run's compute, communication and failures on a fleet from "
+               "the accelerator catalog (docs/plan.md).")
+
 _SUFFIXES = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
 # The --compare scenario: a DeepSeek-R2-class model (plan/shapes.py) on 30T tokens, twice
 # DeepSeek-V3's data (an assumption), at V3's sequence length and batch, with V3's

@@ -34,6 +34,7 @@ import os
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -107,11 +108,15 @@ class TorchFTGroup:
         host: the address peers reach this group's servers at (127.0.0.1 on one machine).
         state_dict / load_state_dict: the training state that a healing peer receives.
         step: the committed step this group starts from (0, or a checkpoint's).
+        secret / max_state_bytes: the job secret and the largest state a heal accepts
+            (replication/transport.py).
+        torchft_log: where torchft's own warnings and errors go (with tracebacks); what
+            they mean reaches the run's events as one line (step_failed, heal, ...).
     """
 
     def __init__(self, cfg: ReplicasConfig, *, replica: int, lighthouse: str, host: str,
                  state_dict: Callable[[], Any], load_state_dict: Callable[[Any], None], step: int,
-                 secret: bytes, max_state_bytes: int, backend: str = "gloo",
+                 secret: bytes, max_state_bytes: int, torchft_log: Path, backend: str = "gloo",
                  on_quorum_retry: Callable[[BaseException | None, float], None] = lambda error, waited: None) -> None:
         from torch.distributed import TCPStore
         from torchft import Manager
@@ -119,8 +124,7 @@ class TorchFTGroup:
 
         from stalwart.replication.transport import SafeHTTPTransport
 
-        for name in ("torchft", "torchft_quorums", "torchft_commits", "torchft_errors"):
-            logging.getLogger(name).setLevel(logging.ERROR)
+        _log_torchft_to(torchft_log)
         self.replica, self.num_replicas = replica, cfg.count
         self.healed = False  # in the last start_step, this group received a peer's state
         defaults = cfg.torchft_defaults
@@ -222,6 +226,18 @@ class TorchFTGroup:
         self.transport.shutdown()
         if self._intra is not None:
             self._intra.destroy_process_group()
+
+
+def _log_torchft_to(path: Path) -> None:
+    """torchft logs every failed collective and heal with a traceback: to its own file, not
+    to the group's output, where a user looks for one line."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    for name in ("torchft", "torchft_quorums", "torchft_commits", "torchft_errors"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.WARNING if name == "torchft" else logging.ERROR)
+        logger.propagate = False
+        logger.handlers = [handler]
 
 
 def group_rank() -> tuple[int, int]:

@@ -6,7 +6,9 @@
   (`START_TOGETHER_ENV`), so no group trains the first steps alone.
 - **Liveness**: rank 0 of a group touches RUN_DIR/logs/replica-R.alive at every step
   attempt, quorum retry and evaluation batch; a group silent for replicas.hang_timeout_s
-  is killed (its whole process group: every rank of a torchrun group) and restarted.
+  is killed and restarted. Every process of one launch of a group carries the same
+  `GROUP_TOKEN_ENV` in its environment, and a kill reaches all of them: torchrun starts its
+  ranks in sessions of their own, so a process group or a session would miss them.
 - **Supervisor watch**: every process of a group (and a Lighthouse the supervisor runs)
   exits within `WATCH_PERIOD_S` of the supervisor's death, whatever signal killed it
   (`SUPERVISOR_ENV` names the supervisor's pid and start time, so a reused pid is no
@@ -32,6 +34,7 @@ from stalwart.errors import EXIT_USAGE
 START_TOGETHER_ENV = "STALWART_START_TOGETHER"  # set by the supervisor for a job's first processes
 START_TOGETHER_TIMEOUT_S = 120.0
 SUPERVISOR_ENV = "STALWART_SUPERVISOR"  # "PID:START_TIME" of the supervising process
+GROUP_TOKEN_ENV = "STALWART_GROUP_TOKEN"  # the same in every process of one launch of a group
 WATCH_PERIOD_S = 1.0
 
 EXIT_EXCLUDED = 3
@@ -91,3 +94,23 @@ def watch_supervisor(on_lost) -> None:
         on_lost()
 
     threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()
+
+
+def processes_with_token(token: str) -> list[int]:
+    """Pids of the processes whose environment holds GROUP_TOKEN_ENV=token (Linux /proc;
+    elsewhere none are found and a kill reaches the launcher's process group only)."""
+    needle = f"{GROUP_TOKEN_ENV}={token}".encode()
+    found = []
+    try:
+        entries = list(Path("/proc").iterdir())
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.name.isdigit():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:  # gone, or not ours to read
+            continue
+    return found

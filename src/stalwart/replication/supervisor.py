@@ -40,8 +40,9 @@ from stalwart.config import RunConfig
 from stalwart.data.sources import documents, prepare_tokenizer
 from stalwart.errors import EXIT_USAGE, TrainingStopped, UserError
 from stalwart.faults import INJECT_ENV
-from stalwart.replication.protocol import (EXIT_EXCLUDED, EXIT_NONFINITE, EXIT_STALLED, START_TOGETHER_ENV,
-                                           SUPERVISOR_ENV, supervisor_identity)
+from stalwart.replication.protocol import (EXIT_EXCLUDED, EXIT_NONFINITE, EXIT_STALLED, GROUP_TOKEN_ENV,
+                                           START_TOGETHER_ENV, SUPERVISOR_ENV, processes_with_token,
+                                           supervisor_identity)
 from stalwart.replication.transport import SECRET_ENV
 from stalwart.run.goodput import goodput_report
 from stalwart.run.progress import Progress
@@ -56,6 +57,7 @@ LIGHTHOUSE_START_S = 30.0
 class GroupProcess:
     replica: int
     proc: subprocess.Popen | None = None
+    token: str = ""  # GROUP_TOKEN_ENV of its current launch
     restarts: int = 0  # restarts since the budget was last refilled
     total_restarts: int = 0
     nonfinite_exits: int = 0
@@ -88,7 +90,7 @@ class LighthouseProcess:
 
     def start(self) -> None:
         self.next_start = time.monotonic() + 1.0  # a bind that fails (address still busy) is retried each second
-        with open(self.run.path / "logs" / "lighthouse.log", "ab") as log:
+        with open(self.run.logs / "lighthouse.log", "ab") as log:
             self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                          start_new_session=True)
         self.run.event("lighthouse_start", pid=self.proc.pid, address=self.url)
@@ -121,8 +123,8 @@ def supervise(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, secret: s
         first_step = max(steps, default=0)
         run.truncate_metrics(first_step)
         run.repair_events()
-    (run.path / "logs").mkdir(exist_ok=True)
-    for stale in (run.path / "logs").glob("replica-*.ready"):
+    run.logs.mkdir(exist_ok=True)
+    for stale in run.logs.glob("replica-*.ready"):
         stale.unlink()
     env = {**os.environ, SUPERVISOR_ENV: supervisor_identity(), SECRET_ENV: secret}
     groups = list(range(cfg.replicas.count)) if groups is None else groups
@@ -144,6 +146,8 @@ def supervise(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, secret: s
         # first processes wait for each other before step 1 (a restart joins at once).
         group_env = {**env, START_TOGETHER_ENV: str(len(groups))} if g.total_restarts == 0 else \
             {k: v for k, v in env.items() if k != INJECT_ENV}
+        g.token = f"{os.getpid()}-{g.replica}-{g.total_restarts}"
+        group_env[GROUP_TOKEN_ENV] = g.token
         with open(_log_path(run, g.replica), "ab") as log:
             # Its own session: a hang kill or shutdown reaches every process of the group.
             g.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=group_env, start_new_session=True)
@@ -182,8 +186,8 @@ def supervise(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, secret: s
                     stop = stop or _watch_group(run, cfg, g, now, spawn)
     finally:
         for g in procs.values():
-            if g.proc is not None and g.proc.poll() is None:
-                _kill_group(g.proc)
+            if g.proc is not None:
+                _kill_group(g.proc, g.token)
         if own_lighthouse is not None:
             own_lighthouse.stop()
 
@@ -196,7 +200,8 @@ def supervise(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, secret: s
         raise UserError(f"every replica group failed; see {run.path}/logs and events.jsonl, and continue with "
                         f"stalwart train --resume --out {run.path}")
     summary = run.read_summary()
-    summary.update(goodput_report(run.read_metrics(), run.read_events(), wall_s=wall, since=started_at))
+    summary.update(goodput_report(run.read_metrics(), run.read_events(), wall_s=wall, groups=cfg.replicas.count,
+                                  since=started_at))
     summary.update({"wall_s": round(wall, 3), "replicas": cfg.replicas.count,
                     "restarts": sum(g.total_restarts for g in procs.values()), "groups_finished": finished})
     run.write_summary(summary)
@@ -221,13 +226,14 @@ def _watch_group(run: RunDir, cfg: RunConfig, g: GroupProcess, now: float, spawn
     code = g.proc.poll()
     if code is None:
         if now - g.last_progress > r.hang_timeout_s:
-            _kill_group(g.proc)
+            _kill_group(g.proc, g.token)
             run.event("group_hung", replica=g.replica, pid=g.proc.pid, silent_s=round(now - g.last_progress, 1),
                       since=round(time.time() - (now - g.last_progress), 3))
             g.proc = None
             _schedule_restart(run, g, r)
         return None
-    pid, g.proc = g.proc.pid, None
+    pid, proc, g.proc = g.proc.pid, g.proc, None
+    _kill_group(proc, g.token)  # whatever it leaves behind (a rank torchrun did not stop) goes with it
     if code == 0:
         g.done = g.finished = True
     elif code == EXIT_EXCLUDED:
@@ -268,17 +274,23 @@ def _schedule_restart(run: RunDir, g: GroupProcess, r) -> None:
     g.restart_at = time.monotonic() + delay
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL a process and everything in its session (torchrun and its ranks)."""
+def _kill_group(proc: subprocess.Popen, token: str | None = None) -> None:
+    """SIGKILL a process, its process group, and every process that carries its launch's
+    token (torchrun's ranks, in sessions of their own)."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    for pid in processes_with_token(token) if token else []:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc.wait()
 
 
 def _log_path(run: RunDir, replica: int) -> Path:
-    return run.path / "logs" / f"replica-{replica}.log"
+    return run.logs / f"replica-{replica}.log"
 
 
 def _last_error_line(log: Path) -> str:

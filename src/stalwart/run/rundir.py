@@ -1,4 +1,4 @@
-"""The run directory contract (DESIGN.md): config.json, metrics.jsonl, events.jsonl,
+"""The run directory contract (docs/design.md): config.json, metrics.jsonl, events.jsonl,
 summary.json, checkpoints/, tokenizer.json, export/.
 
 metrics.jsonl and events.jsonl are appended one line per record and flushed; a process
@@ -30,6 +30,7 @@ class RunDir:
         self._tag = ({} if replica is None else {"replica": replica}) | ({"rank": rank} if ranks > 1 else {})
         self.checkpoints = Path(checkpoints) if checkpoints else self.path / "checkpoints"
         self.export = self.path / "export"
+        self.logs = self.path / "logs"  # per-group output, liveness files, torchft's own log
         self.metrics_path = self.path / "metrics.jsonl"
         self.events_path = self.path / "events.jsonl"
         self.config_path = self.path / "config.json"
@@ -39,6 +40,8 @@ class RunDir:
     def create(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         self.checkpoints.mkdir(parents=True, exist_ok=True)
+        if self.replica is not None:
+            self.logs.mkdir(exist_ok=True)
 
     def write_config(self, text: str) -> None:
         atomic_write_bytes(self.config_path, text.encode())
@@ -55,7 +58,7 @@ class RunDir:
         atomic_write_json(self.summary_path, summary)
 
     def alive_path(self, replica: int) -> Path:
-        return self.path / "logs" / f"replica-{replica}.alive"
+        return self.logs / f"replica-{replica}.alive"
 
     def beat(self) -> None:
         """Tell the supervisor this group is making progress (a step, an eval batch)."""

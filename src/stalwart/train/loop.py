@@ -71,7 +71,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
                 if group.healed:
                     run.event("heal", step=state.step, seconds=round(time.perf_counter() - t0, 3),
                               bytes=group.transport.bytes_received)
-                action = recovery.before_step()
+                action = recovery.before_step(healed=group.healed)
                 if action == "retry":
                     continue
                 if state.step >= total:
@@ -134,7 +134,8 @@ def _summary(job: Job, last: EvalResult, record: dict[str, Any], *, wall: float,
         "replicas": cfg.replicas.count, "device": str(job.info.device), "dtype": job.compute_dtype,
         "export": str(export) if export else None, "recipe": cfg.recipe,
     }
-    summary.update(goodput_report(run.read_metrics(), run.read_events(), wall_s=wall, since=started_at))
+    summary.update(goodput_report(run.read_metrics(), run.read_events(), wall_s=wall,
+                                  groups=cfg.replicas.count, since=started_at))
     return summary
 
 

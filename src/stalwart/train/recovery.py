@@ -30,7 +30,7 @@ import torch
 from stalwart import checkpoint as ckpt
 from stalwart.device import rng_state
 from stalwart.errors import TrainingStopped
-from stalwart.guards import StragglerTracker, odd_ones_out
+from stalwart.guards import NONFINITE, StragglerTracker, odd_ones_out
 from stalwart.run.goodput import CheckpointClock
 from stalwart.train.setup import Job
 from stalwart.train.step import COMMITTED, CORRUPT, FAILED, ROLLED_BACK, SKIPPED, StepResult
@@ -89,6 +89,7 @@ class Recovery:
         self.stragglers = StragglerTracker(factor=g.straggler_factor, patience=g.straggler_patience)
         self.clock = CheckpointClock(job.cfg.checkpoint)
         self.failed_in_row = 0
+        self.agreed_step = job.state.step  # the last step at which this group's state was known good
 
     # -- between steps -------------------------------------------------------------------
 
@@ -101,11 +102,13 @@ class Recovery:
             return False
         return (s.uncommitted % k == 0) if s.uncommitted else (s.step > 0 and s.step % k == 0)
 
-    def before_step(self) -> str:
+    def before_step(self, *, healed: bool) -> str:
         """Run the integrity checks that are due. Returns "train", "exclude" (train this
         step without contributing: this group heals after it) or "retry" (no step now:
         the checks' collective failed, or every group rolled back)."""
         job, state = self.job, self.job.state
+        if healed:
+            self.agreed_step = state.step
         if not self.checks_due():
             return "train"
         step = state.step
@@ -128,8 +131,11 @@ class Recovery:
                 self.clock.saved(None)
             state.checkpoint_due = False
         if job.group.replica in check.odd:
+            # What this group committed since its state was last known good is lost with the heal.
+            job.run.event("work_discarded", from_step=self.agreed_step, to_step=step, reason="fingerprint")
             job.group.force_heal()
             return "exclude"
+        self.agreed_step = step
         return "train"
 
     def checkpoint_wanted(self, step: int) -> bool:
@@ -183,9 +189,9 @@ class Recovery:
                 raise Partitioned(f"{self.failed_in_row} collectives in a row failed (replicas.max_failed_steps "
                                   f"{r.max_failed_steps}); last: {result.error}")
         elif result.outcome == CORRUPT:
-            job.run.event("step_corrupt", step=result.step, reason=result.verdict.reason or "own values not finite",
+            job.run.event("step_corrupt", step=result.step, cause=result.verdict.kind, reason=result.verdict.reason,
                           healed_before=healed)
-            if healed:
+            if healed and result.verdict.kind == NONFINITE:
                 raise NonFiniteAfterHeal(f"own values not finite at step {result.step}, right after a heal")
         elif result.outcome in (SKIPPED, ROLLED_BACK):
             job.run.event("step_skipped", step=result.step, guard=result.verdict.kind, reason=result.verdict.reason,

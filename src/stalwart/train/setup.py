@@ -26,7 +26,7 @@ from stalwart.data.tasks import make_problem
 from stalwart.device import (DeviceInfo, autocast_dtype, enable_determinism, resolve_device, seed_everything,
                              set_rng_state)
 from stalwart.errors import ConfigError
-from stalwart.faults import set_replica
+from stalwart.faults import arm_signal_faults, set_replica
 from stalwart.guards import SpikeGuard
 from stalwart.model import DeepSeekForCausalLM
 from stalwart.replication.group import LocalGroup, TorchFTGroup, group_rank
@@ -107,6 +107,7 @@ def setup(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, replica: Repl
     run = RunDir(out, replica=None if replica is None else replica.replica, checkpoints=cfg.checkpoint.dir,
                  rank=rank, ranks=ranks)
     set_replica(None if replica is None else replica.replica)
+    arm_signal_faults()
     run.create()
     run.write_config(cfg.to_json())
     seed_everything(cfg.train.seed)
@@ -131,8 +132,9 @@ def setup(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, replica: Repl
             cfg.replicas, replica=replica.replica, lighthouse=replica.lighthouse, host=replica.host,
             state_dict=state.state_dict, load_state_dict=state.load_state_dict, step=state.step,
             secret=replica.secret, max_state_bytes=_max_state_bytes(state), backend=info.backend,
+            torchft_log=run.logs / f"replica-{replica.replica}-rank-{rank}.torchft.log",
             on_quorum_retry=lambda error, waited: _quorum_retry(job, error, waited))
-        start_together(run.path / "logs", replica.replica)
+        start_together(run.logs, replica.replica)
     run.event("start", step=state.step, device=str(info.device), dtype=compute_dtype,
               parameters=sum(p.numel() for p in model.parameters()), pid=os.getpid())
     return job

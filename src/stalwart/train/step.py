@@ -30,6 +30,7 @@ from stalwart.train.optim import lr_at
 from stalwart.train.setup import Job
 
 COMMITTED, FAILED, SKIPPED, ROLLED_BACK, CORRUPT = "committed", "failed", "skipped", "rollback", "corrupt"
+SDC = "sdc"  # the verdict on a group that trains a step without contributing, its fingerprint being odd
 
 
 @dataclass
@@ -101,14 +102,17 @@ def train_step(job: Job, step: int, *, slowed: bool = False, checkpoint_due: boo
             verdict = state.guard.check(step, lm_loss, grad_norm)
         elif not healthy:
             verdict = Verdict(NONFINITE, "no participant has finite values")
-    reason = verdict.reason if exchange.own_finite else "this group's own state is not usable"
-    voted = group.should_commit(verdict.commit and exchange.own_finite, reason)
+    if not exchange.own_finite and healthy:  # this group's own state is the problem, not the sum
+        verdict = Verdict(SDC, "fingerprint outside the majority") if exclude_self else \
+            Verdict(NONFINITE, "own loss or gradients not finite")
+    voted = group.should_commit(verdict.commit and exchange.own_finite, verdict.reason)
     outcome = outcome_of(collective_ok=collective_ok, own_finite=exchange.own_finite, healthy=healthy,
                          verdict=verdict, voted=voted)
     record = None
     if outcome == COMMITTED:
         state.optimizer.step()
         loads = exchange.expert_loads(len(job.moe_layers))
+        imbalance = _imbalance(loads)  # before the bias update, which resets the counts
         for moe, load in zip(job.moe_layers, loads):
             moe.update_bias(load)
         state.step, state.tokens_seen = step, state.tokens_seen + job.tokens_per_batch * healthy
@@ -120,7 +124,8 @@ def train_step(job: Job, step: int, *, slowed: bool = False, checkpoint_due: boo
                   "participants": group.participants, "time": round(time.time(), 4)}
         if job.model.mtp:
             record["mtp_loss"] = mtp_loss
-        imbalance = _imbalance(loads)
+        if cfg.train.trace_data:
+            record["data"] = {str(k): ":".join(str(v) for v in p.values()) for k, p in sorted(positions.items())}
         if imbalance is not None:
             record["expert_imbalance"] = imbalance
     else:

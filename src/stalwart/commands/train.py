@@ -1,0 +1,197 @@
+"""`stalwart train`: train a model from a recipe, alone or as replica groups on torchft.
+
+With no arguments it runs the default job; --section.key VALUE overrides any recipe field.
+--replicas N supervises N replica groups under a Lighthouse on loopback; --lighthouse URL
+joins groups on several machines to an existing one, and --replica-id makes this process one
+group of such a job (what the supervisor launches). The summary of a finished run is printed
+here too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from stalwart.errors import UserError
+
+HELP = "train a model (no arguments: the default job, about 5 minutes on 2 CPU cores)"
+DESCRIPTION = ("Train from a recipe; override any field with --section.key VALUE "
+               "(sections: model, data, optim, train, eval, checkpoint, replicas, guards).")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", help="default (the default), dense-baseline, multiplication, smoke")
+    p.add_argument("--out", help="run directory (default: runs/RECIPE-TIMESTAMP)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last good checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--replicas", type=int, metavar="N",
+                   help="replica groups on torchft (replicas.count): a Lighthouse on loopback and one process "
+                        "per group, restarted when it crashes or hangs")
+    p.add_argument("--lighthouse", metavar="URL", help="an existing Lighthouse (see `stalwart lighthouse`)")
+    p.add_argument("--replica-id", type=int, metavar="ID",
+                   help="with --lighthouse: this process is replica group ID (0..N-1), without a supervisor")
+    p.add_argument("--groups", metavar="IDS", help="with --lighthouse: supervise only these groups (e.g. 0,1)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="the address peers reach this machine's groups at (default 127.0.0.1)")
+
+
+def parse_overrides(extra: list[str]) -> dict[str, str]:
+    """["--train.steps", "10", "--data.seq_len=64"] -> {"train.steps": "10", "data.seq_len": "64"}."""
+    overrides: dict[str, str] = {}
+    i = 0
+    while i < len(extra):
+        token = extra[i]
+        if not token.startswith("--") or "." not in token.split("=")[0]:
+            raise UserError(f"unrecognised argument {token!r} (overrides look like --section.key VALUE)")
+        if "=" in token:
+            key, value = token[2:].split("=", 1)
+        elif i + 1 < len(extra):
+            key, value = token[2:], extra[i + 1]
+            i += 1
+        else:
+            raise UserError(f"{token} needs a value")
+        overrides[key] = value
+        i += 1
+    return overrides
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from stalwart.faults import check_spec
+    from stalwart.train.loop import TrainResult
+
+    check_spec()
+
+    from stalwart.config import RESUMABLE_OVERRIDES, apply_overrides, read_run_config
+    from stalwart.recipes import recipe
+    from stalwart.train.loop import train
+
+    overrides = parse_overrides(args.overrides)
+    if args.replicas is not None:
+        overrides["replicas.count"] = str(args.replicas)
+    if args.replica_id is not None and not args.lighthouse:
+        raise UserError("--replica-id needs --lighthouse URL")
+    if args.replica_id is not None and args.groups:
+        raise UserError("--replica-id and --groups exclude each other")
+    joining = args.replica_id is not None and args.out and (Path(args.out) / "config.json").exists()
+    if joining:  # a (re)started group of a running job continues the run's own config
+        args.resume = True
+    if args.resume:
+        if not args.out:
+            raise UserError("--resume needs --out RUN_DIR")
+        if args.recipe:
+            raise UserError("--resume continues the run's own config; --recipe does not apply")
+        cfg = read_run_config(Path(args.out) / "config.json")
+        # A fixed key given again with the run's own value (a launch script's --replicas N) is no change.
+        fixed = sorted(k for k in set(overrides) - set(RESUMABLE_OVERRIDES)
+                       if apply_overrides(cfg, {k: overrides[k]}) != cfg)
+        if fixed:
+            raise UserError(f"--resume cannot change {', '.join(fixed)} (it may change: "
+                            f"{', '.join(RESUMABLE_OVERRIDES)})")
+    else:
+        cfg = recipe(args.recipe or "default")
+    cfg = apply_overrides(cfg, overrides)
+    out = Path(args.out or f"runs/{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a run directory")
+    if not args.resume and (out / "config.json").exists():
+        raise UserError(f"{out} already holds a run: pass --resume to continue it, or another --out")
+    if args.replica_id is not None:
+        if not 0 <= args.replica_id < cfg.replicas.count:
+            raise UserError(f"--replica-id {args.replica_id} is not in 0..{cfg.replicas.count - 1} "
+                            f"(--replicas {cfg.replicas.count})")
+        return _train_group(cfg, out, args)
+    if cfg.replicas.count > 1 or args.lighthouse:
+        from stalwart.replication.supervisor import supervise
+        from stalwart.replication.transport import SECRET_ENV, job_secret, new_job_secret
+
+        secret = job_secret()
+        if secret is None and args.lighthouse:
+            raise UserError(f"{SECRET_ENV} is not set: groups on several machines must share one job secret "
+                            "(export the same 64 hex digits on every machine)")
+        groups = _group_list(args.groups, cfg.replicas.count) if args.groups else None
+        summary = supervise(cfg, out, resume=args.resume, quiet=args.quiet, groups=groups, host=args.host,
+                            secret=secret.hex() if secret else new_job_secret(),
+                            lighthouse=_lighthouse_url(args.lighthouse) if args.lighthouse else None)
+        if not args.quiet:
+            print_train_summary(out, TrainResult(summary))
+        return 0
+    result = train(cfg, out, resume=args.resume, quiet=args.quiet)
+    if not args.quiet:
+        print_train_summary(out, result)
+    return 0
+
+
+def _train_group(cfg, out, args: argparse.Namespace) -> int:
+    """One replica group's process; its exit code tells the supervisor what to do
+    (replication/protocol.py)."""
+    import os
+
+    from stalwart.replication import protocol
+    from stalwart.replication.group import LighthouseLost
+    from stalwart.replication.transport import SECRET_ENV, job_secret
+    from stalwart.train.loop import Replica, train
+    from stalwart.train.recovery import Excluded, NonFiniteAfterHeal, Partitioned, Stalled
+
+    lighthouse = _lighthouse_url(args.lighthouse)
+    secret = job_secret()
+    if secret is None:
+        raise UserError(f"{SECRET_ENV} is not set: every group of a job needs the job's secret (the supervisor "
+                        "sets it; on several machines export the same 64 hex digits everywhere)")
+    protocol.watch_supervisor(lambda: os._exit(protocol.EXIT_ORPHANED))
+    try:
+        train(cfg, out, resume=args.resume, quiet=args.quiet,
+              replica=Replica(args.replica_id, lighthouse, args.host, secret))
+    except Excluded as e:
+        return _group_exit(e, protocol.EXIT_EXCLUDED, "leaving the job (guards.exclude_stragglers)")
+    except NonFiniteAfterHeal as e:
+        return _group_exit(e, protocol.EXIT_NONFINITE, "asking for a restart")
+    except (Partitioned, LighthouseLost) as e:
+        return _group_exit(e, protocol.EXIT_PARTITIONED, "leaving the job to rejoin later")
+    except Stalled as e:
+        return _group_exit(e, protocol.EXIT_STALLED, "stopping the job")
+    return 0
+
+
+def _group_exit(error: Exception, code: int, what: str) -> int:
+    print(f"stalwart train: {error}; {what}", file=sys.stderr, flush=True)
+    return code
+
+
+def _lighthouse_url(text: str) -> str:
+    url = text if "://" in text else f"http://{text}"
+    host, _, port = url.split("://", 1)[1].rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--lighthouse {text!r} is not HOST:PORT or http://HOST:PORT")
+    return url
+
+
+def _group_list(text: str, count: int) -> list[int]:
+    try:
+        groups = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise UserError(f"--groups {text!r} is not a comma-separated list of group ids") from None
+    if not groups or not all(0 <= g < count for g in groups):
+        raise UserError(f"--groups {text!r}: ids must be in 0..{count - 1} (--replicas {count})")
+    return groups
+
+
+def print_train_summary(out, result) -> None:
+    s = result.summary
+    lines = [f"run: {out}"]
+    if s["eval_exact_match"] is not None:
+        lines.append(f"held-out exact match: {s['eval_exact_match']:.1%}")
+    if s["eval_loss"] is not None and s["final_train_loss"] is not None:
+        lines.append(f"eval loss: {s['eval_loss']:.4f}   final train loss: {s['final_train_loss']:.4f}")
+    if s["tokens_per_s"]:
+        lines.append(f"throughput: {s['tokens_per_s']:,.0f} tokens/s on {s['device']} ({s['dtype']}), "
+                     f"{s['steps']} steps in {s['wall_s']:.0f}s")
+    lines.append(f"files: {out}/metrics.jsonl, {out}/summary.json, checkpoints in {out}/checkpoints"
+                 + (f", Hugging Face export in {s['export']}" if s["export"] else ""))
+    if result.samples:
+        prompt, generated, ok = result.samples[0]
+        lines.append(f"sample: {prompt}{generated}   [{'correct' if ok else 'wrong'}]")
+    lines.append(f"try: stalwart generate {out} --prompt \"{result.samples[0][0] if result.samples else 'Hello'}\"")
+    print("\n".join(lines))

@@ -1,0 +1,95 @@
+"""Shared by the replica-group tests: start a real job (supervisor, Lighthouse, one process
+per group), wait for it to train, read its run directory. Each job is a few hundred
+milliseconds of training per step count and bounded in time."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+FAST = ["--recipe", "smoke", "--quiet", "--guards.fingerprint_every", "5", "--replicas.timeout_s", "3",
+        "--replicas.heartbeat_timeout_s", "1", "--eval.problems", "0"]
+
+
+def job(out: Path, *extra: str, inject: str = "", timeout: float = 180) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "STALWART_INJECT": inject}
+    return subprocess.run([sys.executable, "-m", "stalwart", "train", "--out", str(out), *FAST, *extra],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def start_job(out: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    """A job left running, for tests that signal its groups."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "stalwart", "train", "--out", str(out), *FAST, *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def group_pid_once_all_train(run: Path, *, groups: int, replica: int, timeout: float = 120) -> int:
+    """The pid of `replica`'s current process, once all `groups` have committed step 10 together."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        metrics = jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").exists() else []
+        if any(m["step"] >= 10 and m["participants"] == groups for m in metrics):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the {groups} groups did not train together within {timeout:.0f} s")
+    return [e["pid"] for e in jsonl(run / "events.jsonl") if e["event"] == "group_start" and e["replica"] == replica][-1]
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def final_fingerprints(run: Path) -> dict[int, str]:
+    return {e["replica"]: e["fingerprint"] for e in jsonl(run / "events.jsonl") if e["event"] == "finish"}
+
+
+SECRET = "5a" * 32  # a job secret for jobs whose groups the test starts itself
+
+
+def wait_for(predicate, timeout: float, what: str):
+    """Poll `predicate` every 0.1 s until it returns something true; fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def events(run: Path, kind: str | None = None) -> list[dict]:
+    path = run / "events.jsonl"
+    found = jsonl(path) if path.exists() else []
+    return [e for e in found if kind is None or e["event"] == kind]
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie, dead but not yet reaped, counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def descendants(pid: int) -> list[int]:
+    """Live processes below `pid` in the process tree (torchrun's ranks run in sessions of
+    their own, so their session id does not find them; their parent does)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            if fields[0] != "Z":
+                parents[int(entry.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [p for p, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
