@@ -93,3 +93,11 @@ def descendants(pid: int) -> list[int]:
         found += children
         frontier = children
     return found
+
+
+def stop_all(*procs: subprocess.Popen) -> None:
+    """Kill whatever of `procs` still runs (a test's cleanup, whatever it failed on)."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from jobs import (SECRET, alive, descendants, events, final_fingerprints, group_pid_once_all_train, job, jsonl,
-                  start_job, wait_for)
+                  start_job, stop_all, wait_for)
 
 pytestmark = pytest.mark.slow
 
@@ -218,10 +218,7 @@ def test_a_lighthouse_killed_and_started_again_5s_later_costs_no_group_its_proce
         lighthouse = _lighthouse(port)
         _, err = proc.communicate(timeout=240)
     finally:
-        for p in (proc, lighthouse):
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        stop_all(proc, lighthouse)
     assert proc.returncode == 0, err
     found = events(run)
     assert not [e for e in found if e["event"] in ("group_exit", "group_restart")]
@@ -270,10 +267,7 @@ def test_a_process_without_the_job_secret_can_pull_no_state(tmp_path):
                                    "600", "--eval.problems", "0"], capture_output=True, text=True, timeout=120, env=env)
         _, err = proc.communicate(timeout=240)
     finally:
-        for p in (proc, lighthouse):
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        stop_all(proc, lighthouse)
     assert outsider.returncode == 2, outsider.stderr
     lines = outsider.stderr.strip().splitlines()
     assert len(lines) == 1 and "does not share this job's secret" in lines[0], outsider.stderr

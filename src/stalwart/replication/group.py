@@ -74,9 +74,6 @@ class LocalGroup:
     def allreduce_across_groups(self, values: torch.Tensor) -> bool:
         return True
 
-    def slot(self) -> int:
-        return 0
-
     def should_commit(self, ok: bool, reason: str = "") -> bool:
         return ok
 
@@ -188,10 +185,6 @@ class TorchFTGroup:
         self.contributors = self.participants * self.ranks
         # The lowest live group's rank 0 writes checkpoints, the summary and the export.
         self.is_lowest = self.manager.participating_rank() == 0 and self.rank == 0
-
-    def slot(self) -> int:
-        rank = self.manager.participating_rank()
-        return 0 if rank is None else rank
 
     def allreduce_sum(self, buffer: torch.Tensor) -> bool:
         """Sum `buffer` over the participants in place; False if the collective failed."""
