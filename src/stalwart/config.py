@@ -96,6 +96,9 @@ class ReplicasConfig:
     # The supervisor kills and restarts a group with no progress (step, eval batch) this long;
     # keep it above quorum_timeout_s, which a healthy group may spend waiting for a quorum.
     hang_timeout_s: float = 90.0
+    # A group that has not beaten once since it was started (imports, model, checkpoint
+    # load, the wait for the other groups) is killed and restarted after this long instead.
+    start_timeout_s: float = 300.0
     torchft_defaults: bool = False  # use torchft's own timeouts (60 s) instead: the benchmark baseline
     # A Lighthouse that cannot be reached: groups keep their process and retry the quorum
     # this long before they give up (a restarted Lighthouse on the same address lets them on).
@@ -284,7 +287,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(1 <= r.ranks_per_group <= 64, f"replicas.ranks_per_group must be in 1..64, got {r.ranks_per_group}")
     need(1 <= r.min_replicas <= r.count, f"replicas.min_replicas must be in 1..replicas.count ({r.count}), "
          f"got {r.min_replicas}")
-    for name in ("timeout_s", "quorum_timeout_s", "heartbeat_timeout_s", "join_timeout_s", "hang_timeout_s"):
+    for name in ("timeout_s", "quorum_timeout_s", "heartbeat_timeout_s", "join_timeout_s", "hang_timeout_s",
+                 "start_timeout_s"):
         need(getattr(r, name) > 0, f"replicas.{name} must be > 0, got {getattr(r, name)}")
     need(r.max_restarts >= 0, f"replicas.max_restarts must be >= 0, got {r.max_restarts}")
     need(r.restart_backoff_s >= 0, f"replicas.restart_backoff_s must be >= 0, got {r.restart_backoff_s}")

@@ -9,7 +9,8 @@ with the groups (exit codes, liveness, the supervisor watch) is replication/prot
   `max_restarts` per group; a group that has committed `restart_refill_steps` steps since
   its last restart has its budget refilled.
 - A group that made no progress for `hang_timeout_s` (SIGSTOP, a wedged device) is killed
-  with its whole process group (every rank of a torchrun group) and restarted.
+  with its whole process group (every rank of a torchrun group) and restarted. Until its
+  first beat (a process starting: imports, model, checkpoint) the limit is `start_timeout_s`.
 - On one machine the Lighthouse is a child process, restarted on the same address when it
   dies; groups ride out the outage (replicas.lighthouse_grace_s).
 - A group that exits with a usage error (bad input, a full disk) stops the job with that
@@ -63,6 +64,8 @@ class GroupProcess:
     nonfinite_exits: int = 0
     restart_at: float | None = None
     last_progress: float = field(default_factory=time.monotonic)
+    started_wall: float = 0.0  # time.time() of its current launch
+    beating: bool = False  # its current launch has beaten at least once
     committed_since_start: int = 0
     done: bool = False  # finished its steps, or gave up for good
     finished: bool = False  # exited 0: trained to the last step
@@ -152,6 +155,7 @@ def supervise(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, secret: s
             # Its own session: a hang kill or shutdown reaches every process of the group.
             g.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=group_env, start_new_session=True)
         g.last_progress, g.restart_at, g.committed_since_start = time.monotonic(), None, 0
+        g.started_wall, g.beating = time.time(), False
         run.event("group_start", replica=g.replica, pid=g.proc.pid, restarts=g.total_restarts)
 
     # Slurm and friends stop a job with SIGTERM: end the groups too, not orphan them.
@@ -172,10 +176,12 @@ def supervise(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, secret: s
                     own_lighthouse.poll()
                 for g in procs.values():  # each group touches its .alive file every step and eval batch
                     try:
-                        beat = time.time() - run.alive_path(g.replica).stat().st_mtime
-                        g.last_progress = max(g.last_progress, now - beat)
+                        beat_at = run.alive_path(g.replica).stat().st_mtime
                     except FileNotFoundError:
-                        pass
+                        continue
+                    if beat_at >= g.started_wall:  # not a beat of the launch before
+                        g.beating = True
+                        g.last_progress = max(g.last_progress, now - (time.time() - beat_at))
                 for record in tail.read():
                     if record.get("replica") in procs:
                         _count_commit(run, procs[record["replica"]], r.restart_refill_steps)
@@ -225,10 +231,10 @@ def _watch_group(run: RunDir, cfg: RunConfig, g: GroupProcess, now: float, spawn
         return None
     code = g.proc.poll()
     if code is None:
-        if now - g.last_progress > r.hang_timeout_s:
+        if now - g.last_progress > (r.hang_timeout_s if g.beating else r.start_timeout_s):
             _kill_group(g.proc, g.token)
             run.event("group_hung", replica=g.replica, pid=g.proc.pid, silent_s=round(now - g.last_progress, 1),
-                      since=round(time.time() - (now - g.last_progress), 3))
+                      since=round(time.time() - (now - g.last_progress), 3), starting=not g.beating)
             g.proc = None
             _schedule_restart(run, g, r)
         return None
