@@ -99,7 +99,7 @@ def test_a_link_down_for_20s_costs_no_group_its_process_and_the_cut_off_group_he
     procs = []
     try:
         time.sleep(0.5)
-        common = ["train", "--recipe", "smoke", "--quiet", "--replicas", "2", "--train.steps", "1500",
+        common = ["train", "--recipe", "smoke", "--quiet", "--replicas", "2", "--train.steps", "800",
                   "--lighthouse", f"http://{ip_a}:29510", "--eval.problems", "0", "--replicas.timeout_s", "3",
                   "--replicas.quorum_timeout_s", "3", "--replicas.heartbeat_timeout_s", "1"]
         procs = [_in(ns_a, dev_a, *common, "--groups", "0", "--host", ip_a, "--out", str(tmp_path / "host-a")),

@@ -2,7 +2,9 @@
 calibration against published runs, the failure model, --compare, --from-run on a real
 run, and one-line errors."""
 
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import subprocess
@@ -12,6 +14,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from stalwart.cli import main
 from stalwart.run.goodput import young_daly_interval
 from stalwart.model import DeepSeekForCausalLM, preset
 from stalwart.plan.catalog import FIELDS, accelerator, load_catalog
@@ -22,9 +25,22 @@ CATALOG = load_catalog()
 
 
 def stalwart(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "stalwart", *args], capture_output=True, text=True,
-                          timeout=300, cwd=cwd, env=env)
+    """`stalwart ARGS` run by the CLI's own entry point in this process: the planner is pure
+    Python, and a process start per case would cost the suite a minute. What reaches the
+    user (stdout, stderr, the exit code) is captured as a process would show it."""
+    out, err = io.StringIO(), io.StringIO()
+    here = os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as e:  # argparse's --help and usage errors
+                code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        os.chdir(here)
+    return subprocess.CompletedProcess(["stalwart", *args], code, out.getvalue(), err.getvalue())
 
 
 def test_catalog_has_the_eight_accelerators_with_a_source_for_every_number():
@@ -230,8 +246,9 @@ def test_plan_table_and_json_agree():
 @pytest.fixture(scope="module")
 def measured_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("plan") / "run"
-    r = stalwart("train", "--recipe", "smoke", "--quiet", "--out", str(out), "--train.steps", "30",
-                 "--checkpoint.every", "10", "--eval.problems", "0")
+    r = subprocess.run([sys.executable, "-m", "stalwart", "train", "--recipe", "smoke", "--quiet", "--out", str(out),
+                        "--train.steps", "30", "--checkpoint.every", "10", "--eval.problems", "0"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     return out
 

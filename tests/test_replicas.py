@@ -15,47 +15,6 @@ from jobs import final_fingerprints, group_pid_once_all_train, job, jsonl, start
 pytestmark = pytest.mark.slow
 
 
-def test_sigkilled_group_is_restarted_and_healed_while_the_others_continue(tmp_path):
-    run = tmp_path / "run"
-    # 200 steps: the survivors must still be training when the restarted process is up (about
-    # 3 s of Python start and 45 steps here), or there is nobody left to heal from.
-    r = job(run, "--replicas", "3", "--train.steps", "200", "--checkpoint.mtbf_s", "5", inject="kill@20:1")
-    assert r.returncode == 0, r.stderr
-    events = jsonl(run / "events.jsonl")
-    kinds = [e["event"] for e in events]
-    exit_ = next(e for e in events if e["event"] == "group_exit")
-    assert exit_["replica"] == 1 and exit_["signal"] == "SIGKILL"
-    assert "group_restart" in kinds
-    heal = [e for e in events if e["event"] == "heal" and e["replica"] == 1 and e["time"] > exit_["time"]]
-    assert heal, "the restarted group did not heal from a peer"
-    # The survivors never stopped: they committed steps while group 1 was down.
-    metrics = jsonl(run / "metrics.jsonl")
-    during = [m for m in metrics if exit_["time"] < m["time"] < heal[0]["time"] and m["replica"] != 1]
-    assert during and all(m["participants"] == 2 for m in during[1:])
-    # After the heal the restarted group's weights and optimizer equal the survivors': no
-    # fingerprint check found a difference, and all three end bit-identical.
-    assert "sdc_detected" not in kinds
-    prints = final_fingerprints(run)
-    assert sorted(prints) == [0, 1, 2] and len(set(prints.values())) == 1
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["steps"] == 200 and summary["restarts"] == 1
-    # Checkpoints by the lowest live group at the Young/Daly interval once one cost is known.
-    saved = [e for e in events if e["event"] == "checkpoint"]
-    assert {e["replica"] for e in saved} <= {0, 2} and saved[-1]["rule"] == "young-daly"
-    crash = [f for f in summary["faults"] if f["kind"] == "crash"]
-    assert crash and crash[0]["recover_s"] is not None and 0 < summary["ettr"] <= 1
-    # The planner takes the recovery measured here as a replica group's restart, and adds
-    # the heal of the planned state over the fleet's scale-out link (H800: 50 GB/s).
-    r = subprocess.run([sys.executable, "-m", "stalwart", "plan", "--model", "deepseek-v3", "--tokens", "1T",
-                        "--accelerator", "H800", "--devices", "2048", "--pp", "16", "--ep", "64",
-                        "--strategy", "replicas", "--from-run", str(run), "--json"],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    plan = json.loads(r.stdout)
-    assert plan["measured"]["recover_s"] == summary["mean_recover_s"]
-    assert plan["failures"]["recover_s"] == pytest.approx(summary["mean_recover_s"] + plan["failures"]["checkpoint_gb"] / 50)
-
-
 def test_nan_gradient_in_one_group_is_left_out_and_that_group_heals(tmp_path):
     run = tmp_path / "run"
     r = job(run, "--replicas", "2", "--train.steps", "25", inject="nan-grad@12:1")
@@ -89,7 +48,7 @@ def test_flipped_bit_in_one_group_is_detected_within_k_steps_and_healed(tmp_path
 
 def test_stopped_group_is_dropped_within_the_timeout_and_the_job_continues(tmp_path):
     run = tmp_path / "run"
-    proc = start_job(run, "--replicas", "3", "--train.steps", "400", "--replicas.hang_timeout_s", "60")
+    proc = start_job(run, "--replicas", "3", "--train.steps", "250", "--replicas.hang_timeout_s", "60")
     try:
         pid = group_pid_once_all_train(run, groups=3, replica=2)
         os.kill(pid, signal.SIGSTOP)
@@ -165,25 +124,3 @@ def test_groups_of_two_torchrun_ranks_train_one_model_and_heal_as_a_group(tmp_pa
     metrics = jsonl(run / "metrics.jsonl")
     assert {m["rank"] for m in metrics} == {0}  # one record per group and step
     assert metrics[-1]["step"] == 300
-
-
-def test_group_that_stays_stopped_is_killed_by_the_watchdog_restarted_and_healed(tmp_path):
-    run = tmp_path / "run"
-    proc = start_job(run, "--replicas", "2", "--train.steps", "600", "--replicas.hang_timeout_s", "6")
-    try:
-        pid = group_pid_once_all_train(run, groups=2, replica=1)
-        os.kill(pid, signal.SIGSTOP)  # never resumed: only the watchdog can end it
-        stopped = time.time()
-        _, err = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err
-    events = jsonl(run / "events.jsonl")
-    hung = next(e for e in events if e["event"] == "group_hung")
-    assert hung["replica"] == 1 and hung["pid"] == pid
-    # hang_timeout_s from its last beat (at most one step before the stop), plus polling and slack
-    assert 5 <= hung["time"] - stopped < 6 + 5
-    assert any(e["event"] == "group_restart" and e["replica"] == 1 for e in events)
-    assert any(e["event"] == "heal" and e["replica"] == 1 and e["time"] > hung["time"] for e in events)
-    assert len(set(final_fingerprints(run).values())) == 1
