@@ -99,6 +99,9 @@ class ReplicasConfig:
     # A group that has not beaten once since it was started (imports, model, checkpoint
     # load, the wait for the other groups) is killed and restarted after this long instead.
     start_timeout_s: float = 300.0
+    # One rank per group: the supervisor keeps a process with the training stack imported,
+    # so a restart skips the interpreter and import start (seconds on a busy host).
+    warm_spare: bool = True
     torchft_defaults: bool = False  # use torchft's own timeouts (60 s) instead: the benchmark baseline
     # A Lighthouse that cannot be reached: groups keep their process and retry the quorum
     # this long before they give up (a restarted Lighthouse on the same address lets them on).

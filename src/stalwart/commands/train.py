@@ -30,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lighthouse", metavar="URL", help="an existing Lighthouse (see `stalwart lighthouse`)")
     p.add_argument("--replica-id", type=int, metavar="ID",
                    help="with --lighthouse: this process is replica group ID (0..N-1), without a supervisor")
+    p.add_argument("--standby", action="store_true",
+                   help="with --lighthouse and --out: a warm spare for the supervisor, which names on stdin the group "
+                        "it becomes")
     p.add_argument("--groups", metavar="IDS", help="with --lighthouse: supervise only these groups (e.g. 0,1)")
     p.add_argument("--host", default="127.0.0.1",
                    help="the address peers reach this machine's groups at (default 127.0.0.1)")
@@ -69,6 +72,12 @@ def run(args: argparse.Namespace) -> int:
     from stalwart.train.loop import train
 
     overrides = parse_overrides(args.overrides)
+    if args.standby:
+        if not (args.lighthouse and args.out) or args.replica_id is not None:
+            raise UserError("--standby needs --lighthouse URL and --out RUN_DIR, and no --replica-id")
+        args.replica_id = _standby()
+        if args.replica_id is None:
+            return 0
     if args.replicas is not None:
         overrides["replicas.count"] = str(args.replicas)
     if args.replica_id is not None and not args.lighthouse:
@@ -153,6 +162,17 @@ def _train_group(cfg, out, args: argparse.Namespace) -> int:
     except Stalled as e:
         return _group_exit(e, protocol.EXIT_STALLED, "stopping the job")
     return 0
+
+
+def _standby() -> int | None:
+    """A warm spare: pay the import cost now, then wait for the group this process becomes."""
+    import torchft.manager  # noqa: F401 (what a group's start imports: the cost a restart saves)
+    import torchft.process_group  # noqa: F401
+
+    import stalwart.train.loop  # noqa: F401
+    from stalwart.replication.protocol import await_assignment
+
+    return await_assignment()
 
 
 def _group_exit(error: Exception, code: int, what: str) -> int:

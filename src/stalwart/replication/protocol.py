@@ -2,6 +2,11 @@
 
 - **Launch**: a group is `stalwart train --out RUN_DIR --lighthouse URL --replica-id R`;
   joining is resuming: it loads the newest checkpoint and heals from a live peer.
+- **Warm spare** (replicas.warm_spare, one rank per group): the supervisor keeps one
+  `stalwart train --out RUN_DIR --lighthouse URL --standby` process that has imported the
+  training stack and waits on its stdin. A restart writes it one line, `R LOG`: it becomes
+  group R (exactly as a launch with --replica-id R) and writes to LOG. End of input (the
+  supervisor is gone) ends it.
 - **Start together**: the first processes of a job wait for each other before step 1
   (`START_TOGETHER_ENV`), so no group trains the first steps alone.
 - **Liveness**: rank 0 of a group touches RUN_DIR/logs/replica-R.alive at every step
@@ -25,6 +30,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -56,6 +62,29 @@ def start_together(logs: Path, replica: int) -> None:
     deadline = time.monotonic() + START_TOGETHER_TIMEOUT_S
     while len(list(logs.glob("replica-*.ready"))) < groups and time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+def assign_spare(stdin, replica: int, log: Path) -> None:
+    """Make the spare whose stdin this is group `replica`, writing to `log`."""
+    stdin.write(f"{replica} {log}\n".encode())
+    stdin.close()
+
+
+def await_assignment() -> int | None:
+    """In a spare: block until the supervisor names the group this process becomes, send
+    stdout and stderr to that group's log, and return the group; None if the supervisor went
+    away first."""
+    line = sys.stdin.readline()
+    if not line.strip():
+        return None
+    replica, log = line.rstrip("\n").split(" ", 1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    return int(replica)
 
 
 def process_identity(pid: int) -> str | None:

@@ -11,6 +11,9 @@ with the groups (exit codes, liveness, the supervisor watch) is replication/prot
 - A group that made no progress for `hang_timeout_s` (SIGSTOP, a wedged device) is killed
   with its whole process group (every rank of a torchrun group) and restarted. Until its
   first beat (a process starting: imports, model, checkpoint) the limit is `start_timeout_s`.
+- A restarted one-rank group is, where it can be, the warm spare (replicas.warm_spare): a
+  process started ahead with the training stack imported, which becomes the group at once;
+  a new spare is started SPARE_DELAY_S later, when the restarted group has healed.
 - On one machine the Lighthouse is a child process, restarted on the same address when it
   dies; groups ride out the outage (replicas.lighthouse_grace_s).
 - A group that exits with a usage error (bad input, a full disk) stops the job with that
@@ -21,7 +24,7 @@ with the groups (exit codes, liveness, the supervisor watch) is replication/prot
 Each group's output goes to RUN_DIR/logs/replica-R.log, the Lighthouse's to
 RUN_DIR/logs/lighthouse.log. Events written here: job_start, group_start (with its pid),
 group_exit, group_hung, group_restart, group_abandoned, group_excluded, group_error,
-restart_budget_refilled, lighthouse_start, lighthouse_exit, job_end.
+restart_budget_refilled, spare_start, spare_exit, lighthouse_start, lighthouse_exit, job_end.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from stalwart.data.sources import documents, prepare_tokenizer
 from stalwart.errors import EXIT_USAGE, TrainingStopped, UserError
 from stalwart.faults import INJECT_ENV
 from stalwart.replication.protocol import (EXIT_EXCLUDED, EXIT_NONFINITE, EXIT_STALLED, GROUP_TOKEN_ENV,
-                                           START_TOGETHER_ENV, SUPERVISOR_ENV, processes_with_token,
+                                           START_TOGETHER_ENV, SUPERVISOR_ENV, assign_spare, processes_with_token,
                                            supervisor_identity)
 from stalwart.replication.transport import SECRET_ENV
 from stalwart.run.goodput import goodput_report
@@ -52,6 +55,7 @@ from stalwart.run.rundir import RunDir
 POLL_S = 0.1
 MAX_BACKOFF_S = 8.0
 LIGHTHOUSE_START_S = 30.0
+SPARE_DELAY_S = 10.0  # after the job's start or a spare's use: not while groups start or heal
 
 
 @dataclass
@@ -69,6 +73,52 @@ class GroupProcess:
     committed_since_start: int = 0
     done: bool = False  # finished its steps, or gave up for good
     finished: bool = False  # exited 0: trained to the last step
+
+
+class WarmSpare:
+    """At most one `stalwart train --standby` process, started when due, handed to the next
+    restarted group (replication/protocol.py)."""
+
+    def __init__(self, run: RunDir, args: list[str], env: dict[str, str], enabled: bool) -> None:
+        self.run, self.args, self.env, self.enabled = run, [*args, "--standby"], env, enabled
+        self.log = run.logs / "spare.log"
+        self.proc: subprocess.Popen | None = None
+        self.token = ""
+        self.launches = 0
+        self.due = time.monotonic() + SPARE_DELAY_S
+
+    def poll(self, now: float) -> None:
+        """Start a spare when one is due; forget one that died (a later one replaces it)."""
+        if not self.enabled:
+            return
+        if self.proc is not None and self.proc.poll() is not None:
+            self.run.event("spare_exit", pid=self.proc.pid, returncode=self.proc.returncode)
+            self.proc, self.due = None, now + SPARE_DELAY_S
+        if self.proc is None and now >= self.due:
+            self.token = f"{os.getpid()}-spare-{self.launches}"
+            self.launches += 1
+            with open(self.log, "ab") as log:
+                self.proc = subprocess.Popen(self.args, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                                             env={**self.env, GROUP_TOKEN_ENV: self.token}, start_new_session=True)
+            self.run.event("spare_start", pid=self.proc.pid)
+
+    def take(self, replica: int, log: Path) -> tuple[subprocess.Popen, str] | None:
+        """The spare, now group `replica`, with its launch token; None if there is none."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None
+        proc, token, self.proc = self.proc, self.token, None
+        try:
+            assign_spare(proc.stdin, replica, log)
+        except BrokenPipeError:  # it died just now
+            _kill_group(proc, token)
+            return None
+        self.due = time.monotonic() + SPARE_DELAY_S
+        return proc, token
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _kill_group(self.proc, self.token)
+            self.proc = None
 
 
 class LighthouseProcess:
@@ -138,25 +188,32 @@ def supervise(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, secret: s
     run.event("job_start", replicas=cfg.replicas.count, groups=groups, lighthouse=lighthouse, step=first_step)
     procs = {r: GroupProcess(r) for r in groups}
 
+    launcher = [sys.executable]
+    if cfg.replicas.ranks_per_group > 1:  # torchrun starts the group's ranks; we restart the group as a whole
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                     str(cfg.replicas.ranks_per_group), "--max-restarts", "0"]
+    train_args = [*launcher, "-m", "stalwart", "train", "--out", str(run.path), "--quiet", "--lighthouse", lighthouse,
+                  "--host", host]
+    # Injected faults fire in a group's first process only: its restart (or the spare) runs clean.
+    restart_env = {k: v for k, v in env.items() if k != INJECT_ENV}
+    spare = WarmSpare(run, train_args, restart_env, enabled=cfg.replicas.warm_spare and cfg.replicas.ranks_per_group == 1)
+
     def spawn(g: GroupProcess) -> None:
-        launcher = [sys.executable]
-        if cfg.replicas.ranks_per_group > 1:  # torchrun starts the group's ranks; we restart the group as a whole
-            launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                         str(cfg.replicas.ranks_per_group), "--max-restarts", "0"]
-        args = [*launcher, "-m", "stalwart", "train", "--out", str(run.path), "--quiet",
-                "--lighthouse", lighthouse, "--replica-id", str(g.replica), "--host", host]
-        # Injected faults fire in a group's first process only: its restart runs clean. The
-        # first processes wait for each other before step 1 (a restart joins at once).
-        group_env = {**env, START_TOGETHER_ENV: str(len(groups))} if g.total_restarts == 0 else \
-            {k: v for k, v in env.items() if k != INJECT_ENV}
-        g.token = f"{os.getpid()}-{g.replica}-{g.total_restarts}"
-        group_env[GROUP_TOKEN_ENV] = g.token
-        with open(_log_path(run, g.replica), "ab") as log:
-            # Its own session: a hang kill or shutdown reaches every process of the group.
-            g.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=group_env, start_new_session=True)
+        taken = spare.take(g.replica, _log_path(run, g.replica)) if g.total_restarts else None
+        if taken is not None:
+            g.proc, g.token = taken
+        else:
+            # The first processes wait for each other before step 1 (a restart joins at once).
+            group_env = {**env, START_TOGETHER_ENV: str(len(groups))} if g.total_restarts == 0 else dict(restart_env)
+            g.token = f"{os.getpid()}-{g.replica}-{g.total_restarts}"
+            group_env[GROUP_TOKEN_ENV] = g.token
+            with open(_log_path(run, g.replica), "ab") as log:
+                # Its own session: a hang kill or shutdown reaches every process of the group.
+                g.proc = subprocess.Popen([*train_args, "--replica-id", str(g.replica)], stdout=log,
+                                          stderr=subprocess.STDOUT, env=group_env, start_new_session=True)
         g.last_progress, g.restart_at, g.committed_since_start = time.monotonic(), None, 0
         g.started_wall, g.beating = time.time(), False
-        run.event("group_start", replica=g.replica, pid=g.proc.pid, restarts=g.total_restarts)
+        run.event("group_start", replica=g.replica, pid=g.proc.pid, restarts=g.total_restarts, spare=taken is not None)
 
     # Slurm and friends stop a job with SIGTERM: end the groups too, not orphan them.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
@@ -174,6 +231,7 @@ def supervise(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, secret: s
                 now = time.monotonic()
                 if own_lighthouse is not None:
                     own_lighthouse.poll()
+                spare.poll(now)
                 for g in procs.values():  # each group touches its .alive file every step and eval batch
                     try:
                         beat_at = run.alive_path(g.replica).stat().st_mtime
@@ -191,6 +249,7 @@ def supervise(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, secret: s
                 for g in procs.values():
                     stop = stop or _watch_group(run, cfg, g, now, spawn)
     finally:
+        spare.stop()
         for g in procs.values():
             if g.proc is not None:
                 _kill_group(g.proc, g.token)
