@@ -18,7 +18,8 @@ Measured over the window [first fault - interval, end], with stalwart's own acco
 - ETTR: each group's time in committed steps / (3 x window);
 - token goodput: committed tokens / (tokens/s with all three groups x window);
 - recovery: fault to the group's first committed step with all three groups in it (for
-  sigstop this includes the 20 s the group is stopped); a group not back by the end is
+  sigstop this includes the 20 s the group is stopped; for a Lighthouse kill, the first
+  such step after every group has its quorum back); a group not back by the end is
   unrecovered;
 - non-finite: committed steps whose loss is not finite.
 
@@ -176,8 +177,13 @@ def run_one(setting: str, args, root: Path) -> dict:
     events = [e for e in _jsonl(run / "events.jsonl") if window_start < e["time"] <= end]
     report = goodput_report(metrics, events, wall_s=end - window_start, groups=GROUPS, since=window_start)
     recoveries = []
-    for t, replica in faults:
-        back = next((m["time"] for m in metrics if m["time"] > t and m["participants"] == GROUPS
+    for k, (t, replica) in enumerate(faults):
+        after = t
+        if fault == "lighthouse":  # a step whose quorum came before the kill commits after it: not a recovery
+            following = faults[k + 1][0] if k + 1 < len(faults) else end
+            after = max([e["time"] for e in events if e["event"] == "lighthouse_back" and t < e["time"] < following],
+                        default=t)
+        back = next((m["time"] for m in metrics if m["time"] > after and m["participants"] == GROUPS
                      and (fault == "lighthouse" or m["replica"] == replica)), None)
         recoveries.append(round(back - t, 2) if back is not None else None)
     done = [r for r in recoveries if r is not None]
@@ -205,12 +211,13 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=30.0)
     parser.add_argument("--grace", type=float, default=15.0, help="seconds after the last fault")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--keep", metavar="DIR", help="keep each run's directory under DIR (default: a temporary one)")
     args = parser.parse_args()
     results: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for setting in args.settings.split(","):
             for rep in range(args.repeat):
-                result = run_one(setting, args, Path(tmp) / f"rep{rep}")
+                result = run_one(setting, args, Path(args.keep or tmp) / f"rep{rep}")
                 results.setdefault(setting, []).append(result)
                 print(json.dumps(result), flush=True)
     report = {"command": "python bench/faults.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),

@@ -88,7 +88,7 @@ class ReplicasConfig:
     timeout_s: float = 5.0  # collectives, the commit vote and a heal's state transfer
     # One quorum attempt; a failed one (Lighthouse unreachable, too few groups) is retried
     # until lighthouse_grace_s is spent. It bounds how long an outage goes unnoticed.
-    quorum_timeout_s: float = 10.0
+    quorum_timeout_s: float = 5.0
     heartbeat_timeout_s: float = 2.0  # the Lighthouse drops a group silent this long
     join_timeout_s: float = 1.0  # the Lighthouse waits this long for late joiners of a quorum
     max_restarts: int = 10  # per group, by the supervisor; then the group stays down
