@@ -178,28 +178,40 @@ def test_a_sigkilled_group_is_restarted_and_healed_and_every_batch_is_trained_ex
     assert plan["failures"]["recover_s"] == pytest.approx(summary["mean_recover_s"] + plan["failures"]["checkpoint_gb"] / 50)
 
 
-def test_a_restart_becomes_the_warm_spare_and_a_killed_spare_is_replaced(tmp_path):
+def test_a_restart_becomes_the_warm_spare_unless_it_is_stopped_and_a_killed_spare_is_replaced(tmp_path):
     run = tmp_path / "run"
     proc = start_job(run, "--replicas", "2", "--train.steps", "3000")
-    try:
-        first = wait_for(lambda: events(run, "spare_start"), 60, "the first spare")[0]
-        os.kill(first["pid"], signal.SIGKILL)  # a spare is a process of the job like any other
-        wait_for(lambda: events(run, "spare_exit"), 10, "the supervisor to see the spare die")
-        second = wait_for(lambda: events(run, "spare_start")[1:], 60, "a new spare")[0]
-        time.sleep(2)
+
+    def ready_spare(n: int) -> int:
+        spare = wait_for(lambda: events(run, "spare_start")[n:], 60, f"spare {n + 1}")[0]["pid"]
+        wait_for(lambda: (run / "logs" / f"spare-{spare}.ready").exists(), 60, "the spare's imports")
+        return spare
+
+    def restart_of_group_1(n: int) -> dict:
         victim = [e["pid"] for e in events(run, "group_start") if e["replica"] == 1][-1]
         os.kill(victim, signal.SIGKILL)
-        start = wait_for(lambda: [e for e in events(run, "group_start") if e["replica"] == 1][1:], 30,
+        start = wait_for(lambda: [e for e in events(run, "group_start") if e["replica"] == 1][n:], 30,
                          "group 1's restart")[0]
-        assert start["spare"] and start["pid"] == second["pid"]
-        wait_for(lambda: [e for e in events(run, "heal") if e["replica"] == 1 and e["time"] > start["time"]], 30,
-                 "the spare to heal as group 1")
-        # It is group 1 in every respect: its output goes to group 1's log, its metrics are group 1's.
+        wait_for(lambda: [e for e in events(run, "heal") if e["replica"] == 1 and e["time"] > start["time"]], 60,
+                 "the restarted group 1 to heal")
+        return start
+
+    try:
+        first = ready_spare(0)
+        os.kill(first, signal.SIGSTOP)  # a stopped spare is not handed out: the restart starts a new process
+        assert not restart_of_group_1(1)["spare"]
+        os.kill(first, signal.SIGKILL)  # a spare is a process of the job like any other
+        second = ready_spare(1)
+        start = restart_of_group_1(2)
+        assert start["spare"] and start["pid"] == second
+        # It is group 1 in every respect: its metrics are group 1's, its output goes to group 1's log.
         wait_for(lambda: [m for m in jsonl(run / "metrics.jsonl") if m["replica"] == 1 and m["time"] > start["time"]],
                  30, "a step committed by the new group 1")
-        assert proc.poll() is None and not events(run, "group_exit")[1:]
+        assert proc.poll() is None and [e["replica"] for e in events(run, "group_exit")] == [1, 1]
+        assert any(e["event"] == "spare_exit" and e["pid"] == first for e in events(run))
     finally:
         stop_all(proc)
+    assert "stalwart train" not in (run / "logs" / "spare.log").read_text()  # no spare wrote an error
 
 
 def test_a_resumed_job_whose_groups_all_died_repeats_the_uninterrupted_losses_exactly(tmp_path):

@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     if args.standby:
         if not (args.lighthouse and args.out) or args.replica_id is not None:
             raise UserError("--standby needs --lighthouse URL and --out RUN_DIR, and no --replica-id")
-        args.replica_id = _standby()
+        args.replica_id = _standby(Path(args.out) / "logs")
         if args.replica_id is None:
             return 0
     if args.replicas is not None:
@@ -164,7 +164,7 @@ def _train_group(cfg, out, args: argparse.Namespace) -> int:
     return 0
 
 
-def _standby() -> int | None:
+def _standby(logs) -> int | None:
     """A warm spare: pay the import cost now, then wait for the group this process becomes."""
     import torchft.manager  # noqa: F401 (what a group's start imports: the cost a restart saves)
     import torchft.process_group  # noqa: F401
@@ -172,7 +172,7 @@ def _standby() -> int | None:
     import stalwart.train.loop  # noqa: F401
     from stalwart.replication.protocol import await_assignment
 
-    return await_assignment()
+    return await_assignment(logs)
 
 
 def _group_exit(error: Exception, code: int, what: str) -> int:

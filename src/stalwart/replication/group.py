@@ -21,8 +21,8 @@ hides whether peers exist.
   and retries for `lighthouse_grace_s` (torchft 0.2.0 keeps the failed quorum future and
   would raise it again: it is dropped before each retry), beating its liveness file so the
   supervisor does not take the wait for a hang. A Lighthouse started again numbers its
-  quorums from the start, and a failed step keeps its quorum's id: `_UnrepeatedQuorumIds`
-  gives torchft a new id (so a new process group) in both cases.
+  quorums from the start: `_UnrepeatedQuorumIds` gives torchft ids that name the
+  membership, so a repeated number is not taken for an old quorum.
 
 Timeouts (ReplicasConfig): a dead peer costs one failed step plus the Lighthouse's
 heartbeat timeout; a hung peer (SIGSTOP) costs up to `timeout_s` more, the time a
@@ -31,6 +31,7 @@ collective waits before giving up on it.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -155,7 +156,7 @@ class TorchFTGroup:
             lighthouse_addr=lighthouse,
             replica_id=f"replica{replica}", hostname=host, checkpoint_transport=self.transport,
             init_sync=True)
-        self.manager._client = self._quorum_ids = _UnrepeatedQuorumIds(self.manager._client)
+        self.manager._client = _UnrepeatedQuorumIds(self.manager._client)
         self.set_step(step)
         self.participants = self.contributors = 0
         self.is_lowest = False
@@ -179,7 +180,6 @@ class TorchFTGroup:
                                          f"{self.grace_s:g}): {str(error).splitlines()[0][:200]}") from error
                 self._on_quorum_retry(error, now - lost_at)
                 self.manager._quorum_future = None
-                self._quorum_ids.lost()
                 time.sleep(QUORUM_RETRY_S)
         if lost_at is not None:
             self._on_quorum_retry(None, time.monotonic() - lost_at)
@@ -226,38 +226,26 @@ class TorchFTGroup:
 
 
 class _UnrepeatedQuorumIds:
-    """torchft's ManagerClient, with quorum ids that change whenever the process group may not
-    be the one every member has.
+    """torchft's ManagerClient, with a quorum id that names the quorum's exact membership.
 
     torchft reconfigures its process group only when the quorum id changes, and names the
     store keys of a configuration after the id. A Lighthouse started again numbers its
-    quorums 1, 2, ... afresh, so its ids repeat its predecessor's: a member keeps a process
-    group of another membership (a collective that waits for a peer that is not there) or
-    reads the keys of an old configuration. So torchft is given a new id, the Lighthouse's
-    qualified by the quorum's max_step (the same for every member), whenever the
-    Lighthouse's id changed, this group's last quorum failed, the last step committed
-    nowhere (max_step did not advance), or a member is behind and heals; each of these is
-    seen alike by every member that was in the previous quorum. Otherwise it is the
-    previous id, and the process group is kept."""
+    quorums 1, 2, ... afresh, so its ids repeat its predecessor's for another membership: a
+    member keeps a process group of the old quorum (a collective that waits for a peer
+    that is not there) or reads the keys of an old configuration. The id given to torchft
+    is therefore a hash of the Lighthouse's id and the members' replica ids (each process
+    has its own uuid): the same for every member of a quorum, whoever asks, and new
+    whenever the membership is. A failed step needs nothing here: the Lighthouse itself
+    gives a new id after a commit failure."""
 
     def __init__(self, client: Any) -> None:
         self._client = client
-        self._lighthouse_id: int | None = None
-        self._max_step = -1
-        self._id = -1
-
-    def lost(self) -> None:
-        """The quorum failed: the next one may come from another Lighthouse."""
-        self._lighthouse_id = None
 
     def _quorum(self, **kwargs: Any) -> Any:
         result = self._client._quorum(**kwargs)
-        renew = (result.quorum_id != self._lighthouse_id or result.max_step <= self._max_step
-                 or result.max_world_size < result.replica_world_size)
-        if renew:
-            self._id = (result.quorum_id << 40) | result.max_step
-        self._lighthouse_id, self._max_step = result.quorum_id, result.max_step
-        return _Renumbered(result, self._id)
+        members = ",".join(sorted(result.replica_ids))
+        digest = hashlib.blake2b(f"{result.quorum_id}|{members}".encode(), digest_size=7).digest()
+        return _Renumbered(result, int.from_bytes(digest, "big"))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._client, name)

@@ -4,7 +4,8 @@
   joining is resuming: it loads the newest checkpoint and heals from a live peer.
 - **Warm spare** (replicas.warm_spare, one rank per group): the supervisor keeps one
   `stalwart train --out RUN_DIR --lighthouse URL --standby` process that has imported the
-  training stack and waits on its stdin. A restart writes it one line, `R LOG`: it becomes
+  training stack, touched RUN_DIR/logs/spare-PID.ready, and waits on its stdin. A restart
+  (only of a spare that is ready and not stopped) writes it one line, `R LOG`: it becomes
   group R (exactly as a launch with --replica-id R) and writes to LOG. End of input (the
   supervisor is gone) ends it.
 - **Start together**: the first processes of a job wait for each other before step 1
@@ -70,10 +71,15 @@ def assign_spare(stdin, replica: int, log: Path) -> None:
     stdin.close()
 
 
-def await_assignment() -> int | None:
-    """In a spare: block until the supervisor names the group this process becomes, send
+def spare_ready_path(logs: Path, pid: int) -> Path:
+    return logs / f"spare-{pid}.ready"
+
+
+def await_assignment(logs: Path) -> int | None:
+    """In a spare, its imports done: say so, block until the supervisor names the group this process becomes, send
     stdout and stderr to that group's log, and return the group; None if the supervisor went
     away first."""
+    spare_ready_path(logs, os.getpid()).touch()
     line = sys.stdin.readline()
     if not line.strip():
         return None

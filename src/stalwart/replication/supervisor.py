@@ -24,7 +24,7 @@ with the groups (exit codes, liveness, the supervisor watch) is replication/prot
 Each group's output goes to RUN_DIR/logs/replica-R.log, the Lighthouse's to
 RUN_DIR/logs/lighthouse.log. Events written here: job_start, group_start (with its pid),
 group_exit, group_hung, group_restart, group_abandoned, group_excluded, group_error,
-restart_budget_refilled, spare_start, spare_exit, lighthouse_start, lighthouse_exit, job_end.
+restart_budget_refilled, spare_start, spare_exit, spare_disabled, lighthouse_start, lighthouse_exit, job_end.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from stalwart.data.sources import documents, prepare_tokenizer
 from stalwart.errors import EXIT_USAGE, TrainingStopped, UserError
 from stalwart.faults import INJECT_ENV
 from stalwart.replication.protocol import (EXIT_EXCLUDED, EXIT_NONFINITE, EXIT_STALLED, GROUP_TOKEN_ENV,
-                                           START_TOGETHER_ENV, SUPERVISOR_ENV, assign_spare, processes_with_token,
+                                           START_TOGETHER_ENV, SUPERVISOR_ENV, assign_spare, processes_with_token, spare_ready_path,
                                            supervisor_identity)
 from stalwart.replication.transport import SECRET_ENV
 from stalwart.run.goodput import goodput_report
@@ -56,6 +56,7 @@ POLL_S = 0.1
 MAX_BACKOFF_S = 8.0
 LIGHTHOUSE_START_S = 30.0
 SPARE_DELAY_S = 10.0  # after the job's start or a spare's use: not while groups start or heal
+MAX_SPARE_DEATHS = 3  # spares that die unused, in a row, before restarts go back to new processes
 
 
 @dataclass
@@ -68,7 +69,7 @@ class GroupProcess:
     nonfinite_exits: int = 0
     restart_at: float | None = None
     last_progress: float = field(default_factory=time.monotonic)
-    started_wall: float = 0.0  # time.time() of its current launch
+    alive_at_launch: int | None = None  # the alive file's mtime (ns) when it was launched
     beating: bool = False  # its current launch has beaten at least once
     committed_since_start: int = 0
     done: bool = False  # finished its steps, or gave up for good
@@ -85,6 +86,7 @@ class WarmSpare:
         self.proc: subprocess.Popen | None = None
         self.token = ""
         self.launches = 0
+        self.deaths = 0  # spares that died unused, in a row
         self.due = time.monotonic() + SPARE_DELAY_S
 
     def poll(self, now: float) -> None:
@@ -93,7 +95,12 @@ class WarmSpare:
             return
         if self.proc is not None and self.proc.poll() is not None:
             self.run.event("spare_exit", pid=self.proc.pid, returncode=self.proc.returncode)
-            self.proc, self.due = None, now + SPARE_DELAY_S
+            spare_ready_path(self.run.logs, self.proc.pid).unlink(missing_ok=True)
+            self.proc, self.due, self.deaths = None, now + SPARE_DELAY_S, self.deaths + 1
+            if self.deaths >= MAX_SPARE_DEATHS:  # restarts start new processes from here on
+                self.enabled = False
+                self.run.event("spare_disabled", reason=f"{self.deaths} spares in a row died unused")
+                return
         if self.proc is None and now >= self.due:
             self.token = f"{os.getpid()}-spare-{self.launches}"
             self.launches += 1
@@ -103,8 +110,10 @@ class WarmSpare:
             self.run.event("spare_start", pid=self.proc.pid)
 
     def take(self, replica: int, log: Path) -> tuple[subprocess.Popen, str] | None:
-        """The spare, now group `replica`, with its launch token; None if there is none."""
-        if self.proc is None or self.proc.poll() is not None:
+        """The spare, now group `replica`, with its launch token; None if there is none that
+        has finished its imports and runs (a stopped spare would leave the group silent)."""
+        if self.proc is None or self.proc.poll() is not None or _stopped(self.proc.pid) \
+                or not spare_ready_path(self.run.logs, self.proc.pid).exists():
             return None
         proc, token, self.proc = self.proc, self.token, None
         try:
@@ -112,7 +121,8 @@ class WarmSpare:
         except BrokenPipeError:  # it died just now
             _kill_group(proc, token)
             return None
-        self.due = time.monotonic() + SPARE_DELAY_S
+        spare_ready_path(self.run.logs, proc.pid).unlink(missing_ok=True)
+        self.due, self.deaths = time.monotonic() + SPARE_DELAY_S, 0
         return proc, token
 
     def stop(self) -> None:
@@ -212,7 +222,7 @@ def supervise(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, secret: s
                 g.proc = subprocess.Popen([*train_args, "--replica-id", str(g.replica)], stdout=log,
                                           stderr=subprocess.STDOUT, env=group_env, start_new_session=True)
         g.last_progress, g.restart_at, g.committed_since_start = time.monotonic(), None, 0
-        g.started_wall, g.beating = time.time(), False
+        g.alive_at_launch, g.beating = _mtime_ns(run.alive_path(g.replica)), False
         run.event("group_start", replica=g.replica, pid=g.proc.pid, restarts=g.total_restarts, spare=taken is not None)
 
     # Slurm and friends stop a job with SIGTERM: end the groups too, not orphan them.
@@ -234,12 +244,12 @@ def supervise(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, secret: s
                 spare.poll(now)
                 for g in procs.values():  # each group touches its .alive file every step and eval batch
                     try:
-                        beat_at = run.alive_path(g.replica).stat().st_mtime
+                        beat_at = run.alive_path(g.replica).stat()
                     except FileNotFoundError:
                         continue
-                    if beat_at >= g.started_wall:  # not a beat of the launch before
+                    if g.beating or beat_at.st_mtime_ns != g.alive_at_launch:  # not the launch before's beat
                         g.beating = True
-                        g.last_progress = max(g.last_progress, now - (time.time() - beat_at))
+                        g.last_progress = max(g.last_progress, now - (time.time() - beat_at.st_mtime))
                 for record in tail.read():
                     if record.get("replica") in procs:
                         _count_commit(run, procs[record["replica"]], r.restart_refill_steps)
@@ -352,6 +362,21 @@ def _kill_group(proc: subprocess.Popen, token: str | None = None) -> None:
         except ProcessLookupError:
             pass
     proc.wait()
+
+
+def _stopped(pid: int) -> bool:
+    """True if `pid` is stopped (SIGSTOP) or traced; False if it runs or /proc cannot tell."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
+
+
+def _mtime_ns(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
 
 
 def _log_path(run: RunDir, replica: int) -> Path:
