@@ -198,6 +198,8 @@ def test_transport_refuses_a_payload_that_would_run_code():
     (["train", "--lighthouse", "127.0.0.1:1", "--replica-id", "0", "--replicas", "2"], "STALWART_JOB_SECRET is not set"),
     (["train", "--lighthouse", "127.0.0.1:1", "--groups", "0", "--replicas", "2"], "STALWART_JOB_SECRET is not set"),
     (["lighthouse", "--bind", "nope"], "is not HOST:PORT"),
+    (["train", "--standby"], "--standby needs --lighthouse URL and --out RUN_DIR"),
+    (["train", "--replicas", "2", "--replicas.start_timeout_s", "0"], "replicas.start_timeout_s must be > 0"),
 ])
 def test_bad_replication_input_is_one_line_and_exit_2(argv, message, tmp_path):
     r = subprocess.run([sys.executable, "-m", "stalwart", *argv, *(["--out", str(tmp_path / "r")]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from stalwart.errors import UserError
 
@@ -60,7 +61,6 @@ def parse_overrides(extra: list[str]) -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> int:
     import time
-    from pathlib import Path
 
     from stalwart.faults import check_spec
     from stalwart.train.loop import TrainResult
@@ -164,7 +164,7 @@ def _train_group(cfg, out, args: argparse.Namespace) -> int:
     return 0
 
 
-def _standby(logs) -> int | None:
+def _standby(logs: Path) -> int | None:
     """A warm spare: pay the import cost now, then wait for the group this process becomes."""
     import torchft.manager  # noqa: F401 (what a group's start imports: the cost a restart saves)
     import torchft.process_group  # noqa: F401

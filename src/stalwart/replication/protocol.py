@@ -76,9 +76,9 @@ def spare_ready_path(logs: Path, pid: int) -> Path:
 
 
 def await_assignment(logs: Path) -> int | None:
-    """In a spare, its imports done: say so, block until the supervisor names the group this process becomes, send
-    stdout and stderr to that group's log, and return the group; None if the supervisor went
-    away first."""
+    """In a spare whose imports are done: say so (spare-PID.ready), block until the
+    supervisor names the group this process becomes, send stdout and stderr to that group's
+    log, and return the group; None if the supervisor went away first."""
     spare_ready_path(logs, os.getpid()).touch()
     line = sys.stdin.readline()
     if not line.strip():
@@ -93,11 +93,24 @@ def await_assignment(logs: Path) -> int | None:
     return int(replica)
 
 
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat after the command name: state, ppid, ... (raises OSError if gone)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def process_stopped(pid: int) -> bool:
+    """True if `pid` is stopped (SIGSTOP) or traced; False if it runs or /proc cannot tell."""
+    try:
+        return _stat_fields(pid)[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
+
+
 def process_identity(pid: int) -> str | None:
     """"PID:START_TIME" of a live process (the start time from /proc, so that a pid the
     kernel hands out again is not mistaken for the old process); None if it is gone."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = _stat_fields(pid)
         if fields[0] == "Z":  # a zombie is dead
             return None
         return f"{pid}:{fields[19]}"

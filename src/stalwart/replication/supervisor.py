@@ -45,8 +45,8 @@ from stalwart.data.sources import documents, prepare_tokenizer
 from stalwart.errors import EXIT_USAGE, TrainingStopped, UserError
 from stalwart.faults import INJECT_ENV
 from stalwart.replication.protocol import (EXIT_EXCLUDED, EXIT_NONFINITE, EXIT_STALLED, GROUP_TOKEN_ENV,
-                                           START_TOGETHER_ENV, SUPERVISOR_ENV, assign_spare, processes_with_token, spare_ready_path,
-                                           supervisor_identity)
+                                           START_TOGETHER_ENV, SUPERVISOR_ENV, assign_spare, process_stopped,
+                                           processes_with_token, spare_ready_path, supervisor_identity)
 from stalwart.replication.transport import SECRET_ENV
 from stalwart.run.goodput import goodput_report
 from stalwart.run.progress import Progress
@@ -112,7 +112,7 @@ class WarmSpare:
     def take(self, replica: int, log: Path) -> tuple[subprocess.Popen, str] | None:
         """The spare, now group `replica`, with its launch token; None if there is none that
         has finished its imports and runs (a stopped spare would leave the group silent)."""
-        if self.proc is None or self.proc.poll() is not None or _stopped(self.proc.pid) \
+        if self.proc is None or self.proc.poll() is not None or process_stopped(self.proc.pid) \
                 or not spare_ready_path(self.run.logs, self.proc.pid).exists():
             return None
         proc, token, self.proc = self.proc, self.token, None
@@ -362,14 +362,6 @@ def _kill_group(proc: subprocess.Popen, token: str | None = None) -> None:
         except ProcessLookupError:
             pass
     proc.wait()
-
-
-def _stopped(pid: int) -> bool:
-    """True if `pid` is stopped (SIGSTOP) or traced; False if it runs or /proc cannot tell."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("T", "t")
-    except (OSError, IndexError):
-        return False
 
 
 def _mtime_ns(path: Path) -> int | None:

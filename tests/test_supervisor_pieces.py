@@ -1,14 +1,15 @@
-"""Two pieces of the replica-group protocol that a live job exercises only by chance: the
-quorum ids torchft is given when a Lighthouse is started again, and the supervisor's
-watchdog while a group is still starting."""
+"""Pieces of the replica-group protocol that a live job exercises only by chance: the quorum
+ids torchft is given when a Lighthouse is started again, the supervisor's watchdog while a
+group is still starting, and a warm spare that is not ready or keeps dying."""
 
 import subprocess
+import sys
 import time
 from types import SimpleNamespace
 
 from stalwart.config import RunConfig, apply_overrides
 from stalwart.replication.group import _UnrepeatedQuorumIds
-from stalwart.replication.supervisor import GroupProcess, _watch_group
+from stalwart.replication.supervisor import MAX_SPARE_DEATHS, GroupProcess, WarmSpare, _watch_group
 from stalwart.run.rundir import RunDir
 
 
@@ -58,3 +59,31 @@ def test_the_watchdog_gives_a_starting_group_start_timeout_s_and_a_beating_one_h
     finally:
         if g.proc is not None:
             g.proc.kill()
+
+
+def test_a_spare_not_ready_is_not_handed_out_and_spares_that_keep_dying_are_given_up(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.create()
+    run.logs.mkdir()
+    # A "spare" that never finishes its imports (it never touches spare-PID.ready), then ones that die at once.
+    spare = WarmSpare(run, [sys.executable, "-c", "import time; time.sleep(60)"], {}, enabled=True)
+    spare.due = 0.0
+    try:
+        spare.poll(time.monotonic())
+        assert spare.proc is not None and spare.take(1, run.logs / "replica-1.log") is None
+        assert spare.proc.poll() is None  # still the spare, untouched
+    finally:
+        spare.stop()
+    spare.args = [sys.executable, "-c", "pass"]
+    for _ in range(MAX_SPARE_DEATHS):
+        spare.due = 0.0
+        spare.poll(time.monotonic())  # starts one
+        spare.proc.wait(timeout=30)
+        spare.poll(time.monotonic())  # finds it dead
+    spare.due = 0.0
+    spare.poll(time.monotonic())
+    assert spare.proc is None  # given up: restarts start new processes
+    found = run.read_events()
+    assert [e["event"] for e in found].count("spare_start") == MAX_SPARE_DEATHS + 1  # the first, then 3 that died
+    assert [e["event"] for e in found].count("spare_exit") == MAX_SPARE_DEATHS
+    assert found[-1]["event"] == "spare_disabled" and not spare.enabled
