@@ -132,7 +132,7 @@ def test_a_sigkilled_group_is_restarted_and_healed_and_every_batch_is_trained_ex
     # 200 steps: the survivors must still be training when the restarted process is up (about
     # 3 s of Python start and 45 steps here), or there is nobody left to heal from.
     r = job(run, "--replicas", "3", "--train.steps", "200", "--checkpoint.mtbf_s", "5", "--train.trace_data", "true",
-            inject="kill@20:1")
+            inject="kill-in-exchange@20:1")  # killed while its peers wait in step 20's collective
     assert r.returncode == 0, r.stderr
     found = events(run)
     kinds = [e["event"] for e in found]
@@ -148,12 +148,14 @@ def test_a_sigkilled_group_is_restarted_and_healed_and_every_batch_is_trained_ex
     # Group 0 never died: its records list, for every committed step, each shard whose batch it trained.
     records = [m for m in metrics if m["replica"] == 0]
     assert [m["step"] for m in records] == list(range(1, 201))
+    # The survivors kept step 20's forward and backward and sent it again without group 1.
+    assert records[19]["sends"] == 2 and records[19]["participants"] == 2 and "1" not in records[19]["data"]
     for shard in range(3):
         trained = [m["data"][str(shard)] for m in records if str(shard) in m["data"]]
         # In order, without a repeat or a gap: exactly the batches an untouched loader yields.
         assert trained == _positions_of_shard(run, shard)[:len(trained)]
     missing = [m["step"] for m in records if "1" not in m["data"]]
-    assert missing and missing[0] >= 20  # group 1 was out while it restarted, then continued its own shard
+    assert missing and missing[0] == 20  # group 1 was out while it restarted, then continued its own shard
     # After the heal the restarted group's weights and optimizer equal the survivors': no
     # fingerprint check found a difference, and all three end bit-identical.
     assert "sdc_detected" not in kinds

@@ -1,6 +1,7 @@
 """The step state machine in one process: the mapping from what a step saw to its outcome,
 the exchange buffer (non-finite ranks left out, the data ledger, the checkpoint flag),
-the loader's three-integer position and the escalation of a run that never commits."""
+the loader's three-integer position, a step sent again after its collective failed, and the
+escalation of a run that never commits."""
 
 import json
 import os
@@ -11,11 +12,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from stalwart.config import apply_overrides
 from stalwart.data.loader import PackedLoader, TaskDocuments
 from stalwart.data.tokenizer import train_tokenizer
 from stalwart.guards import NONFINITE, OK, ROLLBACK, SPIKE, Verdict
 from stalwart.train.exchange import StepExchange
-from stalwart.train.step import COMMITTED, CORRUPT, FAILED, ROLLED_BACK, SKIPPED, outcome_of
+from stalwart.recipes import recipe
+from stalwart.replication.group import LocalGroup
+from stalwart.train.setup import setup
+from stalwart.train.step import COMMITTED, CORRUPT, FAILED, ROLLED_BACK, SKIPPED, outcome_of, train_step
 
 GOOD, SPIKED, BACK, NAN = Verdict(OK), Verdict(SPIKE, "s"), Verdict(ROLLBACK, "r"), Verdict(NONFINITE, "n")
 
@@ -110,3 +115,55 @@ def test_a_run_that_never_commits_escalates_to_a_rollback_then_stops_with_exit_1
     rollback = next(e for e in events if e["event"] == "rollback")
     assert rollback["to_step"] == 5 and "without a commit" in rollback["reason"]
     assert kinds[-1] == "stalled"
+
+
+class _BreakingGroup(LocalGroup):
+    """One group with a slot for a peer that never sends: the exchange is packed as in a
+    replicated job; `break_next` makes the next collective fail half-way (having already
+    summed into the buffer, as gloo does)."""
+
+    num_replicas = 2
+
+    def __init__(self) -> None:
+        self.break_next, self._error = False, None
+
+    def allreduce_sum(self, buffer: torch.Tensor) -> bool:
+        self._error = RuntimeError("Connection closed by peer") if self.break_next else None
+        self.break_next = False
+        if self._error is not None:
+            buffer.mul_(3.0)
+        return self._error is None
+
+    def error(self):
+        return self._error
+
+
+def _job(out):
+    cfg = apply_overrides(recipe("smoke"), {"train.steps": "4", "eval.problems": "0", "eval.batches": "0"})
+    job = setup(cfg, out, resume=False, quiet=True, replica=None)
+    job.group = _BreakingGroup()
+    return job
+
+
+def test_a_step_whose_collective_failed_is_sent_again_and_commits_exactly_what_a_fresh_step_would(tmp_path):
+    kept_job, fresh_job = _job(tmp_path / "kept"), _job(tmp_path / "fresh")
+    kept_job.group.break_next = True
+    failed = train_step(kept_job, 1)
+    assert failed.outcome == FAILED and "closed by peer" in failed.error
+    assert failed.kept is not None and failed.kept.valid_for(1, kept_job.state)
+    assert kept_job.state.loader.state_dict() == fresh_job.state.loader.state_dict()  # nothing consumed yet
+    resent, fresh = train_step(kept_job, 1, kept=failed.kept), train_step(fresh_job, 1)
+    assert resent.outcome == fresh.outcome == COMMITTED
+    assert resent.record["sends"] == 2 and "sends" not in fresh.record
+    assert resent.record["loss"] == fresh.record["loss"] and resent.record["grad_norm"] == fresh.record["grad_norm"]
+    for ours, theirs in zip(kept_job.state.state_dict()["model"].values(), fresh_job.state.state_dict()["model"].values()):
+        assert torch.equal(ours, theirs)  # the same update, bit for bit, without a second forward
+    assert kept_job.state.shards == fresh_job.state.shards  # the batch is consumed once
+    # Its compute counts once, in the step that committed; the failed exchange's wait not at all.
+    assert resent.record["step_s"] >= failed.kept.compute_s > 0
+    # Weights replaced in between (a heal): the kept step is void and the next one computes afresh.
+    kept_job.group.break_next = True
+    again = train_step(kept_job, 2)
+    kept_job.state.load_state_dict(fresh_job.state.state_dict())
+    assert again.kept is not None and not again.kept.valid_for(2, kept_job.state)
+    assert train_step(kept_job, 2).outcome == COMMITTED

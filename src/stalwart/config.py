@@ -90,7 +90,9 @@ class ReplicasConfig:
     # until lighthouse_grace_s is spent. It bounds how long an outage goes unnoticed.
     quorum_timeout_s: float = 5.0
     heartbeat_timeout_s: float = 2.0  # the Lighthouse drops a group silent this long
-    join_timeout_s: float = 1.0  # the Lighthouse waits this long for late joiners of a quorum
+    # The Lighthouse waits this long for late joiners of a quorum; a group that died mid-step
+    # counts as one until its heartbeat times out, so this is what its peers wait for it.
+    join_timeout_s: float = 0.5
     max_restarts: int = 10  # per group, by the supervisor; then the group stays down
     restart_backoff_s: float = 0.5  # first restart delay, doubled per restart of the same group (max 8 s)
     # The supervisor kills and restarts a group with no progress (step, eval batch) this long;

@@ -4,7 +4,8 @@ a named step, never after a sleep.
     STALWART_INJECT="kill@12,kill-in-checkpoint@20,nan-grad@7:1,flip-bit@9:2"
 
 `kill@N` SIGKILLs the process at the start of step N (before any of its work);
-`kill-in-checkpoint@N` SIGKILLs it halfway through writing the checkpoint of step N, after
+`kill-in-exchange@N` SIGKILLs it after step N's forward and backward, right before its
+exchange, while its peers wait in the collective; `kill-in-checkpoint@N` SIGKILLs it halfway through writing the checkpoint of step N, after
 the weights are on disk and before the folder is renamed into place; `nan-grad@N` fills one
 gradient with NaN after the backward pass of step N; `spike@N` multiplies that step's
 gradients by 1000 (a loss-spike-like gradient norm); `flip-bit@N` flips one bit of one
@@ -37,7 +38,7 @@ import torch
 from stalwart.errors import ConfigError
 
 INJECT_ENV = "STALWART_INJECT"
-POINTS = ("kill", "kill-in-checkpoint", "nan-grad", "nan-device", "spike", "flip-bit", "nan-weight", "slow")
+POINTS = ("kill", "kill-in-exchange", "kill-in-checkpoint", "nan-grad", "nan-device", "spike", "flip-bit", "nan-weight", "slow")
 _replica: int | None = None
 _fired: set[tuple[str, int]] = set()  # each fault fires once per process, even if its step is retried
 _nan_device = False  # `nan-device`, once fired, lasts

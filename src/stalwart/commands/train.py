@@ -166,6 +166,7 @@ def _train_group(cfg, out, args: argparse.Namespace) -> int:
 
 def _standby(logs: Path) -> int | None:
     """A warm spare: pay the import cost now, then wait for the group this process becomes."""
+    import torch._dynamo  # noqa: F401 (imported by the optimizer's constructor: ~1 s)
     import torchft.manager  # noqa: F401 (what a group's start imports: the cost a restart saves)
     import torchft.process_group  # noqa: F401
 

@@ -47,13 +47,12 @@ class StepExchange:
     own_finite: bool
 
     @classmethod
-    def pack(cls, params: list[torch.Tensor], losses: torch.Tensor, moe_layers: list, group, compute_s: float,
+    def pack(cls, params: list[torch.Tensor], losses: torch.Tensor, loads: list[torch.Tensor], group, compute_s: float,
              *, shard: int, num_shards: int, position: dict[str, int], checkpoint_due: bool, contribute: bool) -> StepExchange:
         device = params[0].device
         grads = [torch.zeros(p.numel(), device=device) if p.grad is None else p.grad.reshape(-1).float()
                  for p in params]
         has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
-        loads = [m.expert_load.float() for m in moe_layers]
         n = group.num_replicas
         slots = torch.zeros(3 * n + 1 + _SHARD_SLOT * num_shards, device=device)
         buffer = torch.cat([*grads, has_grad, losses.to(device), *loads, slots])
@@ -134,10 +133,9 @@ class LocalExchange:
     buffer = None
     own_finite = True  # a lone process's non-finite values are the guard's verdict, not a heal
 
-    def __init__(self, losses: torch.Tensor, moe_layers: list, compute_s: float, *, shard: int,
+    def __init__(self, losses: torch.Tensor, loads: list[torch.Tensor], compute_s: float, *, shard: int,
                  position: dict[str, int], checkpoint_due: bool) -> None:
-        self._losses, self._compute_s = losses, compute_s
-        self._loads = [m.expert_load.float() for m in moe_layers]
+        self._losses, self._compute_s, self._loads = losses, compute_s, loads
         self._shard, self._position, self._checkpoint_due = shard, position, checkpoint_due
 
     def unpack_gradients(self, params: list[torch.Tensor], contributors: int) -> None:
@@ -162,14 +160,14 @@ class LocalExchange:
         return {self._shard: self._position}
 
 
-def step_exchange(params: list[torch.Tensor], losses: torch.Tensor, moe_layers: list, group, compute_s: float,
-                  loader, *, checkpoint_due: bool, contribute: bool = True) -> StepExchange | LocalExchange:
-    """`contribute` False: this group's state is known bad; it joins the collective with
-    its flags only, like a rank whose values are not finite."""
-    position = loader.state_dict()
+def step_exchange(params: list[torch.Tensor], losses: torch.Tensor, loads: list[torch.Tensor], group,
+                  compute_s: float, *, shard: int, num_shards: int, position: dict[str, int], checkpoint_due: bool,
+                  contribute: bool = True) -> StepExchange | LocalExchange:
+    """The exchange of one step's gradients (params' .grad), losses and expert `loads`;
+    `position` is this shard's loader position after the step's batch. `contribute` False:
+    this group's state is known bad; it joins the collective with its flags only, like a
+    rank whose values are not finite."""
     if group.num_replicas == 1 and group.contributors == 1:
-        return LocalExchange(losses, moe_layers, compute_s, shard=loader.shard, position=position,
-                             checkpoint_due=checkpoint_due)
-    return StepExchange.pack(params, losses, moe_layers, group, compute_s, shard=loader.shard,
-                             num_shards=loader.num_shards, position=position, checkpoint_due=checkpoint_due,
-                             contribute=contribute)
+        return LocalExchange(losses, loads, compute_s, shard=shard, position=position, checkpoint_due=checkpoint_due)
+    return StepExchange.pack(params, losses, loads, group, compute_s, shard=shard, num_shards=num_shards,
+                             position=position, checkpoint_due=checkpoint_due, contribute=contribute)

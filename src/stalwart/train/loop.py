@@ -4,6 +4,10 @@
     (train/recovery.py) -> one step with one outcome (train/step.py) -> what the outcome
     does (recovery.py) -> after a commit: metrics, evaluation -> at the end: export, summary
 
+A step whose collective failed keeps its forward and backward: after the next quorum it
+is exchanged again among whoever is in it, unless this group's weights were replaced in
+between (a heal, a rollback), so a peer's death costs the survivors the wait, not the work.
+
 A checkpoint is written between steps, after the next quorum, once the groups'
 fingerprints agree (recovery.py); the last one after a final quorum, so that a group that
 was corrupt at the last step is healed first.
@@ -35,7 +39,7 @@ from stalwart.run.progress import Progress
 from stalwart.train.evaluate import EvalResult, eval_loss, exact_match
 from stalwart.train.recovery import Recovery
 from stalwart.train.setup import Job, Replica, setup
-from stalwart.train.step import COMMITTED, StepResult, slow_fault, train_step
+from stalwart.train.step import COMMITTED, Computed, StepResult, slow_fault, train_step
 
 __all__ = ["Replica", "TrainResult", "train", "evaluate"]
 
@@ -60,6 +64,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
     record: dict[str, Any] = done[-1] if done else {}  # the last committed step's metrics
     members: tuple[int, ...] = ()
     slowed = False
+    kept: Computed | None = None  # a step whose exchange failed, sent again at the next quorum
     job.model.train()
     try:
         with progress:
@@ -79,7 +84,9 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
                 step = state.step + 1
                 slowed = slow_fault(step, slowed)
                 result = train_step(job, step, slowed=slowed, checkpoint_due=recovery.checkpoint_wanted(step),
-                                    exclude_self=action == "exclude")
+                                    exclude_self=action == "exclude",
+                                    kept=kept if kept is not None and kept.valid_for(step, state) else None)
+                kept = result.kept
                 members = _report_quorum(job, result, members)
                 recovery.after_step(result, healed=group.healed)
                 if result.outcome != COMMITTED:

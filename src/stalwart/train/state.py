@@ -36,6 +36,9 @@ class TrainState:
         self.uncommitted = 0  # consecutive step attempts a guard voted down everywhere
         self.checkpoint_due = False  # the committed step is to be checkpointed
         self.shards: list[dict[str, int]] = [loader.state_dict() for _ in range(loader.num_shards)]
+        # This process's own count of the times weights and optimizer were replaced (a heal,
+        # a checkpoint loaded): gradients computed before a replacement are void.
+        self.version = 0
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -46,6 +49,7 @@ class TrainState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """A healthy peer's state (a heal): its weights, optimizer and ledger; this shard's
         loader goes to the ledger's position for it."""
+        self.version += 1
         load_model_state(self.model, state["model"], Path("peer"))
         self.optimizer.load_state_dict(state["optimizer"])
         self.guard.load_state_dict(state["guard"])
@@ -56,6 +60,7 @@ class TrainState:
     def load_checkpoint(self, latest: ckpt.LoadedCheckpoint, *, data: bool = True) -> dict[str, Any]:
         """Weights, optimizer and counters from a checkpoint, and the ledger unless a
         rollback keeps reading past the offending batches; returns its train state."""
+        self.version += 1
         load_model_state(self.model, latest.model_state, latest.path)
         state = latest.train_state
         self.optimizer.load_state_dict(state["optimizer"])

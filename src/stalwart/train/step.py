@@ -3,7 +3,9 @@
     committed  the collective succeeded, the guards passed, the vote said yes: the update
                is applied, the counters and the data ledger advance
     failed     the collective broke (a peer died, hung or is unreachable) or the vote said
-               no: nothing changes, this shard's batch is drawn again
+               no: nothing changes; a broken collective keeps the step's forward and
+               backward (`Computed`), which the next attempt sends again, else this
+               shard's batch is drawn again
     skipped    a guard voted the step down everywhere (a non-finite sum, a spike): nothing
                changes, the batch counts as read (it is the offending data)
     rollback   repeated spikes: every group goes back to the last checkpoint
@@ -28,6 +30,7 @@ from stalwart.guards import NONFINITE, OK, ROLLBACK, Verdict
 from stalwart.train.exchange import step_exchange
 from stalwart.train.optim import lr_at
 from stalwart.train.setup import Job
+from stalwart.train.state import TrainState
 
 COMMITTED, FAILED, SKIPPED, ROLLED_BACK, CORRUPT = "committed", "failed", "skipped", "rollback", "corrupt"
 SDC = "sdc"  # the verdict on a group that trains a step without contributing, its fingerprint being odd
@@ -43,6 +46,7 @@ class StepResult:
     timings: dict[int, float] = field(default_factory=dict)  # {replica: compute seconds} when the collective worked
     nonfinite: list[int] = field(default_factory=list)  # replicas whose own values were not finite
     error: str | None = None  # why the collective failed
+    kept: Computed | None = None  # a step whose collective failed, to be sent again
 
 
 def outcome_of(*, collective_ok: bool, own_finite: bool, healthy: int, verdict: Verdict, voted: bool) -> str:
@@ -60,17 +64,32 @@ def outcome_of(*, collective_ok: bool, own_finite: bool, healthy: int, verdict: 
     return COMMITTED if voted else FAILED
 
 
-def train_step(job: Job, step: int, *, slowed: bool = False, checkpoint_due: bool = False,
-               exclude_self: bool = False) -> StepResult:
-    """Forward, backward, one exchange, the guards, the vote, and the update if committed.
-    `exclude_self`: this group's state is known bad (a fingerprint outside the majority);
-    it takes part in the collective without contributing and heals afterwards."""
-    cfg, state, group = job.cfg, job.state, job.group
+@dataclass
+class Computed:
+    """A step's forward and backward: what its exchange sends, the gradients being in the
+    parameters' .grad. When the exchange fails (a peer died or hung) the step is kept: the
+    next quorum sends it again instead of computing it again, as long as this group's
+    weights were not replaced in between (a heal, a rollback)."""
+    step: int
+    losses: torch.Tensor  # loss, lm_loss, mtp_loss: means over the micro-batches
+    loads: list[torch.Tensor]  # tokens routed to each expert, per MoE layer
+    position: dict[str, int]  # this shard's loader position after the step's batch
+    compute_s: float
+    version: int  # the train state's version it was computed on
+    sends: int = 0  # exchanges attempted with it
+
+    def valid_for(self, step: int, state: TrainState) -> bool:
+        return self.step == step and self.version == state.version
+
+
+def compute(job: Job, step: int, *, slowed: bool) -> Computed:
+    """Forward and backward of this shard's next batch (grad_accum micro-batches)."""
+    cfg, state = job.cfg, job.state
     t0 = time.perf_counter()
-    lr = lr_at(step, cfg.train.steps, cfg.optim)
-    for param_group in state.optimizer.param_groups:
-        param_group["lr"] = lr
-    losses = torch.zeros(3)  # loss, lm_loss, mtp_loss: summed over micro-batches
+    state.optimizer.zero_grad(set_to_none=True)  # a kept step that is void leaves its gradients
+    for moe in job.moe_layers:
+        moe.expert_load.zero_()
+    losses = torch.zeros(3)
     for _ in range(cfg.train.grad_accum):
         x, y = state.loader.next_batch()
         with job.autocast():
@@ -83,9 +102,29 @@ def train_step(job: Job, step: int, *, slowed: bool = False, checkpoint_due: boo
     corrupt_gradients(step, job.params)
     if slowed:
         time.sleep(2 * (time.perf_counter() - t0))
-    compute_s = time.perf_counter() - t0
+    return Computed(step, losses, [m.expert_load.float().clone() for m in job.moe_layers], state.loader.state_dict(),
+                    time.perf_counter() - t0, state.version)
 
-    exchange = step_exchange(job.params, losses, job.moe_layers, group, compute_s, state.loader,
+
+def train_step(job: Job, step: int, *, slowed: bool = False, checkpoint_due: bool = False,
+               exclude_self: bool = False, kept: Computed | None = None) -> StepResult:
+    """Forward and backward (or a step `kept` from a failed exchange), one exchange, the
+    guards, the vote, and the update if committed. `exclude_self`: this group's state is
+    known bad (a fingerprint outside the majority); it takes part in the collective without
+    contributing and heals afterwards.
+
+    A kept step's `step_s` is its compute plus this exchange: the failed exchange's wait is
+    not work."""
+    cfg, state, group = job.cfg, job.state, job.group
+    t0 = time.perf_counter()
+    lr = lr_at(step, cfg.train.steps, cfg.optim)
+    for param_group in state.optimizer.param_groups:
+        param_group["lr"] = lr
+    work = kept if kept is not None else compute(job, step, slowed=slowed)
+    work.sends += 1
+    inject("kill-in-exchange", step)
+    exchange = step_exchange(job.params, work.losses, work.loads, group, work.compute_s, shard=state.loader.shard,
+                             num_shards=state.loader.num_shards, position=work.position,
                              checkpoint_due=checkpoint_due, contribute=not exclude_self)
     collective_ok = group.allreduce_sum(exchange.buffer)
     error = group.error()  # why the collective failed, before the vote adds its own
@@ -108,6 +147,9 @@ def train_step(job: Job, step: int, *, slowed: bool = False, checkpoint_due: boo
     voted = group.should_commit(verdict.commit and exchange.own_finite, verdict.reason)
     outcome = outcome_of(collective_ok=collective_ok, own_finite=exchange.own_finite, healthy=healthy,
                          verdict=verdict, voted=voted)
+    # The sum replaced the gradients in .grad: only a step whose collective failed is kept.
+    keep = outcome == FAILED and not collective_ok
+    computed_before = kept.compute_s if kept is not None else 0.0
     record = None
     if outcome == COMMITTED:
         state.optimizer.step()
@@ -118,12 +160,14 @@ def train_step(job: Job, step: int, *, slowed: bool = False, checkpoint_due: boo
         state.step, state.tokens_seen = step, state.tokens_seen + job.tokens_per_batch * healthy
         state.uncommitted, state.checkpoint_due = 0, exchange.checkpoint_due()
         state.guard.accept(lm_loss, grad_norm)
-        dt = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0 + computed_before
         record = {"step": step, "loss": lm_loss, "total_loss": loss, "lr": lr, "grad_norm": grad_norm,
-                  "tokens_per_s": job.tokens_per_batch * healthy / dt, "step_s": dt, "tokens": state.tokens_seen,
-                  "participants": group.participants, "time": round(time.time(), 4)}
+                  "tokens_per_s": job.tokens_per_batch * healthy / seconds, "step_s": seconds,
+                  "tokens": state.tokens_seen, "participants": group.participants, "time": round(time.time(), 4)}
         if job.model.mtp:
             record["mtp_loss"] = mtp_loss
+        if work.sends > 1:
+            record["sends"] = work.sends
         if cfg.train.trace_data:
             record["data"] = {str(k): ":".join(str(v) for v in p.values()) for k, p in sorted(positions.items())}
         if imbalance is not None:
@@ -133,14 +177,16 @@ def train_step(job: Job, step: int, *, slowed: bool = False, checkpoint_due: boo
             moe.expert_load.zero_()
         if outcome in (SKIPPED, ROLLED_BACK):
             state.uncommitted += 1
-    state.optimizer.zero_grad(set_to_none=True)
+    if not keep:
+        state.optimizer.zero_grad(set_to_none=True)
     if outcome != FAILED:
         state.record_shards(positions)  # every contributing shard's batch is consumed
     state.rewind_loader()  # this shard's batch again, unless it was consumed
-    return StepResult(outcome, step, time.perf_counter() - t0, verdict, record,
+    return StepResult(outcome, step, time.perf_counter() - t0 + computed_before, verdict, record,
                       exchange.compute_times() if collective_ok else {},
                       exchange.nonfinite_replicas() if collective_ok else [],
-                      None if error is None else (str(error).strip().splitlines() or [type(error).__name__])[0][:300])
+                      None if error is None else (str(error).strip().splitlines() or [type(error).__name__])[0][:300],
+                      kept=work if keep else None)
 
 
 def _imbalance(loads: list[torch.Tensor]) -> float | None:
