@@ -3,6 +3,7 @@ the exchange buffer (non-finite ranks left out, the data ledger, the checkpoint 
 the loader's three-integer position, a step sent again after its collective failed, and the
 escalation of a run that never commits."""
 
+import copy
 import json
 import os
 import subprocess
@@ -164,6 +165,9 @@ def test_a_step_whose_collective_failed_is_sent_again_and_commits_exactly_what_a
     # Weights replaced in between (a heal): the kept step is void and the next one computes afresh.
     kept_job.group.break_next = True
     again = train_step(kept_job, 2)
-    kept_job.state.load_state_dict(fresh_job.state.state_dict())
+    kept_job.state.load_state_dict(copy.deepcopy(fresh_job.state.state_dict()))  # a heal receives a copy
     assert again.kept is not None and not again.kept.valid_for(2, kept_job.state)
-    assert train_step(kept_job, 2).outcome == COMMITTED
+    assert all(p.grad is None for p in kept_job.params)  # freed with the replacement
+    assert train_step(kept_job, 2).outcome == train_step(fresh_job, 2).outcome == COMMITTED
+    for ours, theirs in zip(kept_job.state.state_dict()["model"].values(), fresh_job.state.state_dict()["model"].values()):
+        assert torch.equal(ours, theirs)  # the void step's gradients did not leak into the fresh one

@@ -89,10 +89,14 @@ class ReplicasConfig:
     # One quorum attempt; a failed one (Lighthouse unreachable, too few groups) is retried
     # until lighthouse_grace_s is spent. It bounds how long an outage goes unnoticed.
     quorum_timeout_s: float = 5.0
-    heartbeat_timeout_s: float = 2.0  # the Lighthouse drops a group silent this long
-    # The Lighthouse waits this long for late joiners of a quorum; a group that died mid-step
-    # counts as one until its heartbeat times out, so this is what its peers wait for it.
-    join_timeout_s: float = 0.5
+    # The Lighthouse drops a group silent this long (torchft heartbeats every 0.1 s from a
+    # thread of its own, busy Python or not): a group that died mid-step holds up its
+    # peers' next quorum until then, unless join_timeout_s ends the wait first.
+    heartbeat_timeout_s: float = 1.0
+    # The Lighthouse waits this long for late joiners of a quorum. A group that has just
+    # served or received a heal arrives up to a second late: below that, it misses the next
+    # quorum and heals again, and the next donor after it (measured: 0.5 s cascades).
+    join_timeout_s: float = 1.0
     max_restarts: int = 10  # per group, by the supervisor; then the group stays down
     restart_backoff_s: float = 0.5  # first restart delay, doubled per restart of the same group (max 8 s)
     # The supervisor kills and restarts a group with no progress (step, eval batch) this long;

@@ -65,6 +65,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
     members: tuple[int, ...] = ()
     slowed = False
     kept: Computed | None = None  # a step whose exchange failed, sent again at the next quorum
+    received = 0  # bytes of heals so far
     job.model.train()
     try:
         with progress:
@@ -75,7 +76,8 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
                 group.start_step()
                 if group.healed:
                     run.event("heal", step=state.step, seconds=round(time.perf_counter() - t0, 3),
-                              bytes=group.transport.bytes_received)
+                              bytes=group.transport.bytes_received - received)
+                    received = group.transport.bytes_received
                 action = recovery.before_step(healed=group.healed)
                 if action == "retry":
                     continue

@@ -49,7 +49,7 @@ class TrainState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """A healthy peer's state (a heal): its weights, optimizer and ledger; this shard's
         loader goes to the ledger's position for it."""
-        self.version += 1
+        self._replace()
         load_model_state(self.model, state["model"], Path("peer"))
         self.optimizer.load_state_dict(state["optimizer"])
         self.guard.load_state_dict(state["guard"])
@@ -60,7 +60,7 @@ class TrainState:
     def load_checkpoint(self, latest: ckpt.LoadedCheckpoint, *, data: bool = True) -> dict[str, Any]:
         """Weights, optimizer and counters from a checkpoint, and the ledger unless a
         rollback keeps reading past the offending batches; returns its train state."""
-        self.version += 1
+        self._replace()
         load_model_state(self.model, latest.model_state, latest.path)
         state = latest.train_state
         self.optimizer.load_state_dict(state["optimizer"])
@@ -71,6 +71,12 @@ class TrainState:
         self.step, self.tokens_seen = latest.step, int(state["tokens_seen"])
         self.checkpoint_due = False
         return state
+
+    def _replace(self) -> None:
+        """The weights are about to be replaced: gradients computed on them are void (and
+        freed before the new state arrives)."""
+        self.version += 1
+        self.optimizer.zero_grad(set_to_none=True)
 
     def _load_ledger(self, shards: list[dict[str, Any]], source: str) -> None:
         if len(shards) != self.loader.num_shards:

@@ -27,6 +27,7 @@ import torch
 
 from stalwart.faults import corrupt_gradients, inject
 from stalwart.guards import NONFINITE, OK, ROLLBACK, Verdict
+from stalwart.replication.group import group_rank
 from stalwart.train.exchange import step_exchange
 from stalwart.train.optim import lr_at
 from stalwart.train.setup import Job
@@ -147,8 +148,9 @@ def train_step(job: Job, step: int, *, slowed: bool = False, checkpoint_due: boo
     voted = group.should_commit(verdict.commit and exchange.own_finite, verdict.reason)
     outcome = outcome_of(collective_ok=collective_ok, own_finite=exchange.own_finite, healthy=healthy,
                          verdict=verdict, voted=voted)
-    # The sum replaced the gradients in .grad: only a step whose collective failed is kept.
-    keep = outcome == FAILED and not collective_ok
+    # Kept: a step whose collective failed (the sum has not touched .grad) on finite values of
+    # its own, in a group of one rank (ranks of one group must agree on what they send).
+    keep = outcome == FAILED and not collective_ok and exchange.own_finite and group_rank()[1] == 1
     computed_before = kept.compute_s if kept is not None else 0.0
     record = None
     if outcome == COMMITTED:
