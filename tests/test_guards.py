@@ -200,6 +200,14 @@ def test_transport_refuses_a_payload_that_would_run_code():
     (["lighthouse", "--bind", "nope"], "is not HOST:PORT"),
     (["train", "--standby"], "--standby needs --lighthouse URL and --out RUN_DIR"),
     (["train", "--replicas", "2", "--replicas.start_timeout_s", "0"], "replicas.start_timeout_s must be > 0"),
+    (["train", "--replicas", "2", "--replicas.strategy", "gossip"], "replicas.strategy must be one of ddp, diloco"),
+    (["train", "--replicas", "2", "--replicas.strategy", "diloco", "--replicas.inner_steps", "0"],
+     "replicas.inner_steps must be >= 1"),
+    (["train", "--replicas", "2", "--replicas.compression", "int3"], "replicas.compression must be one of none, int8"),
+    (["train", "--replicas", "2", "--replicas.error_feedback", "true"], "replicas.error_feedback needs"),
+    (["train", "--replicas", "2", "--replicas.strategy", "diloco", "--replicas.ranks_per_group", "2"],
+     "replicas.strategy diloco takes one rank per group"),
+    (["train", "--replicas", "2", "--replicas.outer_momentum", "1"], "replicas.outer_momentum in [0, 1)"),
 ])
 def test_bad_replication_input_is_one_line_and_exit_2(argv, message, tmp_path):
     r = subprocess.run([sys.executable, "-m", "stalwart", *argv, *(["--out", str(tmp_path / "r")]

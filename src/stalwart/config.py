@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stalwart.compress import COMPRESSIONS
 from stalwart.data.tasks import TASKS
 from stalwart.errors import ConfigError, UserError
 from stalwart.fields import check_fields
@@ -78,6 +79,9 @@ class CheckpointConfig:
     dir: str = ""
 
 
+STRATEGIES = ("ddp", "diloco")
+
+
 @dataclass(frozen=True)
 class ReplicasConfig:
     """Replica groups on torchft (replication/). Timeouts bound how long a dead or hung group
@@ -118,6 +122,15 @@ class ReplicasConfig:
     # A group that committed this many steps since its last restart has its restart budget
     # (max_restarts) refilled: a fault a day for a month is not a crash loop.
     restart_refill_steps: int = 500
+    # How the groups combine their work (train/outer.py): ddp sums gradients every step;
+    # diloco trains inner_steps local AdamW steps, then takes one outer Nesterov step on the
+    # groups' averaged pseudo-gradient (Douillard et al. 2023: lr 0.7, momentum 0.9).
+    strategy: str = "ddp"
+    inner_steps: int = 50
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    compression: str = "none"  # none, int8, int4, int2: the outer gradient on the wire (compress.py)
+    error_feedback: bool = False  # carry what compression lost into the next round
 
 
 @dataclass(frozen=True)
@@ -191,7 +204,7 @@ RESUMABLE_OVERRIDES = ("train.steps", "train.log_every", "train.device", "train.
                        "eval.every", "eval.problems", "eval.batches", "checkpoint.every", "checkpoint.keep",
                        "checkpoint.mtbf_s", "checkpoint.dir",
                        *(f"replicas.{f.name}" for f in dataclasses.fields(ReplicasConfig)
-                         if f.name not in ("count", "ranks_per_group")),
+                         if f.name not in ("count", "ranks_per_group", "strategy")),
                        *(f"guards.{f.name}" for f in dataclasses.fields(GuardsConfig)))
 
 SECTION_TYPES = {"data": DataConfig, "optim": OptimConfig, "train": TrainConfig, "eval": EvalConfig,
@@ -304,6 +317,17 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(r.lighthouse_grace_s >= 0, f"replicas.lighthouse_grace_s must be >= 0, got {r.lighthouse_grace_s}")
     need(r.max_failed_steps >= 1, f"replicas.max_failed_steps must be >= 1, got {r.max_failed_steps}")
     need(r.restart_refill_steps >= 1, f"replicas.restart_refill_steps must be >= 1, got {r.restart_refill_steps}")
+    need(r.strategy in STRATEGIES, f"replicas.strategy must be one of {', '.join(STRATEGIES)}, got {r.strategy!r}")
+    need(r.inner_steps >= 1, f"replicas.inner_steps must be >= 1, got {r.inner_steps}")
+    need(r.compression in COMPRESSIONS,
+         f"replicas.compression must be one of {', '.join(COMPRESSIONS)}, got {r.compression!r}")
+    need(not r.error_feedback or r.compression != "none",
+         "replicas.error_feedback needs replicas.compression int8, int4 or int2 (nothing is lost without it)")
+    need(r.outer_lr > 0 and 0 <= r.outer_momentum < 1,
+         f"replicas.outer_lr must be > 0 and replicas.outer_momentum in [0, 1), got {r.outer_lr} and "
+         f"{r.outer_momentum}")
+    need(r.strategy == "ddp" or r.ranks_per_group == 1,
+         f"replicas.strategy {r.strategy} takes one rank per group (replicas.ranks_per_group 1)")
     need(g.spike_sigma >= 0, f"guards.spike_sigma must be >= 0, got {g.spike_sigma}")
     need(g.spike_window >= 2 and 2 <= g.spike_min_history <= g.spike_window,
          f"guards.spike_window and guards.spike_min_history must satisfy 2 <= min_history <= window, "

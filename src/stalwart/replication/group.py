@@ -67,6 +67,7 @@ class LocalGroup:
     rank = 0
     is_lowest = True
     healed = False
+    healed_bytes = 0
 
     def start_step(self) -> None:
         pass
@@ -76,6 +77,9 @@ class LocalGroup:
 
     def allreduce_across_groups(self, values: torch.Tensor) -> bool:
         return True
+
+    def allgather_across_groups(self, payload: torch.Tensor) -> list[torch.Tensor] | None:
+        return [payload]
 
     def should_commit(self, ok: bool, reason: str = "") -> bool:
         return ok
@@ -127,6 +131,7 @@ class TorchFTGroup:
         _log_torchft_to(torchft_log)
         self.replica, self.num_replicas = replica, cfg.count
         self.healed = False  # in the last start_step, this group received a peer's state
+        self.healed_bytes = 0  # ... and how many bytes it was
         defaults = cfg.torchft_defaults
         timeout = timedelta(seconds=60 if defaults else cfg.timeout_s)
         quorum_timeout = timedelta(seconds=60 if defaults else cfg.quorum_timeout_s)
@@ -167,7 +172,7 @@ class TorchFTGroup:
 
     def start_step(self) -> None:
         self.healed = False
-        lost_at = None
+        received, lost_at = self.transport.bytes_received, None
         while True:
             try:
                 self.manager.start_quorum()
@@ -183,6 +188,7 @@ class TorchFTGroup:
                 time.sleep(QUORUM_RETRY_S)
         if lost_at is not None:
             self._on_quorum_retry(None, time.monotonic() - lost_at)
+        self.healed_bytes = self.transport.bytes_received - received  # this quorum's heal
         if self.transport.refused is not None:  # this group's secret is not the job's: retrying cannot help
             raise ConfigError(str(self.transport.refused))
         self.participants = self.manager.num_participants()
@@ -203,6 +209,23 @@ class TorchFTGroup:
 
         self.manager.allreduce(values, reduce_op=ReduceOp.SUM).wait()
         return self.manager.errored() is None
+
+    def allgather_across_groups(self, payload: torch.Tensor) -> list[torch.Tensor] | None:
+        """Every participant's `payload` (the same size everywhere), in quorum order; None if
+        the collective failed. torchft's Manager has no all-gather of its own: this is its
+        process group's, with the error reported to the Manager as its allreduce does."""
+        from torch.distributed.distributed_c10d import AllgatherOptions
+
+        if self.manager.errored() is not None:
+            return None
+        self.manager.wait_quorum()
+        out = [torch.empty_like(payload) for _ in range(self.manager.num_participants())]
+        try:
+            self.manager._pg.allgather([out], [payload], AllgatherOptions()).wait()
+        except Exception as error:  # noqa: BLE001 (gloo raises RuntimeError, DistBackendError, ...)
+            self.manager.report_error(error)
+            return None
+        return out
 
     def should_commit(self, ok: bool, reason: str = "") -> bool:
         if not ok:

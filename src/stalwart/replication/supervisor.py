@@ -251,6 +251,8 @@ def supervise(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, secret: s
                         g.beating = True
                         g.last_progress = max(g.last_progress, now - (time.time() - beat_at.st_mtime))
                 for record in tail.read():
+                    if "loss" not in record:  # a DiLoCo round's outer step, not a training step
+                        continue
                     if record.get("replica") in procs:
                         _count_commit(run, procs[record["replica"]], r.restart_refill_steps)
                     if record.get("step", 0) > shown:

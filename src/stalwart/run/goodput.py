@@ -105,6 +105,21 @@ def goodput_report(metrics: list[Record], events: list[Record], *, wall_s: float
             "steps_lost": sum(f["steps_lost"] for f in faults), "faults": faults, "events": len(events)}
 
 
+def bytes_report(metrics: list[Record], *, since: float = 0.0) -> dict[str, Any]:
+    """What each group sent to the other groups (the logical bytes of its collectives,
+    `bytes_sent` per record): `bytes_sent` the reporting job's total over its groups,
+    with each group's total and the largest single synchronisation."""
+    by_group: dict[str, int] = {}
+    peak = 0
+    for r in metrics:
+        if r.get("time", 0) >= since and r.get("bytes_sent"):
+            key = str(r.get("replica", 0))
+            by_group[key] = by_group.get(key, 0) + int(r["bytes_sent"])
+            peak = max(peak, int(r["bytes_sent"]))
+    return {"bytes_sent": sum(by_group.values()), "bytes_sent_by_group": dict(sorted(by_group.items())),
+            "bytes_sent_peak": peak}
+
+
 def _undone(record: Record, events: list[Record]) -> bool:
     for e in events:
         if e["time"] < record["time"]:

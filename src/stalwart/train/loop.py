@@ -34,9 +34,10 @@ from stalwart.device import DeviceInfo
 from stalwart.export.hf import save_hf_folder
 from stalwart.faults import corrupt_weights, inject
 from stalwart.model import DeepSeekForCausalLM
-from stalwart.run.goodput import goodput_report
+from stalwart.run.goodput import bytes_report, goodput_report
 from stalwart.run.progress import Progress
 from stalwart.train.evaluate import EvalResult, eval_loss, exact_match
+from stalwart.train.outer import Rounds
 from stalwart.train.recovery import Recovery
 from stalwart.train.setup import Job, Replica, setup
 from stalwart.train.step import COMMITTED, Computed, StepResult, slow_fault, train_step
@@ -65,20 +66,20 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
     members: tuple[int, ...] = ()
     slowed = False
     kept: Computed | None = None  # a step whose exchange failed, sent again at the next quorum
-    received = 0  # bytes of heals so far
+    rounds = Rounds(job, recovery) if state.outer is not None else None
     job.model.train()
     try:
         with progress:
             while True:
                 inject("kill", state.step + 1)
                 run.beat()
-                t0 = time.perf_counter()
-                group.start_step()
-                if group.healed:
-                    run.event("heal", step=state.step, seconds=round(time.perf_counter() - t0, 3),
-                              bytes=group.transport.bytes_received - received)
-                    received = group.transport.bytes_received
-                action = recovery.before_step(healed=group.healed)
+                if rounds is not None and rounds.due:  # DiLoCo: the round's quorum and outer step
+                    before = state.step
+                    synced = rounds.sync()
+                    if synced is not None and synced.committed and _eval_due(cfg, before, state.step):
+                        last = _evaluate_and_report(job, progress, state.step)
+                    continue
+                action = "train" if rounds is not None else _quorum_and_checks(job, recovery)
                 if action == "retry":
                     continue
                 if state.step >= total:
@@ -86,11 +87,14 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
                 step = state.step + 1
                 slowed = slow_fault(step, slowed)
                 result = train_step(job, step, slowed=slowed, checkpoint_due=recovery.checkpoint_wanted(step),
-                                    exclude_self=action == "exclude",
+                                    exclude_self=action == "exclude", inner=rounds is not None,
                                     kept=kept if kept is not None and kept.valid_for(step, state) else None)
                 kept = result.kept
-                members = _report_quorum(job, result, members)
-                recovery.after_step(result, healed=group.healed)
+                if rounds is None:
+                    members = _report_quorum(job, result, members)
+                else:
+                    rounds.inner_done(state.step)
+                recovery.after_step(result, healed=group.healed and rounds is None)
                 if result.outcome != COMMITTED:
                     continue
                 step_time += result.seconds
@@ -98,11 +102,8 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
                 run.append_metrics(record)
                 progress.update(step, record)
                 corrupt_weights(step, job.params)
-                if (cfg.eval.every and step % cfg.eval.every == 0) or step == total:
-                    last = evaluate(cfg, job.model, job.tokenizer, job.info, tick=run.beat)
-                    if group.is_lowest:
-                        run.event("eval", step=step, eval_loss=last.loss, eval_exact_match=last.exact_match)
-                    progress.note(step, last)
+                if rounds is None and _eval_due(cfg, step - 1, step):
+                    last = _evaluate_and_report(job, progress, step)
         if job.replicated:
             run.event("finish", step=state.step, fingerprint=f"{state.fingerprint():016x}", every_rank=True)
     finally:
@@ -116,6 +117,31 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
                        tokens_per_s=round((state.tokens_seen - first_tokens) / step_time, 1) if step_time else None)
     run.write_summary(summary)
     return TrainResult(summary, last.samples)
+
+
+def _quorum_and_checks(job: Job, recovery: Recovery) -> str:
+    """The step's quorum (a heal, when this group is behind), then the integrity checks due;
+    returns recovery.before_step's action."""
+    t0 = time.perf_counter()
+    job.group.start_step()
+    if job.group.healed:
+        job.run.event("heal", step=job.state.step, seconds=round(time.perf_counter() - t0, 3),
+                      bytes=job.group.healed_bytes)
+    return recovery.before_step(healed=job.group.healed)
+
+
+def _eval_due(cfg: RunConfig, before: int, after: int) -> bool:
+    """Whether an evaluation falls in the steps (before, after]."""
+    every = cfg.eval.every
+    return after >= cfg.train.steps or bool(every and after // every > before // every)
+
+
+def _evaluate_and_report(job: Job, progress: Progress, step: int) -> EvalResult:
+    result = evaluate(job.cfg, job.model, job.tokenizer, job.info, tick=job.run.beat)
+    if job.group.is_lowest:
+        job.run.event("eval", step=step, eval_loss=result.loss, eval_exact_match=result.exact_match)
+    progress.note(step, result)
+    return result
 
 
 def _report_quorum(job: Job, result: StepResult, members: tuple[int, ...]) -> tuple[int, ...]:
@@ -143,8 +169,10 @@ def _summary(job: Job, last: EvalResult, record: dict[str, Any], *, wall: float,
         "replicas": cfg.replicas.count, "device": str(job.info.device), "dtype": job.compute_dtype,
         "export": str(export) if export else None, "recipe": cfg.recipe,
     }
-    summary.update(goodput_report(run.read_metrics(), run.read_events(), wall_s=wall,
-                                  groups=cfg.replicas.count, since=started_at))
+    metrics = run.read_metrics()
+    summary.update(goodput_report(metrics, run.read_events(), wall_s=wall, groups=cfg.replicas.count,
+                                  since=started_at))
+    summary.update(bytes_report(metrics, since=started_at))
     return summary
 
 

@@ -11,7 +11,7 @@ loader: no batch is trained twice and none is skipped (docs/design.md, "Data").
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,6 +21,9 @@ from stalwart.errors import ConfigError
 from stalwart.guards import SpikeGuard, fingerprint
 from stalwart.model import DeepSeekForCausalLM
 from stalwart.model_source import load_model_state
+
+if TYPE_CHECKING:
+    from stalwart.train.outer import OuterState
 
 
 class TrainState:
@@ -39,12 +42,19 @@ class TrainState:
         # This process's own count of the times weights and optimizer were replaced (a heal,
         # a checkpoint loaded): gradients computed before a replacement are void.
         self.version = 0
+        self.outer: OuterState | None = None  # DiLoCo's global state (train/outer.py)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "shards": [dict(s) for s in self.shards], "guard": self.guard.state_dict(),
-                "step": self.step, "tokens_seen": self.tokens_seen, "uncommitted": self.uncommitted,
-                "checkpoint_due": self.checkpoint_due}
+        """With DiLoCo, the global state of the last outer step, never this group's mid-round
+        weights: a group that heals from it takes part in the outer step as the others do."""
+        state = {"model": self.model.state_dict() if self.outer is None else self.outer.global_model_state(self.model),
+                 "optimizer": self.optimizer.state_dict(), "shards": [dict(s) for s in self.shards],
+                 "guard": self.guard.state_dict(), "step": self.step, "tokens_seen": self.tokens_seen,
+                 "uncommitted": self.uncommitted, "checkpoint_due": self.checkpoint_due}
+        if self.outer is not None:
+            state.update(self.outer.progress())
+            state["outer"] = self.outer.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """A healthy peer's state (a heal): its weights, optimizer and ledger; this shard's
@@ -56,6 +66,7 @@ class TrainState:
         self._load_ledger(state["shards"], "a peer's state")
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
         self.uncommitted, self.checkpoint_due = int(state["uncommitted"]), bool(state["checkpoint_due"])
+        self._load_outer(state)
 
     def load_checkpoint(self, latest: ckpt.LoadedCheckpoint, *, data: bool = True) -> dict[str, Any]:
         """Weights, optimizer and counters from a checkpoint, and the ledger unless a
@@ -70,6 +81,7 @@ class TrainState:
             self.guard.load_state_dict(state["guard"])
         self.step, self.tokens_seen = latest.step, int(state["tokens_seen"])
         self.checkpoint_due = False
+        self._load_outer(state)
         return state
 
     def _replace(self) -> None:
@@ -77,6 +89,12 @@ class TrainState:
         freed before the new state arrives)."""
         self.version += 1
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _load_outer(self, state: dict[str, Any]) -> None:
+        """The model was just loaded with a global state: DiLoCo takes it as G (a state
+        without an outer optimizer, a DDP checkpoint, starts a fresh one)."""
+        if self.outer is not None:
+            self.outer.load_state_dict(state.get("outer"), step=self.step, tokens_seen=self.tokens_seen)
 
     def _load_ledger(self, shards: list[dict[str, Any]], source: str) -> None:
         if len(shards) != self.loader.num_shards:
@@ -98,6 +116,10 @@ class TrainState:
             self.shards[shard] = position
 
     def fingerprint(self) -> int:
+        """Of weights and optimizer state; with DiLoCo, of what every group must agree on:
+        the global state and the outer optimizer (inner weights and AdamW are each group's own)."""
+        if self.outer is not None:
+            return fingerprint(self.outer.global_tensors())
         tensors = list(self.model.state_dict().values())
         for per_param in self.optimizer.state_dict()["state"].values():
             tensors += [v for v in per_param.values() if isinstance(v, torch.Tensor)]

@@ -27,13 +27,14 @@ import torch
 
 from stalwart.faults import corrupt_gradients, inject
 from stalwart.guards import NONFINITE, OK, ROLLBACK, Verdict
-from stalwart.replication.group import group_rank
+from stalwart.replication.group import LocalGroup, group_rank
 from stalwart.train.exchange import step_exchange
 from stalwart.train.optim import lr_at
 from stalwart.train.setup import Job
 from stalwart.train.state import TrainState
 
 COMMITTED, FAILED, SKIPPED, ROLLED_BACK, CORRUPT = "committed", "failed", "skipped", "rollback", "corrupt"
+INNER_GROUP = LocalGroup()  # a DiLoCo inner step's view: nobody else takes part
 SDC = "sdc"  # the verdict on a group that trains a step without contributing, its fingerprint being odd
 
 
@@ -108,22 +109,25 @@ def compute(job: Job, step: int, *, slowed: bool) -> Computed:
 
 
 def train_step(job: Job, step: int, *, slowed: bool = False, checkpoint_due: bool = False,
-               exclude_self: bool = False, kept: Computed | None = None) -> StepResult:
+               exclude_self: bool = False, kept: Computed | None = None, inner: bool = False) -> StepResult:
     """Forward and backward (or a step `kept` from a failed exchange), one exchange, the
     guards, the vote, and the update if committed. `exclude_self`: this group's state is
     known bad (a fingerprint outside the majority); it takes part in the collective without
     contributing and heals afterwards.
 
     A kept step's `step_s` is its compute plus this exchange: the failed exchange's wait is
-    not work."""
-    cfg, state, group = job.cfg, job.state, job.group
+    not work. `inner`: a DiLoCo inner step, this group's alone (no collective), whose batch
+    the data ledger records only with the outer step (train/outer.py)."""
+    cfg, state = job.cfg, job.state
+    group = INNER_GROUP if inner else job.group
     t0 = time.perf_counter()
     lr = lr_at(step, cfg.train.steps, cfg.optim)
     for param_group in state.optimizer.param_groups:
         param_group["lr"] = lr
     work = kept if kept is not None else compute(job, step, slowed=slowed)
     work.sends += 1
-    inject("kill-in-exchange", step)
+    if not inner:
+        inject("kill-in-exchange", step)
     exchange = step_exchange(job.params, work.losses, work.loads, group, work.compute_s, shard=state.loader.shard,
                              num_shards=state.loader.num_shards, position=work.position,
                              checkpoint_due=checkpoint_due, contribute=not exclude_self)
@@ -170,6 +174,9 @@ def train_step(job: Job, step: int, *, slowed: bool = False, checkpoint_due: boo
             record["mtp_loss"] = mtp_loss
         if work.sends > 1:
             record["sends"] = work.sends
+        if exchange.buffer is not None and group.participants > 1:  # a ring all-reduce's share
+            n = group.participants
+            record["bytes_sent"] = 2 * (n - 1) * exchange.buffer.numel() * exchange.buffer.element_size() // n
         if cfg.train.trace_data:
             record["data"] = {str(k): ":".join(str(v) for v in p.values()) for k, p in sorted(positions.items())}
         if imbalance is not None:
@@ -181,9 +188,10 @@ def train_step(job: Job, step: int, *, slowed: bool = False, checkpoint_due: boo
             state.uncommitted += 1
     if not keep:
         state.optimizer.zero_grad(set_to_none=True)
-    if outcome != FAILED:
-        state.record_shards(positions)  # every contributing shard's batch is consumed
-    state.rewind_loader()  # this shard's batch again, unless it was consumed
+    if not inner:  # an inner step's loader reads on; the outer step records where it got to
+        if outcome != FAILED:
+            state.record_shards(positions)  # every contributing shard's batch is consumed
+        state.rewind_loader()  # this shard's batch again, unless it was consumed
     return StepResult(outcome, step, time.perf_counter() - t0 + computed_before, verdict, record,
                       exchange.compute_times() if collective_ok else {},
                       exchange.nonfinite_replicas() if collective_ok else [],

@@ -1,0 +1,75 @@
+"""DiLoCo replica groups (train/outer.py) as real jobs: a supervisor, a Lighthouse, one
+process per group, gloo. The groups agree bit for bit after every outer step and send a
+small fraction of DDP's bytes; a group killed during the outer exchange costs the survivor
+none of its inner work, and the restarted group heals to the global state and contributes
+nothing to the round it joins; every shard's batches are committed once, in order."""
+
+import json
+
+import pytest
+from jobs import events, final_fingerprints, job, jsonl
+from test_replica_faults import _positions_of_shard
+
+pytestmark = pytest.mark.slow
+
+H = 10
+DILOCO = ["--replicas", "2", "--replicas.strategy", "diloco", "--replicas.inner_steps", str(H),
+          "--replicas.compression", "int4", "--replicas.error_feedback", "true", "--train.trace_data", "true"]
+
+
+def _outer_records(run, replica):
+    return [m for m in jsonl(run / "metrics.jsonl") if m["replica"] == replica and "round" in m]
+
+
+def _assert_every_shard_committed_once_in_order(run, outer):
+    """Each committed outer step moves a contributing shard on by exactly its round's batches."""
+    for shard in (0, 1):
+        untouched = _positions_of_shard(run, shard)
+        reached = [m["data"][str(shard)] for m in outer if m["outer"] and str(shard) in m["data"]]
+        assert reached == [untouched[H * (i + 1) - 1] for i in range(len(reached))], shard
+
+
+def test_diloco_groups_agree_after_every_outer_step_and_send_a_fraction_of_ddps_bytes(tmp_path):
+    steps = ["--train.steps", "60"]
+    ddp = tmp_path / "ddp"
+    assert job(ddp, "--replicas", "2", *steps).returncode == 0
+    run = tmp_path / "diloco"
+    r = job(run, *steps, *DILOCO)
+    assert r.returncode == 0, r.stderr
+    outer = _outer_records(run, 0)
+    assert [m["round"] for m in outer if m["outer"]] == list(range(1, 7))  # 60 steps, 10 inner steps a round
+    assert all(m["contributors"] == [0, 1] for m in outer if m["outer"])
+    theirs = _outer_records(run, 1)
+    assert [m["round"] for m in theirs] == [m["round"] for m in outer]
+    prints = final_fingerprints(run)
+    assert sorted(prints) == [0, 1] and len(set(prints.values())) == 1  # the same G and outer momentum
+    _assert_every_shard_committed_once_in_order(run, outer)
+    ours, baseline = (json.loads((d / "summary.json").read_text()) for d in (run, ddp))
+    # DDP all-reduces every gradient at every step; DiLoCo sends one int4 outer gradient a round.
+    assert baseline["bytes_sent"] > 40 * ours["bytes_sent"] > 0
+    assert ours["bytes_sent_peak"] == max(m["bytes_sent"] for m in outer + theirs)
+    assert ours["eval_loss"] is not None and ours["eval_loss"] < 1.05 * baseline["eval_loss"] + 0.5
+
+
+def test_a_group_killed_in_the_outer_exchange_costs_the_survivor_nothing_and_rejoins_healed(tmp_path):
+    run = tmp_path / "run"
+    # 400 steps: the survivor is still training when the restarted process is up (~3 s, ~100 steps).
+    r = job(run, "--train.steps", "400", "--checkpoint.every", "1000", *DILOCO, inject=f"kill-in-exchange@{2 * H}:1")
+    assert r.returncode == 0, r.stderr
+    exit_ = next(e for e in events(run) if e["event"] == "group_exit")
+    assert exit_["replica"] == 1 and exit_["signal"] == "SIGKILL"
+    outer = _outer_records(run, 0)
+    # The survivor sent round 2 again, alone: its 10 inner steps were not thrown away.
+    resent = next(m for m in outer if m["round"] == 2)
+    assert resent["sends"] == 2 and resent["contributors"] == [0]
+    assert not [e for e in events(run, "work_discarded") if e["replica"] == 0]
+    # The restarted group healed at a round's quorum and contributed nothing to that round.
+    heal = next(e for e in events(run, "heal") if e["replica"] == 1 and e["time"] > exit_["time"])
+    joined = next(m for m in _outer_records(run, 1) if m["time"] > heal["time"])
+    assert joined["contributors"] == [0]
+    assert any(m["contributors"] == [0, 1] for m in outer if m["time"] > joined["time"])
+    prints = final_fingerprints(run)
+    assert sorted(prints) == [0, 1] and len(set(prints.values())) == 1
+    _assert_every_shard_committed_once_in_order(run, outer)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 400 and summary["restarts"] == 1
