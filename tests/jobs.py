@@ -101,3 +101,20 @@ def stop_all(*procs: subprocess.Popen) -> None:
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+def positions_of_shard(run: Path, shard: int) -> list[str]:
+    """Every loader position shard `shard` reached, batch by batch, from an untouched loader."""
+    from stalwart.data.loader import PackedLoader, TaskDocuments
+    from stalwart.data.tokenizer import load_tokenizer
+
+    cfg = json.loads((run / "config.json").read_text())
+    d, t = cfg["data"], cfg["train"]
+    loader = PackedLoader(TaskDocuments(d["task"], "train", d["seed"], d["min_digits"], d["max_digits"]),
+                          load_tokenizer(run), seq_len=d["seq_len"], batch_size=t["batch_size"], seed=d["seed"],
+                          shard=shard, num_shards=cfg["replicas"]["count"])
+    positions = []
+    for _ in range(t["steps"]):
+        loader.next_batch()
+        positions.append(":".join(str(v) for v in loader.state_dict().values()))
+    return positions

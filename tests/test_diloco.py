@@ -7,8 +7,7 @@ nothing to the round it joins; every shard's batches are committed once, in orde
 import json
 
 import pytest
-from jobs import events, final_fingerprints, job, jsonl
-from test_replica_faults import _positions_of_shard
+from jobs import events, final_fingerprints, job, jsonl, positions_of_shard
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +23,7 @@ def _outer_records(run, replica):
 def _assert_every_shard_committed_once_in_order(run, outer):
     """Each committed outer step moves a contributing shard on by exactly its round's batches."""
     for shard in (0, 1):
-        untouched = _positions_of_shard(run, shard)
+        untouched = positions_of_shard(run, shard)
         reached = [m["data"][str(shard)] for m in outer if m["outer"] and str(shard) in m["data"]]
         assert reached == [untouched[H * (i + 1) - 1] for i in range(len(reached))], shard
 
@@ -73,3 +72,25 @@ def test_a_group_killed_in_the_outer_exchange_costs_the_survivor_nothing_and_rej
     _assert_every_shard_committed_once_in_order(run, outer)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 400 and summary["restarts"] == 1
+
+
+def test_a_group_with_nan_weights_is_left_out_of_one_outer_step_and_a_nan_device_is_restarted(tmp_path):
+    # Group 1's weights turn NaN after inner step 15: its round ends at once, its payload is
+    # flagged and left out, and the outer step gives it G. Group 0's device produces NaN
+    # from step 45 on: left out twice in a row, it exits 4 and is restarted clean.
+    run = tmp_path / "run"
+    r = job(run, "--train.steps", "400", "--checkpoint.every", "1000", *DILOCO,
+            inject="nan-weight@15:1,nan-device@45:0")
+    assert r.returncode == 0, r.stderr
+    corrupt = events(run, "step_corrupt")
+    assert [(e["replica"], e["round"]) for e in corrupt if e["replica"] == 1] == [(1, 2)]
+    second = next(m for m in _outer_records(run, 0) if m["round"] == 2)
+    assert second["outer"] and second["contributors"] == [0]  # the NaN stayed out of G
+    assert [e["replica"] for e in corrupt if e["replica"] == 0][:2] == [0, 0]
+    exit_ = next(e for e in events(run, "group_exit"))
+    assert exit_["replica"] == 0 and exit_["returncode"] == 4
+    prints = final_fingerprints(run)
+    assert sorted(prints) == [0, 1] and len(set(prints.values())) == 1
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 400 and summary["restarts"] == 1 and summary["eval_loss"] < 10
+    assert all(m["loss"] == m["loss"] for m in jsonl(run / "metrics.jsonl") if "loss" in m)  # no NaN committed

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from jobs import (SECRET, alive, descendants, events, final_fingerprints, group_pid_once_all_train, job, jsonl,
-                  start_job, stop_all, wait_for)
+                  positions_of_shard, start_job, stop_all, wait_for)
 
 pytestmark = pytest.mark.slow
 
@@ -110,23 +110,6 @@ def test_disk_full_while_checkpointing_with_replicas_stops_the_job_with_one_line
         subprocess.run(["umount", str(disk)], check=False)
 
 
-def _positions_of_shard(run: Path, shard: int) -> list[str]:
-    """Every loader position shard `shard` reached, batch by batch, from an untouched loader."""
-    from stalwart.data.loader import PackedLoader, TaskDocuments
-    from stalwart.data.tokenizer import load_tokenizer
-
-    cfg = json.loads((run / "config.json").read_text())
-    d, t = cfg["data"], cfg["train"]
-    loader = PackedLoader(TaskDocuments(d["task"], "train", d["seed"], d["min_digits"], d["max_digits"]),
-                          load_tokenizer(run), seq_len=d["seq_len"], batch_size=t["batch_size"], seed=d["seed"],
-                          shard=shard, num_shards=cfg["replicas"]["count"])
-    positions = []
-    for _ in range(t["steps"]):
-        loader.next_batch()
-        positions.append(":".join(str(v) for v in loader.state_dict().values()))
-    return positions
-
-
 def test_a_sigkilled_group_is_restarted_and_healed_and_every_batch_is_trained_exactly_once(tmp_path):
     run = tmp_path / "run"
     # 200 steps: the survivors must still be training when the restarted process is up (about
@@ -153,7 +136,7 @@ def test_a_sigkilled_group_is_restarted_and_healed_and_every_batch_is_trained_ex
     for shard in range(3):
         trained = [m["data"][str(shard)] for m in records if str(shard) in m["data"]]
         # In order, without a repeat or a gap: exactly the batches an untouched loader yields.
-        assert trained == _positions_of_shard(run, shard)[:len(trained)]
+        assert trained == positions_of_shard(run, shard)[:len(trained)]
     missing = [m["step"] for m in records if "1" not in m["data"]]
     assert missing and missing[0] == 20  # group 1 was out while it restarted, then continued its own shard
     # After the heal the restarted group's weights and optimizer equal the survivors': no

@@ -16,7 +16,9 @@ peer's copy the same way. `ErrorFeedback` keeps what compression lost and adds i
 next round's vector (Seide et al. 2014; Karimireddy et al. 2019), so that the loss does
 not accumulate as a bias.
 
-`wire_bytes` is the size of the wire form; the planner uses it without importing torch.
+`wire_bytes` is the size of the wire form. torch is imported inside the functions that
+need it: config.py takes `COMPRESSIONS` from here, and the planner's CLI reads the config
+without torch.
 """
 
 from __future__ import annotations

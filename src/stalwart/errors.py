@@ -24,3 +24,10 @@ class ModelFileError(UserError):
 class TrainingStopped(Exception):
     """The run stopped itself for a reason it names (no commit for too long): one line,
     exit code 1."""
+
+
+def first_line(error: BaseException | None, limit: int = 300) -> str | None:
+    """What an event says of an error: its first line (its type's name if it has none)."""
+    if error is None:
+        return None
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]

@@ -33,6 +33,7 @@ from stalwart.data.tasks import make_problem
 from stalwart.device import DeviceInfo
 from stalwart.export.hf import save_hf_folder
 from stalwart.faults import corrupt_weights, inject
+from stalwart.guards import NONFINITE
 from stalwart.model import DeepSeekForCausalLM
 from stalwart.run.goodput import bytes_report, goodput_report
 from stalwart.run.progress import Progress
@@ -93,7 +94,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
                 if rounds is None:
                     members = _report_quorum(job, result, members)
                 else:
-                    rounds.inner_done(state.step)
+                    rounds.inner_done(state.step, nonfinite=result.verdict.kind == NONFINITE)
                 recovery.after_step(result, healed=group.healed and rounds is None)
                 if result.outcome != COMMITTED:
                     continue
@@ -122,11 +123,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
 def _quorum_and_checks(job: Job, recovery: Recovery) -> str:
     """The step's quorum (a heal, when this group is behind), then the integrity checks due;
     returns recovery.before_step's action."""
-    t0 = time.perf_counter()
-    job.group.start_step()
-    if job.group.healed:
-        job.run.event("heal", step=job.state.step, seconds=round(time.perf_counter() - t0, 3),
-                      bytes=job.group.healed_bytes)
+    job.join_quorum()
     return recovery.before_step(healed=job.group.healed)
 
 

@@ -11,7 +11,8 @@ A round, on every group:
             contributes nothing to the round it missed); then one all-gather of every
             group's payload:
 
-                [ header: replica, tokens trained, contributed, shard, loader position
+                [ header: replica, step, tokens trained, contributed, non-finite, shard,
+                  loader position
                   | routing biases (fp32) | pseudo-gradient G - local, compressed ]
 
             every group decodes every payload in replica order and sums in fp32: the same
@@ -20,8 +21,10 @@ A round, on every group:
             momentum on G (defaults lr 0.7, momentum 0.9); the biases become the
             token-weighted mean of the groups' biases; the local weights become the new G.
 
-A payload whose values are not finite (a device producing NaN) is left out, and that group
-heals at the next quorum. An all-gather that fails (a peer died during the round or the
+A group whose inner step is not finite (NaN weights, a device producing NaN) goes to the
+sync at once; its payload is flagged and left out, the outer step gives it G like every
+group, and its AdamW moments start again; non-finite again in the next round, the process
+exits (EXIT_NONFINITE) and the supervisor restarts it. An all-gather that fails (a peer died during the round or the
 exchange) keeps the payload; after the next quorum it is sent again among the survivors,
 so no survivor's inner work is lost. The bytes each group sends are counted as the ring
 all-gather sends them: (participants - 1) x payload bytes.
@@ -38,6 +41,7 @@ import torch
 
 from stalwart.compress import ErrorFeedback, decode, encode, wire_bytes
 from stalwart.config import ReplicasConfig
+from stalwart.errors import first_line
 from stalwart.faults import inject
 from stalwart.train.recovery import NonFiniteAfterHeal, Partitioned
 
@@ -45,7 +49,7 @@ if TYPE_CHECKING:
     from stalwart.train.recovery import Recovery
     from stalwart.train.setup import Job
 
-HEADER = ("replica", "step", "tokens", "contributed", "shard", "position", "start", "skip")  # int64 each
+HEADER = ("replica", "step", "tokens", "contributed", "nonfinite", "shard", "position", "start", "skip")  # int64 each
 
 
 @dataclass
@@ -138,18 +142,21 @@ class OuterState:
         return 8 * len(HEADER) + 4 * sum(b.numel() for b in self.biases) + wire_bytes(self.numel, self.cfg.compression)
 
     def pack(self, *, replica: int, step: int, tokens: int, shard: int, position: dict[str, int], contribute: bool,
-             version: int) -> Payload:
+             nonfinite: bool, version: int) -> Payload:
         """This group's payload for outer step `rounds + 1`: its pseudo-gradient G - local,
-        compressed (with error feedback when on), or nothing but its header."""
+        compressed (with error feedback when on), or nothing but its header. `nonfinite`:
+        the round ended on a non-finite inner step (the payload is flagged either way when
+        its own values are not finite)."""
         delta = torch.cat([(g.detach() - p.detach()).reshape(-1) for g, p in zip(self.global_params, self.local)])
         biases = torch.cat([b.detach().float().reshape(-1) for b in self.biases]) if self.biases else torch.zeros(0)
-        contribute = contribute and bool(torch.isfinite(delta).all()) and bool(torch.isfinite(biases).all())
+        finite = not nonfinite and bool(torch.isfinite(delta).all()) and bool(torch.isfinite(biases).all())
+        contribute = contribute and finite
         if contribute:
             body = self._encode(delta)
         else:
             body = torch.zeros(wire_bytes(self.numel, self.cfg.compression), dtype=torch.uint8)
             biases = torch.zeros_like(biases)
-        header = torch.tensor([replica, step, tokens if contribute else 0, int(contribute), shard,
+        header = torch.tensor([replica, step, tokens if contribute else 0, int(contribute), int(not finite), shard,
                                position["position"], position["start"], position["skip"]], dtype=torch.int64)
         wire = torch.cat([header.view(torch.uint8), biases.contiguous().view(torch.uint8), body])
         return Payload(wire, self.rounds + 1, version)
@@ -173,6 +180,8 @@ class OuterState:
         bias_total = torch.zeros(n_bias, dtype=torch.float32)
         tokens, step, contributors, nonfinite, positions = 0, 0, [], [], {}
         for header, wire in parts:
+            if header["nonfinite"]:
+                nonfinite.append(header["replica"])
             if not header["contributed"]:
                 continue
             delta = decode(wire[head + 4 * n_bias:], self.numel, self.cfg.compression)
@@ -226,21 +235,23 @@ class Rounds:
         self.outer: OuterState = job.state.outer
         self.due = True
         self.kept: Payload | None = None
+        self.nonfinite = False  # this round ended on a non-finite inner step
         self.nonfinite_in_row = 0
 
-    def inner_done(self, step: int) -> None:
-        """After an inner step: the round ends after inner_steps, and at the last step."""
+    def inner_done(self, step: int, *, nonfinite: bool) -> None:
+        """After an inner step: the round ends after inner_steps, and at the last step. An
+        inner step whose values were not finite ends this group's round at once: what it
+        trained since G is lost, and it waits at the sync for the others' outer step."""
         synced = self.outer.synced["step"]
-        self.due = step - synced >= self.job.cfg.replicas.inner_steps or step >= self.job.cfg.train.steps
+        self.nonfinite = self.nonfinite or nonfinite
+        self.due = (self.nonfinite or step - synced >= self.job.cfg.replicas.inner_steps
+                    or step >= self.job.cfg.train.steps)
 
     def sync(self) -> OuterResult | None:
         """One attempt; None when the exchange failed (it is tried again, `due` stays)."""
         job, state, group, outer = self.job, self.job.state, self.job.group, self.outer
         t0 = time.perf_counter()
-        group.start_step()
-        if group.healed:
-            job.run.event("heal", step=state.step, seconds=round(time.perf_counter() - t0, 3),
-                          bytes=group.healed_bytes, round=outer.rounds)
+        job.join_quorum(round=outer.rounds)
         t_exchange = time.perf_counter()
         round_, synced = outer.rounds + 1, outer.synced["step"]
         payload = self.kept if self.kept is not None and self.kept.valid_for(round_, state.version) else None
@@ -248,7 +259,7 @@ class Rounds:
             payload = outer.pack(replica=group.replica, step=state.step,
                                  tokens=state.tokens_seen - outer.synced["tokens_seen"], shard=state.loader.shard,
                                  position=state.loader.state_dict(), contribute=state.step > synced,
-                                 version=state.version)
+                                 nonfinite=self.nonfinite, version=state.version)
         payload.sends += 1
         inject("kill-in-exchange", state.step)
         gathered = group.allgather_across_groups(payload.wire)
@@ -257,7 +268,7 @@ class Rounds:
             error = group.error()
             self.kept = payload
             self.recovery.failed_in_row += 1
-            reason = None if error is None else (str(error).strip().splitlines() or ["?"])[0][:300]
+            reason = first_line(error)
             job.run.event("step_failed", step=state.step, round=round_, participants=group.participants,
                           seconds=round(time.perf_counter() - t0, 3), error=reason)
             limit = job.cfg.replicas.max_failed_steps
@@ -265,7 +276,7 @@ class Rounds:
                 raise Partitioned(f"{self.recovery.failed_in_row} outer exchanges in a row failed "
                                   f"(replicas.max_failed_steps {limit}); last: {reason}")
             return None
-        self.kept, self.due, self.recovery.failed_in_row = None, False, 0
+        self.kept, self.due, self.nonfinite, self.recovery.failed_in_row = None, False, False, 0
         if result.committed:
             if group.replica not in result.contributors and state.step > synced:
                 job.run.event("work_discarded", from_step=synced, to_step=state.step,

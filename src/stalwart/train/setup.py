@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,14 @@ class Job:
     def tokens_per_batch(self) -> int:
         """Tokens one rank trains per step."""
         return self.cfg.train.batch_size * self.cfg.data.seq_len * self.cfg.train.grad_accum
+
+    def join_quorum(self, **fields: Any) -> None:
+        """The group's next quorum; a `heal` event when this group received a peer's state."""
+        t0 = time.perf_counter()
+        self.group.start_step()
+        if self.group.healed:
+            self.run.event("heal", step=self.state.step, seconds=round(time.perf_counter() - t0, 3),
+                           bytes=self.group.healed_bytes, **fields)
 
     def on_corrupt(self, path: Path, msg: str) -> None:
         """A checkpoint that does not verify: reported, and the previous one used."""

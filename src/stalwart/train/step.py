@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from stalwart.errors import first_line
 from stalwart.faults import corrupt_gradients, inject
 from stalwart.guards import NONFINITE, OK, ROLLBACK, Verdict
 from stalwart.replication.group import LocalGroup, group_rank
@@ -88,7 +89,6 @@ def compute(job: Job, step: int, *, slowed: bool) -> Computed:
     """Forward and backward of this shard's next batch (grad_accum micro-batches)."""
     cfg, state = job.cfg, job.state
     t0 = time.perf_counter()
-    state.optimizer.zero_grad(set_to_none=True)  # a kept step that is void leaves its gradients
     for moe in job.moe_layers:
         moe.expert_load.zero_()
     losses = torch.zeros(3)
@@ -195,7 +195,7 @@ def train_step(job: Job, step: int, *, slowed: bool = False, checkpoint_due: boo
     return StepResult(outcome, step, time.perf_counter() - t0 + computed_before, verdict, record,
                       exchange.compute_times() if collective_ok else {},
                       exchange.nonfinite_replicas() if collective_ok else [],
-                      None if error is None else (str(error).strip().splitlines() or [type(error).__name__])[0][:300],
+                      first_line(error),
                       kept=work if keep else None)
 
 
