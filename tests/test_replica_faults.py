@@ -112,12 +112,15 @@ def test_disk_full_while_checkpointing_with_replicas_stops_the_job_with_one_line
 
 def test_a_sigkilled_group_is_restarted_and_healed_and_every_batch_is_trained_exactly_once(tmp_path):
     run = tmp_path / "run"
-    # 200 steps: the survivors must still be training when the restarted process is up (about
-    # 3 s of Python start and 45 steps here), or there is nobody left to heal from. No warm
-    # spare: one that is ready joins the survivors' very next quorum (its own test is below),
-    # and this test is about the steps they commit without group 1.
-    r = job(run, "--replicas", "3", "--train.steps", "200", "--checkpoint.mtbf_s", "5", "--train.trace_data", "true",
-            "--replicas.warm_spare", "false",
+    # This test is about the steps the survivors commit without group 1, so group 1 must come
+    # back after their next quorum: that quorum waits up to replicas.timeout_s (5 s) for the
+    # collective to fail, so the restart waits 6 s, and no warm spare (a ready one joins the
+    # survivors' very next quorum; its own test is below). 300 steps: the survivors must
+    # still be training when the restarted process is up, or there is nobody to heal from.
+    # No spike guard: a step it skips drops its batch by design (a gap the audit would flag),
+    # and whether one comes before step 300 depends on when group 1 rejoined.
+    r = job(run, "--replicas", "3", "--train.steps", "300", "--checkpoint.mtbf_s", "5", "--train.trace_data", "true",
+            "--replicas.warm_spare", "false", "--replicas.restart_backoff_s", "6", "--guards.spike_sigma", "0",
             inject="kill-in-exchange@20:1")  # killed while its peers wait in step 20's collective
     assert r.returncode == 0, r.stderr
     found = events(run)
@@ -133,7 +136,7 @@ def test_a_sigkilled_group_is_restarted_and_healed_and_every_batch_is_trained_ex
     assert during and all(m["participants"] == 2 for m in during[1:])
     # Group 0 never died: its records list, for every committed step, each shard whose batch it trained.
     records = [m for m in metrics if m["replica"] == 0]
-    assert [m["step"] for m in records] == list(range(1, 201))
+    assert [m["step"] for m in records] == list(range(1, 301))
     # The survivors kept step 20's forward and backward and sent it again without group 1.
     assert records[19]["sends"] == 2 and records[19]["participants"] == 2 and "1" not in records[19]["data"]
     for shard in range(3):
@@ -148,7 +151,7 @@ def test_a_sigkilled_group_is_restarted_and_healed_and_every_batch_is_trained_ex
     prints = final_fingerprints(run)
     assert sorted(prints) == [0, 1, 2] and len(set(prints.values())) == 1
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["steps"] == 200 and summary["restarts"] == 1
+    assert summary["steps"] == 300 and summary["restarts"] == 1
     # Checkpoints by the lowest live group at the Young/Daly interval once one cost is known.
     saved = [e for e in found if e["event"] == "checkpoint"]
     assert {e["replica"] for e in saved} <= {0, 2} and saved[-1]["rule"] == "young-daly"
