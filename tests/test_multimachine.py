@@ -1,65 +1,40 @@
-"""The README's two-machine recipe, run for real: two network namespaces joined by a veth
-pair with a rate-limited link (tc tbf), a `stalwart lighthouse` in one, and one replica
-group in each, each with its own run directory (nothing shared but the network)."""
+"""The README's two-machine recipe, run for real: two test hosts (stalwart/links.py: network
+namespaces on a switch, each link rate-limited with tc tbf), a `stalwart lighthouse` on
+one, and one replica group on each, each with its own run directory (nothing shared but
+the network)."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
-import uuid
 
 import pytest
+
+from stalwart.links import Hosts, unavailable
 
 pytestmark = pytest.mark.slow
 SECRET = "5a" * 32  # the job secret every machine exports
 
 
-def _sh(*cmd: str) -> None:
-    subprocess.run(cmd, check=True, capture_output=True, timeout=30)
-
-
 @pytest.fixture
 def two_hosts():
-    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("tc") is None:
-        pytest.skip("needs root and iproute2 (ip, tc) to create network namespaces")
-    tag = uuid.uuid4().hex[:6]
-    a, b = f"stw-a-{tag}", f"stw-b-{tag}"
-    try:
-        _sh("ip", "netns", "add", a)
-        _sh("ip", "netns", "add", b)
-        _sh("ip", "link", "add", f"va{tag}", "type", "veth", "peer", "name", f"vb{tag}")
-    except (subprocess.CalledProcessError, OSError) as e:
-        for ns in (a, b):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-        pytest.skip(f"cannot create network namespaces here: {e}")
-    try:
-        for ns, dev, addr in ((a, f"va{tag}", "10.77.0.1"), (b, f"vb{tag}", "10.77.0.2")):
-            _sh("ip", "link", "set", dev, "netns", ns)
-            _sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
-            _sh("ip", "-n", ns, "link", "set", dev, "up")
-            _sh("ip", "-n", ns, "link", "set", "lo", "up")
-            # A 100 Mbit/s link each way (the kernel here has tbf, not netem).
-            _sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", "100mbit",
-                "burst", "64kb", "latency", "50ms")
-        yield {"a": (a, f"va{tag}", "10.77.0.1"), "b": (b, f"vb{tag}", "10.77.0.2")}
-    finally:
-        for ns in (a, b):
-            subprocess.run(["ip", "netns", "pids", ns], capture_output=True)
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    reason = unavailable()
+    if reason:
+        pytest.skip(reason)
+    with Hosts(2, rate_mbit=100) as hosts:
+        yield hosts
 
 
-def _in(ns: str, dev: str, *args: str, output=subprocess.PIPE) -> subprocess.Popen:
-    # GLOO_SOCKET_IFNAME: gloo must use the link between the hosts, not the hostname's address.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": dev, "STALWART_JOB_SECRET": SECRET}
-    return subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "stalwart", *args],
-                            stdout=output, stderr=output, text=True, env=env)
+def _in(hosts: Hosts, index: int, *args: str, output=subprocess.PIPE) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "STALWART_JOB_SECRET": SECRET}
+    return hosts.popen(index, [sys.executable, "-m", "stalwart", *args], env=env, stdout=output, stderr=output,
+                       text=True)
 
 
 def test_two_hosts_train_one_model_over_a_rate_limited_link(two_hosts, tmp_path):
-    (ns_a, dev_a, ip_a), (ns_b, dev_b, ip_b) = two_hosts["a"], two_hosts["b"]
-    lighthouse = _in(ns_a, dev_a, "lighthouse", "--bind", f"{ip_a}:29510", "--min-replicas", "2",
+    ip_a, ip_b = (h.ip for h in two_hosts.hosts)
+    lighthouse = _in(two_hosts, 0, "lighthouse", "--bind", f"{ip_a}:29510", "--min-replicas", "2",
                      output=subprocess.DEVNULL)  # nobody reads it: a full pipe would block it
     procs = []
     try:
@@ -67,8 +42,8 @@ def test_two_hosts_train_one_model_over_a_rate_limited_link(two_hosts, tmp_path)
         common = ["train", "--recipe", "smoke", "--quiet", "--replicas", "2", "--train.steps", "30",
                   "--lighthouse", f"http://{ip_a}:29510", "--eval.problems", "0", "--replicas.min_replicas", "2"]
         # Host A: a supervisor for its group (examples/slurm); host B: a bare group process.
-        procs = [_in(ns_a, dev_a, *common, "--groups", "0", "--host", ip_a, "--out", str(tmp_path / "host-a")),
-                 _in(ns_b, dev_b, *common, "--replica-id", "1", "--host", ip_b, "--out", str(tmp_path / "host-b"))]
+        procs = [_in(two_hosts, 0, *common, "--groups", "0", "--host", ip_a, "--out", str(tmp_path / "host-a")),
+                 _in(two_hosts, 1, *common, "--replica-id", "1", "--host", ip_b, "--out", str(tmp_path / "host-b"))]
         results = [p.communicate(timeout=240) for p in procs]
     finally:
         for p in [lighthouse, *procs]:
@@ -93,8 +68,8 @@ def _events(path) -> list[dict]:
 
 
 def test_a_link_down_for_20s_costs_no_group_its_process_and_the_cut_off_group_heals(two_hosts, tmp_path):
-    (ns_a, dev_a, ip_a), (ns_b, dev_b, ip_b) = two_hosts["a"], two_hosts["b"]
-    lighthouse = _in(ns_a, dev_a, "lighthouse", "--bind", f"{ip_a}:29510", "--heartbeat-timeout-s", "1",
+    ip_a, ip_b = (h.ip for h in two_hosts.hosts)
+    lighthouse = _in(two_hosts, 0, "lighthouse", "--bind", f"{ip_a}:29510", "--heartbeat-timeout-s", "1",
                      output=subprocess.DEVNULL)
     procs = []
     try:
@@ -102,17 +77,17 @@ def test_a_link_down_for_20s_costs_no_group_its_process_and_the_cut_off_group_he
         common = ["train", "--recipe", "smoke", "--quiet", "--replicas", "2", "--train.steps", "800",
                   "--lighthouse", f"http://{ip_a}:29510", "--eval.problems", "0", "--replicas.timeout_s", "3",
                   "--replicas.quorum_timeout_s", "3", "--replicas.heartbeat_timeout_s", "1"]
-        procs = [_in(ns_a, dev_a, *common, "--groups", "0", "--host", ip_a, "--out", str(tmp_path / "host-a")),
-                 _in(ns_b, dev_b, *common, "--replica-id", "1", "--host", ip_b, "--out", str(tmp_path / "host-b"))]
+        procs = [_in(two_hosts, 0, *common, "--groups", "0", "--host", ip_a, "--out", str(tmp_path / "host-a")),
+                 _in(two_hosts, 1, *common, "--replica-id", "1", "--host", ip_b, "--out", str(tmp_path / "host-b"))]
         deadline = time.monotonic() + 120
         metrics_a = tmp_path / "host-a" / "metrics.jsonl"
         while time.monotonic() < deadline and not [r for r in _events(metrics_a) if r["participants"] == 2
                                                    and r["step"] >= 10]:
             time.sleep(0.2)
-        _sh("ip", "-n", ns_a, "link", "set", dev_a, "down")  # the only link between the hosts
+        two_hosts.set_link(0, up=False)  # host A's only link
         down = time.time()
         time.sleep(20)
-        _sh("ip", "-n", ns_a, "link", "set", dev_a, "up")
+        two_hosts.set_link(0, up=True)
         up = time.time()
         results = [p.communicate(timeout=300) for p in procs]
     finally:
@@ -130,3 +105,48 @@ def test_a_link_down_for_20s_costs_no_group_its_process_and_the_cut_off_group_he
     assert alone and all(r["participants"] == 1 for r in alone)  # host A trained on alone meanwhile
     finish = {e["replica"]: e["fingerprint"] for e in events_a + events_b if e["event"] == "finish"}
     assert sorted(finish) == [0, 1] and finish[0] == finish[1]
+
+
+def test_diloco_over_a_10mbit_link_carries_the_bytes_it_counts(tmp_path):
+    """What each host's link really carried (its veth counters) against the bytes the groups
+    say they sent: the outer exchanges and the heal, within 10% (the rest is TCP/IP framing,
+    heartbeats, quorums)."""
+    reason = unavailable()
+    if reason:
+        pytest.skip(reason)
+    with Hosts(2, rate_mbit=10) as hosts:
+        ip_a, ip_b = (h.ip for h in hosts.hosts)
+        before = [hosts.counters(i) for i in (0, 1)]
+        lighthouse = _in(hosts, 0, "lighthouse", "--bind", f"{ip_a}:29510", "--min-replicas", "2",
+                         output=subprocess.DEVNULL)
+        procs = []
+        try:
+            time.sleep(0.5)
+            common = ["train", "--recipe", "smoke", "--quiet", "--replicas", "2", "--train.steps", "60",
+                      "--lighthouse", f"http://{ip_a}:29510", "--eval.problems", "0", "--replicas.min_replicas", "2",
+                      "--replicas.strategy", "diloco", "--replicas.inner_steps", "10", "--replicas.compression", "int8"]
+            procs = [_in(hosts, 0, *common, "--groups", "0", "--host", ip_a, "--out", str(tmp_path / "host-a")),
+                     _in(hosts, 1, *common, "--replica-id", "1", "--host", ip_b, "--out", str(tmp_path / "host-b"))]
+            results = [p.communicate(timeout=240) for p in procs]
+        finally:
+            for p in [lighthouse, *procs]:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        carried = [hosts.counters(i)["tx"] - before[i]["tx"] for i in (0, 1)]
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 0, err
+    counted = []
+    heals = {}
+    for i, host in enumerate(("host-a", "host-b")):
+        records = [m for m in _events(tmp_path / host / "metrics.jsonl") if "round" in m]
+        # The first sync (step 0: the heal, nothing to contribute) sends a payload of zeros too.
+        assert [m["round"] for m in records if m["outer"]] == list(range(1, 7))
+        assert all(m["contributors"] == [0, 1] for m in records if m["outer"])
+        counted.append(sum(m["bytes_sent"] for m in records))
+        heals[i] = sum(e["bytes"] for e in _events(tmp_path / host / "events.jsonl") if e["event"] == "heal")
+    # With two hosts, whatever one host healed, the other one sent.
+    counted = [counted[0] + heals[1], counted[1] + heals[0]]
+    assert min(counted) > 6 * 300_000  # six int8 outer gradients of the smoke model at least
+    for real, logical in zip(carried, counted):
+        assert abs(real - logical) <= 0.1 * logical, (carried, counted)
