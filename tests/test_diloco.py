@@ -1,4 +1,4 @@
-"""DiLoCo replica groups (train/outer.py) as real jobs: a supervisor, a Lighthouse, one
+"""DiLoCo and Streaming DiLoCo replica groups (train/outer.py) as real jobs: a supervisor, a Lighthouse, one
 process per group, gloo. The groups agree bit for bit after every outer step and send a
 small fraction of DDP's bytes; a group killed during the outer exchange costs the survivor
 none of its inner work, and the restarted group heals to the global state and contributes
@@ -14,6 +14,11 @@ pytestmark = pytest.mark.slow
 H = 10
 DILOCO = ["--replicas", "2", "--replicas.strategy", "diloco", "--replicas.inner_steps", str(H),
           "--replicas.compression", "int4", "--replicas.error_feedback", "true", "--train.trace_data", "true"]
+
+
+STREAMING = ["--replicas", "2", "--replicas.strategy", "streaming", "--replicas.inner_steps", str(H),
+             "--replicas.fragments", "2", "--replicas.compression", "int4", "--replicas.error_feedback", "true",
+             "--train.trace_data", "true"]
 
 
 def _outer_records(run, replica):
@@ -48,6 +53,23 @@ def test_diloco_groups_agree_after_every_outer_step_and_send_a_fraction_of_ddps_
     assert baseline["bytes_sent"] > 40 * ours["bytes_sent"] > 0
     assert ours["bytes_sent_peak"] == max(m["bytes_sent"] for m in outer + theirs)
     assert ours["eval_loss"] is not None and ours["eval_loss"] < 1.05 * baseline["eval_loss"] + 0.5
+    # Streaming DiLoCo: two fragments of the smoke model's two layers, one round every 5
+    # steps, each exchange overlapped by one inner step and mixed in with alpha 0.5.
+    streaming = tmp_path / "streaming"
+    r = job(streaming, *steps, *STREAMING)
+    assert r.returncode == 0, r.stderr
+    rounds = [m for m in _outer_records(streaming, 0) if m["outer"]]
+    assert [m["fragment"] for m in rounds] == [0, 1] * 6 + [0]  # and every fragment once more at the end
+    assert [m["step"] for m in rounds] == [6 + 5 * i for i in range(11)] + [60, 60]  # finished one step later
+    assert all(m["contributors"] == [0, 1] for m in rounds)
+    prints = final_fingerprints(streaming)
+    assert sorted(prints) == [0, 1] and len(set(prints.values())) == 1  # every group ends with G
+    summary = json.loads((streaming / "summary.json").read_text())
+    assert summary["tokens"] == baseline["tokens"]  # every inner step's tokens counted once, overlap included
+    # About DiLoCo's bytes in all, in payloads of a fragment each: a lower peak on the link.
+    assert summary["bytes_sent_peak"] < 0.8 * ours["bytes_sent_peak"]
+    assert summary["bytes_sent"] < 1.5 * ours["bytes_sent"]
+    assert summary["eval_loss"] < 1.05 * baseline["eval_loss"] + 0.5
 
 
 def test_a_group_killed_in_the_outer_exchange_costs_the_survivor_nothing_and_rejoins_healed(tmp_path):
@@ -94,3 +116,29 @@ def test_a_group_with_nan_weights_is_left_out_of_one_outer_step_and_a_nan_device
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 400 and summary["restarts"] == 1 and summary["eval_loss"] < 10
     assert all(m["loss"] == m["loss"] for m in jsonl(run / "metrics.jsonl") if "loss" in m)  # no NaN committed
+
+
+def test_streaming_survives_a_kill_in_the_exchange_and_the_healed_group_sends_what_the_others_send(tmp_path):
+    # Killed while its exchange of round 4 (fragment 1, sent at step 20) is in flight: the
+    # survivor finds out after its overlap step and sends it again alone. The restarted
+    # group heals at some later round's quorum, and its payload must be that round's
+    # fragment: it knows which from the round number it healed to.
+    run = tmp_path / "run"
+    r = job(run, "--train.steps", "400", "--checkpoint.every", "1000", *STREAMING, inject=f"kill-in-exchange@{2 * H}:1")
+    assert r.returncode == 0, r.stderr
+    exit_ = next(e for e in events(run) if e["event"] == "group_exit")
+    assert exit_["replica"] == 1 and exit_["signal"] == "SIGKILL"
+    outer = _outer_records(run, 0)
+    resent = next(m for m in outer if m["round"] == 4)
+    assert resent["sends"] == 2 and resent["contributors"] == [0] and resent["fragment"] == 1
+    assert not [e for e in events(run, "work_discarded") if e["replica"] == 0]
+    heal = next(e for e in events(run, "heal") if e["replica"] == 1 and e["time"] > exit_["time"])
+    theirs = [m for m in _outer_records(run, 1) if m["time"] > heal["time"]]
+    assert theirs[0]["contributors"] == [0]  # nothing to send in the round it healed at
+    assert all(m["contributors"] == [0, 1] for m in theirs[1:])  # then every round, each fragment
+    mine = {m["round"]: m["fragment"] for m in outer}
+    assert all(mine[m["round"]] == m["fragment"] for m in theirs)
+    prints = final_fingerprints(run)
+    assert sorted(prints) == [0, 1] and len(set(prints.values())) == 1
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 400 and summary["restarts"] == 1

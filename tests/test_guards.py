@@ -208,6 +208,16 @@ def test_transport_refuses_a_payload_that_would_run_code():
     (["train", "--replicas", "2", "--replicas.strategy", "diloco", "--replicas.ranks_per_group", "2"],
      "replicas.strategy diloco takes one rank per group"),
     (["train", "--replicas", "2", "--replicas.outer_momentum", "1"], "replicas.outer_momentum in [0, 1)"),
+    (["train", "--replicas", "2", "--replicas.strategy", "streaming", "--replicas.fragments", "3"],
+     "replicas.fragments must divide replicas.inner_steps (50)"),
+    (["train", "--replicas", "2", "--replicas.strategy", "streaming", "--replicas.fragments", "8",
+      "--replicas.inner_steps", "64"], "be at most the model's 4 layers, got 8"),
+    (["train", "--replicas", "2", "--replicas.strategy", "streaming", "--replicas.overlap_steps", "25"],
+     "replicas.overlap_steps must be in 0..24"),
+    (["train", "--replicas", "2", "--replicas.strategy", "streaming", "--replicas.mixing", "1"],
+     "replicas.mixing must be in [0, 1)"),
+    (["train", "--replicas", "2", "--replicas.strategy", "diloco", "--replicas.fragments", "4"],
+     "replicas.fragments apply to replicas.strategy streaming only"),
 ])
 def test_bad_replication_input_is_one_line_and_exit_2(argv, message, tmp_path):
     r = subprocess.run([sys.executable, "-m", "stalwart", *argv, *(["--out", str(tmp_path / "r")]

@@ -79,7 +79,7 @@ class CheckpointConfig:
     dir: str = ""
 
 
-STRATEGIES = ("ddp", "diloco")
+STRATEGIES = ("ddp", "diloco", "streaming")
 
 
 @dataclass(frozen=True)
@@ -131,6 +131,13 @@ class ReplicasConfig:
     outer_momentum: float = 0.9
     compression: str = "none"  # none, int8, int4, int2: the outer gradient on the wire (compress.py)
     error_feedback: bool = False  # carry what compression lost into the next round
+    # streaming (Streaming DiLoCo, Douillard et al. 2025): the model in `fragments` fragments,
+    # strided across depth; one fragment's outer step every inner_steps / fragments steps,
+    # its exchange overlapped by `overlap_steps` inner steps (tau) and the result mixed in
+    # as mixing x local + (1 - mixing) x global (alpha).
+    fragments: int = 2
+    overlap_steps: int = 1
+    mixing: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -204,7 +211,7 @@ RESUMABLE_OVERRIDES = ("train.steps", "train.log_every", "train.device", "train.
                        "eval.every", "eval.problems", "eval.batches", "checkpoint.every", "checkpoint.keep",
                        "checkpoint.mtbf_s", "checkpoint.dir",
                        *(f"replicas.{f.name}" for f in dataclasses.fields(ReplicasConfig)
-                         if f.name not in ("count", "ranks_per_group", "strategy")),
+                         if f.name not in ("count", "ranks_per_group", "strategy", "fragments")),
                        *(f"guards.{f.name}" for f in dataclasses.fields(GuardsConfig)))
 
 SECTION_TYPES = {"data": DataConfig, "optim": OptimConfig, "train": TrainConfig, "eval": EvalConfig,
@@ -326,6 +333,19 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(r.outer_lr > 0 and 0 <= r.outer_momentum < 1,
          f"replicas.outer_lr must be > 0 and replicas.outer_momentum in [0, 1), got {r.outer_lr} and "
          f"{r.outer_momentum}")
+    if r.strategy == "streaming":
+        layers = cfg.model.num_hidden_layers
+        need(1 <= r.fragments <= layers and r.inner_steps % r.fragments == 0,
+             f"replicas.fragments must divide replicas.inner_steps ({r.inner_steps}) and be at most the model's "
+             f"{layers} layers, got {r.fragments}")
+        need(0 <= r.overlap_steps < r.inner_steps // r.fragments,
+             f"replicas.overlap_steps must be in 0..{r.inner_steps // r.fragments - 1} (an exchange ends before the "
+             f"next fragment's starts), got {r.overlap_steps}")
+        need(0 <= r.mixing < 1, f"replicas.mixing must be in [0, 1), got {r.mixing}")
+    else:
+        streaming_keys = [f"replicas.{k}" for k in ("fragments", "overlap_steps", "mixing")
+                          if getattr(r, k) != getattr(ReplicasConfig, k)]
+        need(not streaming_keys, f"{', '.join(streaming_keys)} apply to replicas.strategy streaming only")
     need(r.strategy == "ddp" or r.ranks_per_group == 1,
          f"replicas.strategy {r.strategy} takes one rank per group (replicas.ranks_per_group 1)")
     need(g.spike_sigma >= 0, f"guards.spike_sigma must be >= 0, got {g.spike_sigma}")

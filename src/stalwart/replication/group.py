@@ -57,6 +57,25 @@ class LighthouseLost(Exception):
     """No quorum for longer than replicas.lighthouse_grace_s."""
 
 
+class Gather:
+    """An all-gather in flight (DiLoCo's exchange): `wait()` gives every participant's
+    payload in quorum order, or None if the collective failed (the error reported to the
+    Manager, as its allreduce does). The caller may train on while it is in flight."""
+
+    def __init__(self, work: Any, out: list[torch.Tensor] | None, on_error: Callable[[BaseException], None]) -> None:
+        self._work, self._out, self._on_error = work, out, on_error
+
+    def wait(self) -> list[torch.Tensor] | None:
+        if self._work is not None:
+            try:
+                self._work.wait()
+            except Exception as error:  # noqa: BLE001 (gloo raises RuntimeError, DistBackendError, ...)
+                self._on_error(error)
+                self._out = None
+            self._work = None
+        return self._out
+
+
 class LocalGroup:
     """No peers: every step commits unless a guard rejects it."""
 
@@ -78,8 +97,8 @@ class LocalGroup:
     def allreduce_across_groups(self, values: torch.Tensor) -> bool:
         return True
 
-    def allgather_across_groups(self, payload: torch.Tensor) -> list[torch.Tensor] | None:
-        return [payload]
+    def allgather_across_groups(self, payload: torch.Tensor) -> Gather:
+        return Gather(None, [payload], lambda error: None)
 
     def should_commit(self, ok: bool, reason: str = "") -> bool:
         return ok
@@ -210,22 +229,22 @@ class TorchFTGroup:
         self.manager.allreduce(values, reduce_op=ReduceOp.SUM).wait()
         return self.manager.errored() is None
 
-    def allgather_across_groups(self, payload: torch.Tensor) -> list[torch.Tensor] | None:
-        """Every participant's `payload` (the same size everywhere), in quorum order; None if
-        the collective failed. torchft's Manager has no all-gather of its own: this is its
-        process group's, with the error reported to the Manager as its allreduce does."""
+    def allgather_across_groups(self, payload: torch.Tensor) -> Gather:
+        """Start an all-gather of `payload` (the same size everywhere) over the quorum's
+        participants. torchft's Manager has no all-gather of its own: this is its process
+        group's, which runs on gloo's (or the device backend's) own threads."""
         from torch.distributed.distributed_c10d import AllgatherOptions
 
         if self.manager.errored() is not None:
-            return None
+            return Gather(None, None, self.manager.report_error)
         self.manager.wait_quorum()
         out = [torch.empty_like(payload) for _ in range(self.manager.num_participants())]
         try:
-            self.manager._pg.allgather([out], [payload], AllgatherOptions()).wait()
-        except Exception as error:  # noqa: BLE001 (gloo raises RuntimeError, DistBackendError, ...)
+            work = self.manager._pg.allgather([out], [payload], AllgatherOptions())
+        except Exception as error:  # noqa: BLE001
             self.manager.report_error(error)
-            return None
-        return out
+            return Gather(None, None, self.manager.report_error)
+        return Gather(work, out, self.manager.report_error)
 
     def should_commit(self, ok: bool, reason: str = "") -> bool:
         if not ok:

@@ -75,9 +75,9 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
                 inject("kill", state.step + 1)
                 run.beat()
                 if rounds is not None and rounds.due:  # DiLoCo: the round's quorum and outer step
-                    before = state.step
+                    before = state.outer.synced["step"]
                     synced = rounds.sync()
-                    if synced is not None and synced.committed and _eval_due(cfg, before, state.step):
+                    if synced is not None and not rounds.due and _eval_due(cfg, before, state.outer.synced["step"]):
                         last = _evaluate_and_report(job, progress, state.step)
                     continue
                 action = "train" if rounds is not None else _quorum_and_checks(job, recovery)
@@ -94,7 +94,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
                 if rounds is None:
                     members = _report_quorum(job, result, members)
                 else:
-                    rounds.inner_done(state.step, nonfinite=result.verdict.kind == NONFINITE)
+                    rounds.inner_done(committed=result.outcome == COMMITTED, nonfinite=result.verdict.kind == NONFINITE)
                 recovery.after_step(result, healed=group.healed and rounds is None)
                 if result.outcome != COMMITTED:
                     continue

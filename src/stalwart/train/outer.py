@@ -1,33 +1,47 @@
-"""DiLoCo (Douillard et al. 2023): replica groups that train on their own for H inner steps
-and then take one outer step together (`replicas.strategy diloco`).
+"""DiLoCo (Douillard et al. 2023) and Streaming DiLoCo (Douillard et al. 2025): replica
+groups that train on their own and take outer steps together (`replicas.strategy diloco`
+or `streaming`).
 
 A round, on every group:
 
-    start   the global state G: the weights and MoE routing biases of the last outer step
-    inner   `replicas.inner_steps` AdamW steps on its own data shard, with no quorum and no
-            collective (train/step.py with a LocalGroup)
+    start   the global state G: the weights and MoE routing biases of the last outer steps
+    inner   AdamW steps on its own data shard, with no quorum and no collective
+            (train/step.py with a LocalGroup)
     sync    a quorum (a group that is behind, a restarted one, heals here: to G, the outer
             optimizer and the data ledger, never to a peer's mid-round weights, and it
-            contributes nothing to the round it missed); then one all-gather of every
-            group's payload:
+            contributes nothing to the round it joins); then one all-gather of every
+            group's payload for the round's fragment:
 
-                [ header: replica, step, tokens trained, contributed, non-finite, shard,
-                  loader position
-                  | routing biases (fp32) | pseudo-gradient G - local, compressed ]
+                [ header: replica, step, tokens, contributed, non-finite, shard, loader
+                  position | the fragment's routing biases (fp32)
+                  | the fragment's pseudo-gradient G - local, compressed ]
 
             every group decodes every payload in replica order and sums in fp32: the same
             bytes in the same order, so the outer step is bit-identical everywhere. The
             token-weighted mean pseudo-gradient takes an outer SGD step with Nesterov
-            momentum on G (defaults lr 0.7, momentum 0.9); the biases become the
-            token-weighted mean of the groups' biases; the local weights become the new G.
+            momentum on the fragment of G (defaults lr 0.7, momentum 0.9); its biases become
+            the token-weighted mean of the groups' biases; the local fragment becomes
+            mixing x local + (1 - mixing) x G.
+
+diloco has one fragment (the whole model), a sync every inner_steps and no overlap or
+mixing: the local weights become G. streaming splits the model into `fragments` fragments
+strided across depth (layer l in fragment l mod F; the embedding with the first, the final
+norm, head and MTP with the last); round r syncs fragment (r - 1) mod F, one round every
+inner_steps / F steps, so each fragment syncs every inner_steps steps, staggered. Its
+all-gather runs on the backend's threads while `overlap_steps` more inner steps train
+(tau), and the outer step is mixed in after them (alpha = `mixing`). A round is decided
+by the round number every group shares after the quorum, so a group that heals there
+sends what the others send. At the last step every fragment syncs once more with no
+overlap and no mixing: every group ends with G.
 
 A group whose inner step is not finite (NaN weights, a device producing NaN) goes to the
-sync at once; its payload is flagged and left out, the outer step gives it G like every
-group, and its AdamW moments start again; non-finite again in the next round, the process
-exits (EXIT_NONFINITE) and the supervisor restarts it. An all-gather that fails (a peer died during the round or the
-exchange) keeps the payload; after the next quorum it is sent again among the survivors,
-so no survivor's inner work is lost. The bytes each group sends are counted as the ring
-all-gather sends them: (participants - 1) x payload bytes.
+next sync at once (streaming: its step jumps to the next round's, so its payload has the
+others' size); its payload is flagged and left out, its local weights become G and its
+AdamW moments start again; non-finite again in the next round, the process exits
+(EXIT_NONFINITE) and the supervisor restarts it. An all-gather that fails (a peer died
+during the round or the exchange) keeps the payload; after the next quorum it is sent
+again among the survivors, so no survivor's inner work is lost. The bytes each group sends
+are counted as the ring all-gather sends them: (participants - 1) x payload bytes.
 """
 
 from __future__ import annotations
@@ -43,13 +57,29 @@ from stalwart.compress import ErrorFeedback, decode, encode, wire_bytes
 from stalwart.config import ReplicasConfig
 from stalwart.errors import first_line
 from stalwart.faults import inject
+from stalwart.replication.group import Gather
 from stalwart.train.recovery import NonFiniteAfterHeal, Partitioned
 
 if TYPE_CHECKING:
     from stalwart.train.recovery import Recovery
     from stalwart.train.setup import Job
 
-HEADER = ("replica", "step", "tokens", "contributed", "nonfinite", "shard", "position", "start", "skip")  # int64 each
+HEADER = ("replica", "step", "tokens", "new_tokens", "contributed", "nonfinite", "shard", "position", "start", "skip")  # int64 each
+
+
+def fragment_of(name: str, fragments: int) -> int:
+    """The fragment a parameter or buffer belongs to: strided across depth."""
+    if name.startswith("model.layers."):
+        return int(name.split(".")[2]) % fragments
+    return 0 if name.startswith("model.embed_tokens.") else fragments - 1
+
+
+@dataclass
+class Fragment:
+    params: list[int]  # indices into OuterState.local
+    biases: list[int]  # indices into OuterState.biases
+    numel: int
+    bias_numel: int
 
 
 @dataclass
@@ -57,7 +87,9 @@ class Payload:
     """One group's contribution to an outer step, as sent."""
     wire: torch.Tensor  # uint8
     round: int  # the outer step it is for
+    fragment: int
     version: int  # the train state's version it was computed on
+    trained: int  # this process's trained tokens when it was packed
     sends: int = 0  # exchanges attempted with it
 
     def valid_for(self, round_: int, version: int) -> bool:
@@ -65,34 +97,64 @@ class Payload:
 
 
 @dataclass
+class Pending:
+    """An exchange in flight (streaming trains overlap_steps inner steps meanwhile)."""
+    payload: Payload
+    gather: Gather
+    step: int  # the step it was sent at
+    started: float  # perf_counter at the quorum
+    blocked_s: float  # time spent in the quorum and sending, not training
+
+
+@dataclass
 class OuterResult:
     committed: bool
-    step: int  # the job's step after it: the furthest contributor's inner steps
+    step: int  # the furthest participant's step
+    fragment: int
     contributors: list[int]  # replicas whose pseudo-gradient is in the step
     nonfinite: list[int]  # replicas whose payload was left out
-    tokens: int  # tokens of the contributors' inner steps this round
+    tokens: int  # tokens the contributors trained since their last contribution (the job's count)
     positions: dict[int, dict[str, int]]  # {shard: loader position} of the contributors
     bytes_sent: int
-    mean_delta: torch.Tensor | None = None  # the token-weighted mean pseudo-gradient
+    mean_delta: torch.Tensor | None = None  # the token-weighted mean pseudo-gradient of the fragment
     mean_biases: torch.Tensor | None = None
 
 
 class OuterState:
-    """The global state G, the outer optimizer over it and the error-feedback residual."""
+    """The global state G, the outer optimizer over it, and this process's own bookkeeping:
+    the tokens it trained, since when each local fragment has trained on from G, and the
+    error-feedback residuals."""
 
     def __init__(self, model: torch.nn.Module, cfg: ReplicasConfig) -> None:
+        from stalwart.model.moe import MoE
+
         self.cfg = cfg
-        self.names = [name for name, p in model.named_parameters() if p.requires_grad]
-        self.local = [p for p in model.parameters() if p.requires_grad]
-        self.biases = [m.gate.e_score_correction_bias for m in model.moe_layers()]
+        count = cfg.fragments if cfg.strategy == "streaming" else 1
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        self.names, self.local = [n for n, _ in named], [p for _, p in named]
+        moes = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
+        self.bias_names = [f"{name}.gate.e_score_correction_bias" for name, _ in moes]
+        self.biases = [m.gate.e_score_correction_bias for _, m in moes]
+        self.fragments = []
+        for f in range(count):
+            params = [i for i, n in enumerate(self.names) if fragment_of(n, count) == f]
+            biases = [i for i, n in enumerate(self.bias_names) if fragment_of(n, count) == f]
+            self.fragments.append(Fragment(params, biases, sum(self.local[i].numel() for i in params),
+                                           sum(self.biases[i].numel() for i in biases)))
         self.global_params = [torch.nn.Parameter(p.detach().clone()) for p in self.local]
         self.global_biases = [b.detach().clone() for b in self.biases]
         self.optimizer = torch.optim.SGD(self.global_params, lr=cfg.outer_lr, momentum=cfg.outer_momentum,
                                          nesterov=True, foreach=False)
-        self.feedback = ErrorFeedback() if cfg.error_feedback else None
+        self.feedback = [ErrorFeedback() for _ in self.fragments] if cfg.error_feedback else None
         self.rounds = 0
         self.synced = {"step": 0, "tokens_seen": 0}  # the job's progress at the last outer step
-        self.numel = sum(p.numel() for p in self.local)
+        self.synced_at = [0] * count  # the step of each fragment's last outer step
+        self.trained = 0  # tokens this process trained in inner steps
+        self.base = [0] * count  # `trained` when each local fragment was last set from G
+        self.counted = 0  # `trained` at this process's last contribution
+
+    def fragment_for(self, round_: int) -> int:
+        return (round_ - 1) % len(self.fragments)
 
     # -- what a heal and a checkpoint carry ----------------------------------------------
 
@@ -101,8 +163,8 @@ class OuterState:
         state = {k: v.clone() for k, v in model.state_dict().items()}
         for name, g in zip(self.names, self.global_params):
             state[name] = g.detach().clone()
-        for i, name in enumerate(k for k in state if k.endswith("e_score_correction_bias")):
-            state[name] = self.global_biases[i].clone()
+        for name, g in zip(self.bias_names, self.global_biases):
+            state[name] = g.clone()
         return state
 
     def progress(self) -> dict[str, int]:
@@ -110,7 +172,7 @@ class OuterState:
         return dict(self.synced)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "rounds": self.rounds}
+        return {"optimizer": self.optimizer.state_dict(), "rounds": self.rounds, "synced_at": list(self.synced_at)}
 
     def global_tensors(self) -> list[torch.Tensor]:
         momentum = [self.optimizer.state[g]["momentum_buffer"] for g in self.global_params
@@ -121,12 +183,15 @@ class OuterState:
         """After the model itself was loaded with a G: take it as G, with the outer optimizer
         (None: a state without one, a DDP checkpoint, starts a fresh one)."""
         self.snapshot()
+        self.synced_at = [step] * len(self.fragments)
         if state is not None:
             self.optimizer.load_state_dict(state["optimizer"])
             self.rounds = int(state["rounds"])
+            self.synced_at = [int(v) for v in state.get("synced_at", self.synced_at)]
         self.synced = {"step": step, "tokens_seen": tokens_seen}
-        if self.feedback is not None:
-            self.feedback = ErrorFeedback()  # the residual is this process's own: it starts again
+        self.base, self.counted = [self.trained] * len(self.fragments), self.trained
+        if self.feedback is not None:  # the residuals are this process's own: they start again
+            self.feedback = [ErrorFeedback() for _ in self.fragments]
 
     def snapshot(self) -> None:
         """G := the model's current weights and biases."""
@@ -136,176 +201,257 @@ class OuterState:
             for g, b in zip(self.global_biases, self.biases):
                 g.copy_(b)
 
+    def reset_local(self) -> None:
+        """The local weights and biases := G (what this process trained since is dropped)."""
+        with torch.no_grad():
+            for g, p in zip(self.global_params, self.local):
+                p.copy_(g)
+            for g, b in zip(self.global_biases, self.biases):
+                b.copy_(g)
+        self.base, self.counted = [self.trained] * len(self.fragments), self.trained
+
     # -- one outer step ------------------------------------------------------------------
 
-    def payload_bytes(self) -> int:
-        return 8 * len(HEADER) + 4 * sum(b.numel() for b in self.biases) + wire_bytes(self.numel, self.cfg.compression)
+    def payload_bytes(self, fragment: int = 0) -> int:
+        f = self.fragments[fragment]
+        return 8 * len(HEADER) + 4 * f.bias_numel + wire_bytes(f.numel, self.cfg.compression)
 
-    def pack(self, *, replica: int, step: int, tokens: int, shard: int, position: dict[str, int], contribute: bool,
-             nonfinite: bool, version: int) -> Payload:
-        """This group's payload for outer step `rounds + 1`: its pseudo-gradient G - local,
-        compressed (with error feedback when on), or nothing but its header. `nonfinite`:
-        the round ended on a non-finite inner step (the payload is flagged either way when
-        its own values are not finite)."""
-        delta = torch.cat([(g.detach() - p.detach()).reshape(-1) for g, p in zip(self.global_params, self.local)])
-        biases = torch.cat([b.detach().float().reshape(-1) for b in self.biases]) if self.biases else torch.zeros(0)
+    def pack(self, fragment: int, *, replica: int, step: int, shard: int, position: dict[str, int],
+             nonfinite: bool, version: int, round_: int) -> Payload:
+        """This group's payload for outer step `round_`: the fragment's pseudo-gradient
+        G - local, compressed (with error feedback when on), or nothing but its header when
+        it trained nothing on the fragment since it was last set from G. `nonfinite`: this
+        group's round ended on a non-finite inner step (its payload is flagged either way
+        when its own values are not finite)."""
+        f = self.fragments[fragment]
+        delta = torch.cat([(self.global_params[i].detach() - self.local[i].detach()).reshape(-1) for i in f.params])
+        biases = torch.cat([self.biases[i].detach().float().reshape(-1) for i in f.biases]) if f.biases \
+            else torch.zeros(0)
         finite = not nonfinite and bool(torch.isfinite(delta).all()) and bool(torch.isfinite(biases).all())
-        contribute = contribute and finite
+        tokens = self.trained - self.base[fragment]
+        contribute = tokens > 0 and finite
         if contribute:
-            body = self._encode(delta)
+            body = self._encode(delta, fragment)
         else:
-            body = torch.zeros(wire_bytes(self.numel, self.cfg.compression), dtype=torch.uint8)
+            body = torch.zeros(wire_bytes(f.numel, self.cfg.compression), dtype=torch.uint8)
             biases = torch.zeros_like(biases)
-        header = torch.tensor([replica, step, tokens if contribute else 0, int(contribute), int(not finite), shard,
+        new_tokens = self.trained - self.counted
+        header = torch.tensor([replica, step, tokens if contribute else 0, new_tokens if contribute else 0,
+                               int(contribute), int(not finite), shard,
                                position["position"], position["start"], position["skip"]], dtype=torch.int64)
         wire = torch.cat([header.view(torch.uint8), biases.contiguous().view(torch.uint8), body])
-        return Payload(wire, self.rounds + 1, version)
+        return Payload(wire, round_, fragment, version, self.trained)
 
-    def _encode(self, delta: torch.Tensor) -> torch.Tensor:
-        if self.feedback is not None and self.cfg.compression != "none":
-            return self.feedback.encode(delta, self.cfg.compression)
+    def _encode(self, delta: torch.Tensor, fragment: int) -> torch.Tensor:
+        if self.feedback is not None:
+            return self.feedback[fragment].encode(delta, self.cfg.compression)
         return encode(delta, self.cfg.compression)
 
-    def combine(self, gathered: list[torch.Tensor]) -> OuterResult:
+    def combine(self, gathered: list[torch.Tensor], fragment: int) -> OuterResult:
         """Decode every participant's payload in replica order and average those that
         contributed finite values, weighted by their tokens (nothing is changed yet)."""
-        n_bias = sum(b.numel() for b in self.biases)
+        f = self.fragments[fragment]
         head = 8 * len(HEADER)
-        parts = []
-        for wire in gathered:
-            header = dict(zip(HEADER, wire[:head].view(torch.int64).tolist()))
-            parts.append((header, wire))
-        parts.sort(key=lambda part: part[0]["replica"])
-        total = torch.zeros(self.numel, dtype=torch.float32)
-        bias_total = torch.zeros(n_bias, dtype=torch.float32)
-        tokens, step, contributors, nonfinite, positions = 0, 0, [], [], {}
+        parts = sorted(((dict(zip(HEADER, wire[:head].view(torch.int64).tolist())), wire) for wire in gathered),
+                       key=lambda part: part[0]["replica"])
+        total = torch.zeros(f.numel, dtype=torch.float32)
+        bias_total = torch.zeros(f.bias_numel, dtype=torch.float32)
+        weights, tokens, contributors, nonfinite, positions = 0, 0, [], [], {}
+        step = max(header["step"] for header, _ in parts)
         for header, wire in parts:
             if header["nonfinite"]:
                 nonfinite.append(header["replica"])
             if not header["contributed"]:
                 continue
-            delta = decode(wire[head + 4 * n_bias:], self.numel, self.cfg.compression)
-            biases = wire[head:head + 4 * n_bias].view(torch.float32)
+            delta = decode(wire[head + 4 * f.bias_numel:], f.numel, self.cfg.compression)
+            biases = wire[head:head + 4 * f.bias_numel].view(torch.float32)
             if not (torch.isfinite(delta).all() and torch.isfinite(biases).all()):
                 nonfinite.append(header["replica"])
                 continue
             weight = header["tokens"]
             total += delta * weight
             bias_total += biases * weight
-            tokens += weight
-            step = max(step, header["step"])
+            weights += weight
+            tokens += header["new_tokens"]
             contributors.append(header["replica"])
             positions[header["shard"]] = {k: header[k] for k in ("position", "start", "skip")}
         bytes_sent = (len(gathered) - 1) * int(gathered[0].numel())
         if not contributors:
-            return OuterResult(False, self.synced["step"], [], nonfinite, 0, {}, bytes_sent)
-        return OuterResult(True, step, contributors, nonfinite, tokens, positions, bytes_sent,
-                           mean_delta=total / tokens, mean_biases=bias_total / tokens)
+            return OuterResult(False, step, fragment, [], nonfinite, 0, {}, bytes_sent)
+        return OuterResult(True, step, fragment, contributors, nonfinite, tokens, positions, bytes_sent,
+                           mean_delta=total / weights, mean_biases=bias_total / weights)
 
-    def apply(self, result: OuterResult) -> None:
-        """The outer step: G moves, and the local weights and biases become G."""
-        mean_delta, mean_biases = result.mean_delta, result.mean_biases
-        offset = 0
-        for g in self.global_params:
-            n = g.numel()
-            g.grad = mean_delta[offset:offset + n].view_as(g).clone()
-            offset += n
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        offset = 0
+    def apply(self, result: OuterResult, sent: Payload, *, mixing: float, contributed: bool) -> None:
+        """The outer step on the fragment (when anyone contributed): G moves; the local
+        fragment becomes mixing x local + (1 - mixing) x G, or G when this group did not
+        contribute (`sent`: what it sent). The job's token count adds what the contributors
+        trained since they last contributed."""
+        f = self.fragments[result.fragment]
+        if result.committed:
+            offset = 0
+            for i in f.params:
+                g = self.global_params[i]
+                g.grad = result.mean_delta[offset:offset + g.numel()].view_as(g).clone()
+                offset += g.numel()
+            self.optimizer.step()  # parameters without a gradient (other fragments) do not move
+            self.optimizer.zero_grad(set_to_none=True)
+            offset = 0
+            for i in f.biases:
+                g = self.global_biases[i]
+                g.copy_(result.mean_biases[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+        keep = mixing if contributed else 0.0
         with torch.no_grad():
-            for g, b in zip(self.global_biases, self.biases):
-                n = g.numel()
-                g.copy_(mean_biases[offset:offset + n].view_as(g))
-                b.copy_(g)
-                offset += n
-            for g, p in zip(self.global_params, self.local):
-                p.copy_(g)
+            for i in f.params:
+                self.local[i].mul_(keep).add_(self.global_params[i].detach(), alpha=1 - keep)
+            for i in f.biases:
+                self.biases[i].mul_(keep).add_(self.global_biases[i], alpha=1 - keep)
+        self.base[result.fragment] = self.trained
+        if contributed:
+            self.counted = sent.trained  # what it trained during an overlap counts with its next payload
         self.rounds += 1
+        self.synced_at[result.fragment] = result.step
         self.synced = {"step": result.step, "tokens_seen": self.synced["tokens_seen"] + result.tokens}
 
 
 class Rounds:
-    """What the training loop does at the end of a DiLoCo round: the quorum, the exchange
-    (sent again after a failure), the outer step, its metrics, and the checkpoint when due.
-    A (re)started group starts with a sync: it joins the round in progress there."""
+    """What the training loop does between inner steps: the quorum, the exchange (sent
+    again after a failure, finished after the overlap), the outer step, its metrics, and
+    the checkpoint when due. A (re)started group starts with a sync: it joins the round in
+    progress there."""
 
     def __init__(self, job: Job, recovery: Recovery) -> None:
         self.job, self.recovery = job, recovery
         self.outer: OuterState = job.state.outer
-        self.due = True
+        r = job.cfg.replicas
+        streaming = r.strategy == "streaming"
+        self.interval = r.inner_steps // len(self.outer.fragments)  # steps between two rounds
+        self.overlap = r.overlap_steps if streaming else 0
+        self.mixing = r.mixing if streaming else 0.0
+        self.joining = True  # the first sync of this process
+        self.resend = False  # the last exchange failed: its payload goes again after a quorum
         self.kept: Payload | None = None
+        self.pending: Pending | None = None
+        self.sent_at = self.outer.synced["step"]  # the step of the last round this group sent
         self.nonfinite = False  # this round ended on a non-finite inner step
         self.nonfinite_in_row = 0
 
-    def inner_done(self, step: int, *, nonfinite: bool) -> None:
-        """After an inner step: the round ends after inner_steps, and at the last step. An
-        inner step whose values were not finite ends this group's round at once: what it
-        trained since G is lost, and it waits at the sync for the others' outer step."""
-        synced = self.outer.synced["step"]
-        self.nonfinite = self.nonfinite or nonfinite
-        self.due = (self.nonfinite or step - synced >= self.job.cfg.replicas.inner_steps
-                    or step >= self.job.cfg.train.steps)
+    @property
+    def due(self) -> bool:
+        """Whether the loop syncs before the next inner step."""
+        step, total = self.job.state.step, self.job.cfg.train.steps
+        if self.pending is not None:
+            return step >= self.pending.step + self.overlap or step >= total
+        if self.joining or self.resend or self.nonfinite:
+            return True
+        if step >= total:
+            return min(self.outer.synced_at) < total  # every fragment syncs once at the end
+        return step - max(self.sent_at, self.outer.synced["step"]) >= self.interval
+
+    def inner_done(self, *, committed: bool, nonfinite: bool) -> None:
+        """After an inner step. One whose values were not finite ends this group's round at
+        once: what it trained since G is lost, and it goes to the next sync (streaming:
+        skipping to that round's step, so that it sends the fragment the others send)."""
+        if committed:
+            self.outer.trained += self.job.tokens_per_batch
+        if nonfinite and not self.nonfinite:
+            self.nonfinite = True
+            state = self.job.state
+            if len(self.outer.fragments) > 1:
+                state.step = min((state.step // self.interval + 1) * self.interval, self.job.cfg.train.steps)
 
     def sync(self) -> OuterResult | None:
-        """One attempt; None when the exchange failed (it is tried again, `due` stays)."""
+        """Finish the exchange in flight, or start the next one (and finish it at once
+        unless it overlaps inner steps); None when nothing was applied."""
+        if self.pending is not None:
+            return self._finish()
         job, state, group, outer = self.job, self.job.state, self.job.group, self.outer
         t0 = time.perf_counter()
         job.join_quorum(round=outer.rounds)
-        t_exchange = time.perf_counter()
-        round_, synced = outer.rounds + 1, outer.synced["step"]
+        round_ = outer.rounds + 1
         payload = self.kept if self.kept is not None and self.kept.valid_for(round_, state.version) else None
         if payload is None:
-            payload = outer.pack(replica=group.replica, step=state.step,
-                                 tokens=state.tokens_seen - outer.synced["tokens_seen"], shard=state.loader.shard,
-                                 position=state.loader.state_dict(), contribute=state.step > synced,
-                                 nonfinite=self.nonfinite, version=state.version)
+            payload = outer.pack(outer.fragment_for(round_), replica=group.replica, step=state.step,
+                                 shard=state.loader.shard, position=state.loader.state_dict(),
+                                 nonfinite=self.nonfinite, version=state.version, round_=round_)
         payload.sends += 1
         inject("kill-in-exchange", state.step)
-        gathered = group.allgather_across_groups(payload.wire)
-        result = outer.combine(gathered) if gathered is not None else None
+        self.pending = Pending(payload, group.allgather_across_groups(payload.wire), state.step, t0,
+                               time.perf_counter() - t0)
+        overlaps = (self.overlap and payload.sends == 1 and not (self.joining or group.healed or self.nonfinite)
+                    and state.step < job.cfg.train.steps)
+        if payload.sends == 1:  # a payload sent again keeps its round's place in the schedule
+            self.sent_at = state.step
+        self.joining, self.resend = False, False
+        return None if overlaps else self._finish()
+
+    def _finish(self) -> OuterResult | None:
+        job, state, group, outer = self.job, self.job.state, self.job.group, self.outer
+        pending, self.pending = self.pending, None
+        t = time.perf_counter()
+        gathered = pending.gather.wait()
+        result = outer.combine(gathered, pending.payload.fragment) if gathered is not None else None
         if result is None or not group.should_commit(True):
-            error = group.error()
-            self.kept = payload
-            self.recovery.failed_in_row += 1
-            reason = first_line(error)
-            job.run.event("step_failed", step=state.step, round=round_, participants=group.participants,
-                          seconds=round(time.perf_counter() - t0, 3), error=reason)
-            limit = job.cfg.replicas.max_failed_steps
-            if self.recovery.failed_in_row >= limit and not group.is_lowest:
-                raise Partitioned(f"{self.recovery.failed_in_row} outer exchanges in a row failed "
-                                  f"(replicas.max_failed_steps {limit}); last: {reason}")
-            return None
-        self.kept, self.due, self.nonfinite, self.recovery.failed_in_row = None, False, False, 0
-        if result.committed:
-            if group.replica not in result.contributors and state.step > synced:
-                job.run.event("work_discarded", from_step=synced, to_step=state.step,
-                              reason="left out of the outer step")
-            outer.apply(result)
-            state.step, state.tokens_seen = result.step, outer.synced["tokens_seen"]
-            state.record_shards(result.positions)
-            state.rewind_loader()
-            if self.recovery.clock.due(state.step, job.cfg.train.steps) and group.is_lowest and job.run.writer:
-                self.recovery.save(state.step)
+            return self._failed(pending)
+        blocked = pending.blocked_s + time.perf_counter() - t
+        self.kept, self.nonfinite, self.recovery.failed_in_row = None, False, 0
+        total = job.cfg.train.steps
+        final = result.step >= total
+        if result.committed or final:  # at the end a round counts even when nobody trained
+            self._apply(result, pending.payload, final=final)
         # torchft's step: one more than the outer steps once a group has synced, so that a
         # group that has not (a restart, at its checkpoint's count) is behind and heals,
         # and torchft's first-quorum sync (init_sync, at step 0) happens once only.
         group.set_step(outer.rounds + 1)
-        self._left_out(group.replica in result.nonfinite, round_)
-        record = {"step": state.step, "round": round_, "outer": result.committed, "bytes_sent": result.bytes_sent,
-                  "sync_s": round(time.perf_counter() - t_exchange, 4), "participants": group.participants,
+        self._left_out(group.replica in result.nonfinite, pending.payload.round)
+        record = {"step": state.step, "round": pending.payload.round, "outer": result.committed,
+                  "bytes_sent": result.bytes_sent, "sync_s": round(blocked, 4),
+                  "exchange_s": round(time.perf_counter() - pending.started, 4), "participants": group.participants,
                   "contributors": result.contributors, "tokens": state.tokens_seen, "time": round(time.time(), 4)}
-        if payload.sends > 1:
-            record["sends"] = payload.sends
+        if len(outer.fragments) > 1:
+            record["fragment"] = result.fragment
+        if pending.payload.sends > 1:
+            record["sends"] = pending.payload.sends
         if job.cfg.train.trace_data:
             record["data"] = {str(k): ":".join(str(v) for v in p.values()) for k, p in sorted(result.positions.items())}
         job.run.append_metrics(record)
         return result
 
+    def _apply(self, result: OuterResult, sent: Payload, *, final: bool) -> None:
+        job, state, group, outer = self.job, self.job.state, self.job.group, self.outer
+        contributed = group.replica in result.contributors
+        own = outer.trained - outer.base[result.fragment]
+        if not contributed and own > 0:
+            job.run.event("work_discarded", from_step=outer.synced_at[result.fragment], to_step=state.step,
+                          reason="left out of the outer step")
+        outer.apply(result, sent, mixing=0.0 if final else self.mixing, contributed=contributed)
+        state.step = max(state.step, result.step)
+        state.tokens_seen = outer.synced["tokens_seen"] + outer.trained - outer.counted
+        state.record_shards(result.positions)
+        if not contributed:
+            state.rewind_loader()  # its batches since its last contribution are drawn again
+        done = min(outer.synced_at) >= job.cfg.train.steps
+        if (done or not final) and self.recovery.clock.due(outer.synced["step"], job.cfg.train.steps) \
+                and group.is_lowest and job.run.writer:
+            self.recovery.save(outer.synced["step"])
+
+    def _failed(self, pending: Pending) -> None:
+        job, state, group = self.job, self.job.state, self.job.group
+        self.kept, self.resend = pending.payload, True
+        self.recovery.failed_in_row += 1
+        reason = first_line(group.error())
+        job.run.event("step_failed", step=state.step, round=pending.payload.round, participants=group.participants,
+                      seconds=round(time.perf_counter() - pending.started, 3), error=reason)
+        limit = job.cfg.replicas.max_failed_steps
+        if self.recovery.failed_in_row >= limit and not group.is_lowest:
+            raise Partitioned(f"{self.recovery.failed_in_row} outer exchanges in a row failed "
+                              f"(replicas.max_failed_steps {limit}); last: {reason}")
+        return None
+
     def _left_out(self, left_out: bool, round_: int) -> None:
-        """A group whose pseudo-gradient was not finite holds G now (the outer step set it),
-        but its AdamW moments may hold the NaN: they start again. Twice in a row: its device
-        is suspect, the process exits (EXIT_NONFINITE) and is restarted."""
+        """A group whose pseudo-gradient was not finite: its local weights become G, and its
+        AdamW moments (which may hold the NaN) start again. Twice in a row: its device is
+        suspect, the process exits (EXIT_NONFINITE) and is restarted."""
         if not left_out:
             self.nonfinite_in_row = 0
             return
@@ -314,4 +460,5 @@ class Rounds:
                            reason="pseudo-gradient not finite", round=round_)
         if self.nonfinite_in_row > 1:
             raise NonFiniteAfterHeal(f"pseudo-gradient not finite in {self.nonfinite_in_row} rounds in a row")
+        self.outer.reset_local()
         self.job.state.optimizer.state = defaultdict(dict)

@@ -135,7 +135,7 @@ def setup(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, replica: Repl
     job = Job(cfg, info, run, tokenizer, model, torch.compile(model) if cfg.train.compile else model, state,
               LocalGroup(), autocast, compute_dtype, quiet,
               params=[p for p in model.parameters() if p.requires_grad], moe_layers=model.moe_layers())
-    if replica is not None and cfg.replicas.strategy == "diloco":
+    if replica is not None and cfg.replicas.strategy != "ddp":
         from stalwart.train.outer import OuterState
 
         state.outer = OuterState(model, cfg.replicas)

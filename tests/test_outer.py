@@ -1,0 +1,79 @@
+"""The outer step of DiLoCo and Streaming DiLoCo (train/outer.py) in one process: the
+fragments partition the model strided across depth, and one round's outer step moves
+exactly its fragment of G by Nesterov SGD on the token-weighted mean pseudo-gradient and
+mixes it into the local weights."""
+
+import dataclasses
+
+import torch
+
+from stalwart.config import ReplicasConfig
+from stalwart.model import DeepSeekForCausalLM
+from stalwart.recipes import recipe
+from stalwart.train.outer import OuterState, fragment_of
+
+POSITION = {"position": 0, "start": 0, "skip": 0}
+
+
+def _model():
+    torch.manual_seed(0)
+    return DeepSeekForCausalLM(recipe("default").model)  # 4 decoder layers, MoE from layer 1
+
+
+def test_fragments_are_strided_across_depth_and_cover_every_parameter_once():
+    assert [fragment_of(f"model.layers.{i}.mlp.gate.weight", 2) for i in range(4)] == [0, 1, 0, 1]
+    assert fragment_of("model.embed_tokens.weight", 3) == 0
+    assert fragment_of("lm_head.weight", 3) == fragment_of("mtp.0.layer.mlp.gate.weight", 3) == 2
+    model = _model()
+    outer = OuterState(model, ReplicasConfig(count=2, strategy="streaming", fragments=2))
+    indices = sorted(i for f in outer.fragments for i in f.params)
+    assert indices == list(range(len(outer.local)))
+    assert sum(f.numel for f in outer.fragments) == sum(p.numel() for p in outer.local)
+    assert sorted(i for f in outer.fragments for i in f.biases) == list(range(len(outer.biases)))
+    assert all(f.biases for f in outer.fragments)  # each fragment has MoE layers, and their biases
+
+
+def test_one_round_moves_only_its_fragment_by_nesterov_sgd_and_mixes_it_in():
+    model = _model()
+    cfg = ReplicasConfig(count=2, strategy="streaming", fragments=2, mixing=0.25, outer_lr=0.7, outer_momentum=0.9)
+    outer = OuterState(model, cfg)
+    g0 = [g.detach().clone() for g in outer.global_params]
+    with torch.no_grad():  # this group's inner steps: every local weight moves
+        for p in outer.local:
+            p.add_(torch.randn_like(p) * 0.01)
+    local = [p.detach().clone() for p in outer.local]
+    outer.trained += 1024
+    ours = outer.pack(1, replica=0, step=5, shard=0, position=POSITION, nonfinite=False, version=0, round_=2)
+    # A second group's payload for the same round: the same fragment, twice the tokens.
+    theirs_state = OuterState(_model(), cfg)
+    with torch.no_grad():
+        for p in theirs_state.local:
+            p.add_(0.02)
+    theirs_state.trained += 2048
+    theirs = theirs_state.pack(1, replica=1, step=5, shard=1, position=POSITION, nonfinite=False, version=0, round_=2)
+    result = outer.combine([theirs.wire, ours.wire], 1)
+    assert result.committed and result.contributors == [0, 1] and result.tokens == 3072
+    outer.apply(result, ours, mixing=cfg.mixing, contributed=True)
+    fragment = set(outer.fragments[1].params)
+    for i, (g, before, p, was) in enumerate(zip(outer.global_params, g0, outer.local, local)):
+        if i not in fragment:  # the other fragment: neither G nor the local weights moved
+            assert torch.equal(g.detach(), before) and torch.equal(p.detach(), was)
+            continue
+        mean = ((before - was) * 1024 + (before - (before + 0.02)) * 2048) / 3072
+        # Nesterov SGD's first step from zero momentum: G - lr (1 + momentum) mean.
+        expected = before - 0.7 * (1 + 0.9) * mean
+        torch.testing.assert_close(g.detach(), expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(p.detach(), 0.25 * was + 0.75 * expected, rtol=0, atol=1e-6)
+    assert outer.rounds == 1 and outer.synced_at == [0, 5] and outer.synced == {"step": 5, "tokens_seen": 3072}
+
+
+def test_a_group_that_trained_nothing_on_a_fragment_sends_only_its_header():
+    model = _model()
+    outer = OuterState(model, ReplicasConfig(count=2, strategy="streaming", fragments=2))
+    payload = outer.pack(0, replica=1, step=0, shard=1, position=POSITION, nonfinite=False, version=0, round_=1)
+    assert payload.wire.numel() == outer.payload_bytes(0)  # the same size as everyone's
+    result = outer.combine([payload.wire], 0)
+    assert not result.committed and result.contributors == []
+    # The whole model over all fragments is about one DiLoCo payload (plus a header each).
+    diloco = OuterState(_model(), dataclasses.replace(ReplicasConfig(count=2), strategy="diloco"))
+    assert outer.payload_bytes(0) + outer.payload_bytes(1) == diloco.payload_bytes() + 8 * 10
