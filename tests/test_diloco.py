@@ -5,6 +5,8 @@ none of its inner work, and the restarted group heals to the global state and co
 nothing to the round it joins; every shard's batches are committed once, in order."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 from jobs import events, final_fingerprints, job, jsonl, positions_of_shard
@@ -12,6 +14,7 @@ from jobs import events, final_fingerprints, job, jsonl, positions_of_shard
 pytestmark = pytest.mark.slow
 
 H = 10
+TOKENS = 4 * 64  # a smoke step's batch: 4 sequences of 64 tokens
 DILOCO = ["--replicas", "2", "--replicas.strategy", "diloco", "--replicas.inner_steps", str(H),
           "--replicas.compression", "int4", "--replicas.error_feedback", "true", "--train.trace_data", "true"]
 
@@ -53,6 +56,17 @@ def test_diloco_groups_agree_after_every_outer_step_and_send_a_fraction_of_ddps_
     assert baseline["bytes_sent"] > 40 * ours["bytes_sent"] > 0
     assert ours["bytes_sent_peak"] == max(m["bytes_sent"] for m in outer + theirs)
     assert ours["eval_loss"] is not None and ours["eval_loss"] < 1.05 * baseline["eval_loss"] + 0.5
+    # The planner reads the run: its H and compression, and the bytes a round sent against
+    # its own model of the exchange (the same formula as the training path's).
+    r = subprocess.run([sys.executable, "-m", "stalwart", "plan", "--model", "deepseek-v3", "--tokens", "1T",
+                        "--accelerator", "H800", "--devices", "2048", "--pp", "16", "--ep", "64", "--strategy",
+                        "diloco", "--from-run", str(run), "--json"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    measured = plan["measured"]["outer"]
+    assert measured["bytes_per_round"] == pytest.approx(measured["modelled_bytes_per_round"], rel=0.02)
+    assert 0 < measured["utilisation"] <= 1
+    assert plan["parallelism"]["diloco_h"] == H and plan["parallelism"]["diloco_compression"] == "int4"
     # Streaming DiLoCo: two fragments of the smoke model's two layers, one round every 5
     # steps, each exchange overlapped by one inner step and mixed in with alpha 0.5.
     streaming = tmp_path / "streaming"
@@ -142,3 +156,75 @@ def test_streaming_survives_a_kill_in_the_exchange_and_the_healed_group_sends_wh
     assert sorted(prints) == [0, 1] and len(set(prints.values())) == 1
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 400 and summary["restarts"] == 1
+
+
+def test_inner_steps_auto_lets_a_slow_group_train_fewer_steps_without_making_the_others_wait(tmp_path):
+    # Group 1's device is three times slower from its first step. With inner_steps auto
+    # every group trains for round_s and then syncs: group 1 does about a third of the
+    # steps, its pseudo-gradient weighs its tokens, and group 0 hardly waits for it.
+    slow = tmp_path / "slow"
+    auto = ["--replicas", "2", "--replicas.strategy", "diloco", "--replicas.inner_steps", "auto",
+            "--replicas.round_s", "0.5", "--eval.batches", "8"]
+    r = job(slow, "--train.steps", "300", *auto, inject="slow@1:1")
+    assert r.returncode == 0, r.stderr
+    records = jsonl(slow / "metrics.jsonl")
+    inner = {g: [m for m in records if m["replica"] == g and "loss" in m] for g in (0, 1)}
+    assert len(inner[0]) == 300 and len(inner[1]) < 0.6 * len(inner[0])
+    outer = [m for m in records if m["replica"] == 0 and "round" in m]
+    assert all(m["contributors"] == [0, 1] for m in outer if m["outer"])  # every round has both
+    span = outer[-1]["time"] - records[0]["time"]
+    assert sum(m["sync_s"] for m in outer) < 0.15 * span  # group 0's time in the exchange, waiting included
+    summary = json.loads((slow / "summary.json").read_text())
+    assert summary["tokens"] == (len(inner[0]) + len(inner[1])) * TOKENS  # each group's own steps
+    # Against equal-speed groups with a fixed H and the same total tokens: no worse than 1%.
+    equal = tmp_path / "equal"
+    rounds = len([m for m in outer if m["outer"]])
+    steps = round(summary["tokens"] / (2 * TOKENS))
+    r = job(equal, "--train.steps", str(steps), "--replicas", "2", "--replicas.strategy", "diloco",
+            "--replicas.inner_steps", str(max(1, steps // rounds)), "--eval.batches", "8")
+    assert r.returncode == 0, r.stderr
+    baseline = json.loads((equal / "summary.json").read_text())
+    assert abs(baseline["tokens"] - summary["tokens"]) <= 2 * TOKENS
+    assert summary["eval_loss"] <= 1.01 * baseline["eval_loss"]
+
+
+def test_a_flipped_bit_in_one_groups_global_weights_is_outvoted_and_healed(tmp_path):
+    # Group 2's G gets a flipped bit after inner step 15: at round 2 its header's fingerprint
+    # of G is not the majority's, so its pseudo-gradient (against another G) is left out,
+    # it writes no checkpoint, and it heals at the next round's quorum.
+    run = tmp_path / "run"
+    r = job(run, "--train.steps", "60", *DILOCO, "--replicas", "3", inject="flip-bit-global@15:2")
+    assert r.returncode == 0, r.stderr
+    corrupt = events(run, "step_corrupt")
+    assert [(e["replica"], e["cause"], e["round"]) for e in corrupt] == [(2, "sdc", 2)]
+    second = next(m for m in _outer_records(run, 0) if m["round"] == 2)
+    assert second["outer"] and second["contributors"] == [0, 1]
+    heal = [e for e in events(run, "heal") if e["replica"] == 2 and e["time"] > corrupt[0]["time"]]
+    assert heal and heal[0]["round"] == 2
+    assert all(m["contributors"] == [0, 1, 2] for m in _outer_records(run, 0) if m["round"] > 3)
+    prints = final_fingerprints(run)
+    assert sorted(prints) == [0, 1, 2] and len(set(prints.values())) == 1
+
+
+def test_streaming_leaves_out_nan_groups_even_when_the_nan_comes_during_an_overlapped_exchange(tmp_path):
+    # Group 1's weights turn NaN after inner step 17: it skips to the next round's step (20)
+    # and sends a flagged payload of that round's fragment. Group 0's device produces NaN
+    # from step 46 on, the inner step that overlaps round 9's exchange (sent at 45, still
+    # finite): round 10 carries the flag, then round 11; left out twice, it exits 4 and is
+    # restarted clean.
+    run = tmp_path / "run"
+    r = job(run, "--train.steps", "400", "--checkpoint.every", "1000", *STREAMING,
+            inject="nan-weight@17:1,nan-device@46:0")
+    assert r.returncode == 0, r.stderr
+    corrupt = events(run, "step_corrupt")
+    assert [(e["round"], e["step"]) for e in corrupt if e["replica"] == 1] == [(4, 20)]
+    assert [e["round"] for e in corrupt if e["replica"] == 0][:2] == [10, 11]
+    fourth = next(m for m in _outer_records(run, 0) if m["round"] == 4)
+    assert fourth["outer"] and fourth["contributors"] == [0]
+    exit_ = next(e for e in events(run, "group_exit"))
+    assert exit_["replica"] == 0 and exit_["returncode"] == 4
+    prints = final_fingerprints(run)
+    assert sorted(prints) == [0, 1] and len(set(prints.values())) == 1
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 400 and summary["restarts"] == 1
+    assert all(m["loss"] == m["loss"] for m in jsonl(run / "metrics.jsonl") if "loss" in m)

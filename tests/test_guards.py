@@ -202,7 +202,7 @@ def test_transport_refuses_a_payload_that_would_run_code():
     (["train", "--replicas", "2", "--replicas.start_timeout_s", "0"], "replicas.start_timeout_s must be > 0"),
     (["train", "--replicas", "2", "--replicas.strategy", "gossip"], "replicas.strategy must be one of ddp, diloco"),
     (["train", "--replicas", "2", "--replicas.strategy", "diloco", "--replicas.inner_steps", "0"],
-     "replicas.inner_steps must be >= 1"),
+     "replicas.inner_steps must be >= 1 or auto, got 0"),
     (["train", "--replicas", "2", "--replicas.compression", "int3"], "replicas.compression must be one of none, int8"),
     (["train", "--replicas", "2", "--replicas.error_feedback", "true"], "replicas.error_feedback needs"),
     (["train", "--replicas", "2", "--replicas.strategy", "diloco", "--replicas.ranks_per_group", "2"],
@@ -218,6 +218,10 @@ def test_transport_refuses_a_payload_that_would_run_code():
      "replicas.mixing must be in [0, 1)"),
     (["train", "--replicas", "2", "--replicas.strategy", "diloco", "--replicas.fragments", "4"],
      "replicas.fragments apply to replicas.strategy streaming only"),
+    (["train", "--replicas", "2", "--replicas.strategy", "diloco", "--replicas.inner_steps", "fast"],
+     "replicas.inner_steps must be >= 1 or auto, got 'fast'"),
+    (["train", "--replicas", "2", "--replicas.strategy", "diloco", "--replicas.round_s", "5"],
+     "replicas.round_s applies to replicas.inner_steps auto only"),
 ])
 def test_bad_replication_input_is_one_line_and_exit_2(argv, message, tmp_path):
     r = subprocess.run([sys.executable, "-m", "stalwart", *argv, *(["--out", str(tmp_path / "r")]

@@ -76,4 +76,35 @@ def test_a_group_that_trained_nothing_on_a_fragment_sends_only_its_header():
     assert not result.committed and result.contributors == []
     # The whole model over all fragments is about one DiLoCo payload (plus a header each).
     diloco = OuterState(_model(), dataclasses.replace(ReplicasConfig(count=2), strategy="diloco"))
-    assert outer.payload_bytes(0) + outer.payload_bytes(1) == diloco.payload_bytes() + 8 * 10
+    assert outer.payload_bytes(0) + outer.payload_bytes(1) == diloco.payload_bytes() + 8 * 11
+
+
+def _group(cfg, shift, tokens=1024):
+    """A group's OuterState after inner steps that moved every local weight by `shift`."""
+    outer = OuterState(_model(), cfg)
+    with torch.no_grad():
+        for p in outer.local:
+            p.add_(shift)
+    outer.trained += tokens
+    return outer
+
+
+def test_a_spiking_pseudo_gradient_and_a_group_with_another_g_are_left_out():
+    cfg = ReplicasConfig(count=4, strategy="diloco")
+    groups = [_group(cfg, 0.01), _group(cfg, 0.012), _group(cfg, 0.011), _group(cfg, 0.01)]
+    with torch.no_grad():
+        groups[1].local[0].view(-1)[0] += 1e4  # a weight corrupted during group 1's round
+        bits = groups[3].global_params[0].data.view(-1)[:1].view(torch.int32)
+        bits ^= 1 << 22  # a flipped bit in group 3's G
+    wires = [g.pack(0, replica=i, step=10, shard=i, position=POSITION, nonfinite=False, version=0, round_=1).wire
+             for i, g in enumerate(groups)]
+    result = groups[0].combine(wires, 0)
+    assert result.agreed and result.odd == [3] and result.spiked == [1]
+    assert result.committed and result.contributors == [0, 2]
+    # Two groups with different G: no majority, nobody is known good.
+    tie = groups[0].combine([wires[0], wires[3]], 0)
+    assert not tie.agreed and not tie.committed and tie.odd == [0, 3]
+    # A group healed late in the round (a quarter of the tokens, a quarter of the drift) is no spike.
+    late = _group(cfg, 0.0025, tokens=256)
+    wire = late.pack(0, replica=1, step=10, shard=1, position=POSITION, nonfinite=False, version=0, round_=1).wire
+    assert groups[0].combine([wires[0], wire], 0).contributors == [0, 1]

@@ -69,6 +69,13 @@ def encode(values, compression: str):
     return torch.cat([scales.contiguous().view(torch.uint8), codes])
 
 
+def ring_allgather_sent(payload_bytes: int, participants: int) -> int:
+    """The bytes one participant sends in a ring all-gather of `payload_bytes` each: its own
+    payload to each of the others in turn. train/outer.py counts its exchanges with it, and
+    the planner models them with it."""
+    return (participants - 1) * payload_bytes
+
+
 def decode(wire, numel: int, compression: str):
     """The fp32 values of a wire form (what every group decodes from the same bytes)."""
     import torch

@@ -126,7 +126,10 @@ class ReplicasConfig:
     # diloco trains inner_steps local AdamW steps, then takes one outer Nesterov step on the
     # groups' averaged pseudo-gradient (Douillard et al. 2023: lr 0.7, momentum 0.9).
     strategy: str = "ddp"
-    inner_steps: int = 50
+    inner_steps: int | str = 50  # or auto: each group trains as many steps as fit in round_s
+    # inner_steps auto: a round's time budget in seconds (streaming: of all fragments'
+    # rounds together), so that groups of different speeds arrive at the sync together.
+    round_s: float = 10.0
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
     compression: str = "none"  # none, int8, int4, int2: the outer gradient on the wire (compress.py)
@@ -232,6 +235,8 @@ def parse_value(name: str, type_name: str, text: str) -> Any:
             return int(text)
         if type_name == "float":
             return float(text)
+        if type_name == "int | str":
+            return int(text) if text.lstrip("-").isdigit() else text
         if type_name == "int | None":
             return None if text.lower() in ("none", "null") else int(text)
         if type_name == "bool":
@@ -325,7 +330,11 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(r.max_failed_steps >= 1, f"replicas.max_failed_steps must be >= 1, got {r.max_failed_steps}")
     need(r.restart_refill_steps >= 1, f"replicas.restart_refill_steps must be >= 1, got {r.restart_refill_steps}")
     need(r.strategy in STRATEGIES, f"replicas.strategy must be one of {', '.join(STRATEGIES)}, got {r.strategy!r}")
-    need(r.inner_steps >= 1, f"replicas.inner_steps must be >= 1, got {r.inner_steps}")
+    auto = r.inner_steps == "auto"
+    need(auto or isinstance(r.inner_steps, int) and r.inner_steps >= 1,
+         f"replicas.inner_steps must be >= 1 or auto, got {r.inner_steps!r}")
+    need(r.round_s > 0, f"replicas.round_s must be > 0, got {r.round_s}")
+    need(auto or r.round_s == ReplicasConfig.round_s, "replicas.round_s applies to replicas.inner_steps auto only")
     need(r.compression in COMPRESSIONS,
          f"replicas.compression must be one of {', '.join(COMPRESSIONS)}, got {r.compression!r}")
     need(not r.error_feedback or r.compression != "none",
@@ -335,12 +344,13 @@ def validate(cfg: RunConfig) -> RunConfig:
          f"{r.outer_momentum}")
     if r.strategy == "streaming":
         layers = cfg.model.num_hidden_layers
-        need(1 <= r.fragments <= layers and r.inner_steps % r.fragments == 0,
+        need(1 <= r.fragments <= layers and (auto or r.inner_steps % r.fragments == 0),
              f"replicas.fragments must divide replicas.inner_steps ({r.inner_steps}) and be at most the model's "
              f"{layers} layers, got {r.fragments}")
-        need(0 <= r.overlap_steps < r.inner_steps // r.fragments,
-             f"replicas.overlap_steps must be in 0..{r.inner_steps // r.fragments - 1} (an exchange ends before the "
-             f"next fragment's starts), got {r.overlap_steps}")
+        most = None if auto else r.inner_steps // r.fragments - 1
+        need(0 <= r.overlap_steps and (most is None or r.overlap_steps <= most),
+             f"replicas.overlap_steps must be in 0..{most} (an exchange ends before the next fragment's starts), "
+             f"got {r.overlap_steps}")
         need(0 <= r.mixing < 1, f"replicas.mixing must be in [0, 1), got {r.mixing}")
     else:
         streaming_keys = [f"replicas.{k}" for k in ("fragments", "overlap_steps", "mixing")

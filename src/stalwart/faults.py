@@ -13,7 +13,9 @@ weight after step N is committed (silent data corruption); `nan-weight@N` sets o
 of the first decoder layer to NaN after step N is committed (every token passes through it,
 so the loss is NaN from then on, until the group is healed); `nan-device@N` makes every
 gradient of this process NaN from step N on (a device that keeps producing NaN); `slow@N`
-makes every step from N on three times slower (a straggling device).
+makes every step from N on three times slower (a straggling device); `flip-bit-global@N`
+flips the bit `flip-bit` flips, but in DiLoCo's global weights G, which a group holds from
+one outer step to the next.
 
 `nan-device@sigusr1` arms the same fault for a signal instead of a step: the device starts
 producing NaN at the first step after the process receives SIGUSR1, at a moment chosen from
@@ -38,7 +40,8 @@ import torch
 from stalwart.errors import ConfigError
 
 INJECT_ENV = "STALWART_INJECT"
-POINTS = ("kill", "kill-in-exchange", "kill-in-checkpoint", "nan-grad", "nan-device", "spike", "flip-bit", "nan-weight", "slow")
+POINTS = ("kill", "kill-in-exchange", "kill-in-checkpoint", "nan-grad", "nan-device", "spike", "flip-bit",
+          "flip-bit-global", "nan-weight", "slow")
 _replica: int | None = None
 _fired: set[tuple[str, int]] = set()  # each fault fires once per process, even if its step is retried
 _nan_device = False  # `nan-device`, once fired, lasts
@@ -107,6 +110,14 @@ def corrupt_gradients(step: int, params: list[torch.Tensor]) -> None:
         for p in params:
             if p.grad is not None:
                 p.grad.mul_(1000.0)
+
+
+def corrupt_global(step: int, global_params: list[torch.Tensor]) -> None:
+    """`flip-bit-global`: the flip of `flip-bit` in DiLoCo's global weights."""
+    with torch.no_grad():
+        if inject("flip-bit-global", step):
+            bits = global_params[0].data.view(-1)[:1].view(torch.int32)
+            bits ^= 1 << 22
 
 
 def corrupt_weights(step: int, params: list[torch.Tensor]) -> None:

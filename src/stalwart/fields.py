@@ -20,6 +20,7 @@ _CHECKS = {
               "a finite number"),
     "bool": (lambda v: isinstance(v, bool), "true or false"),
     "str": (lambda v: isinstance(v, str), "a string"),
+    "int | str": (lambda v: isinstance(v, (int, str)) and not isinstance(v, bool), "an integer or a string"),
     "tuple[str, ...]": (lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v),
                         "a list of strings"),
 }

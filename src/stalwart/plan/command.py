@@ -11,6 +11,7 @@ import json
 import math
 from pathlib import Path
 
+from stalwart.compress import COMPRESSIONS
 from stalwart.errors import ConfigError
 from stalwart.plan.catalog import accelerator, load_catalog
 from stalwart.plan.compare import COMPARE_FLEETS, COMPARE_STRATEGIES
@@ -33,7 +34,7 @@ COMPARE_DEFAULTS = {"model": "deepseek-r2-class", "tokens": 30e12, "devices": 40
 _SPEC_FLAGS = ("tokens", "devices", "seq_len", "batch_tokens", "precision", "mfu", "overlap", "kernel_efficiency",
                "mtbf_hours", "checkpoint_s", "checkpoint_interval_s", "checkpoint_write_gb_s", "restart_s",
                "group_restart_s")
-_PARALLEL_FLAGS = ("tp", "pp", "ep", "virtual_stages", "strategy", "diloco_h", "diloco_bits")
+_PARALLEL_FLAGS = ("tp", "pp", "ep", "virtual_stages", "strategy", "diloco_h", "diloco_compression")
 
 
 def number(text: str) -> float:
@@ -84,7 +85,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="sync: a failure restarts the job from its checkpoint; replicas: stalwart's replica "
                           "groups heal live; diloco: replica groups that synchronise every H steps (default sync)")
     par.add_argument("--diloco-h", type=int, help="DiLoCo inner steps per outer step (default 100)")
-    par.add_argument("--diloco-bits", type=int, help="bits per outer-gradient value: 4, 8, 16 (default), 32")
+    par.add_argument("--diloco-compression", choices=COMPRESSIONS,
+                     help="the outer gradient on the wire, as training's --replicas.compression (default none: fp32)")
     perf = p.add_argument_group("speed, failures and cost")
     perf.add_argument("--mfu", type=number, help="achieved model FLOPs utilisation, 0-1 (default: the roofline's)")
     perf.add_argument("--overlap", type=number, help="share of compute under which TP/EP/PP traffic hides, 0-1")
@@ -147,6 +149,19 @@ def _from_run(args: argparse.Namespace, catalog: dict, given: dict) -> dict:
     else:
         given["group_restart_s"] = measured["recover_s"]
         used.append(f"group restart {measured['recover_s']:.3g} s")
+    outer = measured.get("outer")
+    if outer is not None:  # a DiLoCo run: its H and compression, unless given
+        if strategy != "diloco":
+            unused.append(f"outer exchange: a {outer['strategy']} run; --strategy {strategy} does not exchange so")
+        else:
+            for flag, key in (("diloco_h", "inner_steps"), ("diloco_compression", "compression")):
+                if flag in given:
+                    unused.append(f"{key}: --{flag.replace('_', '-')} given")
+                elif isinstance(outer[key], int) or key == "compression":
+                    given[flag] = outer[key]
+                    used.append(f"{key} {outer[key]}")
+            used.append(f"bytes per round measured {outer['bytes_per_round']:.4g}, modelled "
+                        f"{outer['modelled_bytes_per_round']:.4g}")
     return {**measured, "used": used, "not_used": unused}
 
 

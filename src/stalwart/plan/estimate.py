@@ -32,6 +32,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from stalwart.compress import COMPRESSIONS, ring_allgather_sent, wire_bytes
 from stalwart.errors import ConfigError
 from stalwart.run.goodput import young_daly_interval
 from stalwart.plan.catalog import Accelerator
@@ -57,7 +58,6 @@ WEIGHT_BYTES, GRAD_BYTES, OPTIMIZER_BYTES = 2, 4, 12
 # moments (2 + 4 + 4 + 8) and writes weights, master and moments back (2 + 4 + 8).
 OPTIMIZER_PASS_BYTES = 32
 DILOCO_BYTES = 8  # the outer Nesterov momentum and the last synchronised weights, fp32
-DILOCO_BITS = (4, 8, 16, 32)
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ class Parallelism:
     virtual_stages: int = 1  # interleaved pipeline chunks per stage (v)
     strategy: str = "sync"
     diloco_h: int = 100  # inner steps between outer synchronisations
-    diloco_bits: int = 16  # bits per outer-gradient value on the wire
+    diloco_compression: str = "none"  # the outer gradient on the wire, as --replicas.compression
 
 
 @dataclass(frozen=True)
@@ -141,8 +141,8 @@ def validate_run_spec(spec: RunSpec) -> None:
         raise ConfigError(f"batch-tokens must be at most 1e12, got {spec.batch_tokens:.4g}")
     if p.strategy != "sync" and dp // p.ep < 2:
         raise ConfigError(f"strategy {p.strategy} needs at least 2 replica groups; dp / ep = {dp // p.ep}")
-    if p.diloco_bits not in DILOCO_BITS:
-        raise ConfigError(f"diloco-bits must be one of {', '.join(map(str, DILOCO_BITS))}, got {p.diloco_bits}")
+    if p.diloco_compression not in COMPRESSIONS:
+        raise ConfigError(f"diloco-compression must be one of {', '.join(COMPRESSIONS)}, got {p.diloco_compression!r}")
     if spec.precision not in ("bf16", "fp8"):
         raise ConfigError(f"precision must be bf16 or fp8, got {spec.precision!r}")
     if spec.precision == "fp8" and a.fp8_tflops is None:
@@ -246,7 +246,7 @@ def _step(spec: RunSpec, lay: _Layout) -> dict:
     outer_s = 0.0
     if p.strategy == "diloco":
         grad_up, grad_out = split(2 * (p.ep - 1) / p.ep * lay.dense * WEIGHT_BYTES, [(p.ep, p.tp)])
-        outer_up, outer_out = split(2 * (lay.groups - 1) / lay.groups * lay.params * p.diloco_bits / 8
+        outer_up, outer_out = split(ring_allgather_sent(wire_bytes(lay.params, p.diloco_compression), lay.groups)
                                     / p.diloco_h, groups_dims)
         outer_s = outer_up / (a.scale_up_gb_s * 1e9) + outer_out / (a.scale_out_gb_s * 1e9)
     else:
@@ -334,7 +334,7 @@ def estimate(spec: RunSpec) -> dict:
         "model": shape.name, "accelerator": device.key, "devices": spec.devices,
         "parallelism": {"tp": par.tp, "pp": par.pp, "ep": par.ep, "dp": lay.dp, "virtual_stages": par.virtual_stages,
                         "strategy": par.strategy, "replica_groups": lay.groups, "group_devices": lay.group_devices,
-                        **({"diloco_h": par.diloco_h, "diloco_bits": par.diloco_bits}
+                        **({"diloco_h": par.diloco_h, "diloco_compression": par.diloco_compression}
                            if par.strategy == "diloco" else {})},
         "precision": spec.precision,
         "tokens": steps * spec.batch_tokens, "seq_len": spec.seq_len, "batch_tokens": spec.batch_tokens,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from stalwart.compress import ring_allgather_sent, wire_bytes
 from stalwart.config import read_run_config
 from stalwart.errors import ConfigError, UserError
 from stalwart.plan.catalog import Accelerator
@@ -57,6 +58,8 @@ def measure_run(path: Path, run_accelerator: Accelerator | None = None) -> dict:
     if run_accelerator is not None:
         measured["mfu"] = flops_per_s / (run_accelerator.bf16_tflops * 1e12)
         measured["mfu_against"] = run_accelerator.key
+    if cfg.replicas.strategy != "ddp":
+        measured["outer"] = _outer_rounds(run, cfg, shape.total + shape.mtp_params)
     saves = [e for e in run.read_events() if e.get("event") == "checkpoint" and e.get("cost_s")]
     if saves:
         measured["checkpoint_s"] = statistics.median(e["cost_s"] for e in saves)
@@ -68,3 +71,27 @@ def measure_run(path: Path, run_accelerator: Accelerator | None = None) -> dict:
                 measured["checkpoint_write_gb_s"] = size / measured["checkpoint_s"] / 1e9
                 break
     return measured
+
+
+def _outer_rounds(run: RunDir, cfg, params: float) -> dict | None:
+    """A DiLoCo run's outer exchanges: the bytes a group sent per round, against what the
+    planner's model of the exchange (the training path's own formula) gives for this model
+    and this many groups; and its compute utilisation (inner-step compute over each group's
+    time from its first record to its last, the mean over groups)."""
+    records = run.read_metrics()
+    rounds = [m for m in records if m.get("outer") and m.get("bytes_sent")]
+    if not rounds:
+        return None
+    participants = statistics.median(m["participants"] for m in rounds)
+    shares = []
+    for replica in sorted({m.get("replica", 0) for m in records}):
+        mine = [m for m in records if m.get("replica", 0) == replica]
+        inner = [m for m in mine if "loss" in m]
+        span = mine[-1]["time"] - mine[0]["time"]
+        if inner and span > 0:
+            shares.append(min(sum(m["step_s"] for m in inner) / span, 1.0))
+    r = cfg.replicas
+    return {"strategy": r.strategy, "compression": r.compression, "inner_steps": r.inner_steps, "rounds": len(rounds),
+            "bytes_per_round": statistics.median(m["bytes_sent"] for m in rounds),
+            "modelled_bytes_per_round": ring_allgather_sent(wire_bytes(params, r.compression), round(participants)),
+            "utilisation": statistics.mean(shares) if shares else None}

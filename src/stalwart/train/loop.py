@@ -32,7 +32,7 @@ from stalwart.data.sources import documents
 from stalwart.data.tasks import make_problem
 from stalwart.device import DeviceInfo
 from stalwart.export.hf import save_hf_folder
-from stalwart.faults import corrupt_weights, inject
+from stalwart.faults import corrupt_global, corrupt_weights, inject
 from stalwart.guards import NONFINITE
 from stalwart.model import DeepSeekForCausalLM
 from stalwart.run.goodput import bytes_report, goodput_report
@@ -94,7 +94,8 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
                 if rounds is None:
                     members = _report_quorum(job, result, members)
                 else:
-                    rounds.inner_done(committed=result.outcome == COMMITTED, nonfinite=result.verdict.kind == NONFINITE)
+                    rounds.inner_done(committed=result.outcome == COMMITTED, nonfinite=result.verdict.kind == NONFINITE,
+                                      seconds=result.seconds)
                 recovery.after_step(result, healed=group.healed and rounds is None)
                 if result.outcome != COMMITTED:
                     continue
@@ -103,6 +104,8 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
                 run.append_metrics(record)
                 progress.update(step, record)
                 corrupt_weights(step, job.params)
+                if state.outer is not None:
+                    corrupt_global(step, state.outer.global_params)
                 if rounds is None and _eval_due(cfg, step - 1, step):
                     last = _evaluate_and_report(job, progress, step)
         if job.replicated:

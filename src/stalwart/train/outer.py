@@ -48,15 +48,16 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from stalwart.compress import ErrorFeedback, decode, encode, wire_bytes
+from stalwart.compress import ErrorFeedback, decode, encode, ring_allgather_sent, wire_bytes
 from stalwart.config import ReplicasConfig
 from stalwart.errors import first_line
 from stalwart.faults import inject
+from stalwart.guards import fingerprint, odd_ones_out
 from stalwart.replication.group import Gather
 from stalwart.train.recovery import NonFiniteAfterHeal, Partitioned
 
@@ -64,7 +65,12 @@ if TYPE_CHECKING:
     from stalwart.train.recovery import Recovery
     from stalwart.train.setup import Job
 
-HEADER = ("replica", "step", "tokens", "new_tokens", "contributed", "nonfinite", "shard", "position", "start", "skip")  # int64 each
+HEADER = ("replica", "step", "tokens", "new_tokens", "contributed", "nonfinite", "fingerprint", "shard", "position",
+          "start", "skip")  # int64 each
+# A pseudo-gradient whose norm per token is this many times the round's lower median is a
+# spike (a weight corrupted during the round): left out. Honest groups differ by far less,
+# speeds and rounds cut short by a heal included (Adam's steps have about one size).
+OUTER_SPIKE = 10.0
 
 
 def fragment_of(name: str, fragments: int) -> int:
@@ -112,10 +118,13 @@ class OuterResult:
     step: int  # the furthest participant's step
     fragment: int
     contributors: list[int]  # replicas whose pseudo-gradient is in the step
-    nonfinite: list[int]  # replicas whose payload was left out
+    nonfinite: list[int]  # replicas whose payload was not finite (left out)
     tokens: int  # tokens the contributors trained since their last contribution (the job's count)
     positions: dict[int, dict[str, int]]  # {shard: loader position} of the contributors
     bytes_sent: int
+    odd: list[int] = field(default_factory=list)  # replicas whose G differs from the majority's (left out)
+    agreed: bool = True  # a strict majority of the participants hold the same G
+    spiked: list[int] = field(default_factory=list)  # replicas whose pseudo-gradient is a spike (left out)
     mean_delta: torch.Tensor | None = None  # the token-weighted mean pseudo-gradient of the fragment
     mean_biases: torch.Tensor | None = None
 
@@ -224,8 +233,10 @@ class OuterState:
         group's round ended on a non-finite inner step (its payload is flagged either way
         when its own values are not finite)."""
         f = self.fragments[fragment]
-        delta = torch.cat([(self.global_params[i].detach() - self.local[i].detach()).reshape(-1) for i in f.params])
-        biases = torch.cat([self.biases[i].detach().float().reshape(-1) for i in f.biases]) if f.biases \
+        # On the CPU: the wire goes over gloo, and is decoded there.
+        delta = torch.cat([(self.global_params[i].detach() - self.local[i].detach()).reshape(-1).float().cpu()
+                           for i in f.params])
+        biases = torch.cat([self.biases[i].detach().float().reshape(-1).cpu() for i in f.biases]) if f.biases \
             else torch.zeros(0)
         finite = not nonfinite and bool(torch.isfinite(delta).all()) and bool(torch.isfinite(biases).all())
         tokens = self.trained - self.base[fragment]
@@ -237,7 +248,7 @@ class OuterState:
             biases = torch.zeros_like(biases)
         new_tokens = self.trained - self.counted
         header = torch.tensor([replica, step, tokens if contribute else 0, new_tokens if contribute else 0,
-                               int(contribute), int(not finite), shard,
+                               int(contribute), int(not finite), fingerprint(self.global_tensors()), shard,
                                position["position"], position["start"], position["skip"]], dtype=torch.int64)
         wire = torch.cat([header.view(torch.uint8), biases.contiguous().view(torch.uint8), body])
         return Payload(wire, round_, fragment, version, self.trained)
@@ -249,24 +260,38 @@ class OuterState:
 
     def combine(self, gathered: list[torch.Tensor], fragment: int) -> OuterResult:
         """Decode every participant's payload in replica order and average those that
-        contributed finite values, weighted by their tokens (nothing is changed yet)."""
+        contributed, weighted by their tokens (nothing is changed yet). Left out: payloads
+        that are not finite, those of a group whose G differs from the majority's (its
+        pseudo-gradient is against another G), and spikes (OUTER_SPIKE)."""
         f = self.fragments[fragment]
         head = 8 * len(HEADER)
         parts = sorted(((dict(zip(HEADER, wire[:head].view(torch.int64).tolist())), wire) for wire in gathered),
                        key=lambda part: part[0]["replica"])
-        total = torch.zeros(f.numel, dtype=torch.float32)
-        bias_total = torch.zeros(f.bias_numel, dtype=torch.float32)
-        weights, tokens, contributors, nonfinite, positions = 0, 0, [], [], {}
         step = max(header["step"] for header, _ in parts)
+        bytes_sent = ring_allgather_sent(int(gathered[0].numel()), len(gathered))
+        odd, agreed = odd_ones_out({header["replica"]: header["fingerprint"] for header, _ in parts})
+        if not agreed:
+            return OuterResult(False, step, fragment, [], [], 0, {}, bytes_sent, odd=odd, agreed=False)
+        nonfinite, decoded = [], []
         for header, wire in parts:
             if header["nonfinite"]:
                 nonfinite.append(header["replica"])
-            if not header["contributed"]:
+            if not header["contributed"] or header["replica"] in odd:
                 continue
             delta = decode(wire[head + 4 * f.bias_numel:], f.numel, self.cfg.compression)
             biases = wire[head:head + 4 * f.bias_numel].view(torch.float32)
             if not (torch.isfinite(delta).all() and torch.isfinite(biases).all()):
                 nonfinite.append(header["replica"])
+                continue
+            decoded.append((header, delta, biases))
+        per_token = sorted(float(delta.norm()) / header["tokens"] for header, delta, _ in decoded)
+        bound = OUTER_SPIKE * per_token[(len(per_token) - 1) // 2] if len(per_token) > 1 else float("inf")
+        spiked = [h["replica"] for h, delta, _ in decoded if float(delta.norm()) / h["tokens"] > bound]
+        total = torch.zeros(f.numel, dtype=torch.float32)
+        bias_total = torch.zeros(f.bias_numel, dtype=torch.float32)
+        weights, tokens, contributors, positions = 0, 0, [], {}
+        for header, delta, biases in decoded:
+            if header["replica"] in spiked:
                 continue
             weight = header["tokens"]
             total += delta * weight
@@ -275,11 +300,10 @@ class OuterState:
             tokens += header["new_tokens"]
             contributors.append(header["replica"])
             positions[header["shard"]] = {k: header[k] for k in ("position", "start", "skip")}
-        bytes_sent = (len(gathered) - 1) * int(gathered[0].numel())
         if not contributors:
-            return OuterResult(False, step, fragment, [], nonfinite, 0, {}, bytes_sent)
-        return OuterResult(True, step, fragment, contributors, nonfinite, tokens, positions, bytes_sent,
-                           mean_delta=total / weights, mean_biases=bias_total / weights)
+            return OuterResult(False, step, fragment, [], nonfinite, 0, {}, bytes_sent, odd=odd, spiked=spiked)
+        return OuterResult(True, step, fragment, contributors, nonfinite, tokens, positions, bytes_sent, odd=odd,
+                           spiked=spiked, mean_delta=total / weights, mean_biases=bias_total / weights)
 
     def apply(self, result: OuterResult, sent: Payload, *, mixing: float, contributed: bool) -> None:
         """The outer step on the fragment (when anyone contributed): G moves; the local
@@ -291,7 +315,7 @@ class OuterState:
             offset = 0
             for i in f.params:
                 g = self.global_params[i]
-                g.grad = result.mean_delta[offset:offset + g.numel()].view_as(g).clone()
+                g.grad = result.mean_delta[offset:offset + g.numel()].view_as(g).to(g.device, g.dtype)
                 offset += g.numel()
             self.optimizer.step()  # parameters without a gradient (other fragments) do not move
             self.optimizer.zero_grad(set_to_none=True)
@@ -325,7 +349,14 @@ class Rounds:
         self.outer: OuterState = job.state.outer
         r = job.cfg.replicas
         streaming = r.strategy == "streaming"
-        self.interval = r.inner_steps // len(self.outer.fragments)  # steps between two rounds
+        fragments = len(self.outer.fragments)
+        # Between two rounds: inner_steps / fragments steps, or with inner_steps auto,
+        # round_s / fragments seconds of training, whatever this group's speed.
+        self.auto = r.inner_steps == "auto"
+        self.interval = 0 if self.auto else r.inner_steps // fragments
+        self.budget_s = r.round_s / fragments
+        self.round_started = time.perf_counter()
+        self.last_step_s = 0.0
         self.overlap = r.overlap_steps if streaming else 0
         self.mixing = r.mixing if streaming else 0.0
         self.joining = True  # the first sync of this process
@@ -335,6 +366,7 @@ class Rounds:
         self.sent_at = self.outer.synced["step"]  # the step of the last round this group sent
         self.nonfinite = False  # this round ended on a non-finite inner step
         self.nonfinite_in_row = 0
+        self.force_heal = False  # this group's G is not the majority's: heal at the next quorum
 
     @property
     def due(self) -> bool:
@@ -342,22 +374,27 @@ class Rounds:
         step, total = self.job.state.step, self.job.cfg.train.steps
         if self.pending is not None:
             return step >= self.pending.step + self.overlap or step >= total
+        if step >= total and min(self.outer.synced_at) >= total:
+            return False  # finished (a finished run resumed, too)
         if self.joining or self.resend or self.nonfinite:
             return True
         if step >= total:
             return min(self.outer.synced_at) < total  # every fragment syncs once at the end
+        if self.auto:  # the round's time is up, give or take half a step
+            return time.perf_counter() - self.round_started + self.last_step_s / 2 >= self.budget_s
         return step - max(self.sent_at, self.outer.synced["step"]) >= self.interval
 
-    def inner_done(self, *, committed: bool, nonfinite: bool) -> None:
-        """After an inner step. One whose values were not finite ends this group's round at
-        once: what it trained since G is lost, and it goes to the next sync (streaming:
-        skipping to that round's step, so that it sends the fragment the others send)."""
+    def inner_done(self, *, committed: bool, nonfinite: bool, seconds: float) -> None:
+        """After an inner step. One whose values were not finite ends this group's round:
+        what it trained since G is lost, and it goes to the next sync at once (streaming:
+        skipping to that round's step, so that it arrives when the others do)."""
+        self.last_step_s = seconds
         if committed:
             self.outer.trained += self.job.tokens_per_batch
         if nonfinite and not self.nonfinite:
             self.nonfinite = True
             state = self.job.state
-            if len(self.outer.fragments) > 1:
+            if self.interval and len(self.outer.fragments) > 1:
                 state.step = min((state.step // self.interval + 1) * self.interval, self.job.cfg.train.steps)
 
     def sync(self) -> OuterResult | None:
@@ -367,23 +404,27 @@ class Rounds:
             return self._finish()
         job, state, group, outer = self.job, self.job.state, self.job.group, self.outer
         t0 = time.perf_counter()
-        job.join_quorum(round=outer.rounds)
+        job.join_quorum()
         round_ = outer.rounds + 1
         payload = self.kept if self.kept is not None and self.kept.valid_for(round_, state.version) else None
         if payload is None:
             payload = outer.pack(outer.fragment_for(round_), replica=group.replica, step=state.step,
                                  shard=state.loader.shard, position=state.loader.state_dict(),
                                  nonfinite=self.nonfinite, version=state.version, round_=round_)
+        # The payload carries the flag; a non-finite step during the overlap sets it again.
+        flagged, self.nonfinite = self.nonfinite, False
         payload.sends += 1
         inject("kill-in-exchange", state.step)
         self.pending = Pending(payload, group.allgather_across_groups(payload.wire), state.step, t0,
                                time.perf_counter() - t0)
-        overlaps = (self.overlap and payload.sends == 1 and not (self.joining or group.healed or self.nonfinite)
+        overlaps = (self.overlap and payload.sends == 1 and not (self.joining or group.healed or flagged)
                     and state.step < job.cfg.train.steps)
         if payload.sends == 1:  # a payload sent again keeps its round's place in the schedule
             self.sent_at = state.step
         self.joining, self.resend = False, False
-        return None if overlaps else self._finish()
+        result = None if overlaps else self._finish()
+        self.round_started = time.perf_counter()  # the next round's inner steps start now
+        return result
 
     def _finish(self) -> OuterResult | None:
         job, state, group, outer = self.job, self.job.state, self.job.group, self.outer
@@ -391,19 +432,26 @@ class Rounds:
         t = time.perf_counter()
         gathered = pending.gather.wait()
         result = outer.combine(gathered, pending.payload.fragment) if gathered is not None else None
-        if result is None or not group.should_commit(True):
-            return self._failed(pending)
+        error = group.error()  # why the exchange failed, before the vote adds its own
+        # The vote even after a failure: torchft counts the failed commit, so the next
+        # quorum reconfigures the process group (a group whose heal failed never joined
+        # the collective, and its peers' counters are one ahead of its own).
+        if not group.should_commit(result is not None, "the exchange failed") or result is None:
+            return self._failed(pending, error)
         blocked = pending.blocked_s + time.perf_counter() - t
-        self.kept, self.nonfinite, self.recovery.failed_in_row = None, False, 0
+        self.kept, self.recovery.failed_in_row = None, 0
         total = job.cfg.train.steps
         final = result.step >= total
-        if result.committed or final:  # at the end a round counts even when nobody trained
+        if not result.agreed:
+            self._disagreed(result)
+        elif result.committed or final:  # at the end a round counts even when nobody trained
             self._apply(result, pending.payload, final=final)
         # torchft's step: one more than the outer steps once a group has synced, so that a
         # group that has not (a restart, at its checkpoint's count) is behind and heals,
         # and torchft's first-quorum sync (init_sync, at step 0) happens once only.
         group.set_step(outer.rounds + 1)
-        self._left_out(group.replica in result.nonfinite, pending.payload.round)
+        self._left_out(result, pending.payload.round)
+        state.tokens_seen = outer.synced["tokens_seen"] + outer.trained - outer.counted
         record = {"step": state.step, "round": pending.payload.round, "outer": result.committed,
                   "bytes_sent": result.bytes_sent, "sync_s": round(blocked, 4),
                   "exchange_s": round(time.perf_counter() - pending.started, 4), "participants": group.participants,
@@ -426,20 +474,31 @@ class Rounds:
                           reason="left out of the outer step")
         outer.apply(result, sent, mixing=0.0 if final else self.mixing, contributed=contributed)
         state.step = max(state.step, result.step)
-        state.tokens_seen = outer.synced["tokens_seen"] + outer.trained - outer.counted
         state.record_shards(result.positions)
         if not contributed:
             state.rewind_loader()  # its batches since its last contribution are drawn again
         done = min(outer.synced_at) >= job.cfg.train.steps
         if (done or not final) and self.recovery.clock.due(outer.synced["step"], job.cfg.train.steps) \
-                and group.is_lowest and job.run.writer:
+                and group.is_lowest and job.run.writer and group.replica not in result.odd:
             self.recovery.save(outer.synced["step"])
 
-    def _failed(self, pending: Pending) -> None:
+    def _disagreed(self, result: OuterResult) -> None:
+        """The groups' G differ and no strict majority holds one (two groups, a tie): every
+        group goes back to the newest checkpoint, the last G they agreed on; without one,
+        every group but the lowest heals from the lowest."""
+        job, state, group = self.job, self.job.state, self.job.group
+        job.run.event("step_corrupt", step=state.step, cause="sdc", reason="global weights differ with no majority",
+                      replicas=result.odd)
+        if self.recovery.rollback(state.step, data=True, reason="global weights differ with no majority"):
+            self.sent_at = self.outer.synced["step"]
+        elif not group.is_lowest:
+            self.force_heal = True
+
+    def _failed(self, pending: Pending, error: BaseException | None) -> None:
         job, state, group = self.job, self.job.state, self.job.group
         self.kept, self.resend = pending.payload, True
         self.recovery.failed_in_row += 1
-        reason = first_line(group.error())
+        reason = first_line(error)
         job.run.event("step_failed", step=state.step, round=pending.payload.round, participants=group.participants,
                       seconds=round(time.perf_counter() - pending.started, 3), error=reason)
         limit = job.cfg.replicas.max_failed_steps
@@ -448,17 +507,31 @@ class Rounds:
                               f"(replicas.max_failed_steps {limit}); last: {reason}")
         return None
 
-    def _left_out(self, left_out: bool, round_: int) -> None:
-        """A group whose pseudo-gradient was not finite: its local weights become G, and its
-        AdamW moments (which may hold the NaN) start again. Twice in a row: its device is
-        suspect, the process exits (EXIT_NONFINITE) and is restarted."""
-        if not left_out:
+    def _left_out(self, result: OuterResult, round_: int) -> None:
+        """What a group left out of the outer step does. Its G differs from the majority's:
+        it heals at the next quorum. Its pseudo-gradient was a spike or not finite: its local
+        weights become G and its AdamW moments (which may hold the fault) start again; not
+        finite twice in a row, its device is suspect: the process exits (EXIT_NONFINITE) and
+        is restarted."""
+        job, me = self.job, self.job.group.replica
+        if me in result.odd and result.agreed:
+            job.run.event("step_corrupt", step=job.state.step, cause="sdc", round=round_,
+                          reason="global weights differ from the majority's")
+            self.force_heal = True
+        if self.force_heal:
+            job.group.force_heal()
+            self.force_heal = False
+            return
+        if me not in result.nonfinite and me not in result.spiked:
             self.nonfinite_in_row = 0
             return
-        self.nonfinite_in_row += 1
-        self.job.run.event("step_corrupt", step=self.job.state.step, cause="nonfinite",
-                           reason="pseudo-gradient not finite", round=round_)
-        if self.nonfinite_in_row > 1:
-            raise NonFiniteAfterHeal(f"pseudo-gradient not finite in {self.nonfinite_in_row} rounds in a row")
+        cause = "spike" if me in result.spiked else "nonfinite"
+        job.run.event("step_corrupt", step=job.state.step, cause=cause, round=round_,
+                      reason=f"pseudo-gradient {'a spike' if cause == 'spike' else 'not finite'}")
+        if cause == "nonfinite":
+            self.nonfinite_in_row += 1
+            if self.nonfinite_in_row > 1:
+                raise NonFiniteAfterHeal(f"pseudo-gradient not finite in {self.nonfinite_in_row} rounds in a row")
         self.outer.reset_local()
-        self.job.state.optimizer.state = defaultdict(dict)
+        job.state.optimizer.state = defaultdict(dict)
+        self.nonfinite = False  # what a step during the overlap saw is gone with the local weights

@@ -72,13 +72,15 @@ class Job:
         """Tokens one rank trains per step."""
         return self.cfg.train.batch_size * self.cfg.data.seq_len * self.cfg.train.grad_accum
 
-    def join_quorum(self, **fields: Any) -> None:
-        """The group's next quorum; a `heal` event when this group received a peer's state."""
+    def join_quorum(self) -> None:
+        """The group's next quorum; a `heal` event when this group received a peer's state
+        (with DiLoCo, the outer steps it now holds)."""
         t0 = time.perf_counter()
         self.group.start_step()
         if self.group.healed:
+            outer = {} if self.state.outer is None else {"round": self.state.outer.rounds}
             self.run.event("heal", step=self.state.step, seconds=round(time.perf_counter() - t0, 3),
-                           bytes=self.group.healed_bytes, **fields)
+                           bytes=self.group.healed_bytes, **outer)
 
     def on_corrupt(self, path: Path, msg: str) -> None:
         """A checkpoint that does not verify: reported, and the previous one used."""
@@ -144,7 +146,9 @@ def setup(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, replica: Repl
         job.group = TorchFTGroup(
             cfg.replicas, replica=replica.replica, lighthouse=replica.lighthouse, host=replica.host,
             state_dict=state.state_dict, load_state_dict=state.load_state_dict,
-            step=state.step if state.outer is None else state.outer.rounds,
+            # DiLoCo: one more than the outer steps once there was one (train/outer.py), so
+            # that a group restarted from a checkpoint counts as a live group would.
+            step=state.step if state.outer is None else state.outer.rounds + 1 if state.outer.rounds else 0,
             secret=replica.secret, max_state_bytes=_max_state_bytes(state), backend=info.backend,
             torchft_log=run.logs / f"replica-{replica.replica}-rank-{rank}.torchft.log",
             on_quorum_retry=lambda error, waited: _quorum_retry(job, error, waited))
