@@ -64,7 +64,7 @@ def test_diloco_groups_agree_after_every_outer_step_and_send_a_fraction_of_ddps_
     assert r.returncode == 0, r.stderr
     plan = json.loads(r.stdout)
     measured = plan["measured"]["outer"]
-    assert measured["bytes_per_round"] == pytest.approx(measured["modelled_bytes_per_round"], rel=0.02)
+    assert measured["bytes_per_sync"] == pytest.approx(measured["modelled_bytes_per_sync"], rel=0.02)
     assert 0 < measured["utilisation"] <= 1
     assert plan["parallelism"]["diloco_h"] == H and plan["parallelism"]["diloco_compression"] == "int4"
     # Streaming DiLoCo: two fragments of the smoke model's two layers, one round every 5
@@ -191,17 +191,23 @@ def test_inner_steps_auto_lets_a_slow_group_train_fewer_steps_without_making_the
 def test_a_flipped_bit_in_one_groups_global_weights_is_outvoted_and_healed(tmp_path):
     # Group 2's G gets a flipped bit after inner step 15: at round 2 its header's fingerprint
     # of G is not the majority's, so its pseudo-gradient (against another G) is left out,
-    # it writes no checkpoint, and it heals at the next round's quorum.
+    # it writes no checkpoint, and it heals at the next round's quorum. Group 0 (the one
+    # that exports and reports) gets one after step 55: outvoted in the last round, it
+    # heals at the quorum after it, before its finish.
     run = tmp_path / "run"
-    r = job(run, "--train.steps", "60", *DILOCO, "--replicas", "3", inject="flip-bit-global@15:2")
+    r = job(run, "--train.steps", "60", *DILOCO, "--replicas", "3",
+            inject="flip-bit-global@15:2,flip-bit-global@55:0")
     assert r.returncode == 0, r.stderr
     corrupt = events(run, "step_corrupt")
-    assert [(e["replica"], e["cause"], e["round"]) for e in corrupt] == [(2, "sdc", 2)]
+    assert [(e["replica"], e["cause"], e["round"]) for e in corrupt] == [(2, "sdc", 2), (0, "sdc", 6)]
+    last_heal = [e for e in events(run, "heal") if e["replica"] == 0 and e["time"] > corrupt[1]["time"]]
+    assert last_heal and last_heal[0]["round"] == 6
     second = next(m for m in _outer_records(run, 0) if m["round"] == 2)
     assert second["outer"] and second["contributors"] == [0, 1]
     heal = [e for e in events(run, "heal") if e["replica"] == 2 and e["time"] > corrupt[0]["time"]]
     assert heal and heal[0]["round"] == 2
-    assert all(m["contributors"] == [0, 1, 2] for m in _outer_records(run, 0) if m["round"] > 3)
+    assert all(m["contributors"] == [0, 1, 2] for m in _outer_records(run, 0) if 3 < m["round"] < 6)
+    assert next(m for m in _outer_records(run, 1) if m["round"] == 6)["contributors"] == [1, 2]
     prints = final_fingerprints(run)
     assert sorted(prints) == [0, 1, 2] and len(set(prints.values())) == 1
 
@@ -228,3 +234,31 @@ def test_streaming_leaves_out_nan_groups_even_when_the_nan_comes_during_an_overl
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 400 and summary["restarts"] == 1
     assert all(m["loss"] == m["loss"] for m in jsonl(run / "metrics.jsonl") if "loss" in m)
+
+
+def test_with_two_groups_a_flipped_bit_in_g_rolls_the_lowest_back_and_the_other_heals_from_it(tmp_path):
+    # Two groups whose G differ: no majority, nobody known good. Group 0 goes back to its
+    # checkpoint of round 2 (step 20), group 1 heals from it, and they train on together.
+    run = tmp_path / "run"
+    r = job(run, "--train.steps", "60", "--checkpoint.every", "10", *DILOCO, inject="flip-bit-global@25:1")
+    assert r.returncode == 0, r.stderr
+    tie = [e for e in events(run, "step_corrupt") if e["cause"] == "sdc"]
+    assert {e["replica"] for e in tie} == {0, 1}  # both saw the tie
+    rollback = events(run, "rollback")
+    assert [(e["from_step"], e["to_step"]) for e in rollback] == [(30, 20)]
+    assert [e for e in events(run, "heal") if e["replica"] == 1 and e["time"] > rollback[0]["time"]]
+    after = [m for m in _outer_records(run, 0) if m["time"] > rollback[0]["time"] and m["outer"]]
+    # Nothing from group 1 in the round it healed at, both after it.
+    assert after[0]["contributors"] == [0] and all(m["contributors"] == [0, 1] for m in after[1:])
+    prints = final_fingerprints(run)
+    assert sorted(prints) == [0, 1] and len(set(prints.values())) == 1
+
+
+def test_inner_steps_auto_trains_at_least_one_step_a_round_when_a_step_outlasts_the_round(tmp_path):
+    run = tmp_path / "run"
+    r = job(run, "--train.steps", "20", "--replicas", "2", "--replicas.strategy", "diloco",
+            "--replicas.inner_steps", "auto", "--replicas.round_s", "0.001")
+    assert r.returncode == 0, r.stderr
+    outer = [m for m in _outer_records(run, 0) if m["outer"]]
+    assert 1 <= len(outer) <= 20 and outer[-1]["step"] == 20
+    assert all(b["step"] > a["step"] for a, b in zip(outer, outer[1:]))  # every round trained

@@ -23,7 +23,11 @@ def test_persistent_nan_in_one_groups_weights_heals_and_a_nan_producing_device_i
     run = tmp_path / "run"
     # Group 1: a NaN lands in its weights after step 17, between two fingerprint checks (every
     # 5 steps). Group 2: its device produces NaN gradients from step 40 on, in every step.
-    r = job(run, "--replicas", "3", "--train.steps", "250", inject="nan-weight@17:1,nan-device@40:2", timeout=240)
+    # No spike guard: which steps run with two groups and which with three depends on when
+    # the restarted one is back, and now and then that tips a grad norm over the rolling
+    # bound (a legitimate skip, seen on CI); this test is about the NaNs.
+    r = job(run, "--replicas", "3", "--train.steps", "250", "--guards.spike_sigma", "0",
+            inject="nan-weight@17:1,nan-device@40:2", timeout=240)
     assert r.returncode == 0, r.stderr
     found = events(run)
     assert not [e for e in found if e["event"] in ("step_skipped", "stall", "stalled")]  # the others never stopped

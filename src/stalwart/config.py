@@ -335,6 +335,8 @@ def validate(cfg: RunConfig) -> RunConfig:
          f"replicas.inner_steps must be >= 1 or auto, got {r.inner_steps!r}")
     need(r.round_s > 0, f"replicas.round_s must be > 0, got {r.round_s}")
     need(auto or r.round_s == ReplicasConfig.round_s, "replicas.round_s applies to replicas.inner_steps auto only")
+    need(r.round_s < r.lighthouse_grace_s, f"replicas.round_s ({r.round_s}) must be below replicas.lighthouse_grace_s "
+         f"({r.lighthouse_grace_s}): a group early at the sync waits in quorum attempts that long at most")
     need(r.compression in COMPRESSIONS,
          f"replicas.compression must be one of {', '.join(COMPRESSIONS)}, got {r.compression!r}")
     need(not r.error_feedback or r.compression != "none",

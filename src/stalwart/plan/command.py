@@ -157,11 +157,13 @@ def _from_run(args: argparse.Namespace, catalog: dict, given: dict) -> dict:
             for flag, key in (("diloco_h", "inner_steps"), ("diloco_compression", "compression")):
                 if flag in given:
                     unused.append(f"{key}: --{flag.replace('_', '-')} given")
-                elif isinstance(outer[key], int) or key == "compression":
+                elif outer[key] == "auto":
+                    unused.append("inner_steps: auto in the run, a number of steps here (--diloco-h)")
+                else:
                     given[flag] = outer[key]
                     used.append(f"{key} {outer[key]}")
-            used.append(f"bytes per round measured {outer['bytes_per_round']:.4g}, modelled "
-                        f"{outer['modelled_bytes_per_round']:.4g}")
+            used.append(f"bytes per sync of the model measured {outer['bytes_per_sync']:.4g}, modelled "
+                        f"{outer['modelled_bytes_per_sync']:.4g}")
     return {**measured, "used": used, "not_used": unused}
 
 

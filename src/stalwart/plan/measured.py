@@ -74,10 +74,11 @@ def measure_run(path: Path, run_accelerator: Accelerator | None = None) -> dict:
 
 
 def _outer_rounds(run: RunDir, cfg, params: float) -> dict | None:
-    """A DiLoCo run's outer exchanges: the bytes a group sent per round, against what the
-    planner's model of the exchange (the training path's own formula) gives for this model
-    and this many groups; and its compute utilisation (inner-step compute over each group's
-    time from its first record to its last, the mean over groups)."""
+    """A DiLoCo run's outer exchanges: the bytes a group sent to exchange the whole model
+    once (one round; streaming: one round per fragment), against what the planner's model
+    of the exchange (the training path's own formula) gives for this model and this many
+    groups; and its compute utilisation (inner-step compute over each group's time from
+    its first record to its last, the mean over groups), which the plan reports."""
     records = run.read_metrics()
     rounds = [m for m in records if m.get("outer") and m.get("bytes_sent")]
     if not rounds:
@@ -91,7 +92,8 @@ def _outer_rounds(run: RunDir, cfg, params: float) -> dict | None:
         if inner and span > 0:
             shares.append(min(sum(m["step_s"] for m in inner) / span, 1.0))
     r = cfg.replicas
+    fragments = r.fragments if r.strategy == "streaming" else 1  # rounds to exchange the whole model once
     return {"strategy": r.strategy, "compression": r.compression, "inner_steps": r.inner_steps, "rounds": len(rounds),
-            "bytes_per_round": statistics.median(m["bytes_sent"] for m in rounds),
-            "modelled_bytes_per_round": ring_allgather_sent(wire_bytes(params, r.compression), round(participants)),
+            "bytes_per_sync": statistics.mean(m["bytes_sent"] for m in rounds) * fragments,
+            "modelled_bytes_per_sync": ring_allgather_sent(wire_bytes(params, r.compression), round(participants)),
             "utilisation": statistics.mean(shares) if shares else None}

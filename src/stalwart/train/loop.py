@@ -108,6 +108,8 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
                     corrupt_global(step, state.outer.global_params)
                 if rounds is None and _eval_due(cfg, step - 1, step):
                     last = _evaluate_and_report(job, progress, step)
+        if rounds is not None:
+            rounds.finish()
         if job.replicated:
             run.event("finish", step=state.step, fingerprint=f"{state.fingerprint():016x}", every_rank=True)
     finally:

@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from stalwart.checkpoint import step_dir_name
 from stalwart.compress import ErrorFeedback, decode, encode, ring_allgather_sent, wire_bytes
 from stalwart.config import ReplicasConfig
 from stalwart.errors import first_line
@@ -211,13 +212,16 @@ class OuterState:
                 g.copy_(b)
 
     def reset_local(self) -> None:
-        """The local weights and biases := G (what this process trained since is dropped)."""
+        """The local weights and biases := G (what this process trained since is dropped,
+        and what compression lost of it)."""
         with torch.no_grad():
             for g, p in zip(self.global_params, self.local):
                 p.copy_(g)
             for g, b in zip(self.global_biases, self.biases):
                 b.copy_(g)
         self.base, self.counted = [self.trained] * len(self.fragments), self.trained
+        if self.feedback is not None:
+            self.feedback = [ErrorFeedback() for _ in self.fragments]
 
     # -- one outer step ------------------------------------------------------------------
 
@@ -356,6 +360,7 @@ class Rounds:
         self.interval = 0 if self.auto else r.inner_steps // fragments
         self.budget_s = r.round_s / fragments
         self.round_started = time.perf_counter()
+        self.round_mark = self.outer.trained  # `trained` when this round's inner steps began
         self.last_step_s = 0.0
         self.overlap = r.overlap_steps if streaming else 0
         self.mixing = r.mixing if streaming else 0.0
@@ -365,7 +370,7 @@ class Rounds:
         self.pending: Pending | None = None
         self.sent_at = self.outer.synced["step"]  # the step of the last round this group sent
         self.nonfinite = False  # this round ended on a non-finite inner step
-        self.nonfinite_in_row = 0
+        self.left_out_in_row = 0  # rounds in a row this group was left out (not finite, a spike)
         self.force_heal = False  # this group's G is not the majority's: heal at the next quorum
 
     @property
@@ -380,8 +385,9 @@ class Rounds:
             return True
         if step >= total:
             return min(self.outer.synced_at) < total  # every fragment syncs once at the end
-        if self.auto:  # the round's time is up, give or take half a step
-            return time.perf_counter() - self.round_started + self.last_step_s / 2 >= self.budget_s
+        if self.auto:  # the round's time is up, give or take half a step, and it trained
+            return (self.outer.trained > self.round_mark
+                    and time.perf_counter() - self.round_started + self.last_step_s / 2 >= self.budget_s)
         return step - max(self.sent_at, self.outer.synced["step"]) >= self.interval
 
     def inner_done(self, *, committed: bool, nonfinite: bool, seconds: float) -> None:
@@ -403,6 +409,7 @@ class Rounds:
         if self.pending is not None:
             return self._finish()
         job, state, group, outer = self.job, self.job.state, self.job.group, self.outer
+        self._wait_for_round_end()
         t0 = time.perf_counter()
         job.join_quorum()
         round_ = outer.rounds + 1
@@ -423,8 +430,27 @@ class Rounds:
             self.sent_at = state.step
         self.joining, self.resend = False, False
         result = None if overlaps else self._finish()
-        self.round_started = time.perf_counter()  # the next round's inner steps start now
+        self.round_started, self.round_mark = time.perf_counter(), outer.trained  # the next round starts now
         return result
+
+    def _wait_for_round_end(self) -> None:
+        """inner_steps auto: a group that goes to the sync early (it reached train.steps, or
+        its inner step was not finite) waits for the round's time, when the others come."""
+        if not self.auto or self.joining or self.resend:
+            return
+        while (left := self.budget_s - (time.perf_counter() - self.round_started)) > 0:
+            self.job.run.beat()
+            time.sleep(min(left, 0.1))
+
+    def finish(self) -> None:
+        """After the last round: one more quorum, at which a group found outside the
+        majority in that round heals (it must not export or report its G), then the last
+        checkpoint, by the lowest group."""
+        job, group, step = self.job, self.job.group, self.outer.synced["step"]
+        job.join_quorum()
+        group.set_step(self.outer.rounds + 1)
+        if group.is_lowest and job.run.writer and not (job.run.checkpoints / step_dir_name(step)).exists():
+            self.recovery.save(step)
 
     def _finish(self) -> OuterResult | None:
         job, state, group, outer = self.job, self.job.state, self.job.group, self.outer
@@ -477,22 +503,22 @@ class Rounds:
         state.record_shards(result.positions)
         if not contributed:
             state.rewind_loader()  # its batches since its last contribution are drawn again
-        done = min(outer.synced_at) >= job.cfg.train.steps
-        if (done or not final) and self.recovery.clock.due(outer.synced["step"], job.cfg.train.steps) \
+        if not final and self.recovery.clock.due(outer.synced["step"], job.cfg.train.steps) \
                 and group.is_lowest and job.run.writer and group.replica not in result.odd:
-            self.recovery.save(outer.synced["step"])
+            self.recovery.save(outer.synced["step"])  # the last one: finish()
 
     def _disagreed(self, result: OuterResult) -> None:
-        """The groups' G differ and no strict majority holds one (two groups, a tie): every
-        group goes back to the newest checkpoint, the last G they agreed on; without one,
-        every group but the lowest heals from the lowest."""
+        """The groups' G differ and no strict majority holds one (two groups, a tie): nobody
+        is known good. The lowest group goes back to its newest checkpoint, the last G they
+        agreed on (without one it keeps its own), and every other group heals from it: one
+        source, even where only the lowest group's machine has the checkpoints."""
         job, state, group = self.job, self.job.state, self.job.group
         job.run.event("step_corrupt", step=state.step, cause="sdc", reason="global weights differ with no majority",
                       replicas=result.odd)
-        if self.recovery.rollback(state.step, data=True, reason="global weights differ with no majority"):
-            self.sent_at = self.outer.synced["step"]
-        elif not group.is_lowest:
+        if not group.is_lowest:
             self.force_heal = True
+        elif self.recovery.rollback(state.step, data=True, reason="global weights differ with no majority"):
+            self.sent_at, self.nonfinite = self.outer.synced["step"], False
 
     def _failed(self, pending: Pending, error: BaseException | None) -> None:
         job, state, group = self.job, self.job.state, self.job.group
@@ -519,19 +545,19 @@ class Rounds:
                           reason="global weights differ from the majority's")
             self.force_heal = True
         if self.force_heal:
-            job.group.force_heal()
+            job.group.set_step(0)  # behind every peer: the next quorum heals it
             self.force_heal = False
             return
         if me not in result.nonfinite and me not in result.spiked:
-            self.nonfinite_in_row = 0
+            self.left_out_in_row = 0
             return
         cause = "spike" if me in result.spiked else "nonfinite"
-        job.run.event("step_corrupt", step=job.state.step, cause=cause, round=round_,
-                      reason=f"pseudo-gradient {'a spike' if cause == 'spike' else 'not finite'}")
-        if cause == "nonfinite":
-            self.nonfinite_in_row += 1
-            if self.nonfinite_in_row > 1:
-                raise NonFiniteAfterHeal(f"pseudo-gradient not finite in {self.nonfinite_in_row} rounds in a row")
+        what = "a spike" if cause == "spike" else "not finite"
+        job.run.event("step_corrupt", step=job.state.step, cause=cause, round=round_, reason=f"pseudo-gradient {what}")
+        self.left_out_in_row += 1
+        if self.left_out_in_row > 1:
+            raise NonFiniteAfterHeal(f"pseudo-gradient left out (last: {what}) in {self.left_out_in_row} rounds "
+                                     "in a row")
         self.outer.reset_local()
         job.state.optimizer.state = defaultdict(dict)
         self.nonfinite = False  # what a step during the overlap saw is gone with the local weights
