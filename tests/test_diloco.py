@@ -86,18 +86,24 @@ def test_diloco_groups_agree_after_every_outer_step_and_send_a_fraction_of_ddps_
     assert summary["eval_loss"] < 1.05 * baseline["eval_loss"] + 0.5
 
 
-def test_a_group_killed_in_the_outer_exchange_costs_the_survivor_nothing_and_rejoins_healed(tmp_path):
-    run = tmp_path / "run"
-    # 400 steps: the survivor is still training when the restarted process is up (~3 s, ~100 steps).
-    r = job(run, "--train.steps", "400", "--checkpoint.every", "1000", *DILOCO, inject=f"kill-in-exchange@{2 * H}:1")
+def _killed_in_exchange(run, *strategy):
+    """A job whose group 1 is SIGKILLed in round 2's exchange: its events' group_exit and
+    the survivor's outer records. 400 steps: the survivor is still training when the
+    restarted process is up (~3 s, ~100 steps)."""
+    r = job(run, "--train.steps", "400", "--checkpoint.every", "1000", *strategy, inject=f"kill-in-exchange@{2 * H}:1")
     assert r.returncode == 0, r.stderr
     exit_ = next(e for e in events(run) if e["event"] == "group_exit")
     assert exit_["replica"] == 1 and exit_["signal"] == "SIGKILL"
-    outer = _outer_records(run, 0)
+    assert not [e for e in events(run, "work_discarded") if e["replica"] == 0]
+    return exit_, _outer_records(run, 0)
+
+
+def test_a_group_killed_in_the_outer_exchange_costs_the_survivor_nothing_and_rejoins_healed(tmp_path):
+    run = tmp_path / "run"
+    exit_, outer = _killed_in_exchange(run, *DILOCO)
     # The survivor sent round 2 again, alone: its 10 inner steps were not thrown away.
     resent = next(m for m in outer if m["round"] == 2)
     assert resent["sends"] == 2 and resent["contributors"] == [0]
-    assert not [e for e in events(run, "work_discarded") if e["replica"] == 0]
     # The restarted group healed at a round's quorum and contributed nothing to that round.
     heal = next(e for e in events(run, "heal") if e["replica"] == 1 and e["time"] > exit_["time"])
     joined = next(m for m in _outer_records(run, 1) if m["time"] > heal["time"])
@@ -138,14 +144,9 @@ def test_streaming_survives_a_kill_in_the_exchange_and_the_healed_group_sends_wh
     # group heals at some later round's quorum, and its payload must be that round's
     # fragment: it knows which from the round number it healed to.
     run = tmp_path / "run"
-    r = job(run, "--train.steps", "400", "--checkpoint.every", "1000", *STREAMING, inject=f"kill-in-exchange@{2 * H}:1")
-    assert r.returncode == 0, r.stderr
-    exit_ = next(e for e in events(run) if e["event"] == "group_exit")
-    assert exit_["replica"] == 1 and exit_["signal"] == "SIGKILL"
-    outer = _outer_records(run, 0)
+    exit_, outer = _killed_in_exchange(run, *STREAMING)
     resent = next(m for m in outer if m["round"] == 4)
     assert resent["sends"] == 2 and resent["contributors"] == [0] and resent["fragment"] == 1
-    assert not [e for e in events(run, "work_discarded") if e["replica"] == 0]
     heal = next(e for e in events(run, "heal") if e["replica"] == 1 and e["time"] > exit_["time"])
     theirs = [m for m in _outer_records(run, 1) if m["time"] > heal["time"]]
     assert theirs[0]["contributors"] == [0]  # nothing to send in the round it healed at

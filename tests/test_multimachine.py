@@ -32,18 +32,19 @@ def _in(hosts: Hosts, index: int, *args: str, output=subprocess.PIPE) -> subproc
                        text=True)
 
 
-def test_two_hosts_train_one_model_over_a_rate_limited_link(two_hosts, tmp_path):
-    ip_a, ip_b = (h.ip for h in two_hosts.hosts)
-    lighthouse = _in(two_hosts, 0, "lighthouse", "--bind", f"{ip_a}:29510", "--min-replicas", "2",
+def _train_on_two_hosts(hosts: Hosts, tmp_path, *args: str) -> None:
+    """The recipe: a Lighthouse (minimum 2) on host A; host A's group under a supervisor
+    (examples/slurm), host B's a bare group process; both must exit 0."""
+    ip_a, ip_b = (h.ip for h in hosts.hosts)
+    lighthouse = _in(hosts, 0, "lighthouse", "--bind", f"{ip_a}:29510", "--min-replicas", "2",
                      output=subprocess.DEVNULL)  # nobody reads it: a full pipe would block it
     procs = []
     try:
         time.sleep(0.5)  # the lighthouse binds before the first group asks for a quorum
-        common = ["train", "--recipe", "smoke", "--quiet", "--replicas", "2", "--train.steps", "30",
-                  "--lighthouse", f"http://{ip_a}:29510", "--eval.problems", "0", "--replicas.min_replicas", "2"]
-        # Host A: a supervisor for its group (examples/slurm); host B: a bare group process.
-        procs = [_in(two_hosts, 0, *common, "--groups", "0", "--host", ip_a, "--out", str(tmp_path / "host-a")),
-                 _in(two_hosts, 1, *common, "--replica-id", "1", "--host", ip_b, "--out", str(tmp_path / "host-b"))]
+        common = ["train", "--recipe", "smoke", "--quiet", "--replicas", "2", "--lighthouse", f"http://{ip_a}:29510",
+                  "--eval.problems", "0", "--replicas.min_replicas", "2", *args]
+        procs = [_in(hosts, 0, *common, "--groups", "0", "--host", ip_a, "--out", str(tmp_path / "host-a")),
+                 _in(hosts, 1, *common, "--replica-id", "1", "--host", ip_b, "--out", str(tmp_path / "host-b"))]
         results = [p.communicate(timeout=240) for p in procs]
     finally:
         for p in [lighthouse, *procs]:
@@ -52,6 +53,10 @@ def test_two_hosts_train_one_model_over_a_rate_limited_link(two_hosts, tmp_path)
                 p.wait()
     for p, (_, err) in zip(procs, results):
         assert p.returncode == 0, err
+
+
+def test_two_hosts_train_one_model_over_a_rate_limited_link(two_hosts, tmp_path):
+    _train_on_two_hosts(two_hosts, tmp_path, "--train.steps", "30")
     finish = {}
     for host in ("host-a", "host-b"):
         events = [json.loads(line) for line in (tmp_path / host / "events.jsonl").read_text().splitlines()]
@@ -115,27 +120,10 @@ def test_diloco_over_a_10mbit_link_carries_the_bytes_it_counts(tmp_path):
     if reason:
         pytest.skip(reason)
     with Hosts(2, rate_mbit=10) as hosts:
-        ip_a, ip_b = (h.ip for h in hosts.hosts)
         before = [hosts.counters(i) for i in (0, 1)]
-        lighthouse = _in(hosts, 0, "lighthouse", "--bind", f"{ip_a}:29510", "--min-replicas", "2",
-                         output=subprocess.DEVNULL)
-        procs = []
-        try:
-            time.sleep(0.5)
-            common = ["train", "--recipe", "smoke", "--quiet", "--replicas", "2", "--train.steps", "60",
-                      "--lighthouse", f"http://{ip_a}:29510", "--eval.problems", "0", "--replicas.min_replicas", "2",
-                      "--replicas.strategy", "diloco", "--replicas.inner_steps", "10", "--replicas.compression", "int8"]
-            procs = [_in(hosts, 0, *common, "--groups", "0", "--host", ip_a, "--out", str(tmp_path / "host-a")),
-                     _in(hosts, 1, *common, "--replica-id", "1", "--host", ip_b, "--out", str(tmp_path / "host-b"))]
-            results = [p.communicate(timeout=240) for p in procs]
-        finally:
-            for p in [lighthouse, *procs]:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
+        _train_on_two_hosts(hosts, tmp_path, "--train.steps", "60", "--replicas.strategy", "diloco",
+                            "--replicas.inner_steps", "10", "--replicas.compression", "int8")
         carried = [hosts.counters(i)["tx"] - before[i]["tx"] for i in (0, 1)]
-    for p, (_, err) in zip(procs, results):
-        assert p.returncode == 0, err
     counted = []
     heals = {}
     for i, host in enumerate(("host-a", "host-b")):

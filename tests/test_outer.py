@@ -71,12 +71,16 @@ def test_a_group_that_trained_nothing_on_a_fragment_sends_only_its_header():
     model = _model()
     outer = OuterState(model, ReplicasConfig(count=2, strategy="streaming", fragments=2))
     payload = outer.pack(0, replica=1, step=0, shard=1, position=POSITION, nonfinite=False, version=0, round_=1)
-    assert payload.wire.numel() == outer.payload_bytes(0)  # the same size as everyone's
+    trained = _group(ReplicasConfig(count=2, strategy="streaming", fragments=2), 0.01)
+    sent = trained.pack(0, replica=0, step=0, shard=0, position=POSITION, nonfinite=False, version=0, round_=1)
+    assert payload.wire.numel() == sent.wire.numel()  # the same size as everyone's
     result = outer.combine([payload.wire], 0)
     assert not result.committed and result.contributors == []
     # The whole model over all fragments is about one DiLoCo payload (plus a header each).
-    diloco = OuterState(_model(), dataclasses.replace(ReplicasConfig(count=2), strategy="diloco"))
-    assert outer.payload_bytes(0) + outer.payload_bytes(1) == diloco.payload_bytes() + 8 * 11
+    other = trained.pack(1, replica=0, step=0, shard=0, position=POSITION, nonfinite=False, version=0, round_=2)
+    diloco = _group(dataclasses.replace(ReplicasConfig(count=2), strategy="diloco"), 0.01)
+    whole = diloco.pack(0, replica=0, step=0, shard=0, position=POSITION, nonfinite=False, version=0, round_=1)
+    assert sent.wire.numel() + other.wire.numel() == whole.wire.numel() + 8 * 11
 
 
 def _group(cfg, shift, tokens=1024):

@@ -225,10 +225,6 @@ class OuterState:
 
     # -- one outer step ------------------------------------------------------------------
 
-    def payload_bytes(self, fragment: int = 0) -> int:
-        f = self.fragments[fragment]
-        return 8 * len(HEADER) + 4 * f.bias_numel + wire_bytes(f.numel, self.cfg.compression)
-
     def pack(self, fragment: int, *, replica: int, step: int, shard: int, position: dict[str, int],
              nonfinite: bool, version: int, round_: int) -> Payload:
         """This group's payload for outer step `round_`: the fragment's pseudo-gradient
@@ -531,7 +527,6 @@ class Rounds:
         if self.recovery.failed_in_row >= limit and not group.is_lowest:
             raise Partitioned(f"{self.recovery.failed_in_row} outer exchanges in a row failed "
                               f"(replicas.max_failed_steps {limit}); last: {reason}")
-        return None
 
     def _left_out(self, result: OuterResult, round_: int) -> None:
         """What a group left out of the outer step does. Its G differs from the majority's:
