@@ -112,3 +112,15 @@ def test_a_spiking_pseudo_gradient_and_a_group_with_another_g_are_left_out():
     late = _group(cfg, 0.0025, tokens=256)
     wire = late.pack(0, replica=1, step=10, shard=1, position=POSITION, nonfinite=False, version=0, round_=1).wire
     assert groups[0].combine([wires[0], wire], 0).contributors == [0, 1]
+
+
+def test_outer_momentum_0_and_lr_1_make_g_the_token_weighted_mean_of_the_groups():
+    cfg = ReplicasConfig(count=2, strategy="diloco", outer_lr=1.0, outer_momentum=0.0)
+    ours, theirs = _group(cfg, 0.01, tokens=1024), _group(cfg, 0.04, tokens=3072)
+    start = [g.detach().clone() for g in ours.global_params]
+    sent = ours.pack(0, replica=0, step=10, shard=0, position=POSITION, nonfinite=False, version=0, round_=1)
+    wire = theirs.pack(0, replica=1, step=10, shard=1, position=POSITION, nonfinite=False, version=0, round_=1).wire
+    ours.apply(ours.combine([sent.wire, wire], 0), sent, mixing=0.0, contributed=True)
+    for g, before, p in zip(ours.global_params, start, ours.local):
+        torch.testing.assert_close(g.detach(), before + (0.01 * 1024 + 0.04 * 3072) / 4096, rtol=0, atol=1e-6)
+        assert torch.equal(p.detach(), g.detach())

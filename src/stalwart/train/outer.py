@@ -153,8 +153,9 @@ class OuterState:
                                            sum(self.biases[i].numel() for i in biases)))
         self.global_params = [torch.nn.Parameter(p.detach().clone()) for p in self.local]
         self.global_biases = [b.detach().clone() for b in self.biases]
+        # Nesterov needs a momentum: outer_momentum 0 is plain SGD (lr 1: the groups' mean).
         self.optimizer = torch.optim.SGD(self.global_params, lr=cfg.outer_lr, momentum=cfg.outer_momentum,
-                                         nesterov=True, foreach=False)
+                                         nesterov=cfg.outer_momentum > 0, foreach=False)
         self.feedback = [ErrorFeedback() for _ in self.fragments] if cfg.error_feedback else None
         self.rounds = 0
         self.synced = {"step": 0, "tokens_seen": 0}  # the job's progress at the last outer step
