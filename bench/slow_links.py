@@ -9,9 +9,10 @@ host 0, the same number of steps, so the same tokens, per group:
   unthrottled run (`stalwart train --replicas N`, as its users would start it); its time
   per step over the link is measured on the hosts over --ddp-link-steps steps, and its
   wall time over the link is its steps x that time;
-- diloco, streaming: trained over the link, with compression none, or int4 with error
-  feedback (the `-int4` settings); H = --inner-steps, streaming with --fragments, tau 1 and
-  alpha 0.5.
+- diloco, streaming: trained over the link, with compression none, or int4 (int2) with
+  error feedback (the `-int4` (`-int2`) settings; int2 only when asked for); H = --inner-steps, streaming with --fragments, tau 1 and
+  alpha 0.5; the outer optimizer stalwart's defaults (lr 0.7, Nesterov momentum 0.9) or
+  --outer-lr / --outer-momentum (labelled in the table, cached apart).
 
 Reported per setting, mean and min-max over seeds: bytes the groups sent (metrics.jsonl),
 final eval loss, exact match on 200 held-out problems (from the export), compute
@@ -42,9 +43,11 @@ import sys
 import time
 from pathlib import Path
 
+from stalwart.config import ReplicasConfig
 from stalwart.links import Hosts, unavailable
 
-SETTINGS = ("ddp", "diloco", "diloco-int4", "streaming", "streaming-int4")
+SETTINGS = ("ddp", "diloco", "diloco-int4", "diloco-int2", "streaming", "streaming-int4", "streaming-int2")
+SWEEP = ("ddp", "diloco", "diloco-int4", "streaming", "streaming-int4")  # what a bare run measures
 PORT = 29510
 
 
@@ -52,13 +55,14 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def _strategy_args(setting: str, inner_steps: int, fragments: int) -> list[str]:
+def _strategy_args(setting: str, a: argparse.Namespace) -> list[str]:
     if setting == "ddp":
         return []
     strategy, _, compression = setting.partition("-")
-    args = ["--replicas.strategy", strategy, "--replicas.inner_steps", str(inner_steps)]
+    args = ["--replicas.strategy", strategy, "--replicas.inner_steps", str(a.inner_steps),
+            "--replicas.outer_lr", str(a.outer_lr), "--replicas.outer_momentum", str(a.outer_momentum)]
     if strategy == "streaming":
-        args += ["--replicas.fragments", str(fragments)]
+        args += ["--replicas.fragments", str(a.fragments)]
     if compression:
         args += ["--replicas.compression", compression, "--replicas.error_feedback", "true"]
     return args
@@ -169,14 +173,24 @@ def modelled_wall_s(run: Path, rate_mbit: float, latency_s: float, overlap_steps
     return compute + comm
 
 
+def _outer(a: argparse.Namespace) -> str:
+    """The outer optimizer of a run, as its results are labelled ('' for the defaults)."""
+    default = ReplicasConfig()
+    if (a.outer_lr, a.outer_momentum) == (default.outer_lr, default.outer_momentum):
+        return ""
+    return f"outer lr {a.outer_lr:g} momentum {a.outer_momentum:g}"
+
+
 def one_run(setting: str, groups: int, seed: int, a: argparse.Namespace) -> dict:
-    out = a.out / f"{setting}-g{groups}-s{seed}"
+    outer = "" if setting == "ddp" else _outer(a)
+    tag = f"-lr{a.outer_lr:g}-m{a.outer_momentum:g}" if outer else ""
+    out = a.out / f"{setting}{tag}-g{groups}-s{seed}"
     cached = out / "result.json"
     if cached.exists():
         return json.loads(cached.read_text())
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    args = _common(groups, seed, a.steps, a.eval_every) + _strategy_args(setting, a.inner_steps, a.fragments)
+    args = _common(groups, seed, a.steps, a.eval_every) + _strategy_args(setting, a)
     timeout = 6 * 3600
     if setting == "ddp":
         run = train_locally(args, out, timeout)
@@ -192,7 +206,7 @@ def one_run(setting: str, groups: int, seed: int, a: argparse.Namespace) -> dict
     evals = [e for e in _jsonl(out / "host-0" / "events.jsonl") if e["event"] == "eval" and e["eval_loss"] is not None]
     metrics = [m for i in range(groups) for m in _jsonl(out / f"host-{i}" / "metrics.jsonl")]
     result = {
-        "setting": setting, "groups": groups, "seed": seed, "steps": a.steps, "rate_mbit": a.rate_mbit,
+        "setting": setting, "outer": outer, "groups": groups, "seed": seed, "steps": a.steps, "rate_mbit": a.rate_mbit,
         "bytes_sent": sum(int(m.get("bytes_sent", 0)) for m in metrics),
         "eval_loss": summary["eval_loss"], "eval_curve": [(e["step"], e["eval_loss"]) for e in evals],
         "exact_match": exact_match_of(out / "host-0" / "export", seed),
@@ -219,6 +233,16 @@ def _time_to(result: dict, target: float, ddp_step_s: float | None) -> float | N
     return None
 
 
+def _variants(results: list[dict]) -> list[tuple[str, str]]:
+    """(setting, outer optimizer) pairs in the results, in SETTINGS order."""
+    found = {(r["setting"], r.get("outer", "")) for r in results}
+    return sorted(found, key=lambda v: (SETTINGS.index(v[0]), v[1]))
+
+
+def _label(setting: str, outer: str) -> str:
+    return f"{setting}, {outer}" if outer else setting
+
+
 def report(results: list[dict], img: Path | None) -> str:
     def spread(values: list[float], fmt: str) -> str:
         values = [v for v in values if v is not None]
@@ -231,8 +255,8 @@ def report(results: list[dict], img: Path | None) -> str:
              "| to DDP's loss | modelled / measured |", "|---|---|---|---|---|---|---|---|---|---|"]
     for groups in sorted({r["groups"] for r in results}):
         ddp = [r for r in results if r["groups"] == groups and r["setting"] == "ddp"]
-        for setting in SETTINGS:
-            rows = [r for r in results if r["groups"] == groups and r["setting"] == setting]
+        for setting, outer in _variants(results):
+            rows = [r for r in results if r["groups"] == groups and (r["setting"], r.get("outer", "")) == (setting, outer)]
             if not rows:
                 continue
             ratio = [statistics.mean(d["bytes_sent"] for d in ddp) / r["bytes_sent"] for r in rows] if ddp else []
@@ -242,7 +266,7 @@ def report(results: list[dict], img: Path | None) -> str:
                 if twin is not None:
                     to_target.append(_time_to(r, twin["eval_loss"], r["step_over_link_s"]))
             modelled = [r["modelled_wall_s"] / r["wall_over_link_s"] for r in rows if r["modelled_wall_s"]]
-            lines.append(f"| {groups} | {setting} | {spread([r['bytes_sent'] / 1e6 for r in rows], '.1f')} MB "
+            lines.append(f"| {groups} | {_label(setting, outer)} | {spread([r['bytes_sent'] / 1e6 for r in rows], '.1f')} MB "
                          f"| {spread(ratio, '.0f')}x | {spread([r['eval_loss'] for r in rows], '.4f')} "
                          f"| {spread([r['exact_match'] for r in rows], '.3f')} "
                          f"| {spread([r['utilisation'] for r in rows], '.1%')} "
@@ -262,20 +286,20 @@ def _plots(results: list[dict], img: Path) -> None:
     img.mkdir(parents=True, exist_ok=True)
     for groups in sorted({r["groups"] for r in results}):
         fig, (by_bytes, by_time) = plt.subplots(1, 2, figsize=(11, 4))
-        for setting in SETTINGS:
-            rows = [r for r in results if r["groups"] == groups and r["setting"] == setting]
+        for setting, outer in _variants(results):
+            rows = [r for r in results if r["groups"] == groups and (r["setting"], r.get("outer", "")) == (setting, outer)]
             if not rows:
                 continue
             r = min(rows, key=lambda r: r["seed"])
             steps = [s for s, _ in r["eval_curve"]]
             losses = [loss for _, loss in r["eval_curve"]]
             per_step_bytes = r["bytes_sent"] / r["steps"]
-            by_bytes.plot([s * per_step_bytes / 1e6 for s in steps], losses, marker="o", label=setting)
+            by_bytes.plot([s * per_step_bytes / 1e6 for s in steps], losses, marker="o", label=_label(setting, outer))
             if r["step_over_link_s"] is not None:
                 times = [s * r["step_over_link_s"] for s in steps]
             else:
                 times = [at - r["first_record_time"] for _, at in r["eval_times"]]
-            by_time.plot(times, losses, marker="o", label=setting)
+            by_time.plot(times, losses, marker="o", label=_label(setting, outer))
         by_bytes.set(xscale="log", xlabel="MB sent by all groups", ylabel="eval loss",
                      title=f"{groups} groups: loss against bytes")
         by_time.set(xscale="log", xlabel=f"wall seconds over {results[0]['rate_mbit']:g} Mbit/s",
@@ -288,12 +312,14 @@ def _plots(results: list[dict], img: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
+    p.add_argument("--settings", nargs="+", default=list(SWEEP), choices=SETTINGS)
     p.add_argument("--groups", nargs="+", type=int, default=[2, 4])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--inner-steps", type=int, default=50)
     p.add_argument("--fragments", type=int, default=2)
+    p.add_argument("--outer-lr", type=float, default=ReplicasConfig().outer_lr)
+    p.add_argument("--outer-momentum", type=float, default=ReplicasConfig().outer_momentum)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--rate-mbit", type=float, default=10.0)
     p.add_argument("--ddp-link-steps", type=int, default=25)
@@ -301,7 +327,6 @@ def main() -> None:
     p.add_argument("--report", type=Path, metavar="IMG_DIR", help="only print the table of the cached runs and "
                    "write the plots to IMG_DIR")
     a = p.parse_args()
-    results = []
     if a.report is None:
         reason = unavailable()
         if reason:
@@ -313,10 +338,8 @@ def main() -> None:
                     r = one_run(setting, groups, seed, a)
                     print(f"{setting} groups={groups} seed={seed}: eval {r['eval_loss']:.4f}, "
                           f"{r['bytes_sent'] / 1e6:.1f} MB, {time.time() - t:.0f} s", flush=True)
-                    results.append(r)
-    else:
-        results = [json.loads(p.read_text()) for p in sorted(a.out.glob("*/result.json"))]
-    print(report(results, a.report))
+    # Every run cached in --out: the DDP baseline of an earlier invocation included.
+    print(report([json.loads(p.read_text()) for p in sorted(a.out.glob("*/result.json"))], a.report))
 
 
 if __name__ == "__main__":

@@ -138,3 +138,37 @@ def test_diloco_over_a_10mbit_link_carries_the_bytes_it_counts(tmp_path):
     assert min(counted) > 6 * 300_000  # six int8 outer gradients of the smoke model at least
     for real, logical in zip(carried, counted):
         assert abs(real - logical) <= 0.1 * logical, (carried, counted)
+
+
+def test_a_sigterm_to_the_process_holding_test_hosts_removes_them_and_what_runs_in_them():
+    """A benchmark stopped by `timeout` (SIGTERM) leaves no namespace and no process behind."""
+    reason = unavailable()
+    if reason:
+        pytest.skip(reason)
+    script = ("import subprocess, sys, time\n"
+              "from stalwart.links import Hosts\n"
+              "with Hosts(2, rate_mbit=10) as hosts:\n"
+              "    child = hosts.popen(1, [sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+              "    print(hosts.switch, *(h.netns for h in hosts.hosts), child.pid, flush=True)\n"
+              "    time.sleep(600)\n")
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        *names, child = holder.stdout.readline().split()
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert all(name in listed for name in names)
+        holder.send_signal(15)
+        assert holder.wait(timeout=30) == 128 + 15
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not [name for name in names if name in listed]
+    assert not _running(int(child))  # the process inside was killed too
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has exited; init reaps it

@@ -5,7 +5,7 @@ namespace of its own) by a veth pair whose two ends are shaped with `tc tbf`: ev
 has an uplink and a downlink of `rate_mbit`, like a machine on a switch port of that speed.
 Processes started with `Hosts.popen` run inside a host and reach the others at their
 addresses; the veth counters say what each link really carried. Everything is removed on
-exit, the processes left in a namespace included.
+exit (an exception, Ctrl-C or SIGTERM), the processes left in a namespace included.
 
 Needs root and iproute2 (`ip`, `tc`); `unavailable()` says why not where they are missing.
 The kernel here has tbf but not netem, so latency is not shaped: the modelled-time mode of
@@ -55,6 +55,23 @@ def unavailable() -> str | None:
     return None
 
 
+def _exit_on_sigterm() -> signal.Handlers | None:
+    """While hosts exist, SIGTERM (a `timeout`, a scheduler's cancel) unwinds the process
+    like Ctrl-C does, so that `with Hosts(...)` removes them; SIGKILL still leaves them
+    (`ip netns list`, prefix stw-). Returns the handler to put back, or None where the
+    handler is not ours to change (a thread, a handler the program set)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return None
+
+    def unwind(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, unwind)
+
+
 class Hosts:
     """n hosts on a switch, each link shaped to rate_mbit each way (see the module doc)."""
 
@@ -66,17 +83,21 @@ class Hosts:
         self.switch = f"stw-sw-{tag}"
         self.hosts = [Host(i, f"stw-{i}-{tag}", f"h{i}{tag}", f"{SUBNET}.{i + 1}") for i in range(n)]
         self._tag = tag
+        self._sigterm: signal.Handlers | None = None
 
     def __enter__(self) -> Hosts:
+        self._sigterm = _exit_on_sigterm()
         try:
             self._create()
         except BaseException:
-            self.remove()
+            self.__exit__()
             raise
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
+        if self._sigterm is not None:
+            signal.signal(signal.SIGTERM, self._sigterm)
 
     def _create(self) -> None:
         sw = self.switch
