@@ -12,7 +12,8 @@ host 0, the same number of steps, so the same tokens, per group:
 - diloco, streaming: trained over the link, with compression none, or int4 (int2) with
   error feedback (the `-int4` (`-int2`) settings; int2 only when asked for); H = --inner-steps, streaming with --fragments, tau 1 and
   alpha 0.5; the outer optimizer stalwart's defaults (lr 0.7, Nesterov momentum 0.9) or
-  --outer-lr / --outer-momentum (labelled in the table, cached apart).
+  --outer-lr / --outer-momentum (another H or outer optimizer is labelled in the table and
+  cached apart).
 
 Reported per setting, mean and min-max over seeds: bytes the groups sent (metrics.jsonl),
 final eval loss, exact match on 200 held-out problems (from the export), compute
@@ -47,6 +48,7 @@ from stalwart.config import ReplicasConfig
 from stalwart.links import Hosts, unavailable
 
 SETTINGS = ("ddp", "diloco", "diloco-int4", "diloco-int2", "streaming", "streaming-int4", "streaming-int2")
+INNER_STEPS = 50
 SWEEP = ("ddp", "diloco", "diloco-int4", "streaming", "streaming-int4")  # what a bare run measures
 PORT = 29510
 
@@ -173,17 +175,21 @@ def modelled_wall_s(run: Path, rate_mbit: float, latency_s: float, overlap_steps
     return compute + comm
 
 
-def _outer(a: argparse.Namespace) -> str:
-    """The outer optimizer of a run, as its results are labelled ('' for the defaults)."""
-    default = ReplicasConfig()
-    if (a.outer_lr, a.outer_momentum) == (default.outer_lr, default.outer_momentum):
-        return ""
-    return f"outer lr {a.outer_lr:g} momentum {a.outer_momentum:g}"
+def _variant(a: argparse.Namespace) -> tuple[str, str]:
+    """How a DiLoCo or streaming run departs from the defaults (H 50, stalwart's outer
+    optimizer): its label in the table ('' for none) and its cache directory's suffix."""
+    default, label, tag = ReplicasConfig(), [], ""
+    if a.inner_steps != INNER_STEPS:
+        label.append(f"H {a.inner_steps}")
+        tag += f"-h{a.inner_steps}"
+    if (a.outer_lr, a.outer_momentum) != (default.outer_lr, default.outer_momentum):
+        label.append(f"outer lr {a.outer_lr:g} momentum {a.outer_momentum:g}")
+        tag += f"-lr{a.outer_lr:g}-m{a.outer_momentum:g}"
+    return ", ".join(label), tag
 
 
 def one_run(setting: str, groups: int, seed: int, a: argparse.Namespace) -> dict:
-    outer = "" if setting == "ddp" else _outer(a)
-    tag = f"-lr{a.outer_lr:g}-m{a.outer_momentum:g}" if outer else ""
+    variant, tag = ("", "") if setting == "ddp" else _variant(a)
     out = a.out / f"{setting}{tag}-g{groups}-s{seed}"
     cached = out / "result.json"
     if cached.exists():
@@ -206,7 +212,7 @@ def one_run(setting: str, groups: int, seed: int, a: argparse.Namespace) -> dict
     evals = [e for e in _jsonl(out / "host-0" / "events.jsonl") if e["event"] == "eval" and e["eval_loss"] is not None]
     metrics = [m for i in range(groups) for m in _jsonl(out / f"host-{i}" / "metrics.jsonl")]
     result = {
-        "setting": setting, "outer": outer, "groups": groups, "seed": seed, "steps": a.steps, "rate_mbit": a.rate_mbit,
+        "setting": setting, "variant": variant, "groups": groups, "seed": seed, "steps": a.steps, "rate_mbit": a.rate_mbit,
         "bytes_sent": sum(int(m.get("bytes_sent", 0)) for m in metrics),
         "eval_loss": summary["eval_loss"], "eval_curve": [(e["step"], e["eval_loss"]) for e in evals],
         "exact_match": exact_match_of(out / "host-0" / "export", seed),
@@ -234,13 +240,13 @@ def _time_to(result: dict, target: float, ddp_step_s: float | None) -> float | N
 
 
 def _variants(results: list[dict]) -> list[tuple[str, str]]:
-    """(setting, outer optimizer) pairs in the results, in SETTINGS order."""
-    found = {(r["setting"], r.get("outer", "")) for r in results}
+    """(setting, variant) pairs in the results, in SETTINGS order."""
+    found = {(r["setting"], r["variant"]) for r in results}
     return sorted(found, key=lambda v: (SETTINGS.index(v[0]), v[1]))
 
 
-def _label(setting: str, outer: str) -> str:
-    return f"{setting}, {outer}" if outer else setting
+def _label(setting: str, variant: str) -> str:
+    return f"{setting}, {variant}" if variant else setting
 
 
 def report(results: list[dict], img: Path | None) -> str:
@@ -255,8 +261,8 @@ def report(results: list[dict], img: Path | None) -> str:
              "| to DDP's loss | modelled / measured |", "|---|---|---|---|---|---|---|---|---|---|"]
     for groups in sorted({r["groups"] for r in results}):
         ddp = [r for r in results if r["groups"] == groups and r["setting"] == "ddp"]
-        for setting, outer in _variants(results):
-            rows = [r for r in results if r["groups"] == groups and (r["setting"], r.get("outer", "")) == (setting, outer)]
+        for setting, variant in _variants(results):
+            rows = [r for r in results if r["groups"] == groups and (r["setting"], r["variant"]) == (setting, variant)]
             if not rows:
                 continue
             ratio = [statistics.mean(d["bytes_sent"] for d in ddp) / r["bytes_sent"] for r in rows] if ddp else []
@@ -266,7 +272,7 @@ def report(results: list[dict], img: Path | None) -> str:
                 if twin is not None:
                     to_target.append(_time_to(r, twin["eval_loss"], r["step_over_link_s"]))
             modelled = [r["modelled_wall_s"] / r["wall_over_link_s"] for r in rows if r["modelled_wall_s"]]
-            lines.append(f"| {groups} | {_label(setting, outer)} | {spread([r['bytes_sent'] / 1e6 for r in rows], '.1f')} MB "
+            lines.append(f"| {groups} | {_label(setting, variant)} | {spread([r['bytes_sent'] / 1e6 for r in rows], '.1f')} MB "
                          f"| {spread(ratio, '.0f')}x | {spread([r['eval_loss'] for r in rows], '.4f')} "
                          f"| {spread([r['exact_match'] for r in rows], '.3f')} "
                          f"| {spread([r['utilisation'] for r in rows], '.1%')} "
@@ -286,20 +292,20 @@ def _plots(results: list[dict], img: Path) -> None:
     img.mkdir(parents=True, exist_ok=True)
     for groups in sorted({r["groups"] for r in results}):
         fig, (by_bytes, by_time) = plt.subplots(1, 2, figsize=(11, 4))
-        for setting, outer in _variants(results):
-            rows = [r for r in results if r["groups"] == groups and (r["setting"], r.get("outer", "")) == (setting, outer)]
+        for setting, variant in _variants(results):
+            rows = [r for r in results if r["groups"] == groups and (r["setting"], r["variant"]) == (setting, variant)]
             if not rows:
                 continue
             r = min(rows, key=lambda r: r["seed"])
             steps = [s for s, _ in r["eval_curve"]]
             losses = [loss for _, loss in r["eval_curve"]]
             per_step_bytes = r["bytes_sent"] / r["steps"]
-            by_bytes.plot([s * per_step_bytes / 1e6 for s in steps], losses, marker="o", label=_label(setting, outer))
+            by_bytes.plot([s * per_step_bytes / 1e6 for s in steps], losses, marker="o", label=_label(setting, variant))
             if r["step_over_link_s"] is not None:
                 times = [s * r["step_over_link_s"] for s in steps]
             else:
                 times = [at - r["first_record_time"] for _, at in r["eval_times"]]
-            by_time.plot(times, losses, marker="o", label=_label(setting, outer))
+            by_time.plot(times, losses, marker="o", label=_label(setting, variant))
         by_bytes.set(xscale="log", xlabel="MB sent by all groups", ylabel="eval loss",
                      title=f"{groups} groups: loss against bytes")
         by_time.set(xscale="log", xlabel=f"wall seconds over {results[0]['rate_mbit']:g} Mbit/s",
@@ -316,7 +322,7 @@ def main() -> None:
     p.add_argument("--groups", nargs="+", type=int, default=[2, 4])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=500)
-    p.add_argument("--inner-steps", type=int, default=50)
+    p.add_argument("--inner-steps", type=int, default=INNER_STEPS)
     p.add_argument("--fragments", type=int, default=2)
     p.add_argument("--outer-lr", type=float, default=ReplicasConfig().outer_lr)
     p.add_argument("--outer-momentum", type=float, default=ReplicasConfig().outer_momentum)
