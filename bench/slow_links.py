@@ -10,10 +10,10 @@ host 0, the same number of steps, so the same tokens, per group:
   per step over the link is measured on the hosts over --ddp-link-steps steps, and its
   wall time over the link is its steps x that time;
 - diloco, streaming: trained over the link, with compression none, or int4 (int2) with
-  error feedback (the `-int4` (`-int2`) settings; int2 only when asked for); H = --inner-steps, streaming with --fragments, tau 1 and
-  alpha 0.5; the outer optimizer stalwart's defaults (lr 0.7, Nesterov momentum 0.9) or
-  --outer-lr / --outer-momentum (another H or outer optimizer is labelled in the table and
-  cached apart).
+  error feedback (the `-int4` (`-int2`) settings; int2 only when asked for); H =
+  --inner-steps, streaming with --fragments, tau 1 and alpha 0.5; the outer optimizer
+  stalwart's defaults (lr 0.7, Nesterov momentum 0.9) or --outer-lr / --outer-momentum
+  (another H or outer optimizer is labelled in the table and cached apart).
 
 Reported per setting, mean and min-max over seeds: bytes the groups sent (metrics.jsonl),
 final eval loss, exact match on 200 held-out problems (from the export), compute
@@ -48,7 +48,6 @@ from stalwart.config import ReplicasConfig
 from stalwart.links import Hosts, unavailable
 
 SETTINGS = ("ddp", "diloco", "diloco-int4", "diloco-int2", "streaming", "streaming-int4", "streaming-int2")
-INNER_STEPS = 50
 SWEEP = ("ddp", "diloco", "diloco-int4", "streaming", "streaming-int4")  # what a bare run measures
 PORT = 29510
 
@@ -179,7 +178,7 @@ def _variant(a: argparse.Namespace) -> tuple[str, str]:
     """How a DiLoCo or streaming run departs from the defaults (H 50, stalwart's outer
     optimizer): its label in the table ('' for none) and its cache directory's suffix."""
     default, label, tag = ReplicasConfig(), [], ""
-    if a.inner_steps != INNER_STEPS:
+    if a.inner_steps != default.inner_steps:
         label.append(f"H {a.inner_steps}")
         tag += f"-h{a.inner_steps}"
     if (a.outer_lr, a.outer_momentum) != (default.outer_lr, default.outer_momentum):
@@ -239,14 +238,14 @@ def _time_to(result: dict, target: float, ddp_step_s: float | None) -> float | N
     return None
 
 
-def _variants(results: list[dict]) -> list[tuple[str, str]]:
-    """(setting, variant) pairs in the results, in SETTINGS order."""
-    found = {(r["setting"], r["variant"]) for r in results}
-    return sorted(found, key=lambda v: (SETTINGS.index(v[0]), v[1]))
-
-
-def _label(setting: str, variant: str) -> str:
-    return f"{setting}, {variant}" if variant else setting
+def _by_variant(results: list[dict], groups: int) -> list[tuple[str, list[dict]]]:
+    """The runs with `groups` groups, by setting and variant (SETTINGS order): each one's
+    label in the table and plots, and its runs (one a seed)."""
+    found = sorted({(r["setting"], r["variant"]) for r in results if r["groups"] == groups},
+                   key=lambda v: (SETTINGS.index(v[0]), v[1]))
+    return [(f"{setting}, {variant}" if variant else setting,
+             [r for r in results if r["groups"] == groups and (r["setting"], r["variant"]) == (setting, variant)])
+            for setting, variant in found]
 
 
 def report(results: list[dict], img: Path | None) -> str:
@@ -261,10 +260,7 @@ def report(results: list[dict], img: Path | None) -> str:
              "| to DDP's loss | modelled / measured |", "|---|---|---|---|---|---|---|---|---|---|"]
     for groups in sorted({r["groups"] for r in results}):
         ddp = [r for r in results if r["groups"] == groups and r["setting"] == "ddp"]
-        for setting, variant in _variants(results):
-            rows = [r for r in results if r["groups"] == groups and (r["setting"], r["variant"]) == (setting, variant)]
-            if not rows:
-                continue
+        for label, rows in _by_variant(results, groups):
             ratio = [statistics.mean(d["bytes_sent"] for d in ddp) / r["bytes_sent"] for r in rows] if ddp else []
             to_target = []
             for r in rows:
@@ -272,7 +268,7 @@ def report(results: list[dict], img: Path | None) -> str:
                 if twin is not None:
                     to_target.append(_time_to(r, twin["eval_loss"], r["step_over_link_s"]))
             modelled = [r["modelled_wall_s"] / r["wall_over_link_s"] for r in rows if r["modelled_wall_s"]]
-            lines.append(f"| {groups} | {_label(setting, variant)} | {spread([r['bytes_sent'] / 1e6 for r in rows], '.1f')} MB "
+            lines.append(f"| {groups} | {label} | {spread([r['bytes_sent'] / 1e6 for r in rows], '.1f')} MB "
                          f"| {spread(ratio, '.0f')}x | {spread([r['eval_loss'] for r in rows], '.4f')} "
                          f"| {spread([r['exact_match'] for r in rows], '.3f')} "
                          f"| {spread([r['utilisation'] for r in rows], '.1%')} "
@@ -292,20 +288,17 @@ def _plots(results: list[dict], img: Path) -> None:
     img.mkdir(parents=True, exist_ok=True)
     for groups in sorted({r["groups"] for r in results}):
         fig, (by_bytes, by_time) = plt.subplots(1, 2, figsize=(11, 4))
-        for setting, variant in _variants(results):
-            rows = [r for r in results if r["groups"] == groups and (r["setting"], r["variant"]) == (setting, variant)]
-            if not rows:
-                continue
+        for label, rows in _by_variant(results, groups):
             r = min(rows, key=lambda r: r["seed"])
             steps = [s for s, _ in r["eval_curve"]]
             losses = [loss for _, loss in r["eval_curve"]]
             per_step_bytes = r["bytes_sent"] / r["steps"]
-            by_bytes.plot([s * per_step_bytes / 1e6 for s in steps], losses, marker="o", label=_label(setting, variant))
+            by_bytes.plot([s * per_step_bytes / 1e6 for s in steps], losses, marker="o", label=label)
             if r["step_over_link_s"] is not None:
                 times = [s * r["step_over_link_s"] for s in steps]
             else:
                 times = [at - r["first_record_time"] for _, at in r["eval_times"]]
-            by_time.plot(times, losses, marker="o", label=_label(setting, variant))
+            by_time.plot(times, losses, marker="o", label=label)
         by_bytes.set(xscale="log", xlabel="MB sent by all groups", ylabel="eval loss",
                      title=f"{groups} groups: loss against bytes")
         by_time.set(xscale="log", xlabel=f"wall seconds over {results[0]['rate_mbit']:g} Mbit/s",
@@ -322,7 +315,7 @@ def main() -> None:
     p.add_argument("--groups", nargs="+", type=int, default=[2, 4])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=500)
-    p.add_argument("--inner-steps", type=int, default=INNER_STEPS)
+    p.add_argument("--inner-steps", type=int, default=ReplicasConfig().inner_steps)
     p.add_argument("--fragments", type=int, default=2)
     p.add_argument("--outer-lr", type=float, default=ReplicasConfig().outer_lr)
     p.add_argument("--outer-momentum", type=float, default=ReplicasConfig().outer_momentum)

@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import uuid
 from dataclasses import dataclass
 
@@ -60,8 +61,6 @@ def _exit_on_sigterm() -> signal.Handlers | None:
     like Ctrl-C does, so that `with Hosts(...)` removes them; SIGKILL still leaves them
     (`ip netns list`, prefix stw-). Returns the handler to put back, or None where the
     handler is not ours to change (a thread, a handler the program set)."""
-    import threading
-
     if threading.current_thread() is not threading.main_thread() or \
             signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         return None
