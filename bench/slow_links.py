@@ -18,8 +18,9 @@ host 0, the same number of steps, so the same tokens, per group:
 Reported per setting, mean and min-max over seeds: bytes the groups sent (metrics.jsonl),
 final eval loss, exact match on 200 held-out problems (from the export), compute
 utilisation (each group's inner-step compute over its wall time, the mean over groups),
-wall time, and wall time to DDP's final eval loss (the first evaluation at or below it,
-every --eval-every steps). The modelled time (the compute measured; each blocking exchange
+wall time, and training wall time to DDP's final eval loss (the first evaluation at or
+below it, every --eval-every steps; the evaluations' own time left out, as DDP's time over
+the link has none). The modelled time (the compute measured; each blocking exchange
 = bytes / bandwidth + latency x hops, minus the compute it overlaps) is printed next to the
 measured wall time on the real link, for the settings trained on it.
 
@@ -221,20 +222,30 @@ def one_run(setting: str, groups: int, seed: int, a: argparse.Namespace) -> dict
         "modelled_wall_s": None if setting == "ddp" else
         modelled_wall_s(out, a.rate_mbit, 0.0, 1 if setting.startswith("streaming") else 0),
         "first_record_time": min(m["time"] for m in metrics),
-        "eval_times": [(e["step"], e["time"]) for e in evals],
+        "eval_times": [(e["step"], e["time"], e["seconds"]) for e in evals],
     }
     cached.write_text(json.dumps(result, indent=1))
     return result
 
 
-def _time_to(result: dict, target: float, ddp_step_s: float | None) -> float | None:
-    """Wall time to the first evaluation at or below `target`: DDP from its step count and
-    time per step over the link, the others from the clock."""
-    for (step, loss), (_, at) in zip(result["eval_curve"], result["eval_times"]):
+def _training_clock(result: dict) -> list[float]:
+    """Training wall time at each evaluation: DDP from its step and time per step over the
+    link (measured without evaluations), the others from the clock less the time spent in
+    evaluations up to then, as DDP's."""
+    if result["step_over_link_s"] is not None:
+        return [step * result["step_over_link_s"] for step, _ in result["eval_curve"]]
+    clock, evaluating = [], 0.0
+    for _, at, seconds in result["eval_times"]:
+        evaluating += seconds
+        clock.append(at - result["first_record_time"] - evaluating)
+    return clock
+
+
+def _time_to(result: dict, target: float) -> float | None:
+    """Training wall time to the first evaluation at or below `target`."""
+    for (_, loss), at in zip(result["eval_curve"], _training_clock(result)):
         if loss <= target * (1 + 1e-9):
-            if ddp_step_s is not None:
-                return step * ddp_step_s
-            return at - result["first_record_time"]
+            return at
     return None
 
 
@@ -262,18 +273,22 @@ def report(results: list[dict], img: Path | None) -> str:
         ddp = [r for r in results if r["groups"] == groups and r["setting"] == "ddp"]
         for label, rows in _by_variant(results, groups):
             ratio = [statistics.mean(d["bytes_sent"] for d in ddp) / r["bytes_sent"] for r in rows] if ddp else []
-            to_target = []
+            to_target = []  # None: this seed never reached its DDP twin's loss
             for r in rows:
                 twin = next((d for d in ddp if d["seed"] == r["seed"]), None)
                 if twin is not None:
-                    to_target.append(_time_to(r, twin["eval_loss"], r["step_over_link_s"]))
+                    to_target.append(_time_to(r, twin["eval_loss"]))
+            never = to_target.count(None)
+            reached = spread(to_target, '.0f') + " s" if never < len(to_target) else "never"
+            if 0 < never < len(to_target):
+                reached += f" ({never} of {len(to_target)} seeds never)"
             modelled = [r["modelled_wall_s"] / r["wall_over_link_s"] for r in rows if r["modelled_wall_s"]]
             lines.append(f"| {groups} | {label} | {spread([r['bytes_sent'] / 1e6 for r in rows], '.1f')} MB "
                          f"| {spread(ratio, '.0f')}x | {spread([r['eval_loss'] for r in rows], '.4f')} "
                          f"| {spread([r['exact_match'] for r in rows], '.3f')} "
                          f"| {spread([r['utilisation'] for r in rows], '.1%')} "
                          f"| {spread([r['wall_over_link_s'] for r in rows], '.0f')} s "
-                         f"| {spread(to_target, '.0f')} s | {spread(modelled, '.2f')} |")
+                         f"| {reached if to_target else '-'} | {spread(modelled, '.2f')} |")
     if img is not None:
         _plots(results, img)
     return "\n".join(lines)
@@ -294,14 +309,10 @@ def _plots(results: list[dict], img: Path) -> None:
             losses = [loss for _, loss in r["eval_curve"]]
             per_step_bytes = r["bytes_sent"] / r["steps"]
             by_bytes.plot([s * per_step_bytes / 1e6 for s in steps], losses, marker="o", label=label)
-            if r["step_over_link_s"] is not None:
-                times = [s * r["step_over_link_s"] for s in steps]
-            else:
-                times = [at - r["first_record_time"] for _, at in r["eval_times"]]
-            by_time.plot(times, losses, marker="o", label=label)
+            by_time.plot(_training_clock(r), losses, marker="o", label=label)
         by_bytes.set(xscale="log", xlabel="MB sent by all groups", ylabel="eval loss",
                      title=f"{groups} groups: loss against bytes")
-        by_time.set(xscale="log", xlabel=f"wall seconds over {results[0]['rate_mbit']:g} Mbit/s",
+        by_time.set(xscale="log", xlabel=f"training wall seconds over {results[0]['rate_mbit']:g} Mbit/s",
                     ylabel="eval loss", title=f"{groups} groups: loss against wall time")
         by_bytes.legend()
         fig.tight_layout()

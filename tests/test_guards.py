@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from stalwart.run.goodput import CheckpointClock, goodput_report, young_daly_interval
+from stalwart.run.goodput import CheckpointClock, goodput_report, groups_of_run, young_daly_interval
 from stalwart.guards import NONFINITE, OK, ROLLBACK, SPIKE, SpikeGuard, StragglerTracker, fingerprint, odd_ones_out
 from stalwart.config import CheckpointConfig
 from stalwart.replication.transport import state_from_bytes, state_to_bytes
@@ -128,6 +128,24 @@ def test_two_dead_groups_of_three_show_in_ettr_and_token_goodput():
     report = goodput_report(full + alone, [], wall_s=9.0, groups=3)
     assert report["ettr"] == pytest.approx((3 * 3 + 6) / 27, abs=1e-4)
     assert report["token_goodput"] == pytest.approx((3 * 100 + 6 * 100 / 3) / 900, abs=1e-4)
+
+
+def test_diloco_token_goodput_counts_every_groups_own_steps_and_a_left_out_round_is_lost():
+    # Two groups training inner steps 1..5 on their own (participants 1, each its own rate);
+    # group 1's round up to step 5 was left out of the outer step.
+    events = [{"event": "work_discarded", "time": 15.5, "replica": 1, "from_step": 0, "to_step": 5}]
+    metrics = _records(range(1, 6), (0, 1), participants=1)
+    report = goodput_report(metrics, events, wall_s=10.0, groups=2, local_steps=True)
+    assert report["ettr"] == pytest.approx(5 / 20)
+    assert report["token_goodput"] == pytest.approx(5 * 100 / (2 * 100 * 10))  # group 0's 5 steps
+    # Keyed by step alone (DDP's steps are the job's), the two groups' step 1 would be one step.
+    assert goodput_report(metrics, [], wall_s=10.0, groups=2, local_steps=True)["token_goodput"] == 0.5
+
+
+def test_a_run_directory_holds_the_groups_its_latest_supervisor_ran_else_one():
+    assert groups_of_run([]) == 1  # a single process, or a group started on its own with --replica-id
+    starts = [{"event": "job_start", "time": 1.0, "groups": [0, 1, 2]}, {"event": "job_start", "time": 2.0, "groups": [0]}]
+    assert groups_of_run(starts[:1]) == 3 and groups_of_run(starts) == 1  # resumed with --groups 0
 
 
 def test_a_heal_after_corruption_discards_that_groups_steps_since_it_was_last_known_good():

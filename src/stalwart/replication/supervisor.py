@@ -277,8 +277,8 @@ def supervise(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, secret: s
         raise UserError(f"every replica group failed; see {run.path}/logs and events.jsonl, and continue with "
                         f"stalwart train --resume --out {run.path}")
     summary = run.read_summary()
-    summary.update(goodput_report(run.read_metrics(), run.read_events(), wall_s=wall, groups=cfg.replicas.count,
-                                  since=started_at))
+    summary.update(goodput_report(run.read_metrics(), run.read_events(), wall_s=wall, groups=len(groups),
+                                  since=started_at, local_steps=cfg.replicas.strategy != "ddp"))
     summary.update({"wall_s": round(wall, 3), "replicas": cfg.replicas.count,
                     "restarts": sum(g.total_restarts for g in procs.values()), "groups_finished": finished})
     run.write_summary(summary)

@@ -85,17 +85,22 @@ Record = dict[str, Any]
 
 
 def goodput_report(metrics: list[Record], events: list[Record], *, wall_s: float, groups: int = 1,
-                   since: float = 0.0) -> dict[str, Any]:
+                   since: float = 0.0, local_steps: bool = False) -> dict[str, Any]:
     """ETTR, token goodput and the fault table of a run (records and events at or after
-    `since` only; `groups`: the job's replica groups)."""
+    `since` only; `groups`: the replica groups whose records this run directory holds).
+    `local_steps`: every group trains steps of its own (DiLoCo's inner steps), so each
+    group's tokens count and full strength is `groups` times a group's median rate; else a
+    step is the job's (its tokens_per_s counts every group in it)."""
     metrics = [r for r in metrics if r.get("time", 0) >= since and "step_s" in r]
     events = [e for e in events if e["time"] >= since]
     kept = [r for r in metrics if not _undone(r, events)]
     productive = sum(r["step_s"] for r in kept)
-    by_step = {r["step"]: r for r in sorted(kept, key=lambda r: r["time"])}  # the last time each step stayed
+    # The last time each step stayed (a group's own step with local steps).
+    by_step = {(r.get("replica", 0), r["step"]) if local_steps else r["step"]: r
+               for r in sorted(kept, key=lambda r: r["time"])}
     tokens = sum(r["tokens_per_s"] * r["step_s"] for r in by_step.values())
-    full = [r["tokens_per_s"] for r in metrics if r.get("participants", 1) >= groups]
-    full_rate = sorted(full)[len(full) // 2] if full else None
+    full = [r["tokens_per_s"] for r in metrics if local_steps or r.get("participants", 1) >= groups]
+    full_rate = sorted(full)[len(full) // 2] * (groups if local_steps else 1) if full else None
     faults = fault_table(metrics, events)
     recoveries = [f["recover_s"] for f in faults if f["kind"] in ("crash", "hang") and f["recover_s"] is not None]
     return {"ettr": round(productive / (groups * wall_s), 4) if wall_s > 0 else None,
@@ -103,6 +108,13 @@ def goodput_report(metrics: list[Record], events: list[Record], *, wall_s: float
             "productive_s": round(productive, 3),
             "mean_recover_s": round(sum(recoveries) / len(recoveries), 3) if recoveries else None,
             "steps_lost": sum(f["steps_lost"] for f in faults), "faults": faults, "events": len(events)}
+
+
+def groups_of_run(events: list[Record]) -> int:
+    """How many replica groups write to a run directory: those its latest supervisor ran
+    (`job_start`), else one (a single process, or a group started on its own)."""
+    starts = [e for e in events if e["event"] == "job_start"]
+    return len(starts[-1]["groups"]) if starts else 1
 
 
 def bytes_report(metrics: list[Record], *, since: float = 0.0) -> dict[str, Any]:

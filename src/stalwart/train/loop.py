@@ -35,7 +35,7 @@ from stalwart.export.hf import save_hf_folder
 from stalwart.faults import corrupt_global, corrupt_weights, inject
 from stalwart.guards import NONFINITE
 from stalwart.model import DeepSeekForCausalLM
-from stalwart.run.goodput import bytes_report, goodput_report
+from stalwart.run.goodput import bytes_report, goodput_report, groups_of_run
 from stalwart.run.progress import Progress
 from stalwart.train.evaluate import EvalResult, eval_loss, exact_match
 from stalwart.train.outer import Rounds
@@ -139,9 +139,11 @@ def _eval_due(cfg: RunConfig, before: int, after: int) -> bool:
 
 
 def _evaluate_and_report(job: Job, progress: Progress, step: int) -> EvalResult:
+    t0 = time.perf_counter()
     result = evaluate(job.cfg, job.model, job.tokenizer, job.info, tick=job.run.beat)
     if job.group.is_lowest:
-        job.run.event("eval", step=step, eval_loss=result.loss, eval_exact_match=result.exact_match)
+        job.run.event("eval", step=step, eval_loss=result.loss, eval_exact_match=result.exact_match,
+                      seconds=round(time.perf_counter() - t0, 3))
     progress.note(step, result)
     return result
 
@@ -171,9 +173,9 @@ def _summary(job: Job, last: EvalResult, record: dict[str, Any], *, wall: float,
         "replicas": cfg.replicas.count, "device": str(job.info.device), "dtype": job.compute_dtype,
         "export": str(export) if export else None, "recipe": cfg.recipe,
     }
-    metrics = run.read_metrics()
-    summary.update(goodput_report(metrics, run.read_events(), wall_s=wall, groups=cfg.replicas.count,
-                                  since=started_at))
+    metrics, events = run.read_metrics(), run.read_events()
+    summary.update(goodput_report(metrics, events, wall_s=wall, groups=groups_of_run(events), since=started_at,
+                                  local_steps=cfg.replicas.strategy != "ddp"))
     summary.update(bytes_report(metrics, since=started_at))
     return summary
 
