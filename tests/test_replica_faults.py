@@ -63,6 +63,29 @@ def test_nan_in_every_group_escalates_and_stops_the_job_with_exit_1(tmp_path):
     assert len([e for e in found if e["event"] == "step_skipped" and e["replica"] == 0]) == 12  # bounded
 
 
+def test_groups_that_fail_the_same_way_at_start_stop_the_job_with_that_line_not_a_restart_loop(tmp_path):
+    # Every group process (never the supervisor) dies while starting, as on a broken install.
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os, sys\n"
+        "if '--replica-id' in sys.argv or '--standby' in sys.argv:\n"
+        "    print('RuntimeError: device 0 lost during initialisation', file=sys.stderr, flush=True)\n"
+        "    os._exit(1)\n")
+    pythonpath = os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))
+    run = tmp_path / "run"
+    p = start_job(run, "--replicas", "2", "--train.steps", "20", env={"PYTHONPATH": pythonpath})
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 1, err
+    assert err.strip().splitlines() == [
+        f"stalwart train: stopped: every replica group failed twice before its first step with: RuntimeError: "
+        f"device 0 lost during initialisation (see {run}/logs/replica-0.log)"]
+    found = events(run)
+    assert len([e for e in found if e["event"] == "group_exit"]) in (4, 5)  # two launches each, not max_restarts
+    assert [e["error"] for e in found if e["event"] == "job_failing_at_start"] == [
+        "RuntimeError: device 0 lost during initialisation"]
+
+
 def test_two_groups_that_disagree_both_roll_back_to_the_last_agreeing_checkpoint(tmp_path):
     run = tmp_path / "run"
     r = job(run, "--replicas", "2", "--train.steps", "30", "--checkpoint.every", "5", inject="flip-bit@12:1")

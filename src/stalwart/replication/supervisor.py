@@ -17,14 +17,16 @@ with the groups (exit codes, liveness, the supervisor watch) is replication/prot
 - On one machine the Lighthouse is a child process, restarted on the same address when it
   dies; groups ride out the outage (replicas.lighthouse_grace_s).
 - A group that exits with a usage error (bad input, a full disk) stops the job with that
-  line (exit code 2); one that stalled stops it with exit code 1. Never a restart loop.
+  line (exit code 2); one that stalled stops it with exit code 1. Every group failing twice
+  before the job's first step with the same last line (a bug, a broken install) stops it
+  with that line and exit code 1. Never a restart loop.
 - The supervisor's own death (any signal, SIGKILL included) ends its groups and its
   Lighthouse within a second or two: they watch it. `stalwart train --resume` continues.
 
 Each group's output goes to RUN_DIR/logs/replica-R.log, the Lighthouse's to
 RUN_DIR/logs/lighthouse.log. Events written here: job_start, group_start (with its pid),
 group_exit, group_hung, group_restart, group_abandoned, group_excluded, group_error,
-restart_budget_refilled, spare_start, spare_exit, spare_disabled, lighthouse_start, lighthouse_exit, job_end.
+job_failing_at_start, restart_budget_refilled, spare_start, spare_exit, spare_disabled, lighthouse_start, lighthouse_exit, job_end.
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ class GroupProcess:
     alive_at_launch: int | None = None  # the alive file's mtime (ns) when it was launched
     beating: bool = False  # its current launch has beaten at least once
     committed_since_start: int = 0
+    committed_in_job: bool = False  # any launch of it committed a step in this job
+    start_errors: list[str] = field(default_factory=list)  # the last lines of failed launches before any commit
     done: bool = False  # finished its steps, or gave up for good
     finished: bool = False  # exited 0: trained to the last step
 
@@ -260,6 +264,7 @@ def supervise(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, secret: s
                         progress.update(shown, record)
                 for g in procs.values():
                     stop = stop or _watch_group(run, cfg, g, now, spawn)
+                stop = stop or _failing_the_same_way_at_start(run, procs)
     finally:
         spare.stop()
         for g in procs.values():
@@ -274,8 +279,10 @@ def supervise(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, secret: s
         run.event("job_end", ok=False, wall_s=round(wall, 3), reason=str(stop) if stop else "every group failed")
         if stop is not None:
             raise stop
-        raise UserError(f"every replica group failed; see {run.path}/logs and events.jsonl, and continue with "
-                        f"stalwart train --resume --out {run.path}")
+        last = next((g.start_errors[-1] for g in procs.values() if g.start_errors), None)
+        why = f" (the last before its first step: {last})" if last else ""
+        raise UserError(f"every replica group failed{why}; see {run.path}/logs and events.jsonl, and continue "
+                        f"with stalwart train --resume --out {run.path}")
     summary = run.read_summary()
     summary.update(goodput_report(run.read_metrics(), run.read_events(), wall_s=wall, groups=len(groups),
                                   since=started_at, local_steps=cfg.replicas.strategy != "ddp"))
@@ -324,6 +331,8 @@ def _watch_group(run: RunDir, cfg: RunConfig, g: GroupProcess, now: float, spawn
     else:
         run.event("group_exit", replica=g.replica, returncode=code, pid=pid,
                   signal=signal.Signals(-code).name if code < 0 else None)
+        if not g.committed_in_job:
+            g.start_errors.append(_last_error_line(_log_path(run, g.replica)))
         if code == EXIT_NONFINITE:
             g.nonfinite_exits += 1
             if g.nonfinite_exits > cfg.guards.nonfinite_restarts:
@@ -335,8 +344,21 @@ def _watch_group(run: RunDir, cfg: RunConfig, g: GroupProcess, now: float, spawn
     return None
 
 
+def _failing_the_same_way_at_start(run: RunDir, procs: dict[int, GroupProcess]) -> Exception | None:
+    """Every group's last two launches failed before the job's first step with the same
+    last line: not a fault a restart gets past (a bug, a broken install), so the job stops
+    with that line instead of spending every group's restart budget."""
+    lines = [line for g in procs.values() for line in g.start_errors[-2:]]
+    if any(g.committed_in_job or len(g.start_errors) < 2 for g in procs.values()) or len(set(lines)) != 1:
+        return None
+    run.event("job_failing_at_start", error=lines[0], launches=sum(len(g.start_errors) for g in procs.values()))
+    return TrainingStopped(f"every replica group failed twice before its first step with: {lines[0]} "
+                           f"(see {_log_path(run, min(procs))})")
+
+
 def _count_commit(run: RunDir, g: GroupProcess, refill_steps: int) -> None:
     g.committed_since_start += 1
+    g.committed_in_job = True
     if g.restarts and g.committed_since_start >= refill_steps:
         run.event("restart_budget_refilled", replica=g.replica, restarts=g.restarts, steps=g.committed_since_start)
         g.restarts = 0
