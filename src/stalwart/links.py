@@ -150,6 +150,13 @@ class Hosts:
         stats = json.loads(_ip("-n", h.netns, "-j", "-s", "link", "show", "dev", h.dev))[0]["stats64"]
         return {"tx": int(stats["tx"]["bytes"]), "rx": int(stats["rx"]["bytes"])}
 
+    def set_path(self, a: int, b: int, up: bool) -> None:
+        """Cut the path between hosts a and b, or restore it: blackhole routes on both, so
+        their packets to each other vanish (no error comes back, as in a partitioned
+        network) while each still reaches every other host."""
+        for src, dst in ((a, b), (b, a)):
+            _ip("-n", self.hosts[src].netns, "route", "del" if up else "add", "blackhole", f"{self.hosts[dst].ip}/32")
+
     def set_link(self, index: int, up: bool) -> None:
         """Take host `index`'s only link down or bring it back."""
         h = self.hosts[index]
