@@ -130,16 +130,32 @@ def test_two_dead_groups_of_three_show_in_ettr_and_token_goodput():
     assert report["token_goodput"] == pytest.approx((3 * 100 + 6 * 100 / 3) / 900, abs=1e-4)
 
 
-def test_diloco_token_goodput_counts_every_groups_own_steps_and_a_left_out_round_is_lost():
-    # Two groups training inner steps 1..5 on their own (participants 1, each its own rate);
-    # group 1's round up to step 5 was left out of the outer step.
-    events = [{"event": "work_discarded", "time": 15.5, "replica": 1, "from_step": 0, "to_step": 5}]
-    metrics = _records(range(1, 6), (0, 1), participants=1)
-    report = goodput_report(metrics, events, wall_s=10.0, groups=2, local_steps=True)
-    assert report["ettr"] == pytest.approx(5 / 20)
-    assert report["token_goodput"] == pytest.approx(5 * 100 / (2 * 100 * 10))  # group 0's 5 steps
-    # Keyed by step alone (DDP's steps are the job's), the two groups' step 1 would be one step.
-    assert goodput_report(metrics, [], wall_s=10.0, groups=2, local_steps=True)["token_goodput"] == 0.5
+def _outer(step, replica, contributors, at):
+    return {"step": step, "round": step // 5, "replica": replica, "contributors": contributors, "time": at}
+
+
+def test_diloco_goodput_counts_every_groups_inner_steps_that_an_outer_step_took_in():
+    # Two groups, inner steps 1..10 each (participants 1, 100 tokens/s), outer steps at 5 and
+    # 10. Group 1 died after its step 7 and rejoined at step 10 with nothing to give: its
+    # steps 6 and 7 were lost, and its round to step 5 was left out of the outer step.
+    inner = _records(range(1, 11), (0,), participants=1) + _records(range(1, 8), (1,), participants=1)
+    outer = [_outer(5, 0, [0], 15.5), _outer(5, 1, [0], 15.5), _outer(10, 0, [0], 20.5), _outer(10, 1, [0], 20.5)]
+    report = goodput_report(inner + outer, [], wall_s=10.0, groups=2, local_steps=True)
+    assert report["productive_s"] == pytest.approx(10.0) and report["ettr"] == pytest.approx(10 / 20)
+    assert report["token_goodput"] == pytest.approx(10 * 100 / (2 * 100 * 10))  # group 0's steps only
+    # Each group's own step 1 is a step of its own: both count once taken in.
+    both = _records(range(1, 6), (0, 1), participants=1) + [_outer(5, 0, [0, 1], 15.5), _outer(5, 1, [0, 1], 15.5)]
+    assert goodput_report(both, [], wall_s=5.0, groups=2, local_steps=True)["token_goodput"] == pytest.approx(1.0)
+
+
+def test_a_host_with_one_group_of_two_rates_its_tokens_against_the_whole_job_at_full_strength():
+    # DDP across two hosts: this host's group trained steps 1..4 with the other in (200
+    # tokens/s for the job) and 5..10 alone (100 tokens/s) while the other was down.
+    steps = [dict(r, tokens_per_s=200.0) for r in _records(range(1, 5), (0,), participants=2)] + \
+        _records(range(5, 11), (0,), participants=1)
+    report = goodput_report(steps, [], wall_s=10.0, groups=1, job_groups=2)
+    assert report["ettr"] == pytest.approx(1.0)  # its own group never stopped
+    assert report["token_goodput"] == pytest.approx((4 * 200 + 6 * 100) / (200 * 10))  # the job lost 30%
 
 
 def test_a_run_directory_holds_the_groups_its_latest_supervisor_ran_else_one():

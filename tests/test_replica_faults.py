@@ -6,6 +6,7 @@ by batch. Faults come by step (STALWART_INJECT) or from outside, by signal."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -70,20 +71,20 @@ def test_groups_that_fail_the_same_way_at_start_stop_the_job_with_that_line_not_
     (hook / "sitecustomize.py").write_text(
         "import os, sys\n"
         "if '--replica-id' in sys.argv or '--standby' in sys.argv:\n"
-        "    print('RuntimeError: device 0 lost during initialisation', file=sys.stderr, flush=True)\n"
+        "    print(f'RuntimeError: device lost during initialisation (pid {os.getpid()})', file=sys.stderr, flush=True)\n"
         "    os._exit(1)\n")
     pythonpath = os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))
     run = tmp_path / "run"
     p = start_job(run, "--replicas", "2", "--train.steps", "20", env={"PYTHONPATH": pythonpath})
     _, err = p.communicate(timeout=120)
     assert p.returncode == 1, err
-    assert err.strip().splitlines() == [
-        f"stalwart train: stopped: every replica group failed twice before its first step with: RuntimeError: "
-        f"device 0 lost during initialisation (see {run}/logs/replica-0.log)"]
+    (line,) = err.strip().splitlines()
+    assert re.fullmatch(r"stalwart train: stopped: every replica group crashed 3 times before its first step with: "
+                        rf"RuntimeError: device lost during initialisation \(pid \d+\) \(see {re.escape(str(run))}/logs/replica-0\.log\)",
+                        line), line
     found = events(run)
-    assert len([e for e in found if e["event"] == "group_exit"]) in (4, 5)  # two launches each, not max_restarts
-    assert [e["error"] for e in found if e["event"] == "job_failing_at_start"] == [
-        "RuntimeError: device 0 lost during initialisation"]
+    assert len([e for e in found if e["event"] == "group_exit"]) in (6, 7)  # 3 launches each, not max_restarts
+    assert [e["event"] for e in found if e["event"] == "job_failing_at_start"] == ["job_failing_at_start"]
 
 
 def test_two_groups_that_disagree_both_roll_back_to_the_last_agreeing_checkpoint(tmp_path):

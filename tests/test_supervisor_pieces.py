@@ -1,6 +1,7 @@
 """Pieces of the replica-group protocol that a live job exercises only by chance: the quorum
 ids torchft is given when a Lighthouse is started again, the supervisor's watchdog while a
-group is still starting, and a warm spare that is not ready or keeps dying."""
+group is still starting, a warm spare that is not ready or keeps dying, and groups that
+crash the same way at every start."""
 
 import subprocess
 import sys
@@ -9,7 +10,8 @@ from types import SimpleNamespace
 
 from stalwart.config import RunConfig, apply_overrides
 from stalwart.replication.group import _UnrepeatedQuorumIds
-from stalwart.replication.supervisor import MAX_SPARE_DEATHS, GroupProcess, WarmSpare, _watch_group
+from stalwart.replication.supervisor import (MAX_SPARE_DEATHS, GroupProcess, WarmSpare, _failing_the_same_way_at_start,
+                                             _watch_group)
 from stalwart.run.rundir import RunDir
 
 
@@ -87,3 +89,43 @@ def test_a_spare_not_ready_is_not_handed_out_and_spares_that_keep_dying_are_give
     assert [e["event"] for e in found].count("spare_start") == MAX_SPARE_DEATHS + 1  # the first, then 3 that died
     assert [e["event"] for e in found].count("spare_exit") == MAX_SPARE_DEATHS
     assert found[-1]["event"] == "spare_disabled" and not spare.enabled
+
+
+def _crash(run: RunDir, cfg: RunConfig, g: GroupProcess, code: int, output: str) -> None:
+    """One launch of group g that prints `output` and exits with `code`, as the supervisor sees it."""
+    log = run.logs / f"replica-{g.replica}.log"
+    g.log_offset = log.stat().st_size if log.exists() else 0
+    with open(log, "ab") as f:
+        g.proc = subprocess.Popen([sys.executable, "-c", f"import sys; print({output!r}); sys.exit({code})"],
+                                  stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    g.proc.wait()
+    assert _watch_group(run, cfg, g, time.monotonic(), spawn=None) is None
+
+
+def test_only_a_groups_own_crashes_before_the_first_commit_stop_the_job_and_with_what_this_launch_said(tmp_path):
+    cfg = apply_overrides(RunConfig(), {"replicas.count": "2"})
+    run = RunDir(tmp_path / "run")
+    run.create()
+    run.logs.mkdir()
+    (run.logs / "replica-0.log").write_text("stalwart train: error: a line of an earlier job\n")
+    groups = {0: GroupProcess(0), 1: GroupProcess(1)}
+    banner = "\n".join(["Traceback (most recent call last):", "  File x", "RuntimeError: device {} lost (pid {})",
+                        "=" * 40, "Root Cause (first observed failure):", "  time: 2026-12-02_04:51:{}"])
+    for pid in (11, 12, 13):
+        _crash(run, cfg, groups[0], 1, banner.format(0, pid, pid))  # torchrun prints its banner last
+    _crash(run, cfg, groups[1], 1, banner.format(1, 21, 1))
+    _crash(run, cfg, groups[1], 5, "stalwart train: error: no quorum for 60 s")  # a lost Lighthouse: no count
+    _crash(run, cfg, groups[1], 1, banner.format(1, 22, 2))
+    assert [line for _, line in groups[0].start_errors] == [f"RuntimeError: device 0 lost (pid {p})" for p in (11, 12, 13)]
+    assert _failing_the_same_way_at_start(run, groups) is None  # group 1 has crashed twice
+    _crash(run, cfg, groups[1], 1, banner.format(1, 23, 3))
+    stop = _failing_the_same_way_at_start(run, groups)
+    assert "crashed 3 times before its first step with: RuntimeError: device 1 lost (pid 23)" in str(stop)
+    # A group that committed a step in this job, or crashes that said nothing, never stop it.
+    quiet = {r: GroupProcess(r) for r in (0, 1)}
+    for g in quiet.values():
+        for _ in range(3):
+            _crash(run, cfg, g, 1, "")
+    assert _failing_the_same_way_at_start(run, quiet) is None
+    groups[0].committed_in_job = True
+    assert _failing_the_same_way_at_start(run, groups) is None

@@ -128,6 +128,11 @@ def supervisor_identity() -> str:
     return process_identity(os.getpid()) or f"{os.getpid()}:0"
 
 
+def supervised() -> bool:
+    """Whether a supervisor started this process."""
+    return bool(os.environ.get(SUPERVISOR_ENV))
+
+
 def watch_supervisor(on_lost) -> None:
     """If a supervisor started this process, call `on_lost()` from a daemon thread once it
     is gone (checked every WATCH_PERIOD_S)."""

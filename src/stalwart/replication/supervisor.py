@@ -17,9 +17,9 @@ with the groups (exit codes, liveness, the supervisor watch) is replication/prot
 - On one machine the Lighthouse is a child process, restarted on the same address when it
   dies; groups ride out the outage (replicas.lighthouse_grace_s).
 - A group that exits with a usage error (bad input, a full disk) stops the job with that
-  line (exit code 2); one that stalled stops it with exit code 1. Every group failing twice
-  before the job's first step with the same last line (a bug, a broken install) stops it
-  with that line and exit code 1. Never a restart loop.
+  line (exit code 2); one that stalled stops it with exit code 1. Every group crashing 3
+  times before the job's first commit with the same error (a bug, a broken install) stops
+  it with that line and exit code 1. Never a restart loop.
 - The supervisor's own death (any signal, SIGKILL included) ends its groups and its
   Lighthouse within a second or two: they watch it. `stalwart train --resume` continues.
 
@@ -32,6 +32,7 @@ job_failing_at_start, restart_budget_refilled, spare_start, spare_exit, spare_di
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -46,8 +47,8 @@ from stalwart.config import RunConfig
 from stalwart.data.sources import documents, prepare_tokenizer
 from stalwart.errors import EXIT_USAGE, TrainingStopped, UserError
 from stalwart.faults import INJECT_ENV
-from stalwart.replication.protocol import (EXIT_EXCLUDED, EXIT_NONFINITE, EXIT_STALLED, GROUP_TOKEN_ENV,
-                                           START_TOGETHER_ENV, SUPERVISOR_ENV, assign_spare, process_stopped,
+from stalwart.replication.protocol import (EXIT_EXCLUDED, EXIT_NONFINITE, EXIT_ORPHANED, EXIT_PARTITIONED,
+                                           EXIT_STALLED, GROUP_TOKEN_ENV, START_TOGETHER_ENV, SUPERVISOR_ENV, assign_spare, process_stopped,
                                            processes_with_token, spare_ready_path, supervisor_identity)
 from stalwart.replication.transport import SECRET_ENV
 from stalwart.run.goodput import goodput_report
@@ -58,6 +59,9 @@ POLL_S = 0.1
 MAX_BACKOFF_S = 8.0
 LIGHTHOUSE_START_S = 30.0
 SPARE_DELAY_S = 10.0  # after the job's start or a spare's use: not while groups start or heal
+START_FAILURES = 3  # launches of every group crashing the same way before the first commit: the job stops
+NO_OUTPUT = "no output"
+EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)(: |$)")
 MAX_SPARE_DEATHS = 3  # spares that die unused, in a row, before restarts go back to new processes
 
 
@@ -75,7 +79,9 @@ class GroupProcess:
     beating: bool = False  # its current launch has beaten at least once
     committed_since_start: int = 0
     committed_in_job: bool = False  # any launch of it committed a step in this job
-    start_errors: list[str] = field(default_factory=list)  # the last lines of failed launches before any commit
+    log_offset: int = 0  # the size of its log when its current launch began
+    # (time, error line) of each launch that crashed before this job's first commit
+    start_errors: list[tuple[float, str]] = field(default_factory=list)
     done: bool = False  # finished its steps, or gave up for good
     finished: bool = False  # exited 0: trained to the last step
 
@@ -213,7 +219,9 @@ def supervise(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, secret: s
     spare = WarmSpare(run, train_args, restart_env, enabled=cfg.replicas.warm_spare and cfg.replicas.ranks_per_group == 1)
 
     def spawn(g: GroupProcess) -> None:
-        taken = spare.take(g.replica, _log_path(run, g.replica)) if g.total_restarts else None
+        log_path = _log_path(run, g.replica)
+        g.log_offset = log_path.stat().st_size if log_path.exists() else 0  # this launch writes after it
+        taken = spare.take(g.replica, log_path) if g.total_restarts else None
         if taken is not None:
             g.proc, g.token = taken
         else:
@@ -221,7 +229,7 @@ def supervise(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, secret: s
             group_env = {**env, START_TOGETHER_ENV: str(len(groups))} if g.total_restarts == 0 else dict(restart_env)
             g.token = f"{os.getpid()}-{g.replica}-{g.total_restarts}"
             group_env[GROUP_TOKEN_ENV] = g.token
-            with open(_log_path(run, g.replica), "ab") as log:
+            with open(log_path, "ab") as log:
                 # Its own session: a hang kill or shutdown reaches every process of the group.
                 g.proc = subprocess.Popen([*train_args, "--replica-id", str(g.replica)], stdout=log,
                                           stderr=subprocess.STDOUT, env=group_env, start_new_session=True)
@@ -279,13 +287,14 @@ def supervise(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, secret: s
         run.event("job_end", ok=False, wall_s=round(wall, 3), reason=str(stop) if stop else "every group failed")
         if stop is not None:
             raise stop
-        last = next((g.start_errors[-1] for g in procs.values() if g.start_errors), None)
-        why = f" (the last before its first step: {last})" if last else ""
+        errors = sorted(e for g in procs.values() for e in g.start_errors)
+        why = f" (the last before its first step: {errors[-1][1]})" if errors else ""
         raise UserError(f"every replica group failed{why}; see {run.path}/logs and events.jsonl, and continue "
                         f"with stalwart train --resume --out {run.path}")
     summary = run.read_summary()
     summary.update(goodput_report(run.read_metrics(), run.read_events(), wall_s=wall, groups=len(groups),
-                                  since=started_at, local_steps=cfg.replicas.strategy != "ddp"))
+                                  job_groups=cfg.replicas.count, since=started_at,
+                                  local_steps=cfg.replicas.strategy != "ddp"))
     summary.update({"wall_s": round(wall, 3), "replicas": cfg.replicas.count,
                     "restarts": sum(g.total_restarts for g in procs.values()), "groups_finished": finished})
     run.write_summary(summary)
@@ -325,14 +334,15 @@ def _watch_group(run: RunDir, cfg: RunConfig, g: GroupProcess, now: float, spawn
         run.event("group_excluded", replica=g.replica)
     elif code in (EXIT_USAGE, EXIT_STALLED):
         g.done = True
-        line = _last_error_line(_log_path(run, g.replica))
+        line = _last_error_line(_log_path(run, g.replica), g.log_offset)
         run.event("group_error", replica=g.replica, pid=pid, returncode=code, error=line)
         return (UserError if code == EXIT_USAGE else TrainingStopped)(f"replica group {g.replica} stopped the job: {line}")
     else:
         run.event("group_exit", replica=g.replica, returncode=code, pid=pid,
                   signal=signal.Signals(-code).name if code < 0 else None)
-        if not g.committed_in_job:
-            g.start_errors.append(_last_error_line(_log_path(run, g.replica)))
+        if not g.committed_in_job and code not in (EXIT_PARTITIONED, EXIT_ORPHANED) and code > 0:
+            # A crash of its own (not a lost peer or Lighthouse, not a signal from outside).
+            g.start_errors.append((time.monotonic(), _last_error_line(_log_path(run, g.replica), g.log_offset)))
         if code == EXIT_NONFINITE:
             g.nonfinite_exits += 1
             if g.nonfinite_exits > cfg.guards.nonfinite_restarts:
@@ -345,15 +355,17 @@ def _watch_group(run: RunDir, cfg: RunConfig, g: GroupProcess, now: float, spawn
 
 
 def _failing_the_same_way_at_start(run: RunDir, procs: dict[int, GroupProcess]) -> Exception | None:
-    """Every group's last two launches failed before the job's first step with the same
-    last line: not a fault a restart gets past (a bug, a broken install), so the job stops
-    with that line instead of spending every group's restart budget."""
-    lines = [line for g in procs.values() for line in g.start_errors[-2:]]
-    if any(g.committed_in_job or len(g.start_errors) < 2 for g in procs.values()) or len(set(lines)) != 1:
+    """Every group's last START_FAILURES launches crashed before the job's first commit with
+    the same error (numbers aside): not a fault a restart gets past (a bug, a broken
+    install), so the job stops with that line instead of spending every restart budget."""
+    if any(g.committed_in_job or len(g.start_errors) < START_FAILURES for g in procs.values()):
         return None
-    run.event("job_failing_at_start", error=lines[0], launches=sum(len(g.start_errors) for g in procs.values()))
-    return TrainingStopped(f"every replica group failed twice before its first step with: {lines[0]} "
-                           f"(see {_log_path(run, min(procs))})")
+    lines = [line for g in procs.values() for _, line in g.start_errors[-START_FAILURES:]]
+    if len({re.sub(r"\d+", "N", line) for line in lines}) != 1 or lines[0] == NO_OUTPUT:
+        return None
+    run.event("job_failing_at_start", error=lines[-1], launches=sum(len(g.start_errors) for g in procs.values()))
+    return TrainingStopped(f"every replica group crashed {START_FAILURES} times before its first step with: "
+                           f"{lines[-1]} (see {_log_path(run, min(procs))})")
 
 
 def _count_commit(run: RunDir, g: GroupProcess, refill_steps: int) -> None:
@@ -399,14 +411,19 @@ def _log_path(run: RunDir, replica: int) -> Path:
     return run.logs / f"replica-{replica}.log"
 
 
-def _last_error_line(log: Path) -> str:
-    """The group's own one-line error (`stalwart train: error: ...`), else its last line."""
+def _last_error_line(log: Path, offset: int = 0) -> str:
+    """What the launch that wrote `log` from `offset` on said last: its own one-line error
+    (`stalwart train: error: ...`), else the last exception line of a traceback (torchrun
+    prints its banner after it), else its last line."""
     try:
-        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+        with open(log, "rb") as f:
+            f.seek(offset)
+            lines = [line for line in f.read().decode(errors="replace").splitlines() if line.strip()]
     except FileNotFoundError:
-        return "no output"
+        return NO_OUTPUT
     errors = [line for line in lines if line.startswith("stalwart train: ")]
-    line = (errors or lines or ["no output"])[-1]
+    raised = [line for line in lines if EXCEPTION_LINE.match(line)]
+    line = (errors or raised or lines or [NO_OUTPUT])[-1]
     return line.removeprefix("stalwart train: ").removeprefix("error: ")[:300]
 
 

@@ -85,29 +85,51 @@ Record = dict[str, Any]
 
 
 def goodput_report(metrics: list[Record], events: list[Record], *, wall_s: float, groups: int = 1,
-                   since: float = 0.0, local_steps: bool = False) -> dict[str, Any]:
+                   job_groups: int | None = None, since: float = 0.0, local_steps: bool = False) -> dict[str, Any]:
     """ETTR, token goodput and the fault table of a run (records and events at or after
-    `since` only; `groups`: the replica groups whose records this run directory holds).
-    `local_steps`: every group trains steps of its own (DiLoCo's inner steps), so each
-    group's tokens count and full strength is `groups` times a group's median rate; else a
-    step is the job's (its tokens_per_s counts every group in it)."""
-    metrics = [r for r in metrics if r.get("time", 0) >= since and "step_s" in r]
+    `since` only). `groups`: the replica groups whose records this run directory holds
+    (ETTR's divisor); `job_groups`: the job's (default `groups`), the participants of a
+    step at full strength. `local_steps`: every group trains steps of its own (DiLoCo's
+    inner steps): a group's step counts once an outer step took it in (`_taken_in`), every
+    group's tokens count, and full strength is `groups` times a group's median rate; else
+    a step is the job's (its tokens_per_s counts every group in it)."""
+    metrics = [r for r in metrics if r.get("time", 0) >= since]
+    taken = _taken_in(metrics) if local_steps else None
+    steps = [r for r in metrics if "step_s" in r]
     events = [e for e in events if e["time"] >= since]
-    kept = [r for r in metrics if not _undone(r, events)]
+    kept = [r for r in steps if not _undone(r, events) and (taken is None or id(r) in taken)]
     productive = sum(r["step_s"] for r in kept)
     # The last time each step stayed (a group's own step with local steps).
     by_step = {(r.get("replica", 0), r["step"]) if local_steps else r["step"]: r
                for r in sorted(kept, key=lambda r: r["time"])}
     tokens = sum(r["tokens_per_s"] * r["step_s"] for r in by_step.values())
-    full = [r["tokens_per_s"] for r in metrics if local_steps or r.get("participants", 1) >= groups]
+    full_strength = job_groups or groups
+    full = [r["tokens_per_s"] for r in steps if local_steps or r.get("participants", 1) >= full_strength]
     full_rate = sorted(full)[len(full) // 2] * (groups if local_steps else 1) if full else None
-    faults = fault_table(metrics, events)
+    faults = fault_table(steps, events)
     recoveries = [f["recover_s"] for f in faults if f["kind"] in ("crash", "hang") and f["recover_s"] is not None]
     return {"ettr": round(productive / (groups * wall_s), 4) if wall_s > 0 else None,
             "token_goodput": round(tokens / (full_rate * wall_s), 4) if full_rate and wall_s > 0 else None,
             "productive_s": round(productive, 3),
             "mean_recover_s": round(sum(recoveries) / len(recoveries), 3) if recoveries else None,
             "steps_lost": sum(f["steps_lost"] for f in faults), "faults": faults, "events": len(events)}
+
+
+def _taken_in(metrics: list[Record]) -> set[int]:
+    """The inner steps (by id) whose group's next outer-step record, in time, names it among
+    the contributors: those not taken in were lost (the group died mid-round and rejoined
+    with nothing, or its round was left out), and so were those after its last one."""
+    taken: set[int] = set()
+    pending: dict[int, list[int]] = {}
+    for r in sorted(metrics, key=lambda r: r.get("time", 0)):
+        replica = r.get("replica", 0)
+        if "step_s" in r:
+            pending.setdefault(replica, []).append(id(r))
+        elif "round" in r:
+            done = pending.pop(replica, [])
+            if replica in r.get("contributors", ()):
+                taken.update(done)
+    return taken
 
 
 def groups_of_run(events: list[Record]) -> int:

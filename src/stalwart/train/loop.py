@@ -35,6 +35,7 @@ from stalwart.export.hf import save_hf_folder
 from stalwart.faults import corrupt_global, corrupt_weights, inject
 from stalwart.guards import NONFINITE
 from stalwart.model import DeepSeekForCausalLM
+from stalwart.replication.protocol import supervised
 from stalwart.run.goodput import bytes_report, goodput_report, groups_of_run
 from stalwart.run.progress import Progress
 from stalwart.train.evaluate import EvalResult, eval_loss, exact_match
@@ -174,8 +175,10 @@ def _summary(job: Job, last: EvalResult, record: dict[str, Any], *, wall: float,
         "export": str(export) if export else None, "recipe": cfg.recipe,
     }
     metrics, events = run.read_metrics(), run.read_events()
-    summary.update(goodput_report(metrics, events, wall_s=wall, groups=groups_of_run(events), since=started_at,
-                                  local_steps=cfg.replicas.strategy != "ddp"))
+    # Under a supervisor, the groups it runs write here; started on its own, this group alone.
+    here = groups_of_run(events) if supervised() else 1
+    summary.update(goodput_report(metrics, events, wall_s=wall, groups=here, job_groups=cfg.replicas.count,
+                                  since=started_at, local_steps=cfg.replicas.strategy != "ddp"))
     summary.update(bytes_report(metrics, since=started_at))
     return summary
 
