@@ -24,6 +24,7 @@ import uuid
 from dataclasses import dataclass
 
 SUBNET = "10.78.0"
+NOWHERE = "02:00:00:00:00:01"  # a locally administered MAC that no host has (set_path)
 
 
 @dataclass(frozen=True)
@@ -151,11 +152,16 @@ class Hosts:
         return {"tx": int(stats["tx"]["bytes"]), "rx": int(stats["rx"]["bytes"])}
 
     def set_path(self, a: int, b: int, up: bool) -> None:
-        """Cut the path between hosts a and b, or restore it: blackhole routes on both, so
-        their packets to each other vanish (no error comes back, as in a partitioned
-        network) while each still reaches every other host."""
+        """Cut the path between hosts a and b, or restore it. Cut, each sends its frames for
+        the other to a MAC address no switch port has (a permanent neighbour entry), so they
+        vanish with no error coming back, as in a partitioned network, while both still
+        reach every other host; restored, the entries go and ARP finds the peer again."""
         for src, dst in ((a, b), (b, a)):
-            _ip("-n", self.hosts[src].netns, "route", "del" if up else "add", "blackhole", f"{self.hosts[dst].ip}/32")
+            h, peer = self.hosts[src], self.hosts[dst]
+            if up:
+                _ip("-n", h.netns, "neigh", "del", peer.ip, "dev", h.dev)
+            else:
+                _ip("-n", h.netns, "neigh", "replace", peer.ip, "lladdr", NOWHERE, "dev", h.dev, "nud", "permanent")
 
     def set_link(self, index: int, up: bool) -> None:
         """Take host `index`'s only link down or bring it back."""
