@@ -47,10 +47,7 @@ def _train_on_two_hosts(hosts: Hosts, tmp_path, *args: str) -> None:
                  _in(hosts, 1, *common, "--replica-id", "1", "--host", ip_b, "--out", str(tmp_path / "host-b"))]
         results = [p.communicate(timeout=240) for p in procs]
     finally:
-        for p in [lighthouse, *procs]:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        _kill_what_runs(lighthouse, *procs)
     for p, (_, err) in zip(procs, results):
         assert p.returncode == 0, err
 
@@ -79,6 +76,13 @@ def _events(path) -> list[dict]:
     return records
 
 
+def _kill_what_runs(*procs: subprocess.Popen) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
 def _wait_for(what: str, done, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not done():
@@ -98,11 +102,9 @@ def test_a_link_down_for_20s_costs_no_group_its_process_and_the_cut_off_group_he
                   "--replicas.quorum_timeout_s", "3", "--replicas.heartbeat_timeout_s", "1"]
         procs = [_in(two_hosts, 0, *common, "--groups", "0", "--host", ip_a, "--out", str(tmp_path / "host-a")),
                  _in(two_hosts, 1, *common, "--replica-id", "1", "--host", ip_b, "--out", str(tmp_path / "host-b"))]
-        deadline = time.monotonic() + 120
         metrics_a = tmp_path / "host-a" / "metrics.jsonl"
-        while time.monotonic() < deadline and not [r for r in _events(metrics_a) if r["participants"] == 2
-                                                   and r["step"] >= 10]:
-            time.sleep(0.2)
+        _wait_for("both groups at step 10", lambda: [r for r in _events(metrics_a) if r["participants"] == 2
+                                                       and r["step"] >= 10], 120)
         two_hosts.set_link(0, up=False)  # host A's only link
         down = time.time()
         time.sleep(20)
@@ -110,10 +112,7 @@ def test_a_link_down_for_20s_costs_no_group_its_process_and_the_cut_off_group_he
         up = time.time()
         results = [p.communicate(timeout=300) for p in procs]
     finally:
-        for p in [lighthouse, *procs]:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        _kill_what_runs(lighthouse, *procs)
     for p, (_, err) in zip(procs, results):
         assert p.returncode == 0, err  # host B's bare group kept its process through the outage
     events_a, events_b = _events(tmp_path / "host-a" / "events.jsonl"), _events(tmp_path / "host-b" / "events.jsonl")
@@ -166,10 +165,7 @@ def test_a_partition_between_diloco_groups_that_still_reach_the_lighthouse_ends_
             back = time.time()
             results = [p.communicate(timeout=300) for p in procs]
         finally:
-            for p in [lighthouse, *procs]:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
+            _kill_what_runs(lighthouse, *procs)
     for p, (_, err) in zip(procs, results):
         assert p.returncode == 0, err
     found_a, found_b = _events(a / "events.jsonl"), _events(b / "events.jsonl")

@@ -48,8 +48,9 @@ from stalwart.data.sources import documents, prepare_tokenizer
 from stalwart.errors import EXIT_USAGE, TrainingStopped, UserError
 from stalwart.faults import INJECT_ENV
 from stalwart.replication.protocol import (EXIT_EXCLUDED, EXIT_NONFINITE, EXIT_ORPHANED, EXIT_PARTITIONED,
-                                           EXIT_STALLED, GROUP_TOKEN_ENV, START_TOGETHER_ENV, SUPERVISOR_ENV, assign_spare, process_stopped,
-                                           processes_with_token, spare_ready_path, supervisor_identity)
+                                           EXIT_STALLED, GROUP_TOKEN_ENV, START_TOGETHER_ENV, SUPERVISOR_ENV,
+                                           assign_spare, process_stopped, processes_with_token, spare_ready_path,
+                                           supervisor_identity)
 from stalwart.replication.transport import SECRET_ENV
 from stalwart.run.goodput import goodput_report
 from stalwart.run.progress import Progress
