@@ -43,10 +43,11 @@ def test_outcome_of_maps_every_case(collective_ok, own_finite, healthy, verdict,
                       voted=voted) == outcome
 
 
-def _pack(replica: int, grad: float, *, shard: int, position: dict, due: bool = False, contribute: bool = True):
+def _pack(replica: int, grad: float, *, shard: int, position: dict, due: bool = False, contribute: bool = True,
+          heals: bool = True):
     p = torch.nn.Parameter(torch.zeros(4))
     p.grad = torch.full((4,), grad)
-    group = SimpleNamespace(num_replicas=3, replica=replica)
+    group = SimpleNamespace(num_replicas=3, replica=replica, heals=heals)
     return StepExchange.pack([p], torch.tensor([grad, grad, 0.0]), [], group, 0.5, shard=shard, num_shards=3,
                              position=position, checkpoint_due=due, contribute=contribute), p
 
@@ -66,6 +67,18 @@ def test_exchange_leaves_non_finite_ranks_out_and_carries_the_ledger():
     assert torch.equal(param.grad, torch.full((4,), 2.0))  # (1 + 3) / 2: the NaN group is not in the mean
     assert result.nonfinite_replicas() == [1] and sorted(result.compute_times()) == [0, 1, 2]
     assert result.checkpoint_due()
+
+
+def test_without_a_peer_group_to_heal_from_a_ranks_nan_goes_into_the_sum():
+    # Plain torchrun (RanksGroup): every rank sees the non-finite sum, and the guard skips the step.
+    ranks = [_pack(0, 1.0, shard=0, position={"position": 64, "start": 0, "skip": 0}, heals=False),
+             _pack(0, float("nan"), shard=1, position={"position": 64, "start": 0, "skip": 0}, heals=False)]
+    assert [x.own_finite for x, _ in ranks] == [True, True]
+    result, param = ranks[0]
+    result.buffer.copy_(sum(x.buffer for x, _ in ranks))
+    assert sorted(result.shard_positions()) == [0, 1] and result.nonfinite_replicas() == []
+    result.unpack_gradients([param], 2)
+    assert torch.isnan(param.grad).all()
 
 
 def test_a_group_known_bad_contributes_only_its_flags():

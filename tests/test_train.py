@@ -173,7 +173,7 @@ def test_resume_refuses_to_change_the_model_or_data_and_leaves_the_run_intact(re
     line = one_line_error(train(run, "--resume", "--model.hidden_size", "32"))
     assert "--resume cannot change model.hidden_size" in line
     r = subprocess.run([sys.executable, "-m", "stalwart", "train", "--out", str(run), "--resume", "--recipe",
-                        "smoke"], capture_output=True, text=True, timeout=120)
+                        "default"], capture_output=True, text=True, timeout=120)
     assert "--recipe does not apply" in one_line_error(r)
     assert (run / "config.json").read_text() == config
     r = train(run, "--resume", "--train.steps", "32")  # how long may change

@@ -7,7 +7,7 @@ other file does. Everything else asks this module for a `DeviceInfo` and uses th
 or MPS (docs/design.md, "Layers").
 
 Assumptions:
-- One process drives one device. Under `torchrun` (several ranks in one replica group),
+- One process drives one device. Under `torchrun` (the ranks of one launch, or of one replica group),
   a request without an index picks `LOCAL_RANK`, as torchrun's own examples do.
 - Ascend support comes from the optional `torch_npu` package. It is imported lazily and
   only its absence (or a broken native library) is tolerated; it is probed *before*

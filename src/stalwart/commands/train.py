@@ -10,7 +10,10 @@ here too.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from stalwart.errors import UserError
@@ -60,8 +63,6 @@ def parse_overrides(extra: list[str]) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import time
-
     from stalwart.faults import check_spec
     from stalwart.train.loop import TrainResult
 
@@ -84,15 +85,17 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--replica-id needs --lighthouse URL")
     if args.replica_id is not None and args.groups:
         raise UserError("--replica-id and --groups exclude each other")
+    launch = _join_torchrun(args, overrides)
     joining = args.replica_id is not None and args.out and (Path(args.out) / "config.json").exists()
-    if joining:  # a (re)started group of a running job continues the run's own config
+    restarted = launch is not None and launch.restarted and args.out and (Path(args.out) / "config.json").exists()
+    if joining or restarted:  # a (re)started group, or torchrun's restart, continues the run's own config
         args.resume = True
     if args.resume:
         if not args.out:
             raise UserError("--resume needs --out RUN_DIR")
-        if args.recipe:
-            raise UserError("--resume continues the run's own config; --recipe does not apply")
         cfg = read_run_config(Path(args.out) / "config.json")
+        if args.recipe and args.recipe != cfg.recipe:  # a restart's command line names the run's own
+            raise UserError(f"--resume continues the run's own config (recipe {cfg.recipe}); --recipe does not apply")
         # A fixed key given again with the run's own value (a launch script's --replicas N) is no change.
         fixed = sorted(k for k in set(overrides) - set(RESUMABLE_OVERRIDES)
                        if apply_overrides(cfg, {k: overrides[k]}) != cfg)
@@ -102,7 +105,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         cfg = recipe(args.recipe or "default")
     cfg = apply_overrides(cfg, overrides)
-    out = Path(args.out or f"runs/{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if launch is not None and (cfg.replicas.count > 1 or args.lighthouse):
+        raise UserError("replica groups start their own ranks (replicas.ranks_per_group): run --replicas or "
+                        "--lighthouse without torchrun, or torchrun without them for one data-parallel job")
+    started = time.time() if launch is None else launch.started  # every rank names the same folder
+    out = Path(args.out or f"runs/{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(started))}")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a run directory")
     if not args.resume and (out / "config.json").exists():
@@ -128,16 +135,43 @@ def run(args: argparse.Namespace) -> int:
             print_train_summary(out, TrainResult(summary))
         return 0
     result = train(cfg, out, resume=args.resume, quiet=args.quiet)
-    if not args.quiet:
+    if not args.quiet and "eval_loss" in result.summary:  # rank 0 of a torchrun launch reports
         print_train_summary(out, result)
     return 0
+
+
+@dataclass
+class _TorchrunLaunch:
+    started: float  # rank 0's clock
+    restarted: bool  # torchrun's --max-restarts started this launch again
+
+
+def _join_torchrun(args: argparse.Namespace, overrides: dict[str, str]) -> _TorchrunLaunch | None:
+    """For one rank of a plain torchrun launch (WORLD_SIZE > 1, no replica group): the
+    ranks' process group (setup uses it), and what every rank must agree on before the run
+    directory is chosen. torchrun restarts the ranks of a failed node with
+    TORCHELASTIC_RESTART_COUNT > 0, but those of the other nodes with their count as it
+    was: any rank's count makes the launch a restart."""
+    from stalwart.device import resolve_device
+    from stalwart.replication.group import RanksGroup, group_rank
+
+    if group_rank()[1] == 1 or args.replica_id is not None or args.standby:
+        return None
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # Measured: 2 of 3 restarts failed to connect, none with the store apart.
+        raise UserError("torchrun --max-restarts shares its store with the ranks, and a restarted rank can read "
+                        "the addresses of the attempt before (pytorch/pytorch#135712): export "
+                        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun")
+    device = overrides.get("train.device", "auto")
+    info = resolve_device(None if device == "auto" else device)
+    ranks = RanksGroup(info.backend, info.device)
+    return _TorchrunLaunch(started=ranks.broadcast(int(time.time())),
+                           restarted=ranks.largest(int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))) > 0)
 
 
 def _train_group(cfg, out, args: argparse.Namespace) -> int:
     """One replica group's process; its exit code tells the supervisor what to do
     (replication/protocol.py)."""
-    import os
-
     from stalwart.replication import protocol
     from stalwart.replication.group import LighthouseLost
     from stalwart.replication.transport import SECRET_ENV, job_secret

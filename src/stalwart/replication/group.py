@@ -2,6 +2,11 @@
 hides whether peers exist.
 
 `LocalGroup` is the whole job in one process (`stalwart train`, replicas.count 1).
+`RanksGroup` is the whole job in the ranks of one torchrun launch, with no Lighthouse
+(`torchrun --nproc-per-node N -m stalwart train`, one or several nodes): plain data
+parallelism, whose collectives go through torch.distributed on the device's backend; a
+rank that dies takes the job with it, and torchrun's own restart (`--max-restarts`)
+resumes it from the last checkpoint.
 `TorchFTGroup` is one replica group coordinated by torchft's Manager and the Lighthouse:
 
 - `start_step` runs the quorum synchronously (use_async_quorum=False): a group that is
@@ -87,6 +92,7 @@ class LocalGroup:
     is_lowest = True
     healed = False
     healed_bytes = 0
+    heals = False  # whether a rank whose own values are not finite can be healed from a peer
 
     def start_step(self) -> None:
         pass
@@ -114,6 +120,55 @@ class LocalGroup:
 
     def shutdown(self) -> None:
         pass
+
+
+class RanksGroup(LocalGroup):
+    """The ranks of one torchrun launch, and nothing else: every rank takes part in every
+    step, so a step's only outcomes are commit or a guard's skip, and nobody heals (there
+    is no peer group to heal from). A rank's own non-finite values go into the sum as they
+    are, so that every rank sees the non-finite sum and skips the step, as one process
+    would (train/exchange.py). Constructing one waits for every rank (the first also
+    creates torch.distributed's process group from torchrun's environment)."""
+
+    heals = False
+
+    def __init__(self, backend: str, device: torch.device) -> None:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():  # torch's default timeout: a checkpoint may outlast replicas.timeout_s
+            dist.init_process_group(backend)
+        self._dist, self._device = dist, device
+        self.rank, self.ranks = dist.get_rank(), dist.get_world_size()
+        self.contributors = self.ranks
+        self.is_lowest = self.rank == 0
+        self.broadcast(0)  # every rank is here
+
+    def allreduce_sum(self, buffer: torch.Tensor | None) -> bool:
+        if buffer is not None:
+            self._dist.all_reduce(buffer)
+        return True
+
+    def broadcast(self, value: int) -> int:
+        """Rank 0's `value`, on every rank."""
+        t = torch.tensor([value], dtype=torch.int64, device=self._device)
+        self._dist.broadcast(t, src=0)
+        return int(t.item())
+
+    def largest(self, value: int) -> int:
+        """The largest of the ranks' `value`s, on every rank."""
+        t = torch.tensor([value], dtype=torch.int64, device=self._device)
+        self._dist.all_reduce(t, op=self._dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def agree(self, value: int, *, what: str) -> None:
+        """Raise ConfigError unless every rank holds the same `value` (one collective)."""
+        low, high = -self.largest(-value), self.largest(value)
+        if low != high:
+            raise ConfigError(f"the ranks of this job disagree on {what} ({low} to {high}): every node must "
+                              "see the same run directory (shared storage, or --checkpoint.dir)")
+
+    def shutdown(self) -> None:
+        self._dist.destroy_process_group()
 
 
 class TorchFTGroup:
@@ -184,6 +239,7 @@ class TorchFTGroup:
         self.set_step(step)
         self.participants = self.contributors = 0
         self.is_lowest = False
+        self.heals = True
 
     def set_step(self, step: int) -> None:
         """Align torchft's step with ours (after loading a checkpoint or rolling back)."""

@@ -8,7 +8,7 @@ One collective per step instead of one per statistic; and because every replica 
 the same numbers, every guard reaches the same verdict.
 
 A rank whose own loss or gradients are not finite (a device producing NaN, NaN weights or
-optimizer state) contributes nothing but its flags: its gradients, losses and expert loads
+optimizer state) in a job of replica groups contributes nothing but its flags: its gradients, losses and expert loads
 are left out of the sum, so the healthy participants still commit and the bad group heals
 from them (train/step.py). Each contributing rank writes its loader position into its
 shard's slot (integers split into two exactly representable float32 halves), which is how
@@ -58,7 +58,9 @@ class StepExchange:
         buffer = torch.cat([*grads, has_grad, losses.to(device), *loads, slots])
         grad_numel = sum(g.numel() for g in grads)
         values = buffer[:grad_numel + len(params) + 3]
-        own_finite = contribute and bool(torch.isfinite(values).all())
+        # Without a peer group to heal from (plain torchrun), a rank's non-finite values go
+        # into the sum: every rank sees it and the guard skips the step, as in one process.
+        own_finite = contribute and (not group.heals or bool(torch.isfinite(values).all()))
         tail = buffer[buffer.numel() - slots.numel():]
         tail[group.replica] = compute_s
         tail[n + group.replica] = 1.0

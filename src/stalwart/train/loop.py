@@ -59,7 +59,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
     state, group, run = job.state, job.group, job.run
     total = cfg.train.steps
     recovery = Recovery(job)
-    progress = Progress(total, state.step, quiet=quiet, log_every=cfg.train.log_every)
+    progress = Progress(total, state.step, quiet=quiet or not run.writer, log_every=cfg.train.log_every)
     first_step, first_tokens = state.step, state.tokens_seen
     started, started_at, step_time = time.perf_counter(), time.time(), 0.0
     last = EvalResult(None, None, [])

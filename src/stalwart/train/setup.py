@@ -30,7 +30,7 @@ from stalwart.errors import ConfigError
 from stalwart.faults import arm_signal_faults, set_replica
 from stalwart.guards import SpikeGuard
 from stalwart.model import DeepSeekForCausalLM
-from stalwart.replication.group import LocalGroup, TorchFTGroup, group_rank
+from stalwart.replication.group import LocalGroup, RanksGroup, TorchFTGroup, group_rank
 from stalwart.replication.protocol import start_together
 from stalwart.run.rundir import RunDir
 from stalwart.train.optim import build_optimizer
@@ -56,7 +56,7 @@ class Job:
     model: DeepSeekForCausalLM
     forward: Callable[..., Any]  # the model, or its torch.compile'd form
     state: TrainState
-    group: LocalGroup | TorchFTGroup
+    group: LocalGroup | RanksGroup | TorchFTGroup
     autocast: Callable[[], Any]
     compute_dtype: str
     quiet: bool
@@ -65,6 +65,7 @@ class Job:
 
     @property
     def replicated(self) -> bool:
+        """Part of a job of replica groups (a Lighthouse), not one process or one torchrun."""
         return not isinstance(self.group, LocalGroup)
 
     @property
@@ -109,18 +110,20 @@ def setup(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, replica: Repl
     if cfg.data.task != "files":  # an empty split must fail now, not at the first evaluation
         make_problem(cfg.data.task, "eval", 0, cfg.data.seed, cfg.data.min_digits, cfg.data.max_digits)
     rank, ranks = group_rank()
-    if replica is None and ranks > 1:
-        raise ConfigError("several ranks (torchrun) train as a replica group: pass --lighthouse URL --replica-id ID")
     if ranks != cfg.replicas.ranks_per_group and replica is not None:
         raise ConfigError(f"this group has {ranks} ranks (WORLD_SIZE) but replicas.ranks_per_group is "
                           f"{cfg.replicas.ranks_per_group}")
     autocast, compute_dtype = autocast_for(cfg, info)
+    # Plain torchrun: the ranks' process group first, so that they all get past the checks
+    # above before any of them writes.
+    group = RanksGroup(info.backend, info.device) if replica is None and ranks > 1 else LocalGroup()
     run = RunDir(out, replica=None if replica is None else replica.replica, checkpoints=cfg.checkpoint.dir,
                  rank=rank, ranks=ranks)
     set_replica(None if replica is None else replica.replica)
     arm_signal_faults()
     run.create()
-    run.write_config(cfg.to_json())
+    if run.writer:
+        run.write_config(cfg.to_json())
     seed_everything(cfg.train.seed)
     enable_determinism(info)
     tokenizer = prepare_tokenizer(cfg.data, run.path, reuse=resume, docs=train_docs, vocab_size=cfg.model.vocab_size,
@@ -128,20 +131,22 @@ def setup(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, replica: Repl
 
     model = DeepSeekForCausalLM(cfg.model).to(info.device)
     g = cfg.guards
-    shard, shards = (replica.replica * ranks + rank, cfg.replicas.count * ranks) if replica else (0, 1)
+    shard, shards = (replica.replica * ranks + rank, cfg.replicas.count * ranks) if replica else (rank, ranks)
     state = TrainState(model, build_optimizer(model, cfg.optim),
                        PackedLoader(train_docs, tokenizer, seq_len=cfg.data.seq_len, batch_size=cfg.train.batch_size,
                                     seed=cfg.data.seed, shard=shard, num_shards=shards),
                        SpikeGuard(sigma=_spike_sigma(cfg), window=g.spike_window, min_history=g.spike_min_history,
                                   rollback_spikes=g.rollback_spikes, rollback_window=g.rollback_window))
     job = Job(cfg, info, run, tokenizer, model, torch.compile(model) if cfg.train.compile else model, state,
-              LocalGroup(), autocast, compute_dtype, quiet,
+              group, autocast, compute_dtype, quiet,
               params=[p for p in model.parameters() if p.requires_grad], moe_layers=model.moe_layers())
     if replica is not None and cfg.replicas.strategy != "ddp":
         from stalwart.train.outer import OuterState
 
         state.outer = OuterState(model, cfg.replicas)
     _restore(job, resume=resume, replicated=replica is not None)
+    if isinstance(group, RanksGroup):  # every rank must go on from the same checkpoint
+        group.agree(state.step, what="the step they resume from")
     if replica is not None:
         job.group = TorchFTGroup(
             cfg.replicas, replica=replica.replica, lighthouse=replica.lighthouse, host=replica.host,
@@ -154,7 +159,7 @@ def setup(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, replica: Repl
             on_quorum_retry=lambda error, waited: _quorum_retry(job, error, waited))
         start_together(run.logs, replica.replica)
     run.event("start", step=state.step, device=str(info.device), dtype=compute_dtype,
-              parameters=sum(p.numel() for p in model.parameters()), pid=os.getpid())
+              parameters=sum(p.numel() for p in model.parameters()), pid=os.getpid(), every_rank=True)
     return job
 
 
@@ -162,7 +167,7 @@ def _restore(job: Job, *, resume: bool, replicated: bool) -> None:
     """Partial checkpoints of a dead writer removed; on --resume, the newest good checkpoint
     loaded and (for one process) the run's files cut back to it."""
     run, state = job.run, job.state
-    if not replicated:  # with replica groups the writer cleans up, never a reader
+    if not replicated and run.writer:  # with replica groups the writer cleans up, never a reader
         for partial in ckpt.remove_partial(run.checkpoints):
             run.event("checkpoint_partial_removed", path=str(partial))
     if not resume:
@@ -170,7 +175,7 @@ def _restore(job: Job, *, resume: bool, replicated: bool) -> None:
     latest = ckpt.load_latest(run.checkpoints, on_corrupt=job.on_corrupt)
     if latest is not None:
         set_rng_state(job.info, state.load_checkpoint(latest)["rng"])
-    if not replicated:  # the supervisor repairs the files of a replicated run
+    if not replicated and run.writer:  # the supervisor repairs the files of a replicated run
         run.truncate_metrics(state.step)
         run.repair_events()
     run.event("resume", step=state.step, checkpoint=str(latest.path) if latest else None)

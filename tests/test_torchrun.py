@@ -1,0 +1,98 @@
+"""Plain torchrun: `torchrun --nproc-per-node N -m stalwart train` is one data-parallel job
+with no Lighthouse, on one node or several, and torchrun's own restart resumes it."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jobs import jsonl, wait_for
+
+pytestmark = pytest.mark.slow
+
+TRAIN = ["-m", "stalwart", "train", "--recipe", "smoke", "--quiet", "--train.steps", "30", "--checkpoint.every",
+         "10", "--train.trace_data", "true", "--eval.problems", "0"]
+# OMP_NUM_THREADS: torchrun sets it only with several ranks per node. The store apart: a
+# restart must not read the attempt before's addresses (commands/train.py).
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+FAULTY = {**ENV, "STALWART_INJECT": "nan-grad@5"}  # every rank's gradients NaN at step 5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *args]
+
+
+def _losses(run: Path) -> list[float]:
+    return [m["loss"] for m in jsonl(run / "metrics.jsonl")]
+
+
+def test_torchrun_on_two_nodes_and_a_killed_rank_restarted_by_torchrun_give_the_same_losses(tmp_path):
+    # Two nodes of one rank each, through torchrun's c10d rendezvous, uninterrupted.
+    nodes_run = tmp_path / "nodes"
+    port = _free_port()
+    node = _torchrun("--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+                     f"127.0.0.1:{port}", "--rdzv-id", "nodes", *TRAIN, "--out", str(nodes_run))
+    nodes = [subprocess.Popen(node, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=FAULTY)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=240) for p in nodes]
+    assert all(p.returncode == 0 for p in nodes), [err[-2000:] for _, err in outputs]
+
+    # One node of two ranks with --max-restarts 1; rank 1 SIGKILLed from outside once step 10 is on disk.
+    restarted_run = tmp_path / "restarted"
+    job = subprocess.Popen(_torchrun("--standalone", "--nproc-per-node", "2", "--max-restarts", "1", *TRAIN,
+                                     "--out", str(restarted_run)),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=FAULTY)
+    try:
+        events = restarted_run / "events.jsonl"
+        wait_for(lambda: events.exists() and any(e["event"] == "checkpoint" for e in jsonl(events)), 120,
+                 "the first checkpoint")
+        rank1 = [e["pid"] for e in jsonl(events) if e["event"] == "start" and e["rank"] == 1][-1]
+        os.kill(rank1, signal.SIGKILL)
+        _, err = job.communicate(timeout=240)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, err[-2000:]
+
+    for run in (nodes_run, restarted_run):
+        metrics = jsonl(run / "metrics.jsonl")
+        assert [m["step"] for m in metrics] == list(range(1, 31))
+        assert {m["rank"] for m in metrics} == {0}  # rank 0 alone writes the run's files
+        assert all(set(m["data"]) == {"0", "1"} and m["tokens"] == 2 * 4 * 64 * m["step"] for m in metrics)
+        assert {e["rank"] for e in jsonl(run / "events.jsonl") if e["event"] == "checkpoint"} == {0}
+        assert (run / "export" / "config.json").exists()
+        skipped = [e for e in jsonl(run / "events.jsonl") if e["event"] == "step_skipped"]
+        assert [(e["step"], e["guard"]) for e in skipped] == [(5, "nonfinite")]  # every rank skipped it
+    resumed = [e for e in jsonl(restarted_run / "events.jsonl") if e["event"] == "resume"]
+    assert len(resumed) == 1 and resumed[0]["step"] >= 10  # torchrun's restart resumed the run
+    assert _losses(restarted_run) == _losses(nodes_run)  # bit for bit
+
+
+def test_torchrun_refuses_replica_groups_in_one_line(tmp_path):
+    run = tmp_path / "run"
+    r = subprocess.run(_torchrun("--standalone", "--nproc-per-node", "2", *TRAIN, "--replicas", "2", "--out", str(run)),
+                       capture_output=True, text=True, timeout=120, env=ENV)
+    assert r.returncode != 0
+    assert "stalwart train: error: replica groups start their own ranks" in r.stderr
+    assert not run.exists()
+
+
+def test_a_rank_under_torchrun_restarts_with_a_shared_store_is_refused_in_one_line(tmp_path):
+    # What torchrun --max-restarts 1 gives a rank, the store shared (checked before the ranks meet).
+    rank = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "TORCHELASTIC_MAX_RESTARTS": "1",
+            "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    r = subprocess.run([sys.executable, *TRAIN, "--out", str(tmp_path / "run")], capture_output=True, text=True,
+                       timeout=60, env=rank)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "torchrun --max-restarts shares its store" in r.stderr and "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in r.stderr
+    assert not (tmp_path / "run").exists()
