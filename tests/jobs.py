@@ -2,11 +2,14 @@
 per group), wait for it to train, read its run directory. Each job is a few hundred
 milliseconds of training per step count and bounded in time."""
 
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 FAST = ["--recipe", "smoke", "--quiet", "--guards.fingerprint_every", "5", "--replicas.timeout_s", "3",
@@ -118,3 +121,21 @@ def positions_of_shard(run: Path, shard: int) -> list[str]:
         loader.next_batch()
         positions.append(":".join(str(v) for v in loader.state_dict().values()))
     return positions
+
+
+def in_process(*argv: str) -> subprocess.CompletedProcess:
+    """`python -m stalwart ARGV` run in this process, for input rejected before any work
+    (no interpreter and torch import per case); an exception shows up as a traceback in
+    stderr, as it would from the command."""
+    from stalwart.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(argv))
+        except SystemExit as e:
+            code = e.code
+        except Exception:  # noqa: BLE001
+            traceback.print_exc(file=err)
+            code = 1
+    return subprocess.CompletedProcess(list(argv), code, out.getvalue(), err.getvalue())

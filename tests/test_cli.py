@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from jobs import in_process
+
 
 def stalwart(*args: str, cwd=None) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -75,8 +77,9 @@ def one_line_error(r: subprocess.CompletedProcess) -> str:
     (["export", "tiny", "OUT", "--dtype", "fp8"], "invalid choice"),
     (["frobnicate"], "invalid choice"),
 ])
-def test_bad_input_is_one_clear_line_and_exit_code_2(args, words, tmp_path):
-    line = one_line_error(stalwart(*args, cwd=tmp_path))
+def test_bad_input_is_one_clear_line_and_exit_code_2(args, words, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    line = one_line_error(in_process(*args))
     assert words in line
     assert not (tmp_path / "OUT").exists()
 
@@ -110,4 +113,4 @@ def test_inconsistent_model_config_is_one_clear_line(change, words, exported_tin
     config = tmp_path / "m" / "config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), **change}))
     for args in (["generate", str(tmp_path / "m"), "--prompt", "x"], ["model-info", str(tmp_path / "m")]):
-        assert words in one_line_error(stalwart(*args))
+        assert words in one_line_error(in_process(*args))

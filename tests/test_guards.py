@@ -13,6 +13,7 @@ from stalwart.run.goodput import CheckpointClock, goodput_report, groups_of_run,
 from stalwart.guards import NONFINITE, OK, ROLLBACK, SPIKE, SpikeGuard, StragglerTracker, fingerprint, odd_ones_out
 from stalwart.config import CheckpointConfig
 from stalwart.replication.transport import state_from_bytes, state_to_bytes
+from jobs import in_process
 
 
 def guard(**kw) -> SpikeGuard:
@@ -258,8 +259,7 @@ def test_transport_refuses_a_payload_that_would_run_code():
      "replicas.round_s applies to replicas.inner_steps auto only"),
 ])
 def test_bad_replication_input_is_one_line_and_exit_2(argv, message, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "stalwart", *argv, *(["--out", str(tmp_path / "r")]
-                        if argv[0] == "train" else [])], capture_output=True, text=True, timeout=60)
+    r = in_process(*argv, *(["--out", str(tmp_path / "r")] if argv[0] == "train" else []))
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "r").exists()

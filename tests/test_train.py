@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from stalwart.checkpoint import list_checkpoints, verify_checkpoint
+from jobs import in_process
 
 pytestmark = pytest.mark.slow
 
@@ -152,7 +153,7 @@ def one_line_error(r: subprocess.CompletedProcess) -> str:
     (["--model.initializer_range", "nan"], "model.initializer_range must be a finite number"),
 ])
 def test_bad_input_is_one_clear_line_and_exit_code_2(extra, words, tmp_path):
-    line = one_line_error(train(tmp_path / "run", *extra))
+    line = one_line_error(in_process("train", "--out", str(tmp_path / "run"), *ARGS, *extra))
     assert words in line
     assert not (tmp_path / "run").exists()  # rejected before a run directory is made
 
