@@ -257,6 +257,8 @@ def test_transport_refuses_a_payload_that_would_run_code():
      "replicas.inner_steps must be >= 1 or auto, got 'fast'"),
     (["train", "--replicas", "2", "--replicas.strategy", "diloco", "--replicas.round_s", "5"],
      "replicas.round_s applies to replicas.inner_steps auto only"),
+    (["train", "--replicas", "2", "--parallel.fsdp", "2"], "the ranks of a replica group are data parallel"),
+    (["train", "--parallel.fsdp", "-1"], "parallel.fsdp must be in 0..1024"),
 ])
 def test_bad_replication_input_is_one_line_and_exit_2(argv, message, tmp_path):
     r = in_process(*argv, *(["--out", str(tmp_path / "r")] if argv[0] == "train" else []))

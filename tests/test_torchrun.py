@@ -1,6 +1,9 @@
-"""Plain torchrun: `torchrun --nproc-per-node N -m stalwart train` is one data-parallel job
-with no Lighthouse, on one node or several, and torchrun's own restart resumes it."""
+"""Plain torchrun: `torchrun --nproc-per-node N -m stalwart train` is one job with no
+Lighthouse, its ranks sharding the model (FSDP2, parallel.fsdp 0: all of them) or data
+parallel (parallel.fsdp 1), on one node or several; torchrun's own restart resumes it, and
+a resume may change the sharding."""
 
+import json
 import os
 import signal
 import socket
@@ -77,13 +80,35 @@ def test_torchrun_on_two_nodes_and_a_killed_rank_restarted_by_torchrun_give_the_
     assert len(resumed) == 1 and resumed[0]["step"] >= 10  # torchrun's restart resumed the run
     assert _losses(restarted_run) == _losses(nodes_run)  # bit for bit
 
+    # The same state at step 30 resumed sharded (FSDP 2) and not (parallel.fsdp 1): the
+    # whole checkpoint loads into either, and they train on alike (up to the sums' order).
+    for run, sharding in ((restarted_run, "0"), (nodes_run, "1")):
+        r = subprocess.run(_torchrun("--standalone", "--nproc-per-node", "2", *TRAIN, "--out", str(run), "--resume",
+                                     "--train.steps", "36", "--parallel.fsdp", sharding),
+                           capture_output=True, text=True, timeout=240, env=ENV)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert json.loads((run / "config.json").read_text())["parallel"]["fsdp"] == int(sharding)
+        assert [e["step"] for e in jsonl(run / "events.jsonl") if e["event"] == "resume"][-1] == 30
+    held = {run.name: [e["parameter_bytes"] for e in jsonl(run / "events.jsonl") if e["event"] == "start"][-2:]
+            for run in (restarted_run, nodes_run)}
+    whole = 4 * [e for e in jsonl(nodes_run / "events.jsonl") if e["event"] == "start"][0]["parameters"]
+    assert held["nodes"] == [whole, whole]  # data parallel: every rank holds every parameter
+    assert all(0.45 * whole <= b <= 0.55 * whole for b in held["restarted"])  # FSDP 2: half each
+    sharded, plain = _losses(restarted_run)[30:], _losses(nodes_run)[30:]
+    assert len(sharded) == len(plain) == 6
+    assert all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(sharded, plain)), (sharded, plain)
 
-def test_torchrun_refuses_replica_groups_in_one_line(tmp_path):
+
+@pytest.mark.parametrize("extra, words", [
+    (["--replicas", "2"], "replica groups start their own ranks"),
+    (["--parallel.fsdp", "3"], "parallel.fsdp 3 must divide the launch's 2 ranks"),
+])
+def test_torchrun_refuses_what_its_ranks_cannot_do_in_one_line(extra, words, tmp_path):
     run = tmp_path / "run"
-    r = subprocess.run(_torchrun("--standalone", "--nproc-per-node", "2", *TRAIN, "--replicas", "2", "--out", str(run)),
+    r = subprocess.run(_torchrun("--standalone", "--nproc-per-node", "2", *TRAIN, *extra, "--out", str(run)),
                        capture_output=True, text=True, timeout=120, env=ENV)
     assert r.returncode != 0
-    assert "stalwart train: error: replica groups start their own ranks" in r.stderr
+    assert f"stalwart train: error: {words}" in r.stderr
     assert not run.exists()
 
 

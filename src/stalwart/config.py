@@ -164,6 +164,15 @@ class GuardsConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """parallel/: how the ranks of one torchrun launch share the model."""
+    # Ranks that shard one copy of parameters, gradients and optimizer state (FSDP2);
+    # 0: every rank of the launch, 1: none (plain data parallelism). Replica groups of
+    # several ranks are data parallel inside (not yet sharded).
+    fsdp: int = 0
+
+
+@dataclass(frozen=True)
 class RunConfig:
     recipe: str = "default"
     model: ModelConfig = field(default_factory=lambda: preset("tiny"))
@@ -174,6 +183,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     replicas: ReplicasConfig = field(default_factory=ReplicasConfig)
     guards: GuardsConfig = field(default_factory=GuardsConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -215,10 +225,13 @@ RESUMABLE_OVERRIDES = ("train.steps", "train.log_every", "train.device", "train.
                        "checkpoint.mtbf_s", "checkpoint.dir",
                        *(f"replicas.{f.name}" for f in dataclasses.fields(ReplicasConfig)
                          if f.name not in ("count", "ranks_per_group", "strategy", "fragments")),
-                       *(f"guards.{f.name}" for f in dataclasses.fields(GuardsConfig)))
+                       *(f"guards.{f.name}" for f in dataclasses.fields(GuardsConfig)),
+                       # checkpoints are whole: any sharding loads them (parallel/fsdp.py)
+                       *(f"parallel.{f.name}" for f in dataclasses.fields(ParallelConfig)))
 
 SECTION_TYPES = {"data": DataConfig, "optim": OptimConfig, "train": TrainConfig, "eval": EvalConfig,
-                 "checkpoint": CheckpointConfig, "replicas": ReplicasConfig, "guards": GuardsConfig}
+                 "checkpoint": CheckpointConfig, "replicas": ReplicasConfig, "guards": GuardsConfig,
+                 "parallel": ParallelConfig}
 
 
 def _section(name: str, cls: type, raw: Any) -> Any:
@@ -360,6 +373,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         need(not streaming_keys, f"{', '.join(streaming_keys)} apply to replicas.strategy streaming only")
     need(r.strategy == "ddp" or r.ranks_per_group == 1,
          f"replicas.strategy {r.strategy} takes one rank per group (replicas.ranks_per_group 1)")
+    need(0 <= cfg.parallel.fsdp <= 1024, f"parallel.fsdp must be in 0..1024 (0: every rank), got {cfg.parallel.fsdp}")
+    need(cfg.parallel.fsdp <= 1 or r.count == 1, f"parallel.fsdp {cfg.parallel.fsdp} shards the ranks of a plain "
+         "torchrun launch; the ranks of a replica group are data parallel")
     need(g.spike_sigma >= 0, f"guards.spike_sigma must be >= 0, got {g.spike_sigma}")
     need(g.spike_window >= 2 and 2 <= g.spike_min_history <= g.spike_window,
          f"guards.spike_window and guards.spike_min_history must satisfy 2 <= min_history <= window, "

@@ -20,7 +20,7 @@ from stalwart.errors import UserError
 
 HELP = "train a model (no arguments: the default job, about 5 minutes on 2 CPU cores)"
 DESCRIPTION = ("Train from a recipe; override any field with --section.key VALUE "
-               "(sections: model, data, optim, train, eval, checkpoint, replicas, guards).")
+               "(sections: model, data, optim, train, eval, checkpoint, replicas, guards, parallel).")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

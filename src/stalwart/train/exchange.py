@@ -48,8 +48,10 @@ class StepExchange:
 
     @classmethod
     def pack(cls, params: list[torch.Tensor], losses: torch.Tensor, loads: list[torch.Tensor], group, compute_s: float,
-             *, shard: int, num_shards: int, position: dict[str, int], checkpoint_due: bool, contribute: bool) -> StepExchange:
+             *, shard: int, num_shards: int, position: dict[str, int], checkpoint_due: bool, contribute: bool,
+             gradients: bool = True) -> StepExchange:
         device = params[0].device
+        params = params if gradients else []  # sharded: reduced by the backward pass already
         grads = [torch.zeros(p.numel(), device=device) if p.grad is None else p.grad.reshape(-1).float()
                  for p in params]
         has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
@@ -164,12 +166,14 @@ class LocalExchange:
 
 def step_exchange(params: list[torch.Tensor], losses: torch.Tensor, loads: list[torch.Tensor], group,
                   compute_s: float, *, shard: int, num_shards: int, position: dict[str, int], checkpoint_due: bool,
-                  contribute: bool = True) -> StepExchange | LocalExchange:
+                  contribute: bool = True, gradients: bool = True) -> StepExchange | LocalExchange:
     """The exchange of one step's gradients (params' .grad), losses and expert `loads`;
     `position` is this shard's loader position after the step's batch. `contribute` False:
     this group's state is known bad; it joins the collective with its flags only, like a
-    rank whose values are not finite."""
+    rank whose values are not finite. `gradients` False: the gradients are not in the
+    buffer (FSDP2 reduced them in the backward pass)."""
     if group.num_replicas == 1 and group.contributors == 1:
         return LocalExchange(losses, loads, compute_s, shard=shard, position=position, checkpoint_due=checkpoint_due)
     return StepExchange.pack(params, losses, loads, group, compute_s, shard=shard, num_shards=num_shards,
-                             position=position, checkpoint_due=checkpoint_due, contribute=contribute)
+                             position=position, checkpoint_due=checkpoint_due, contribute=contribute,
+                             gradients=gradients)

@@ -113,14 +113,15 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
             rounds.finish()
         if job.replicated:
             run.event("finish", step=state.step, fingerprint=f"{state.fingerprint():016x}", every_rank=True)
+        if state.step == first_step:  # resumed a finished run: nothing trained, report its final state
+            last = evaluate(cfg, job.model, job.tokenizer, job.info)
+        model = job.model if state.sharding is None else _whole_model(job)  # sharded: collectives, before shutdown
     finally:
         group.shutdown()
 
-    if state.step == first_step:  # resumed a finished run: nothing trained, report its final state
-        last = evaluate(cfg, job.model, job.tokenizer, job.info)
     if not group.is_lowest:  # one group (the lowest live one) exports and reports
         return TrainResult({"steps": state.step}, last.samples)
-    summary = _summary(job, last, record, wall=time.perf_counter() - started, started_at=started_at,
+    summary = _summary(job, model, last, record, wall=time.perf_counter() - started, started_at=started_at,
                        tokens_per_s=round((state.tokens_seen - first_tokens) / step_time, 1) if step_time else None)
     run.write_summary(summary)
     return TrainResult(summary, last.samples)
@@ -158,13 +159,21 @@ def _report_quorum(job: Job, result: StepResult, members: tuple[int, ...]) -> tu
     return tuple(sorted(result.timings))
 
 
-def _summary(job: Job, last: EvalResult, record: dict[str, Any], *, wall: float, started_at: float,
-             tokens_per_s: float | None) -> dict[str, Any]:
-    """Export the final model (the lowest group) and the run's summary.json fields."""
+def _whole_model(job: Job) -> DeepSeekForCausalLM:
+    """The sharded model gathered whole into a plain one on the CPU (a collective)."""
+    whole = job.state.sharding.full(job.model.state_dict())
+    model = DeepSeekForCausalLM(job.cfg.model)
+    model.load_state_dict(whole)
+    return model
+
+
+def _summary(job: Job, model: DeepSeekForCausalLM, last: EvalResult, record: dict[str, Any], *, wall: float,
+             started_at: float, tokens_per_s: float | None) -> dict[str, Any]:
+    """Export the final `model` (the lowest group) and the run's summary.json fields."""
     cfg, run, state = job.cfg, job.run, job.state
     export: Path | None = None
     if cfg.model.attention == "mla":
-        export = save_hf_folder(job.model.cpu(), job.tokenizer, run.export, replace=True)
+        export = save_hf_folder(model.cpu(), job.tokenizer, run.export, replace=True)
         run.event("export", path=str(export))
     else:
         run.event("export_skipped", reason="plain attention has no deepseek_v3 form")

@@ -125,7 +125,8 @@ class Recovery:
             self.rollback(step, data=True, reason="fingerprints differ with no majority")
             return "retry"
         if state.checkpoint_due:
-            if check.writer == job.group.replica and job.run.writer:
+            # Sharded, every rank gathers the state for the writer.
+            if check.writer == job.group.replica and (job.run.writer or state.sharding is not None):
                 self.save(step)
             else:
                 self.clock.saved(None)
@@ -145,10 +146,12 @@ class Recovery:
 
     def save(self, step: int) -> None:
         job = self.job
+        t = time.perf_counter()
+        state = job.state.state_dict()  # sharded: a collective, then only the writer goes on
+        if not job.run.writer:
+            return
         for partial in ckpt.remove_partial(job.run.checkpoints, dead_writers_only=True):
             job.run.event("checkpoint_partial_removed", path=str(partial))
-        t = time.perf_counter()
-        state = job.state.state_dict()
         path = ckpt.save_checkpoint(job.run.checkpoints, step, state.pop("model"), {**state, "rng": rng_state(job.info)},
                                     keep=job.cfg.checkpoint.keep)
         cost = self.clock.saved(time.perf_counter() - t)

@@ -30,6 +30,7 @@ from stalwart.errors import ConfigError
 from stalwart.faults import arm_signal_faults, set_replica
 from stalwart.guards import SpikeGuard
 from stalwart.model import DeepSeekForCausalLM
+from stalwart.parallel.fsdp import Sharding, local_tensors
 from stalwart.replication.group import LocalGroup, RanksGroup, TorchFTGroup, group_rank
 from stalwart.replication.protocol import start_together
 from stalwart.run.rundir import RunDir
@@ -117,6 +118,7 @@ def setup(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, replica: Repl
     # Plain torchrun: the ranks' process group first, so that they all get past the checks
     # above before any of them writes.
     group = RanksGroup(info.backend, info.device) if replica is None and ranks > 1 else LocalGroup()
+    fsdp = _fsdp_ranks(cfg, ranks, plain=isinstance(group, RanksGroup))
     run = RunDir(out, replica=None if replica is None else replica.replica, checkpoints=cfg.checkpoint.dir,
                  rank=rank, ranks=ranks)
     set_replica(None if replica is None else replica.replica)
@@ -130,13 +132,16 @@ def setup(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, replica: Repl
                                   max_length=cfg.model.max_position_embeddings)
 
     model = DeepSeekForCausalLM(cfg.model).to(info.device)
+    sharding = Sharding(model, ranks=ranks, fsdp=fsdp, device=info.device, bf16=compute_dtype == "bf16") \
+        if fsdp > 1 else None
     g = cfg.guards
     shard, shards = (replica.replica * ranks + rank, cfg.replicas.count * ranks) if replica else (rank, ranks)
     state = TrainState(model, build_optimizer(model, cfg.optim),
                        PackedLoader(train_docs, tokenizer, seq_len=cfg.data.seq_len, batch_size=cfg.train.batch_size,
                                     seed=cfg.data.seed, shard=shard, num_shards=shards),
                        SpikeGuard(sigma=_spike_sigma(cfg), window=g.spike_window, min_history=g.spike_min_history,
-                                  rollback_spikes=g.rollback_spikes, rollback_window=g.rollback_window))
+                                  rollback_spikes=g.rollback_spikes, rollback_window=g.rollback_window),
+                       sharding=sharding)
     job = Job(cfg, info, run, tokenizer, model, torch.compile(model) if cfg.train.compile else model, state,
               group, autocast, compute_dtype, quiet,
               params=[p for p in model.parameters() if p.requires_grad], moe_layers=model.moe_layers())
@@ -159,7 +164,9 @@ def setup(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, replica: Repl
             on_quorum_retry=lambda error, waited: _quorum_retry(job, error, waited))
         start_together(run.logs, replica.replica)
     run.event("start", step=state.step, device=str(info.device), dtype=compute_dtype,
-              parameters=sum(p.numel() for p in model.parameters()), pid=os.getpid(), every_rank=True)
+              parameters=sum(p.numel() for p in model.parameters()), pid=os.getpid(), every_rank=True,
+              # what this rank holds of them (sharded: its shards; AdamW adds twice as much)
+              parameter_bytes=sum(t.numel() * t.element_size() for t in local_tensors(list(model.parameters()))))
     return job
 
 
@@ -179,6 +186,16 @@ def _restore(job: Job, *, resume: bool, replicated: bool) -> None:
         run.truncate_metrics(state.step)
         run.repair_events()
     run.event("resume", step=state.step, checkpoint=str(latest.path) if latest else None)
+
+
+def _fsdp_ranks(cfg: RunConfig, ranks: int, *, plain: bool) -> int:
+    """The ranks that shard one copy of the state (1: no sharding)."""
+    if not plain:  # one process, or a replica group (config.py refuses parallel.fsdp > 1 there)
+        return 1
+    fsdp = cfg.parallel.fsdp or ranks
+    if ranks % fsdp:
+        raise ConfigError(f"parallel.fsdp {fsdp} must divide the launch's {ranks} ranks")
+    return fsdp
 
 
 def _spike_sigma(cfg: RunConfig) -> float:

@@ -21,6 +21,7 @@ from stalwart.errors import ConfigError
 from stalwart.guards import SpikeGuard, fingerprint
 from stalwart.model import DeepSeekForCausalLM
 from stalwart.model_source import load_model_state
+from stalwart.parallel.fsdp import Sharding, local_tensors
 
 if TYPE_CHECKING:
     from stalwart.train.outer import OuterState
@@ -31,8 +32,9 @@ class TrainState:
     counters of one process."""
 
     def __init__(self, model: DeepSeekForCausalLM, optimizer: torch.optim.Optimizer, loader: PackedLoader,
-                 guard: SpikeGuard) -> None:
+                 guard: SpikeGuard, sharding: Sharding | None = None) -> None:
         self.model, self.optimizer, self.loader, self.guard = model, optimizer, loader, guard
+        self.sharding = sharding  # FSDP2 (parallel/fsdp.py): weights and moments are this rank's shards
         self.step, self.tokens_seen = 0, 0
         # Identical on every participant (they follow from the same sums) and carried by a
         # heal, so that every group takes the same extra collectives at the same points:
@@ -54,14 +56,15 @@ class TrainState:
         if self.outer is not None:
             state.update(self.outer.progress())
             state["outer"] = self.outer.state_dict()
+        if self.sharding is not None:  # whole, on every rank: a collective
+            state["model"], state["optimizer"] = self.sharding.full(state["model"]), self.sharding.full(state["optimizer"])
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """A healthy peer's state (a heal): its weights, optimizer and ledger; this shard's
         loader goes to the ledger's position for it."""
         self._replace()
-        load_model_state(self.model, state["model"], Path("peer"))
-        self.optimizer.load_state_dict(state["optimizer"])
+        self._load_weights(state["model"], state["optimizer"], Path("peer"))
         self.guard.load_state_dict(state["guard"])
         self._load_ledger(state["shards"], "a peer's state")
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
@@ -72,9 +75,8 @@ class TrainState:
         """Weights, optimizer and counters from a checkpoint, and the ledger unless a
         rollback keeps reading past the offending batches; returns its train state."""
         self._replace()
-        load_model_state(self.model, latest.model_state, latest.path)
         state = latest.train_state
-        self.optimizer.load_state_dict(state["optimizer"])
+        self._load_weights(latest.model_state, state["optimizer"], latest.path)
         if data:
             self._load_ledger(state["shards"], f"checkpoint {latest.path}")
         if "guard" in state:
@@ -83,6 +85,14 @@ class TrainState:
         self.checkpoint_due = False
         self._load_outer(state)
         return state
+
+    def _load_weights(self, model: dict[str, torch.Tensor], optimizer: dict[str, Any], where: Path) -> None:
+        """Whole weights and optimizer state, cut to this rank's shards when sharded."""
+        if self.sharding is not None:
+            model, optimizer = self.sharding.local_model_state(self.model, model), \
+                self.sharding.local_optimizer_state(self.optimizer, optimizer)
+        load_model_state(self.model, model, where)
+        self.optimizer.load_state_dict(optimizer)
 
     def _replace(self) -> None:
         """The weights are about to be replaced: gradients computed on them are void (and
@@ -123,4 +133,4 @@ class TrainState:
         tensors = list(self.model.state_dict().values())
         for per_param in self.optimizer.state_dict()["state"].values():
             tensors += [v for v in per_param.values() if isinstance(v, torch.Tensor)]
-        return fingerprint(tensors)
+        return fingerprint(local_tensors(tensors))  # sharded: of this rank's shards

@@ -28,6 +28,7 @@ import torch
 from stalwart.errors import first_line
 from stalwart.faults import corrupt_gradients, inject
 from stalwart.guards import NONFINITE, OK, ROLLBACK, Verdict
+from stalwart.parallel.fsdp import whole_value
 from stalwart.replication.group import LocalGroup, group_rank
 from stalwart.train.exchange import step_exchange
 from stalwart.train.optim import lr_at
@@ -128,9 +129,11 @@ def train_step(job: Job, step: int, *, slowed: bool = False, checkpoint_due: boo
     work.sends += 1
     if not inner:
         inject("kill-in-exchange", step)
+    # Sharded (FSDP2): the backward pass already reduced the gradients; the exchange carries the rest.
     exchange = step_exchange(job.params, work.losses, work.loads, group, work.compute_s, shard=state.loader.shard,
                              num_shards=state.loader.num_shards, position=work.position,
-                             checkpoint_due=checkpoint_due, contribute=not exclude_self)
+                             checkpoint_due=checkpoint_due, contribute=not exclude_self,
+                             gradients=state.sharding is None)
     collective_ok = group.allreduce_sum(exchange.buffer)
     error = group.error()  # why the collective failed, before the vote adds its own
     verdict, grad_norm, healthy = Verdict(OK), float("nan"), 0
@@ -141,7 +144,7 @@ def train_step(job: Job, step: int, *, slowed: bool = False, checkpoint_due: boo
         if exchange.own_finite and healthy:
             exchange.unpack_gradients(job.params, healthy)
             clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(job.params, clip))
+            grad_norm = whole_value(torch.nn.utils.clip_grad_norm_(job.params, clip))
             loss, lm_loss, mtp_loss = (exchange.losses() / healthy).tolist()
             verdict = state.guard.check(step, lm_loss, grad_norm)
         elif not healthy:

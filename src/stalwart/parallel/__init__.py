@@ -1,0 +1,1 @@
+"""Sharding a model over the ranks of a launch (FSDP2)."""

@@ -1,0 +1,87 @@
+"""FSDP2 inside one torchrun launch (`parallel.fsdp`): parameters, gradients and AdamW's
+moments sharded over the ranks.
+
+`torch.distributed.fsdp.fully_shard` wraps each decoder layer and then the whole model,
+on a mesh of the launch's ranks: `parallel.fsdp` ranks share one copy of the state (0:
+all of them); with fewer than all, the launch is `ranks / fsdp` such copies, each
+sharded `fsdp` ways (HSDP: gradients are reduced within a copy and averaged across
+copies). Parameters stay fp32; with a bf16 compute dtype they are gathered in bf16 and
+gradients reduced in fp32 (`MixedPrecisionPolicy`). The backward pass reduce-scatters the
+gradients itself, averaged over every rank, so the step's exchange carries only its
+statistics (train/exchange.py).
+
+Checkpoints stay whole (checkpoint.py's format): `full` gathers every sharded tensor of a
+state to every rank, and `local` cuts a whole state back to this rank's shards. A
+checkpoint written with one layout therefore loads with any other (FSDP 2 -> 1 -> 4, or
+none), and a run resumes bit for bit on the same layout.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+
+class Sharding:
+    """The mesh a model was sharded on, and the conversions between whole and sharded state."""
+
+    def __init__(self, model: torch.nn.Module, *, ranks: int, fsdp: int, device: torch.device, bf16: bool) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        if fsdp == ranks:
+            self.mesh = init_device_mesh(device.type, (fsdp,), mesh_dim_names=("shard",))
+        else:
+            self.mesh = init_device_mesh(device.type, (ranks // fsdp, fsdp), mesh_dim_names=("replicate", "shard"))
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+            else MixedPrecisionPolicy()
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=self.mesh, mp_policy=policy)
+        fully_shard(model, mesh=self.mesh, mp_policy=policy)
+        self.fsdp, self.copies = fsdp, ranks // fsdp
+
+    @staticmethod
+    def full(value: Any) -> Any:
+        """`value` (a tensor, or dicts and lists of them) with every sharded tensor whole, on
+        the CPU. A collective: every rank calls it with the same structure."""
+        if isinstance(value, DTensor):
+            return value.full_tensor().cpu()
+        if isinstance(value, dict):
+            return {k: Sharding.full(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [Sharding.full(v) for v in value]
+        return value
+
+    @staticmethod
+    def local(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """A whole tensor as `like` holds it: this rank's shard when `like` is sharded."""
+        if isinstance(like, DTensor):
+            return distribute_tensor(whole.to(like.device, like.dtype), like.device_mesh, like.placements)
+        return whole
+
+    def local_model_state(self, model: torch.nn.Module, whole: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        current = model.state_dict()
+        return {k: self.local(v, current[k]) if k in current else v for k, v in whole.items()}
+
+    def local_optimizer_state(self, optimizer: torch.optim.Optimizer, whole: dict[str, Any]) -> dict[str, Any]:
+        """optimizer.state_dict()'s form (states keyed by parameter index) with every moment
+        cut to the shard of its parameter."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        state = {}
+        for index, per_param in whole["state"].items():
+            param = params[int(index)]
+            state[index] = {k: self.local(v, param) if isinstance(v, torch.Tensor) and v.dim() > 0 else v
+                            for k, v in per_param.items()}
+        return {**whole, "state": state}
+
+
+def whole_value(t: torch.Tensor) -> float:
+    """A scalar tensor's value (a sharded gradient's norm is a DTensor)."""
+    return float(t.full_tensor() if isinstance(t, DTensor) else t)
+
+
+def local_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """This rank's part of each tensor (a fingerprint of what this rank holds)."""
+    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
