@@ -9,7 +9,7 @@ from safetensors import safe_open
 
 from stalwart.data.tokenizer import default_corpus, train_tokenizer
 from stalwart.errors import ConfigError, ModelFileError
-from stalwart.export.hf import load_hf_folder, save_hf_folder
+from stalwart.export.hf import load_hf_folder, save_hf_folder, to_hf_state_dict
 from stalwart.model import DeepSeekForCausalLM, ModelConfig
 
 transformers = pytest.importorskip("transformers")
@@ -148,3 +148,25 @@ def test_damaged_folder_is_a_model_file_error(damage, message, tokenizer, tmp_pa
     damage(tmp_path / "hf")
     with pytest.raises(ModelFileError, match=message):
         load_hf_folder(tmp_path / "hf")
+
+
+def test_an_export_above_the_shard_size_is_numbered_files_with_an_index_that_both_sides_load(tokenizer, tmp_path):
+    model = random_model(config(**CONFIGS["moe-grouped-several-per-token"]))
+    total = sum(t.numel() * 4 for t in to_hf_state_dict(model).values())
+    save_hf_folder(model, tokenizer, tmp_path / "hf", max_shard_bytes=total // 3)
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    files = sorted(p.name for p in (tmp_path / "hf").glob("*.safetensors"))
+    assert len(files) >= 3 and files == sorted(set(index["weight_map"].values()))
+    assert files[0] == f"model-00001-of-{len(files):05d}.safetensors" and index["metadata"]["total_size"] == total
+    assert not (tmp_path / "hf" / "model.safetensors").exists()
+    for f in files:  # no file above the limit unless one tensor alone is
+        with safe_open(str(tmp_path / "hf" / f), "pt") as st:
+            sizes = [st.get_tensor(k).numel() * 4 for k in st.keys()]
+        assert sum(sizes) <= total // 3 or len(sizes) == 1
+    back, _ = load_hf_folder(tmp_path / "hf")
+    a, b = model.state_dict(), back.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ids = torch.randint(0, VOCAB, (1, 32))
+    with torch.no_grad():
+        assert (model(ids).logits - hf(ids).logits).abs().max().item() <= 1e-4

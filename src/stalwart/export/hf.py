@@ -1,7 +1,8 @@
 """Hugging Face model folders: the state-dict adapter between stalwart and `deepseek_v3`.
 
 A folder holds config.json (`model_type: deepseek_v3`, every field transformers and the
-serving engines read), model.safetensors with transformers' weight names, and the
+serving engines read), model.safetensors with transformers' weight names (above 5 GB,
+numbered files and model.safetensors.index.json, as transformers shards them), and the
 tokenizer files. Differences from our in-memory layout, and nothing else:
 
 - routed experts are stacked (E, out, in) in memory and one tensor per expert on disk,
@@ -33,6 +34,7 @@ from stalwart.fsutil import atomic_directory, atomic_write_bytes, atomic_write_j
 from stalwart.model import DeepSeekForCausalLM, ModelConfig, RopeScaling
 
 WEIGHTS_FILE = "model.safetensors"
+MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size
 CONFIG_FILE = "config.json"
 # Fields of ours that deepseek_v3 has no name for; kept so that a re-import trains the same.
 TRAINING_FIELDS = ("bias_update_speed", "seq_aux_loss_alpha", "mtp_loss_weight")
@@ -135,20 +137,39 @@ def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
     return ModelConfig.from_dict(kwargs)
 
 
-def to_hf_state_dict(model: DeepSeekForCausalLM, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    cfg = model.cfg
-    out: dict[str, torch.Tensor] = {}
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    """One tensor of the folder, made only when written: `source` (row `index` of it for a
+    routed expert) in `dtype`."""
+    name: str
+    source: torch.Tensor
+    index: int | None
+    dtype: torch.dtype
 
-    def put(name: str, t: torch.Tensor) -> None:
-        keep_fp32 = name.endswith(_FP32_SUFFIXES)
-        out[name] = t.detach().to("cpu", torch.float32 if keep_fp32 else dtype).clone().contiguous()
+    @property
+    def nbytes(self) -> int:
+        numel = self.source[0].numel() if self.index is not None else self.source.numel()
+        return numel * self.dtype.itemsize
+
+    def tensor(self) -> torch.Tensor:
+        t = self.source if self.index is None else self.source[self.index]
+        return t.detach().to("cpu", self.dtype).clone().contiguous()
+
+
+def _hf_entries(model: DeepSeekForCausalLM, dtype: torch.dtype) -> list[_Entry]:
+    """Every tensor of the folder, in file order, none of them copied yet."""
+    cfg = model.cfg
+    out: list[_Entry] = []
+
+    def put(name: str, t: torch.Tensor, index: int | None = None) -> None:
+        out.append(_Entry(name, t, index, torch.float32 if name.endswith(_FP32_SUFFIXES) else dtype))
 
     def put_module(prefix: str, module: torch.nn.Module) -> None:
         for name, t in module.state_dict().items():
             m = _EXPERT.match(name)
             if m:
                 for e in range(t.shape[0]):
-                    put(f"{prefix}{m[1]}.{e}.{m[2]}.weight", t[e])
+                    put(f"{prefix}{m[1]}.{e}.{m[2]}.weight", t, e)
             else:
                 put(prefix + name, t)
 
@@ -163,6 +184,24 @@ def to_hf_state_dict(model: DeepSeekForCausalLM, dtype: torch.dtype = torch.floa
         put(p + "embed_tokens.weight", model.model.embed_tokens.weight)
         put(p + "shared_head.head.weight", model.lm_head.weight)
     return out
+
+
+def to_hf_state_dict(model: DeepSeekForCausalLM, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The folder's tensors by name, all in memory (the export writes them file by file)."""
+    return {e.name: e.tensor() for e in _hf_entries(model, dtype)}
+
+
+def _shards(entries: list[_Entry], max_bytes: int) -> list[list[_Entry]]:
+    """Consecutive runs of entries of at most `max_bytes` each (a larger tensor alone)."""
+    shards: list[list[_Entry]] = [[]]
+    size = 0
+    for e in entries:
+        if shards[-1] and size + e.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += e.nbytes
+    return shards
 
 
 def from_hf_state_dict(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -203,16 +242,28 @@ def _stack_experts(tensors: dict[str, torch.Tensor], prefix: str, proj: str, n: 
 
 
 def save_hf_folder(model: DeepSeekForCausalLM, tokenizer: Any, out: Path, *, dtype: torch.dtype = torch.float32,
-                   replace: bool = False) -> Path:
-    """Write the HF folder atomically: it appears complete or not at all."""
+                   replace: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Write the HF folder atomically: it appears complete or not at all. Weights above
+    `max_shard_bytes` go to model-0000i-of-0000n.safetensors files with
+    model.safetensors.index.json, as transformers writes them; one file's tensors at a
+    time are copied, so the export never holds the model twice."""
     cfg = model.cfg
     if tokenizer.get_vocab_size() > cfg.vocab_size:
         raise ConfigError(f"tokenizer has {tokenizer.get_vocab_size()} tokens, model only {cfg.vocab_size}")
     config = hf_config(cfg, dtype)
+    entries = _hf_entries(model, dtype)
+    shards = _shards(entries, max_shard_bytes)
+    names = [WEIGHTS_FILE] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     with atomic_directory(out, replace=replace) as tmp:
         # Serialised in memory and written by us: safetensors' own writer reports a full disk
         # as a SafetensorError rather than an OSError.
-        atomic_write_bytes(tmp / WEIGHTS_FILE, save(to_hf_state_dict(model, dtype), metadata={"format": "pt"}))
+        for name, shard in zip(names, shards):
+            atomic_write_bytes(tmp / name, save({e.name: e.tensor() for e in shard}, metadata={"format": "pt"}))
+        if len(shards) > 1:
+            atomic_write_json(tmp / f"{WEIGHTS_FILE}.index.json", {
+                "metadata": {"total_size": sum(e.nbytes for e in entries)},
+                "weight_map": {e.name: name for name, shard in zip(names, shards) for e in shard}})
         atomic_write_json(tmp / CONFIG_FILE, config)
         atomic_write_json(tmp / "generation_config.json", {
             "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
