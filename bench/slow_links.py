@@ -13,7 +13,9 @@ host 0, the same number of steps, so the same tokens, per group:
   error feedback (the `-int4` (`-int2`) settings; int2 only when asked for); H =
   --inner-steps, streaming with --fragments, tau 1 and alpha 0.5; the outer optimizer
   stalwart's defaults (lr 0.7, Nesterov momentum 0.9) or --outer-lr / --outer-momentum
-  (another H or outer optimizer is labelled in the table and cached apart).
+  (another H or outer optimizer is labelled in the table and cached apart);
+- --spike-sigma: the spike guard's sigma for every run (DDP's label and cache say so;
+  DiLoCo's inner steps are guarded against non-finite values only, whatever it is).
 
 Reported per setting, mean and min-max over seeds: bytes the groups sent (metrics.jsonl),
 final eval loss, exact match on 200 held-out problems (from the export), compute
@@ -190,6 +192,8 @@ def _variant(a: argparse.Namespace) -> tuple[str, str]:
 
 def one_run(setting: str, groups: int, seed: int, a: argparse.Namespace) -> dict:
     variant, tag = ("", "") if setting == "ddp" else _variant(a)
+    if setting == "ddp" and a.spike_sigma is not None:  # DiLoCo's inner steps have no spike guard anyway
+        variant, tag = f"spike guard sigma {a.spike_sigma:g}", f"-sigma{a.spike_sigma:g}"
     out = a.out / f"{setting}{tag}-g{groups}-s{seed}"
     cached = out / "result.json"
     if cached.exists():
@@ -197,6 +201,8 @@ def one_run(setting: str, groups: int, seed: int, a: argparse.Namespace) -> dict
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     args = _common(groups, seed, a.steps, a.eval_every) + _strategy_args(setting, a)
+    if a.spike_sigma is not None:
+        args += ["--guards.spike_sigma", str(a.spike_sigma)]
     timeout = 6 * 3600
     if setting == "ddp":
         run = train_locally(args, out, timeout)
@@ -330,6 +336,8 @@ def main() -> None:
     p.add_argument("--fragments", type=int, default=2)
     p.add_argument("--outer-lr", type=float, default=ReplicasConfig().outer_lr)
     p.add_argument("--outer-momentum", type=float, default=ReplicasConfig().outer_momentum)
+    p.add_argument("--spike-sigma", type=float, help="guards.spike_sigma for every run (0: no spike guard, as "
+                   "DiLoCo's inner steps; default the recipe's)")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--rate-mbit", type=float, default=10.0)
     p.add_argument("--ddp-link-steps", type=int, default=25)
