@@ -50,6 +50,14 @@ def test_torchrun_on_two_nodes_and_a_killed_rank_restarted_by_torchrun_give_the_
     outputs = [p.communicate(timeout=240) for p in nodes]
     assert all(p.returncode == 0 for p in nodes), [err[-2000:] for _, err in outputs]
 
+    # Another launch on the same --out is refused, and torchrun's restart of it is not
+    # taken for a restart of the run that is there.
+    before = (nodes_run / "metrics.jsonl").read_text()
+    again = subprocess.run(_torchrun("--standalone", "--nproc-per-node", "2", "--max-restarts", "1", *TRAIN,
+                                     "--out", str(nodes_run)), capture_output=True, text=True, timeout=240, env=ENV)
+    assert again.returncode != 0 and again.stderr.count("already holds a run") >= 4  # both ranks, both attempts
+    assert (nodes_run / "metrics.jsonl").read_text() == before
+
     # One node of two ranks with --max-restarts 1; rank 1 SIGKILLed from outside once step 10 is on disk.
     restarted_run = tmp_path / "restarted"
     job = subprocess.Popen(_torchrun("--standalone", "--nproc-per-node", "2", "--max-restarts", "1", *TRAIN,
@@ -59,7 +67,7 @@ def test_torchrun_on_two_nodes_and_a_killed_rank_restarted_by_torchrun_give_the_
         events = restarted_run / "events.jsonl"
         wait_for(lambda: events.exists() and any(e["event"] == "checkpoint" for e in jsonl(events)), 120,
                  "the first checkpoint")
-        rank1 = [e["pid"] for e in jsonl(events) if e["event"] == "start" and e["rank"] == 1][-1]
+        rank1 = [e["pids"] for e in jsonl(events) if e["event"] == "start"][-1][1]
         os.kill(rank1, signal.SIGKILL)
         _, err = job.communicate(timeout=240)
     finally:
@@ -89,7 +97,7 @@ def test_torchrun_on_two_nodes_and_a_killed_rank_restarted_by_torchrun_give_the_
         assert r.returncode == 0, r.stderr[-2000:]
         assert json.loads((run / "config.json").read_text())["parallel"]["fsdp"] == int(sharding)
         assert [e["step"] for e in jsonl(run / "events.jsonl") if e["event"] == "resume"][-1] == 30
-    held = {run.name: [e["parameter_bytes"] for e in jsonl(run / "events.jsonl") if e["event"] == "start"][-2:]
+    held = {run.name: [e["parameter_bytes"] for e in jsonl(run / "events.jsonl") if e["event"] == "start"][-1]
             for run in (restarted_run, nodes_run)}
     whole = 4 * [e for e in jsonl(nodes_run / "events.jsonl") if e["event"] == "start"][0]["parameters"]
     assert held["nodes"] == [whole, whole]  # data parallel: every rank holds every parameter
@@ -121,3 +129,4 @@ def test_a_rank_under_torchrun_restarts_with_a_shared_store_is_refused_in_one_li
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "torchrun --max-restarts shares its store" in r.stderr and "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in r.stderr
     assert not (tmp_path / "run").exists()
+

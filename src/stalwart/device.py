@@ -148,6 +148,13 @@ def _supported_dtypes(kind: str, device: torch.device) -> tuple[str, ...]:
     return tuple(dtypes)
 
 
+def use_device(device: torch.device) -> None:
+    """Make `device` the current one of its kind: what torch.distributed and FSDP2 allocate
+    on when they are not told (torchrun's ranks each drive cuda:LOCAL_RANK, not cuda:0)."""
+    if device.type != "cpu" and device.index is not None:
+        torch.accelerator.set_device_index(device.index)
+
+
 def resolve_device(requested: str | None = None) -> DeviceInfo:
     """Pick the device: `requested` (from --device), else $STALWART_DEVICE, else the first
     available of npu, cuda, xpu, mps, cpu.

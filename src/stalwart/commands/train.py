@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--replica-id and --groups exclude each other")
     launch = _join_torchrun(args, overrides)
     joining = args.replica_id is not None and args.out and (Path(args.out) / "config.json").exists()
-    restarted = launch is not None and launch.restarted and args.out and (Path(args.out) / "config.json").exists()
+    restarted = launch is not None and launch.restarted
     if joining or restarted:  # a (re)started group, or torchrun's restart, continues the run's own config
         args.resume = True
     if args.resume:
@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
 @dataclass
 class _TorchrunLaunch:
     started: float  # rank 0's clock
-    restarted: bool  # torchrun's --max-restarts started this launch again
+    restarted: bool  # torchrun's --max-restarts started again the launch that made --out
 
 
 def _join_torchrun(args: argparse.Namespace, overrides: dict[str, str]) -> _TorchrunLaunch | None:
@@ -151,22 +151,30 @@ def _join_torchrun(args: argparse.Namespace, overrides: dict[str, str]) -> _Torc
     ranks' process group (setup uses it), and what every rank must agree on before the run
     directory is chosen. torchrun restarts the ranks of a failed node with
     TORCHELASTIC_RESTART_COUNT > 0, but those of the other nodes with their count as it
-    was: any rank's count makes the launch a restart."""
+    was: any rank's count makes the launch a restart. It resumes --out only if the agent of
+    one of its ranks started the run there (AGENT_FILE; ranks may move between nodes at a
+    re-rendezvous): a launch refused because --out held another run is not resumed into
+    that run when torchrun restarts it."""
     from stalwart.device import resolve_device
-    from stalwart.replication.group import RanksGroup, group_rank
+    from stalwart.replication.group import AGENT_FILE, RanksGroup, group_rank, torchrun_agent
 
     if group_rank()[1] == 1 or args.replica_id is not None or args.standby:
         return None
-    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    if restarts and not args.out:
+        raise UserError("torchrun --max-restarts needs --out RUN_DIR: a restart must find the run it continues")
+    if restarts and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         # Measured: 2 of 3 restarts failed to connect, none with the store apart.
         raise UserError("torchrun --max-restarts shares its store with the ranks, and a restarted rank can read "
                         "the addresses of the attempt before (pytorch/pytorch#135712): export "
                         "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun")
     device = overrides.get("train.device", "auto")
     info = resolve_device(None if device == "auto" else device)
-    ranks = RanksGroup(info.backend, info.device)
-    return _TorchrunLaunch(started=ranks.broadcast(int(time.time())),
-                           restarted=ranks.largest(int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))) > 0)
+    group = RanksGroup(info.backend, info.device)
+    agent = Path(args.out or ".") / AGENT_FILE
+    ours = agent.is_file() and agent.read_text() == torchrun_agent()  # any node: ranks move at a re-rendezvous
+    restarted = group.largest(int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))) > 0 and group.largest(ours) > 0
+    return _TorchrunLaunch(started=group.broadcast(int(time.time())), restarted=restarted)
 
 
 def _train_group(cfg, out, args: argparse.Namespace) -> int:

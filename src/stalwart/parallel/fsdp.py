@@ -6,12 +6,15 @@ on a mesh of the launch's ranks: `parallel.fsdp` ranks share one copy of the sta
 all of them); with fewer than all, the launch is `ranks / fsdp` such copies, each
 sharded `fsdp` ways (HSDP: gradients are reduced within a copy and averaged across
 copies). Parameters stay fp32; with a bf16 compute dtype they are gathered in bf16 and
-gradients reduced in fp32 (`MixedPrecisionPolicy`). The backward pass reduce-scatters the
+gradients reduced in fp32 (`MixedPrecisionPolicy`), except the MoE router's, which is
+sharded on its own and computes in fp32 as it does without sharding (near-ties flip in
+bf16). The backward pass reduce-scatters the
 gradients itself, averaged over every rank, so the step's exchange carries only its
 statistics (train/exchange.py).
 
 Checkpoints stay whole (checkpoint.py's format): `full` gathers every sharded tensor of a
-state to every rank, and `local` cuts a whole state back to this rank's shards. A
+state, one at a time, to rank 0, which writes it; `local` cuts a whole state back to this
+rank's shards. A
 checkpoint written with one layout therefore loads with any other (FSDP 2 -> 1 -> 4, or
 none), and a run resumes bit for bit on the same layout.
 """
@@ -37,21 +40,27 @@ class Sharding:
             self.mesh = init_device_mesh(device.type, (ranks // fsdp, fsdp), mesh_dim_names=("replicate", "shard"))
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
             else MixedPrecisionPolicy()
+        router = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
         for layer in model.model.layers:
+            if hasattr(layer.mlp, "gate"):  # the router stays fp32, as without sharding (model/moe.py)
+                fully_shard(layer.mlp.gate, mesh=self.mesh, mp_policy=router)
             fully_shard(layer, mesh=self.mesh, mp_policy=policy)
         fully_shard(model, mesh=self.mesh, mp_policy=policy)
         self.fsdp, self.copies = fsdp, ranks // fsdp
+        self.rank = torch.distributed.get_rank()
 
-    @staticmethod
-    def full(value: Any) -> Any:
+    def full(self, value: Any) -> Any:
         """`value` (a tensor, or dicts and lists of them) with every sharded tensor whole, on
-        the CPU. A collective: every rank calls it with the same structure."""
+        the CPU of rank 0 (the writer); the other ranks get None in their place. A
+        collective: every rank calls it with the same structure. One tensor at a time is
+        gathered, so no rank ever holds the whole state beside its shards but rank 0."""
         if isinstance(value, DTensor):
-            return value.full_tensor().cpu()
+            whole = value.full_tensor()
+            return whole.cpu() if self.rank == 0 else None
         if isinstance(value, dict):
-            return {k: Sharding.full(v) for k, v in value.items()}
+            return {k: self.full(v) for k, v in value.items()}
         if isinstance(value, list):
-            return [Sharding.full(v) for v in value]
+            return [self.full(v) for v in value]
         return value
 
     @staticmethod

@@ -48,6 +48,7 @@ from typing import Any
 import torch
 
 from stalwart.config import ReplicasConfig
+from stalwart.device import use_device
 from stalwart.errors import ConfigError
 
 
@@ -122,6 +123,17 @@ class LocalGroup:
         pass
 
 
+AGENT_FILE = "torchrun_agent"  # in the run directory: the torchrun agent whose launch runs it
+
+
+def torchrun_agent() -> str:
+    """Names the torchrun agent of this rank (host and pid): the same across the restarts
+    it makes, another for any other launch."""
+    import socket
+
+    return f"{socket.gethostname()}:{os.getppid()}"
+
+
 class RanksGroup(LocalGroup):
     """The ranks of one torchrun launch, and nothing else: every rank takes part in every
     step, so a step's only outcomes are commit or a guard's skip, and nobody heals (there
@@ -136,6 +148,7 @@ class RanksGroup(LocalGroup):
         import torch.distributed as dist
 
         if not dist.is_initialized():  # torch's default timeout: a checkpoint may outlast replicas.timeout_s
+            use_device(device)  # FSDP2 and the backend allocate on the current device
             dist.init_process_group(backend)
         self._dist, self._device = dist, device
         self.rank, self.ranks = dist.get_rank(), dist.get_world_size()
@@ -160,12 +173,12 @@ class RanksGroup(LocalGroup):
         self._dist.all_reduce(t, op=self._dist.ReduceOp.MAX)
         return int(t.item())
 
-    def agree(self, value: int, *, what: str) -> None:
-        """Raise ConfigError unless every rank holds the same `value` (one collective)."""
-        low, high = -self.largest(-value), self.largest(value)
-        if low != high:
-            raise ConfigError(f"the ranks of this job disagree on {what} ({low} to {high}): every node must "
-                              "see the same run directory (shared storage, or --checkpoint.dir)")
+    def gather(self, value: int) -> list[int]:
+        """Every rank's `value`, in rank order, on every rank."""
+        t = torch.tensor([value], dtype=torch.int64, device=self._device)
+        out = [torch.empty_like(t) for _ in range(self.ranks)]
+        self._dist.all_gather(out, t)
+        return [int(v.item()) for v in out]
 
     def shutdown(self) -> None:
         self._dist.destroy_process_group()

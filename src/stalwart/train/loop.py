@@ -159,11 +159,14 @@ def _report_quorum(job: Job, result: StepResult, members: tuple[int, ...]) -> tu
     return tuple(sorted(result.timings))
 
 
-def _whole_model(job: Job) -> DeepSeekForCausalLM:
-    """The sharded model gathered whole into a plain one on the CPU (a collective)."""
+def _whole_model(job: Job) -> DeepSeekForCausalLM | None:
+    """The sharded model gathered whole into a plain one on rank 0's CPU (a collective;
+    None on the other ranks). The gathered tensors become the model's (assign)."""
     whole = job.state.sharding.full(job.model.state_dict())
+    if not job.run.writer:
+        return None
     model = DeepSeekForCausalLM(job.cfg.model)
-    model.load_state_dict(whole)
+    model.load_state_dict(whole, assign=True)
     return model
 
 

@@ -163,7 +163,7 @@ class Recovery:
         past the offending batches."""
         job = self.job
         t = time.perf_counter()
-        latest = ckpt.load_latest(job.run.checkpoints, on_corrupt=job.on_corrupt)
+        latest = job.load_latest_checkpoint()
         if latest is None:
             if job.group.is_lowest:
                 job.run.event("rollback_unavailable", step=from_step, reason=f"{reason}; no checkpoint yet")

@@ -27,11 +27,13 @@ from stalwart.data.tasks import make_problem
 from stalwart.device import (DeviceInfo, autocast_dtype, enable_determinism, resolve_device, seed_everything,
                              set_rng_state)
 from stalwart.errors import ConfigError
+from stalwart.fsutil import atomic_write_bytes
 from stalwart.faults import arm_signal_faults, set_replica
 from stalwart.guards import SpikeGuard
 from stalwart.model import DeepSeekForCausalLM
 from stalwart.parallel.fsdp import Sharding, local_tensors
-from stalwart.replication.group import LocalGroup, RanksGroup, TorchFTGroup, group_rank
+from stalwart.replication.group import (AGENT_FILE, LocalGroup, RanksGroup, TorchFTGroup, group_rank,
+                                       torchrun_agent)
 from stalwart.replication.protocol import start_together
 from stalwart.run.rundir import RunDir
 from stalwart.train.optim import build_optimizer
@@ -84,6 +86,28 @@ class Job:
             self.run.event("heal", step=self.state.step, seconds=round(time.perf_counter() - t0, 3),
                            bytes=self.group.healed_bytes, **outer)
 
+    def load_latest_checkpoint(self) -> ckpt.LoadedCheckpoint | None:
+        """The newest good checkpoint. In a torchrun launch, the one rank 0 found, on every
+        rank: ranks that each looked for themselves could load different ones (a stale
+        listing on shared storage, a node that does not see the run directory), and a
+        sharded load is a collective every rank must take part in with the same state."""
+        group = self.group
+        if not isinstance(group, RanksGroup):
+            return ckpt.load_latest(self.run.checkpoints, on_corrupt=self.on_corrupt)
+        latest = ckpt.load_latest(self.run.checkpoints, on_corrupt=self.on_corrupt) if group.rank == 0 else None
+        step = group.broadcast(-1 if latest is None else latest.step)
+        if group.rank != 0 and step >= 0:
+            try:
+                latest = ckpt.load_checkpoint(self.run.checkpoints / ckpt.step_dir_name(step))
+            except ckpt.CheckpointError:
+                latest = None
+        unreadable = [r for r, bad in enumerate(group.gather(int(step >= 0 and latest is None))) if bad]
+        if unreadable:
+            raise ConfigError(f"rank(s) {', '.join(map(str, unreadable))} cannot read checkpoint "
+                              f"{ckpt.step_dir_name(step)} that rank 0 loads: every node must see the same run "
+                              "directory (shared storage, or --checkpoint.dir)")
+        return latest
+
     def on_corrupt(self, path: Path, msg: str) -> None:
         """A checkpoint that does not verify: reported, and the previous one used."""
         self.run.event("checkpoint_corrupt", path=str(path), error=msg)
@@ -126,6 +150,8 @@ def setup(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, replica: Repl
     run.create()
     if run.writer:
         run.write_config(cfg.to_json())
+        if isinstance(group, RanksGroup):  # what tells torchrun's restart that this run is its own
+            atomic_write_bytes(run.path / AGENT_FILE, torchrun_agent().encode())
     seed_everything(cfg.train.seed)
     enable_determinism(info)
     tokenizer = prepare_tokenizer(cfg.data, run.path, reuse=resume, docs=train_docs, vocab_size=cfg.model.vocab_size,
@@ -150,8 +176,6 @@ def setup(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, replica: Repl
 
         state.outer = OuterState(model, cfg.replicas)
     _restore(job, resume=resume, replicated=replica is not None)
-    if isinstance(group, RanksGroup):  # every rank must go on from the same checkpoint
-        group.agree(state.step, what="the step they resume from")
     if replica is not None:
         job.group = TorchFTGroup(
             cfg.replicas, replica=replica.replica, lighthouse=replica.lighthouse, host=replica.host,
@@ -163,10 +187,13 @@ def setup(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, replica: Repl
             torchft_log=run.logs / f"replica-{replica.replica}-rank-{rank}.torchft.log",
             on_quorum_retry=lambda error, waited: _quorum_retry(job, error, waited))
         start_together(run.logs, replica.replica)
+    # What this process holds of the parameters (sharded: its shards; AdamW adds twice as much).
+    held = sum(t.numel() * t.element_size() for t in local_tensors(list(model.parameters())))
+    ranks_fields = {"pid": os.getpid(), "parameter_bytes": held}
+    if isinstance(group, RanksGroup):  # one line for the launch: every rank's, in rank order
+        ranks_fields = {"pids": group.gather(os.getpid()), "parameter_bytes": group.gather(held)}
     run.event("start", step=state.step, device=str(info.device), dtype=compute_dtype,
-              parameters=sum(p.numel() for p in model.parameters()), pid=os.getpid(), every_rank=True,
-              # what this rank holds of them (sharded: its shards; AdamW adds twice as much)
-              parameter_bytes=sum(t.numel() * t.element_size() for t in local_tensors(list(model.parameters()))))
+              parameters=sum(p.numel() for p in model.parameters()), **ranks_fields)
     return job
 
 
@@ -179,7 +206,7 @@ def _restore(job: Job, *, resume: bool, replicated: bool) -> None:
             run.event("checkpoint_partial_removed", path=str(partial))
     if not resume:
         return
-    latest = ckpt.load_latest(run.checkpoints, on_corrupt=job.on_corrupt)
+    latest = job.load_latest_checkpoint()
     if latest is not None:
         set_rng_state(job.info, state.load_checkpoint(latest)["rng"])
     if not replicated and run.writer:  # the supervisor repairs the files of a replicated run
