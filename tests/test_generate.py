@@ -82,3 +82,19 @@ def test_bad_temperature_is_a_user_error_and_a_tiny_one_is_greedy(tmp_path):
         generate(model, [[5, 6]], max_new_tokens=2, temperature=float("nan"))
     greedy = generate(model, [[5, 6]], max_new_tokens=8, eos_token_id=-1)
     assert generate(model, [[5, 6]], max_new_tokens=8, temperature=1e-45, seed=1, eos_token_id=-1) == greedy
+
+
+def test_generation_without_stopping_early_gives_the_same_result():
+    import torch
+
+    from stalwart.generate import generate
+    from stalwart.model import DeepSeekForCausalLM
+    from stalwart.recipes import recipe
+
+    torch.manual_seed(0)
+    model = DeepSeekForCausalLM(recipe("smoke").model)
+    prompts = [[5, 6, 7], [8, 9, 10]]
+    eos = generate(model, prompts, max_new_tokens=6)[0][1]  # a token the model does emit: it ends the first row
+    kept = generate(model, prompts, max_new_tokens=6, eos_token_id=eos)
+    assert generate(model, prompts, max_new_tokens=6, eos_token_id=eos, stop_early=False) == kept
+    assert kept[0][-1] == eos

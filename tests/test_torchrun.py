@@ -18,7 +18,7 @@ from jobs import jsonl, wait_for
 pytestmark = pytest.mark.slow
 
 TRAIN = ["-m", "stalwart", "train", "--recipe", "smoke", "--quiet", "--train.steps", "30", "--checkpoint.every",
-         "10", "--train.trace_data", "true", "--eval.problems", "0"]
+         "10", "--train.trace_data", "true", "--eval.problems", "4"]  # generation in step under FSDP2
 # OMP_NUM_THREADS: torchrun sets it only with several ranks per node. The store apart: a
 # restart must not read the attempt before's addresses (commands/train.py).
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}

@@ -39,8 +39,11 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
 @torch.inference_mode()
 def generate(model: DeepSeekForCausalLM, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-             eos_token_id: int | None = None) -> list[list[int]]:
-    """Continue equal-length prompts; returns only the new tokens of each, cut after eos."""
+             eos_token_id: int | None = None, stop_early: bool = True) -> list[list[int]]:
+    """Continue equal-length prompts; returns only the new tokens of each, cut after eos.
+    `stop_early` False: always max_new_tokens forward passes, even when every prompt has
+    ended (the same result), so that ranks whose forward passes are collectives (FSDP2)
+    take as many whatever each one generates."""
     if not prompts or len({len(p) for p in prompts}) != 1 or not prompts[0]:
         raise UserError("generate needs one or more non-empty prompts of equal token length")
     if max_new_tokens < 0:
@@ -72,7 +75,7 @@ def generate(model: DeepSeekForCausalLM, prompts: Sequence[Sequence[int]], *, ma
             ids = sample_next(logits, temperature, top_p, generator)
             out = torch.cat([out, ids[:, None]], dim=1)
             done |= ids == eos
-            if bool(done.all()):
+            if stop_early and bool(done.all()):
                 break
             ids = ids[:, None]
     finally:

@@ -44,7 +44,8 @@ def eval_loss(model: DeepSeekForCausalLM, loader: PackedLoader, batches: int, de
 
 
 def exact_match(model: DeepSeekForCausalLM, tokenizer, problems: list[Problem], batch_size: int = 64,
-                tick: Callable[[], None] = lambda: None) -> tuple[float | None, list[tuple[str, str, bool]]]:
+                tick: Callable[[], None] = lambda: None,
+                stop_early: bool = True) -> tuple[float | None, list[tuple[str, str, bool]]]:
     if not problems:
         return None, []
     # Room for the longest reference solution and its eos: a longer generation is wrong anyway.
@@ -58,7 +59,8 @@ def exact_match(model: DeepSeekForCausalLM, tokenizer, problems: list[Problem], 
     for length, items in sorted(by_length.items()):
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
-            outs = generate(model, [ids for _, ids in chunk], max_new_tokens=min(max_new_tokens, limit - length))
+            outs = generate(model, [ids for _, ids in chunk], max_new_tokens=min(max_new_tokens, limit - length),
+                            stop_early=stop_early)
             for (i, _), out in zip(chunk, outs):
                 generated[i] = decode(tokenizer, out)
             tick()

@@ -114,7 +114,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
         if job.replicated:
             run.event("finish", step=state.step, fingerprint=f"{state.fingerprint():016x}", every_rank=True)
         if state.step == first_step:  # resumed a finished run: nothing trained, report its final state
-            last = evaluate(cfg, job.model, job.tokenizer, job.info)
+            last = evaluate(cfg, job.model, job.tokenizer, job.info, sharded=state.sharding is not None)
         model = job.model if state.sharding is None else _whole_model(job)  # sharded: collectives, before shutdown
     finally:
         group.shutdown()
@@ -142,7 +142,8 @@ def _eval_due(cfg: RunConfig, before: int, after: int) -> bool:
 
 def _evaluate_and_report(job: Job, progress: Progress, step: int) -> EvalResult:
     t0 = time.perf_counter()
-    result = evaluate(job.cfg, job.model, job.tokenizer, job.info, tick=job.run.beat)
+    result = evaluate(job.cfg, job.model, job.tokenizer, job.info, tick=job.run.beat,
+                      sharded=job.state.sharding is not None)
     if job.group.is_lowest:
         job.run.event("eval", step=step, eval_loss=result.loss, eval_exact_match=result.exact_match,
                       seconds=round(time.perf_counter() - t0, 3))
@@ -196,7 +197,9 @@ def _summary(job: Job, model: DeepSeekForCausalLM, last: EvalResult, record: dic
 
 
 def evaluate(cfg: RunConfig, model: DeepSeekForCausalLM, tokenizer, info: DeviceInfo,
-             tick: Callable[[], None] = lambda: None) -> EvalResult:
+             tick: Callable[[], None] = lambda: None, sharded: bool = False) -> EvalResult:
+    """Eval loss and exact match. `sharded` (FSDP2): every rank evaluates in step, each
+    generation taking its full length, so no rank stops while another waits for it."""
     loss = None
     eval_docs = documents(cfg.data, "eval") if cfg.eval.batches else None
     # A task's eval split is unbounded (len 0); user files may have no held-out document.
@@ -209,5 +212,5 @@ def evaluate(cfg: RunConfig, model: DeepSeekForCausalLM, tokenizer, info: Device
         d = cfg.data
         problems = [make_problem(d.task, "eval", i, d.seed, d.min_digits, d.max_digits)
                     for i in range(cfg.eval.problems)]
-        accuracy, samples = exact_match(model, tokenizer, problems, tick=tick)
+        accuracy, samples = exact_match(model, tokenizer, problems, tick=tick, stop_early=not sharded)
     return EvalResult(loss, accuracy, samples)
