@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from jobs import stop_all, wait_for
 from stalwart.links import Hosts, unavailable
 
 pytestmark = pytest.mark.slow
@@ -47,7 +48,7 @@ def _train_on_two_hosts(hosts: Hosts, tmp_path, *args: str) -> None:
                  _in(hosts, 1, *common, "--replica-id", "1", "--host", ip_b, "--out", str(tmp_path / "host-b"))]
         results = [p.communicate(timeout=240) for p in procs]
     finally:
-        _kill_what_runs(lighthouse, *procs)
+        stop_all(lighthouse, *procs)
     for p, (_, err) in zip(procs, results):
         assert p.returncode == 0, err
 
@@ -76,18 +77,6 @@ def _events(path) -> list[dict]:
     return records
 
 
-def _kill_what_runs(*procs: subprocess.Popen) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-
-
-def _wait_for(what: str, done, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not done():
-        assert time.monotonic() < deadline, f"not within {timeout:.0f} s: {what}"
-        time.sleep(0.2)
 
 
 def test_a_link_down_for_20s_costs_no_group_its_process_and_the_cut_off_group_heals(two_hosts, tmp_path):
@@ -103,8 +92,8 @@ def test_a_link_down_for_20s_costs_no_group_its_process_and_the_cut_off_group_he
         procs = [_in(two_hosts, 0, *common, "--groups", "0", "--host", ip_a, "--out", str(tmp_path / "host-a")),
                  _in(two_hosts, 1, *common, "--replica-id", "1", "--host", ip_b, "--out", str(tmp_path / "host-b"))]
         metrics_a = tmp_path / "host-a" / "metrics.jsonl"
-        _wait_for("both groups at step 10", lambda: [r for r in _events(metrics_a) if r["participants"] == 2
-                                                       and r["step"] >= 10], 120)
+        wait_for(lambda: [r for r in _events(metrics_a) if r["participants"] == 2 and r["step"] >= 10], 120,
+                 "both groups at step 10")
         two_hosts.set_link(0, up=False)  # host A's only link
         down = time.time()
         time.sleep(20)
@@ -112,7 +101,7 @@ def test_a_link_down_for_20s_costs_no_group_its_process_and_the_cut_off_group_he
         up = time.time()
         results = [p.communicate(timeout=300) for p in procs]
     finally:
-        _kill_what_runs(lighthouse, *procs)
+        stop_all(lighthouse, *procs)
     for p, (_, err) in zip(procs, results):
         assert p.returncode == 0, err  # host B's bare group kept its process through the outage
     events_a, events_b = _events(tmp_path / "host-a" / "events.jsonl"), _events(tmp_path / "host-b" / "events.jsonl")
@@ -149,8 +138,9 @@ def test_a_partition_between_diloco_groups_that_still_reach_the_lighthouse_ends_
                       "--replicas.max_failed_steps", "2"]
             procs = [_in(hosts, 0, *common, "--groups", "0", "--host", ip_a, "--out", str(a)),
                      _in(hosts, 1, *common, "--groups", "1", "--host", ip_b, "--out", str(b))]
-            _wait_for("an outer step of both groups", lambda: [r for r in _events(a / "metrics.jsonl") if r.get("outer")
-                                                               and r["participants"] == 2 and r["step"] >= 20], 120)
+            wait_for(lambda: [r for r in _events(a / "metrics.jsonl")
+                              if r.get("outer") and r["participants"] == 2 and r["step"] >= 20], 120,
+                     "an outer step of both groups")
             hosts.set_path(0, 1, up=False)
             cut = time.time()
 
@@ -160,12 +150,12 @@ def test_a_partition_between_diloco_groups_that_still_reach_the_lighthouse_ends_
                 return len(starts) >= 2 and any(e["event"] == "step_failed" and e["time"] > starts[1] for e in found) \
                     and any(r.get("outer") and r["time"] > cut for r in _events(a / "metrics.jsonl"))
 
-            _wait_for("B left, its restart failed, A took an outer step alone", restart_failed_and_a_went_alone, 90)
+            wait_for(restart_failed_and_a_went_alone, 90, "B left, its restart failed, A took an outer step alone")
             hosts.set_path(0, 1, up=True)
             back = time.time()
             results = [p.communicate(timeout=300) for p in procs]
         finally:
-            _kill_what_runs(lighthouse, *procs)
+            stop_all(lighthouse, *procs)
     for p, (_, err) in zip(procs, results):
         assert p.returncode == 0, err
     found_a, found_b = _events(a / "events.jsonl"), _events(b / "events.jsonl")

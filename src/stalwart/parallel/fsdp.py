@@ -46,7 +46,6 @@ class Sharding:
                 fully_shard(layer.mlp.gate, mesh=self.mesh, mp_policy=router)
             fully_shard(layer, mesh=self.mesh, mp_policy=policy)
         fully_shard(model, mesh=self.mesh, mp_policy=policy)
-        self.fsdp, self.copies = fsdp, ranks // fsdp
         self.rank = torch.distributed.get_rank()
 
     def full(self, value: Any) -> Any:
