@@ -4,7 +4,7 @@ width, the wire size the planner counts, and error feedback that keeps no bias."
 import pytest
 import torch
 
-from stalwart.compress import BLOCK, ErrorFeedback, decode, encode, wire_bytes
+from stalwart.compress import BLOCK, ErrorFeedback, chunk_ranges, decode, encode, exchange_sent, wire_bytes, wire_slice
 
 
 @pytest.mark.parametrize("compression, levels", [("int8", 127), ("int4", 7), ("int2", 1)])
@@ -52,3 +52,29 @@ def test_error_feedback_keeps_the_sum_of_many_rounds_unbiased():
     # What is sent over 200 rounds is the true sum up to one round's residual.
     assert (sent - truth).abs().max() <= feedback.residual.abs().max() + 1e-4
     assert (sent - truth).norm() < 0.05 * (plain - truth).norm()
+
+
+@pytest.mark.parametrize("compression", ["none", "int8", "int4", "int2"])
+def test_a_range_cut_from_the_wire_decodes_to_that_range_of_the_whole(compression):
+    torch.manual_seed(2)
+    numel = 10 * BLOCK + 33
+    x = torch.randn(numel) * torch.linspace(0.1, 5, numel)
+    wire = encode(x, compression)
+    whole = decode(wire, numel, compression)
+    for parts in (1, 3, 4, 11, 12):
+        ranges = chunk_ranges(numel, parts)
+        assert ranges[0][0] == 0 and ranges[-1][1] == numel
+        assert all(a[1] == b[0] and a[0] % BLOCK == 0 for a, b in zip(ranges, ranges[1:]))
+        for lo, hi in ranges:
+            piece = wire_slice(wire, numel, compression, lo, hi)
+            assert piece.numel() == wire_bytes(hi - lo, compression)
+            assert torch.equal(decode(piece, hi - lo, compression), whole[lo:hi])
+
+
+def test_the_exchange_sends_about_two_payloads_a_group_from_three_groups_on():
+    n = 10_000_000
+    payload = wire_bytes(n, "int4")
+    assert exchange_sent(n, "int4", 1) == 0 and exchange_sent(n, "int4", 2) == payload
+    for groups in (3, 4, 8, 64):
+        ring_allreduce = 2 * (groups - 1) / groups * payload
+        assert ring_allreduce <= exchange_sent(n, "int4", groups) < 1.01 * ring_allreduce

@@ -11,6 +11,8 @@ import sys
 import pytest
 from jobs import events, final_fingerprints, job, jsonl, positions_of_shard
 
+from stalwart.plan.measured import measure_run
+
 pytestmark = pytest.mark.slow
 
 H = 10
@@ -86,15 +88,15 @@ def test_diloco_groups_agree_after_every_outer_step_and_send_a_fraction_of_ddps_
     assert summary["eval_loss"] < 1.05 * baseline["eval_loss"] + 0.5
 
 
-def _killed_in_exchange(run, *strategy):
+def _killed_in_exchange(run, *strategy, point="kill-in-exchange"):
     """A job whose group 1 is SIGKILLed in round 2's exchange: its events' group_exit and
-    the survivor's outer records. 400 steps: the survivor is still training when the
+    group 0's outer records. 400 steps: the survivors are still training when the
     restarted process is up (~3 s, ~100 steps)."""
-    r = job(run, "--train.steps", "400", "--checkpoint.every", "1000", *strategy, inject=f"kill-in-exchange@{2 * H}:1")
+    r = job(run, "--train.steps", "400", "--checkpoint.every", "1000", *strategy, inject=f"{point}@{2 * H}:1")
     assert r.returncode == 0, r.stderr
     exit_ = next(e for e in events(run) if e["event"] == "group_exit")
     assert exit_["replica"] == 1 and exit_["signal"] == "SIGKILL"
-    assert not [e for e in events(run, "work_discarded") if e["replica"] == 0]
+    assert not [e for e in events(run, "work_discarded") if e["replica"] != 1]
     return exit_, _outer_records(run, 0)
 
 
@@ -138,23 +140,27 @@ def test_a_group_with_nan_weights_is_left_out_of_one_outer_step_and_a_nan_device
     assert all(m["loss"] == m["loss"] for m in jsonl(run / "metrics.jsonl") if "loss" in m)  # no NaN committed
 
 
-def test_streaming_survives_a_kill_in_the_exchange_and_the_healed_group_sends_what_the_others_send(tmp_path):
-    # Killed while its exchange of round 4 (fragment 1, sent at step 20) is in flight: the
-    # survivor finds out after its overlap step and sends it again alone. The restarted
-    # group heals at some later round's quorum, and its payload must be that round's
-    # fragment: it knows which from the round number it healed to.
+def test_streaming_survives_a_kill_between_the_reduce_scatter_and_the_all_gather(tmp_path):
+    # Three groups: group 1 is killed in its exchange of round 4 (fragment 1, sent at step
+    # 20, in flight during the overlap step), after the reduce-scatter gave it its range of
+    # every payload and before it sent the reduced range back. The survivors' all-gather
+    # fails; they send round 4 again, the two of them. The restarted group heals at some
+    # later round's quorum, and its payload must be that round's fragment: it knows which
+    # from the round number it healed to.
     run = tmp_path / "run"
-    exit_, outer = _killed_in_exchange(run, *STREAMING)
-    resent = next(m for m in outer if m["round"] == 4)
-    assert resent["sends"] == 2 and resent["contributors"] == [0] and resent["fragment"] == 1
+    exit_, outer = _killed_in_exchange(run, *STREAMING, "--replicas", "3", point="kill-in-reduce")
+    first, resent = (m for m in outer if m["round"] == 3), next(m for m in outer if m["round"] == 4)
+    assert next(first)["participants"] == 3  # the round before went by reduce-scatter
+    assert resent["sends"] == 2 and resent["contributors"] == [0, 2] and resent["fragment"] == 1
+    assert next(e for e in events(run, "step_failed") if e["replica"] == 0)["round"] == 4
     heal = next(e for e in events(run, "heal") if e["replica"] == 1 and e["time"] > exit_["time"])
     theirs = [m for m in _outer_records(run, 1) if m["time"] > heal["time"]]
-    assert theirs[0]["contributors"] == [0]  # nothing to send in the round it healed at
-    assert all(m["contributors"] == [0, 1] for m in theirs[1:])  # then every round, each fragment
+    assert theirs[0]["contributors"] == [0, 2]  # nothing to send in the round it healed at
+    assert all(m["contributors"] == [0, 1, 2] for m in theirs[1:])  # then every round, each fragment
     mine = {m["round"]: m["fragment"] for m in outer}
     assert all(mine[m["round"]] == m["fragment"] for m in theirs)
     prints = final_fingerprints(run)
-    assert sorted(prints) == [0, 1] and len(set(prints.values())) == 1
+    assert sorted(prints) == [0, 1, 2] and len(set(prints.values())) == 1
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 400 and summary["restarts"] == 1
 
@@ -211,6 +217,10 @@ def test_a_flipped_bit_in_one_groups_global_weights_is_outvoted_and_healed(tmp_p
     assert next(m for m in _outer_records(run, 1) if m["round"] == 6)["contributors"] == [1, 2]
     prints = final_fingerprints(run)
     assert sorted(prints) == [0, 1, 2] and len(set(prints.values())) == 1
+    # Three groups exchange by reduce-scatter and all-gather over gloo: 4/3 of a payload a
+    # group, as the planner models it (an all-gather of the payloads would send 2).
+    outer = measure_run(run)["outer"]
+    assert outer["bytes_per_sync"] == pytest.approx(outer["modelled_bytes_per_sync"], rel=0.02)
 
 
 def test_streaming_leaves_out_nan_groups_even_when_the_nan_comes_during_an_overlapped_exchange(tmp_path):

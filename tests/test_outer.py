@@ -4,13 +4,17 @@ exactly its fragment of G by Nesterov SGD on the token-weighted mean pseudo-grad
 mixes it into the local weights."""
 
 import dataclasses
+import threading
 
+import pytest
 import torch
 
 from stalwart.config import ReplicasConfig
 from stalwart.model import DeepSeekForCausalLM
 from stalwart.recipes import recipe
-from stalwart.train.outer import OuterState, fragment_of
+from stalwart.compress import chunk_ranges, exchange_sent, wire_bytes
+from stalwart.replication.group import Gather
+from stalwart.train.outer import HEADER, Exchange, OuterState, fragment_of
 
 POSITION = {"position": 0, "start": 0, "skip": 0}
 
@@ -80,7 +84,7 @@ def test_a_group_that_trained_nothing_on_a_fragment_sends_only_its_header():
     other = trained.pack(1, replica=0, step=0, shard=0, position=POSITION, nonfinite=False, version=0, round_=2)
     diloco = _group(dataclasses.replace(ReplicasConfig(count=2), strategy="diloco"), 0.01)
     whole = diloco.pack(0, replica=0, step=0, shard=0, position=POSITION, nonfinite=False, version=0, round_=1)
-    assert sent.wire.numel() + other.wire.numel() == whole.wire.numel() + 8 * 11
+    assert sent.wire.numel() + other.wire.numel() == whole.wire.numel() + 8 * len(HEADER)
 
 
 def _group(cfg, shift, tokens=1024):
@@ -124,3 +128,80 @@ def test_outer_momentum_0_and_lr_1_make_g_the_token_weighted_mean_of_the_groups(
     for g, before, p in zip(ours.global_params, start, ours.local):
         torch.testing.assert_close(g.detach(), before + (0.01 * 1024 + 0.04 * 3072) / 4096, rtol=0, atol=1e-6)
         assert torch.equal(p.detach(), g.detach())
+
+
+class _Links:
+    """The collectives of `n` participants in memory, each call returning when every
+    participant has made it (the arithmetic of the exchange; test_diloco runs it over gloo)."""
+
+    def __init__(self, n):
+        self.n, self.barrier, self.box = n, threading.Barrier(n), {}
+
+    def member(self, me):
+        links = self
+
+        class Member:
+            participants, participant = links.n, me
+
+            def alltoall_across_groups(self, inputs, sizes):
+                return Gather(None, links.swap(me, inputs, lambda sent, j: sent[j][me]), lambda error: None)
+
+            def allgather_across_groups(self, payload):
+                return Gather(None, links.swap(me, payload, lambda sent, j: sent[j].clone()), lambda error: None)
+
+        return Member()
+
+    def swap(self, me, value, pick):
+        self.box[me] = value
+        self.barrier.wait()
+        out = [pick(self.box, j) for j in range(self.n)]
+        self.barrier.wait()
+        return out
+
+
+def _exchange(groups, payloads):
+    links = _Links(len(groups))
+    exchanges = [Exchange(g, p, links.member(i)) for i, (g, p) in enumerate(zip(groups, payloads))]
+    return [e.wait() for e in exchanges]
+
+
+@pytest.mark.parametrize("compression", ["none", "int4"])
+def test_from_three_groups_a_reduce_scatter_gives_every_group_the_same_step_for_fewer_bytes(compression):
+    cfg = ReplicasConfig(count=4, strategy="diloco", compression=compression, error_feedback=compression != "none")
+    groups = [_group(cfg, 0.01 * (i + 1), tokens=1024 * (i + 1)) for i in range(4)]
+    with torch.no_grad():
+        groups[2].local[0].view(-1)[0] += 1e4  # a spike: left out by every owner alike
+    payloads = [g.pack(0, replica=i, step=10, shard=i, position=POSITION, nonfinite=False, version=0, round_=1)
+                for i, g in enumerate(groups)]
+    results = _exchange(groups, payloads)
+    whole = groups[0].combine([p.wire for p in payloads], 0)  # the all-gather's step
+    for result in results:
+        assert result.committed and result.contributors == [0, 1, 3] and result.spiked == [2]
+        assert torch.equal(result.mean_delta, results[0].mean_delta)  # bit-identical on every group
+        assert torch.equal(result.mean_biases, whole.mean_biases)
+    if compression == "none":
+        assert torch.equal(results[0].mean_delta, whole.mean_delta)  # the same sums in the same order
+    else:  # the mean compressed once more: within half an int4 level of its block
+        error = (results[0].mean_delta - whole.mean_delta).abs().max()
+        assert 0 < error <= whole.mean_delta.abs().max() / 7 / 2 * 1.001
+    numel, prefix = groups[0].fragments[0].numel, groups[0].prefix_bytes(0)
+    assert results[0].bytes_sent == exchange_sent(numel, compression, 4) + 3 * prefix
+    assert all(r.bytes_sent < 0.51 * whole.bytes_sent for r in results)  # 1.5 payloads a group, not 3
+    # Error feedback: each owner keeps what compressing its range of the mean lost, once applied.
+    if compression != "none":
+        for g, p, r in zip(groups, payloads, results):
+            g.apply(r, p, mixing=0.0, contributed=True)
+            key, residual = g.owner_feedback[0]
+            assert key == (4, groups.index(g)) and residual.abs().max() > 0
+
+
+def test_a_reduce_scatter_among_groups_that_all_sit_out_applies_nothing():
+    cfg = ReplicasConfig(count=3, strategy="diloco", compression="int4")
+    groups = [OuterState(_model(), cfg) for _ in range(3)]  # nothing trained
+    payloads = [g.pack(0, replica=i, step=0, shard=i, position=POSITION, nonfinite=False, version=0, round_=1)
+                for i, g in enumerate(groups)]
+    results = _exchange(groups, payloads)
+    assert all(not r.committed and r.mean_delta is None for r in results)
+    numel, prefix = groups[0].fragments[0].numel, groups[0].prefix_bytes(0)
+    sizes = [prefix + wire_bytes(hi - lo, "int4") for lo, hi in chunk_ranges(numel, 3)]
+    assert [r.bytes_sent for r in results] == [sum(sizes) - sizes[k] for k in range(3)]  # no all-gather after it

@@ -15,7 +15,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from stalwart.cli import main
-from stalwart.compress import ring_allgather_sent, wire_bytes
+from stalwart.compress import exchange_sent
 from stalwart.run.goodput import young_daly_interval
 from stalwart.model import DeepSeekForCausalLM, preset
 from stalwart.plan.catalog import FIELDS, accelerator, load_catalog
@@ -185,14 +185,14 @@ def test_bottleneck_names_the_slow_link_and_diloco_cuts_scale_out_traffic():
     assert ddp["bottleneck"] == "scale-out" and diloco["bottleneck"] == "compute"
     shard = ddp["params_total"] / 8  # the parameters of one TP rank
     allreduce = 2 * 3 / 4 * shard * 2
-    outer = ring_allgather_sent(wire_bytes(shard, "int4"), 4) / 100
+    outer = exchange_sent(shard, "int4", 4) / 100
     assert ddp["step"]["scale_out_s"] / diloco["step"]["scale_out_s"] == pytest.approx(allreduce / outer, rel=1e-3)
-    assert allreduce / outer > 190 and diloco["mfu"] > 5 * ddp["mfu"]
-    # The all-gather sends a payload to every other group: with TP8 alone on 16,384 GPUs
-    # (2,048 groups) it sends more than DDP's all-reduce.
+    assert allreduce / outer > 380 and diloco["mfu"] > 5 * ddp["mfu"]
+    # A reduce-scatter and an all-gather: each group sends about two compressed payloads
+    # however many groups there are (TP8 alone on 16,384 GPUs: 2,048 groups).
     many = dict(accelerator=thin, parallel=Parallelism(tp=8, strategy="diloco", diloco_h=100, diloco_compression="int4"))
-    assert estimate(llama_405b(**many))["step"]["scale_out_s"] > \
-        estimate(llama_405b(accelerator=thin, parallel=Parallelism(tp=8)))["step"]["scale_out_s"]
+    assert estimate(llama_405b(**many))["step"]["scale_out_s"] < \
+        estimate(llama_405b(accelerator=thin, parallel=Parallelism(tp=8)))["step"]["scale_out_s"] / 100
 
 
 def test_traffic_leaves_the_scale_up_domain_by_the_share_of_peers_outside_it():

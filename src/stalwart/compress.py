@@ -69,11 +69,38 @@ def encode(values, compression: str):
     return torch.cat([scales.contiguous().view(torch.uint8), codes])
 
 
-def ring_allgather_sent(payload_bytes: int, participants: int) -> int:
-    """The bytes one participant sends in a ring all-gather of `payload_bytes` each: its own
-    payload to each of the others in turn. train/outer.py counts its exchanges with it, and
-    the planner models them with it."""
-    return (participants - 1) * payload_bytes
+def chunk_ranges(numel: int, parts: int) -> list[tuple[int, int]]:
+    """`parts` ranges of values that cover 0..numel, cut at block boundaries and as even as
+    the blocks allow: the wire form of each range is a slice of the whole one."""
+    blocks = math.ceil(numel / BLOCK)
+    cuts = [min(k * blocks // parts * BLOCK, numel) for k in range(parts + 1)]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def wire_slice(wire, numel: int, compression: str, lo: int, hi: int):
+    """The wire form of values lo..hi (a range of `chunk_ranges`) cut from the wire form of
+    all `numel`: decoding it gives exactly those values of the whole one's decoding."""
+    import torch
+
+    if compression == "none":
+        return wire[4 * lo:4 * hi]
+    blocks, first, last = math.ceil(numel / BLOCK), lo // BLOCK, math.ceil(hi / BLOCK)
+    per_block = BLOCK * BITS[compression] // 8  # code bytes of one block
+    codes = wire[4 * blocks:]
+    return torch.cat([wire[4 * first:4 * last], codes[first * per_block:last * per_block]])
+
+
+def exchange_sent(numel: int, compression: str, participants: int) -> int:
+    """The bytes one participant sends in an outer exchange of `numel` values (headers
+    aside). Two participants or fewer: a ring all-gather of every payload, (participants - 1)
+    payloads. More: a reduce-scatter (participant k receives range k of every payload and
+    reduces it) then a ring all-gather of the reduced ranges, compressed the same way: about
+    2 (participants - 1) / participants payloads, as a ring all-reduce. train/outer.py counts
+    its exchanges with it (for participant 0), and the planner models them with it."""
+    if participants <= 2:
+        return (participants - 1) * wire_bytes(numel, compression)
+    sizes = [wire_bytes(hi - lo, compression) for lo, hi in chunk_ranges(numel, participants)]
+    return sum(sizes[1:]) + (participants - 1) * max(sizes)
 
 
 def decode(wire, numel: int, compression: str):

@@ -5,7 +5,9 @@ a named step, never after a sleep.
 
 `kill@N` SIGKILLs the process at the start of step N (before any of its work);
 `kill-in-exchange@N` SIGKILLs it after step N's forward and backward, right before its
-exchange, while its peers wait in the collective; `kill-in-checkpoint@N` SIGKILLs it halfway through writing the checkpoint of step N, after
+exchange, while its peers wait in the collective; `kill-in-reduce@N` SIGKILLs a DiLoCo
+group of three or more in the outer exchange sent at step N, between its reduce-scatter and
+its all-gather (its peers hold its range of their payloads and wait for its reduced range); `kill-in-checkpoint@N` SIGKILLs it halfway through writing the checkpoint of step N, after
 the weights are on disk and before the folder is renamed into place; `nan-grad@N` fills one
 gradient with NaN after the backward pass of step N; `spike@N` multiplies that step's
 gradients by 1000 (a loss-spike-like gradient norm); `flip-bit@N` flips one bit of one
@@ -40,7 +42,7 @@ import torch
 from stalwart.errors import ConfigError
 
 INJECT_ENV = "STALWART_INJECT"
-POINTS = ("kill", "kill-in-exchange", "kill-in-checkpoint", "nan-grad", "nan-device", "spike", "flip-bit",
+POINTS = ("kill", "kill-in-exchange", "kill-in-reduce", "kill-in-checkpoint", "nan-grad", "nan-device", "spike", "flip-bit",
           "flip-bit-global", "nan-weight", "slow")
 _replica: int | None = None
 _fired: set[tuple[str, int]] = set()  # each fault fires once per process, even if its step is retried

@@ -32,7 +32,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from stalwart.compress import COMPRESSIONS, ring_allgather_sent, wire_bytes
+from stalwart.compress import COMPRESSIONS, exchange_sent
 from stalwart.errors import ConfigError
 from stalwart.run.goodput import young_daly_interval
 from stalwart.plan.catalog import Accelerator
@@ -246,7 +246,7 @@ def _step(spec: RunSpec, lay: _Layout) -> dict:
     outer_s = 0.0
     if p.strategy == "diloco":
         grad_up, grad_out = split(2 * (p.ep - 1) / p.ep * lay.dense * WEIGHT_BYTES, [(p.ep, p.tp)])
-        outer_up, outer_out = split(ring_allgather_sent(wire_bytes(lay.params, p.diloco_compression), lay.groups)
+        outer_up, outer_out = split(exchange_sent(lay.params, p.diloco_compression, lay.groups)
                                     / p.diloco_h, groups_dims)
         outer_s = outer_up / (a.scale_up_gb_s * 1e9) + outer_out / (a.scale_out_gb_s * 1e9)
     else:

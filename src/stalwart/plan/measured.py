@@ -21,7 +21,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from stalwart.compress import ring_allgather_sent, wire_bytes
+from stalwart.compress import exchange_sent
 from stalwart.config import read_run_config
 from stalwart.errors import ConfigError, UserError
 from stalwart.plan.catalog import Accelerator
@@ -95,5 +95,5 @@ def _outer_rounds(run: RunDir, cfg, params: float) -> dict | None:
     fragments = r.fragments if r.strategy == "streaming" else 1  # rounds to exchange the whole model once
     return {"strategy": r.strategy, "compression": r.compression, "inner_steps": r.inner_steps, "rounds": len(rounds),
             "bytes_per_sync": statistics.mean(m["bytes_sent"] for m in rounds) * fragments,
-            "modelled_bytes_per_sync": ring_allgather_sent(wire_bytes(params, r.compression), round(participants)),
+            "modelled_bytes_per_sync": exchange_sent(params, r.compression, round(participants)),
             "utilisation": statistics.mean(shares) if shares else None}

@@ -68,8 +68,9 @@ class Gather:
     payload in quorum order, or None if the collective failed (the error reported to the
     Manager, as its allreduce does). The caller may train on while it is in flight."""
 
-    def __init__(self, work: Any, out: list[torch.Tensor] | None, on_error: Callable[[BaseException], None]) -> None:
-        self._work, self._out, self._on_error = work, out, on_error
+    def __init__(self, work: Any, out: list[torch.Tensor] | None, on_error: Callable[[BaseException], None],
+                 finish: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None) -> None:
+        self._work, self._out, self._on_error, self._finish = work, out, on_error, finish
 
     def wait(self) -> list[torch.Tensor] | None:
         if self._work is not None:
@@ -79,6 +80,8 @@ class Gather:
                 self._on_error(error)
                 self._out = None
             self._work = None
+            if self._out is not None and self._finish is not None:
+                self._out = self._finish(self._out)
         return self._out
 
 
@@ -88,6 +91,7 @@ class LocalGroup:
     replica = 0
     num_replicas = 1
     participants = 1
+    participant = 0  # this group's place among the participants
     contributors = 1
     rank = 0
     is_lowest = True
@@ -250,7 +254,7 @@ class TorchFTGroup:
             init_sync=True)
         self.manager._client = _UnrepeatedQuorumIds(self.manager._client)
         self.set_step(step)
-        self.participants = self.contributors = 0
+        self.participants = self.contributors = self.participant = 0
         self.is_lowest = False
         self.heals = True
 
@@ -282,7 +286,8 @@ class TorchFTGroup:
         self.participants = self.manager.num_participants()
         self.contributors = self.participants * self.ranks
         # The lowest live group's rank 0 writes checkpoints, the summary and the export.
-        self.is_lowest = self.manager.participating_rank() == 0 and self.rank == 0
+        self.participant = self.manager.participating_rank()  # this group's place in the collectives
+        self.is_lowest = self.participant == 0 and self.rank == 0
 
     def allreduce_sum(self, buffer: torch.Tensor) -> bool:
         """Sum `buffer` over the participants in place; False if the collective failed."""
@@ -300,20 +305,39 @@ class TorchFTGroup:
 
     def allgather_across_groups(self, payload: torch.Tensor) -> Gather:
         """Start an all-gather of `payload` (the same size everywhere) over the quorum's
-        participants. torchft's Manager has no all-gather of its own: this is its process
-        group's, which runs on gloo's (or the device backend's) own threads."""
+        participants: wait() gives every participant's, in participant order. torchft's
+        Manager has no all-gather of its own: this is its process group's, which runs on
+        gloo's (or the device backend's) own threads."""
         from torch.distributed.distributed_c10d import AllgatherOptions
 
+        out = [torch.empty_like(payload) for _ in range(self.manager.num_participants())]
+        return self._start(lambda pg: pg.allgather([out], [payload], AllgatherOptions()), out)
+
+    def alltoall_across_groups(self, inputs: list[torch.Tensor], sizes: list[int]) -> Gather:
+        """Start an all-to-all of uint8 tensors over the participants: inputs[k] goes to
+        participant k, and wait() gives what each participant sent this one (sizes[j] bytes
+        from participant j), in participant order."""
+        from torch.distributed.distributed_c10d import AllToAllOptions
+
+        out = torch.empty(sum(sizes), dtype=torch.uint8)
+        send = torch.cat(inputs)
+        return self._start(lambda pg: pg.alltoall_base(out, send, list(sizes), [int(t.numel()) for t in inputs],
+                                                       AllToAllOptions()), [out],
+                           finish=lambda done: [part.clone() for part in done[0].split(sizes)])  # each aligned
+
+    def _start(self, collective: Callable[[Any], Any], out: list[torch.Tensor],
+               finish: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None) -> Gather:
+        """A collective on the quorum's process group, started (its failure is reported to
+        the Manager, as its allreduce's is)."""
         if self.manager.errored() is not None:
             return Gather(None, None, self.manager.report_error)
         self.manager.wait_quorum()
-        out = [torch.empty_like(payload) for _ in range(self.manager.num_participants())]
         try:
-            work = self.manager._pg.allgather([out], [payload], AllgatherOptions())
+            work = collective(self.manager._pg)
         except Exception as error:  # noqa: BLE001
             self.manager.report_error(error)
             return Gather(None, None, self.manager.report_error)
-        return Gather(work, out, self.manager.report_error)
+        return Gather(work, out, self.manager.report_error, finish)
 
     def should_commit(self, ok: bool, reason: str = "") -> bool:
         if not ok:

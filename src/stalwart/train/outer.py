@@ -9,15 +9,17 @@ A round, on every group:
             (train/step.py with a LocalGroup)
     sync    a quorum (a group that is behind, a restarted one, heals here: to G, the outer
             optimizer and the data ledger, never to a peer's mid-round weights, and it
-            contributes nothing to the round it joins); then one all-gather of every
-            group's payload for the round's fragment:
+            contributes nothing to the round it joins); then the exchange of every
+            group's payload for the round's fragment (`Exchange`: an all-gather for two
+            groups, a reduce-scatter and an all-gather from three on):
 
-                [ header: replica, step, tokens, contributed, non-finite, shard, loader
-                  position | the fragment's routing biases (fp32)
+                [ header: replica, step, tokens, contributed, non-finite, fingerprint of
+                  G, shard, loader position, norm | the fragment's routing biases (fp32)
                   | the fragment's pseudo-gradient G - local, compressed ]
 
-            every group decodes every payload in replica order and sums in fp32: the same
-            bytes in the same order, so the outer step is bit-identical everywhere. The
+            who takes part is decided from the headers; every group decodes the same
+            bytes in replica order and sums in fp32, so the outer step is bit-identical
+            everywhere. The
             token-weighted mean pseudo-gradient takes an outer SGD step with Nesterov
             momentum on the fragment of G (defaults lr 0.7, momentum 0.9); its biases become
             the token-weighted mean of the groups' biases; the local fragment becomes
@@ -28,7 +30,7 @@ mixing: the local weights become G. streaming splits the model into `fragments` 
 strided across depth (layer l in fragment l mod F; the embedding with the first, the final
 norm, head and MTP with the last); round r syncs fragment (r - 1) mod F, one round every
 inner_steps / F steps, so each fragment syncs every inner_steps steps, staggered. Its
-all-gather runs on the backend's threads while `overlap_steps` more inner steps train
+exchange runs in the background while `overlap_steps` more inner steps train
 (tau), and the outer step is mixed in after them (alpha = `mixing`). A round is decided
 by the round number every group shares after the quorum, so a group that heals there
 sends what the others send. At the last step every fragment syncs once more with no
@@ -38,14 +40,16 @@ A group whose inner step is not finite (NaN weights, a device producing NaN) goe
 next sync at once (streaming: its step jumps to the next round's, so its payload has the
 others' size); its payload is flagged and left out, its local weights become G and its
 AdamW moments start again; non-finite again in the next round, the process exits
-(EXIT_NONFINITE) and the supervisor restarts it. An all-gather that fails (a peer died
+(EXIT_NONFINITE) and the supervisor restarts it. An exchange that fails (a peer died
 during the round or the exchange) keeps the payload; after the next quorum it is sent
 again among the survivors, so no survivor's inner work is lost. The bytes each group sends
-are counted as the ring all-gather sends them: (participants - 1) x payload bytes.
+are counted as its collectives send them (compress.exchange_sent).
 """
 
 from __future__ import annotations
 
+import math
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -54,7 +58,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from stalwart.checkpoint import step_dir_name
-from stalwart.compress import ErrorFeedback, decode, encode, ring_allgather_sent, wire_bytes
+from stalwart.compress import ErrorFeedback, chunk_ranges, decode, encode, wire_bytes, wire_slice
 from stalwart.config import ReplicasConfig
 from stalwart.errors import first_line
 from stalwart.faults import inject
@@ -67,11 +71,18 @@ if TYPE_CHECKING:
     from stalwart.train.setup import Job
 
 HEADER = ("replica", "step", "tokens", "new_tokens", "contributed", "nonfinite", "fingerprint", "shard", "position",
-          "start", "skip")  # int64 each
+          "start", "skip", "norm")  # int64 each; norm: the float64 bits of the sent pseudo-gradient's norm
 # A pseudo-gradient whose norm per token is this many times the round's lower median is a
 # spike (a weight corrupted during the round): left out. Honest groups differ by far less,
 # speeds and rounds cut short by a heal included (Adam's steps have about one size).
 OUTER_SPIKE = 10.0
+
+
+def _header(wire: torch.Tensor) -> dict[str, Any]:
+    values = wire.view(torch.int64)
+    header = dict(zip(HEADER, values.tolist()))
+    header["norm"] = float(values[-1:].view(torch.float64))
+    return header
 
 
 def fragment_of(name: str, fragments: int) -> int:
@@ -107,7 +118,7 @@ class Payload:
 class Pending:
     """An exchange in flight (streaming trains overlap_steps inner steps meanwhile)."""
     payload: Payload
-    gather: Gather
+    exchange: Exchange
     step: int  # the step it was sent at
     started: float  # perf_counter at the quorum
     blocked_s: float  # time spent in the quorum and sending, not training
@@ -126,8 +137,10 @@ class OuterResult:
     odd: list[int] = field(default_factory=list)  # replicas whose G differs from the majority's (left out)
     agreed: bool = True  # a strict majority of the participants hold the same G
     spiked: list[int] = field(default_factory=list)  # replicas whose pseudo-gradient is a spike (left out)
+    weights: dict[int, int] = field(default_factory=dict)  # {contributor: tokens}: its weight in the mean
     mean_delta: torch.Tensor | None = None  # the token-weighted mean pseudo-gradient of the fragment
     mean_biases: torch.Tensor | None = None
+    owner_residual: Any = None  # a reduce-scatter owner's new error-feedback residual (OuterState.encode_mean)
 
 
 class OuterState:
@@ -157,6 +170,7 @@ class OuterState:
         self.optimizer = torch.optim.SGD(self.global_params, lr=cfg.outer_lr, momentum=cfg.outer_momentum,
                                          nesterov=cfg.outer_momentum > 0, foreach=False)
         self.feedback = [ErrorFeedback() for _ in self.fragments] if cfg.error_feedback else None
+        self.owner_feedback = [None] * count if cfg.error_feedback else None  # a reduce-scatter owner's
         self.rounds = 0
         self.synced = {"step": 0, "tokens_seen": 0}  # the job's progress at the last outer step
         self.synced_at = [0] * count  # the step of each fragment's last outer step
@@ -203,6 +217,7 @@ class OuterState:
         self.base, self.counted = [self.trained] * len(self.fragments), self.trained
         if self.feedback is not None:  # the residuals are this process's own: they start again
             self.feedback = [ErrorFeedback() for _ in self.fragments]
+            self.owner_feedback = [None] * len(self.fragments)
 
     def snapshot(self) -> None:
         """G := the model's current weights and biases."""
@@ -223,6 +238,7 @@ class OuterState:
         self.base, self.counted = [self.trained] * len(self.fragments), self.trained
         if self.feedback is not None:
             self.feedback = [ErrorFeedback() for _ in self.fragments]
+            self.owner_feedback = [None] * len(self.fragments)
 
     # -- one outer step ------------------------------------------------------------------
 
@@ -242,15 +258,19 @@ class OuterState:
         finite = not nonfinite and bool(torch.isfinite(delta).all()) and bool(torch.isfinite(biases).all())
         tokens = self.trained - self.base[fragment]
         contribute = tokens > 0 and finite
+        norm = 0.0
         if contribute:
             body = self._encode(delta, fragment)
-        else:
+            norm = float(decode(body, f.numel, self.cfg.compression).norm())  # what the others decode
+            contribute = finite = math.isfinite(norm)
+        if not contribute:
             body = torch.zeros(wire_bytes(f.numel, self.cfg.compression), dtype=torch.uint8)
             biases = torch.zeros_like(biases)
         new_tokens = self.trained - self.counted
         header = torch.tensor([replica, step, tokens if contribute else 0, new_tokens if contribute else 0,
                                int(contribute), int(not finite), fingerprint(self.global_tensors()), shard,
-                               position["position"], position["start"], position["skip"]], dtype=torch.int64)
+                               position["position"], position["start"], position["skip"], 0], dtype=torch.int64)
+        header[-1:] = torch.tensor([norm], dtype=torch.float64).view(torch.int64)
         wire = torch.cat([header.view(torch.uint8), biases.contiguous().view(torch.uint8), body])
         return Payload(wire, round_, fragment, version, self.trained)
 
@@ -259,52 +279,76 @@ class OuterState:
             return self.feedback[fragment].encode(delta, self.cfg.compression)
         return encode(delta, self.cfg.compression)
 
+    def prefix_bytes(self, fragment: int) -> int:
+        """The bytes before a payload's body: its header and the fragment's biases."""
+        return 8 * len(HEADER) + 4 * self.fragments[fragment].bias_numel
+
     def combine(self, gathered: list[torch.Tensor], fragment: int) -> OuterResult:
-        """Decode every participant's payload in replica order and average those that
-        contributed, weighted by their tokens (nothing is changed yet). Left out: payloads
-        that are not finite, those of a group whose G differs from the majority's (its
-        pseudo-gradient is against another G), and spikes (OUTER_SPIKE)."""
+        """The outer step from every participant's whole payload (an all-gather's): decide
+        from the headers, then the token-weighted mean of the contributors' pseudo-gradients
+        (nothing is changed yet)."""
+        f = self.fragments[fragment]
+        result = self.decide(gathered, fragment, (len(gathered) - 1) * int(gathered[0].numel()))  # a ring's
+        if result.committed:
+            result.mean_delta = self.mean_range(gathered, result, fragment, 0, f.numel)
+        return result
+
+    def decide(self, received: list[torch.Tensor], fragment: int, bytes_sent: int) -> OuterResult:
+        """Who takes part in the outer step, from what every participant sent (each
+        message starts with its payload's header and biases), and the mean of the biases.
+        Left out: payloads that are not finite, those of a group whose G differs from the
+        majority's (its pseudo-gradient is against another G), and spikes (OUTER_SPIKE).
+        Every participant decides the same from the same headers."""
         f = self.fragments[fragment]
         head = 8 * len(HEADER)
-        parts = sorted(((dict(zip(HEADER, wire[:head].view(torch.int64).tolist())), wire) for wire in gathered),
-                       key=lambda part: part[0]["replica"])
-        step = max(header["step"] for header, _ in parts)
-        bytes_sent = ring_allgather_sent(int(gathered[0].numel()), len(gathered))
-        odd, agreed = odd_ones_out({header["replica"]: header["fingerprint"] for header, _ in parts})
+        headers = sorted((_header(wire[:head]) for wire in received), key=lambda header: header["replica"])
+        step = max(header["step"] for header in headers)
+        odd, agreed = odd_ones_out({header["replica"]: header["fingerprint"] for header in headers})
         if not agreed:
             return OuterResult(False, step, fragment, [], [], 0, {}, bytes_sent, odd=odd, agreed=False)
-        nonfinite, decoded = [], []
-        for header, wire in parts:
-            if header["nonfinite"]:
-                nonfinite.append(header["replica"])
-            if not header["contributed"] or header["replica"] in odd:
-                continue
-            delta = decode(wire[head + 4 * f.bias_numel:], f.numel, self.cfg.compression)
-            biases = wire[head:head + 4 * f.bias_numel].view(torch.float32)
-            if not (torch.isfinite(delta).all() and torch.isfinite(biases).all()):
-                nonfinite.append(header["replica"])
-                continue
-            decoded.append((header, delta, biases))
-        per_token = sorted(float(delta.norm()) / header["tokens"] for header, delta, _ in decoded)
+        nonfinite = [header["replica"] for header in headers if header["nonfinite"]]
+        decided = [header for header in headers if header["contributed"] and header["replica"] not in odd]
+        per_token = sorted(header["norm"] / header["tokens"] for header in decided)
         bound = OUTER_SPIKE * per_token[(len(per_token) - 1) // 2] if len(per_token) > 1 else float("inf")
-        spiked = [h["replica"] for h, delta, _ in decoded if float(delta.norm()) / h["tokens"] > bound]
-        total = torch.zeros(f.numel, dtype=torch.float32)
-        bias_total = torch.zeros(f.bias_numel, dtype=torch.float32)
-        weights, tokens, contributors, positions = 0, 0, [], {}
-        for header, delta, biases in decoded:
-            if header["replica"] in spiked:
-                continue
-            weight = header["tokens"]
-            total += delta * weight
-            bias_total += biases * weight
-            weights += weight
-            tokens += header["new_tokens"]
-            contributors.append(header["replica"])
-            positions[header["shard"]] = {k: header[k] for k in ("position", "start", "skip")}
-        if not contributors:
+        spiked = [header["replica"] for header in decided if header["norm"] / header["tokens"] > bound]
+        chosen = [header for header in decided if header["replica"] not in spiked]
+        if not chosen:
             return OuterResult(False, step, fragment, [], nonfinite, 0, {}, bytes_sent, odd=odd, spiked=spiked)
-        return OuterResult(True, step, fragment, contributors, nonfinite, tokens, positions, bytes_sent, odd=odd,
-                           spiked=spiked, mean_delta=total / weights, mean_biases=bias_total / weights)
+        weights = {header["replica"]: header["tokens"] for header in chosen}
+        bias_total = torch.zeros(f.bias_numel, dtype=torch.float32)
+        for wire in sorted(received, key=lambda wire: _header(wire[:head])["replica"]):
+            replica = _header(wire[:head])["replica"]
+            if replica in weights:
+                bias_total += wire[head:head + 4 * f.bias_numel].view(torch.float32) * weights[replica]
+        positions = {header["shard"]: {k: header[k] for k in ("position", "start", "skip")} for header in chosen}
+        return OuterResult(True, step, fragment, sorted(weights), nonfinite,
+                           sum(header["new_tokens"] for header in chosen), positions, bytes_sent, odd=odd,
+                           spiked=spiked, weights=weights, mean_biases=bias_total / sum(weights.values()))
+
+    def mean_range(self, received: list[torch.Tensor], result: OuterResult, fragment: int, lo: int,
+                   hi: int) -> torch.Tensor:
+        """The token-weighted mean of the contributors' pseudo-gradients over values lo..hi,
+        summed in fp32 in replica order. Each message's body is the wire form of those values
+        (of all of them, from an all-gather; of a reduce-scatter's range otherwise)."""
+        head, prefix = 8 * len(HEADER), self.prefix_bytes(fragment)
+        total = torch.zeros(hi - lo, dtype=torch.float32)
+        for wire in sorted(received, key=lambda wire: _header(wire[:head])["replica"]):
+            weight = result.weights.get(_header(wire[:head])["replica"])
+            if weight is not None:
+                total += decode(wire[prefix:], hi - lo, self.cfg.compression) * weight
+        return total / sum(result.weights.values())
+
+    def encode_mean(self, mean: torch.Tensor, fragment: int, key: tuple[int, int]) -> tuple[torch.Tensor, Any]:
+        """A reduce-scatter's reduced range, compressed to go back to every participant.
+        With error feedback, its owner keeps what compression lost of it for the next
+        round whose range is the same (`key`: participants and this one's place); the
+        residual is returned, taken only when the step is applied."""
+        if self.owner_feedback is None:
+            return encode(mean, self.cfg.compression), None
+        kept = self.owner_feedback[fragment]
+        target = mean + kept[1] if kept is not None and kept[0] == key else mean
+        wire = encode(target, self.cfg.compression)
+        return wire, (key, target - decode(wire, target.numel(), self.cfg.compression))
 
     def apply(self, result: OuterResult, sent: Payload, *, mixing: float, contributed: bool) -> None:
         """The outer step on the fragment (when anyone contributed): G moves; the local
@@ -312,6 +356,8 @@ class OuterState:
         contribute (`sent`: what it sent). The job's token count adds what the contributors
         trained since they last contributed."""
         f = self.fragments[result.fragment]
+        if result.committed and self.owner_feedback is not None:
+            self.owner_feedback[result.fragment] = result.owner_residual
         if result.committed:
             offset = 0
             for i in f.params:
@@ -337,6 +383,78 @@ class OuterState:
         self.rounds += 1
         self.synced_at[result.fragment] = result.step
         self.synced = {"step": result.step, "tokens_seen": self.synced["tokens_seen"] + result.tokens}
+
+
+class Exchange:
+    """One outer exchange in flight, among the quorum's participants; `wait()` gives the
+    outer step decided (nothing changed yet), or None if a collective failed.
+
+    Two participants or fewer: one all-gather of the whole payloads, on the backend's
+    threads, and `OuterState.combine`. More: a reduce-scatter then an all-gather, on a
+    thread of its own (the caller may train on meanwhile): participant k receives every
+    payload's header, biases and range k of its body (an all-to-all), decides from the
+    headers as every participant does, reduces its range to the token-weighted mean, and
+    sends it back compressed in an all-gather; everyone decodes the same ranges. Each
+    group sends about 2 (n - 1) / n payloads instead of n - 1 (compress.exchange_sent).
+    The mean is compressed a second time: with error feedback its owner keeps what that
+    lost for the next round with the same participants."""
+
+    def __init__(self, outer: OuterState, payload: Payload, group: Any, step: int = 0) -> None:
+        self.outer, self.payload, self.group, self.step = outer, payload, group, step
+        self.participants, self.me = group.participants, group.participant
+        self._result: OuterResult | None = None
+        self._error: BaseException | None = None  # not a collective's failure: a fault of this process
+        self._gather: Gather | None = None
+        self._thread: threading.Thread | None = None
+        if self.participants <= 2:
+            self._gather = group.allgather_across_groups(payload.wire)
+        else:
+            self._thread = threading.Thread(target=self._reduce_scatter, name="outer-exchange", daemon=True)
+            self._thread.start()
+
+    def wait(self) -> OuterResult | None:
+        if self._gather is not None:
+            gathered = self._gather.wait()
+            return None if gathered is None else self.outer.combine(gathered, self.payload.fragment)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    def _reduce_scatter(self) -> None:
+        try:
+            self._result = self._reduce_scatter_steps()
+        except BaseException as error:  # noqa: BLE001 (raised again in wait, on the training thread)
+            self._error = error
+
+    def _reduce_scatter_steps(self) -> OuterResult | None:
+        outer, payload, group, n, me = self.outer, self.payload, self.group, self.participants, self.me
+        fragment, compression = payload.fragment, outer.cfg.compression
+        numel = outer.fragments[fragment].numel
+        prefix = outer.prefix_bytes(fragment)
+        head, body = payload.wire[:prefix], payload.wire[prefix:]
+        ranges = chunk_ranges(numel, n)
+        sizes = [wire_bytes(hi - lo, compression) for lo, hi in ranges]
+        messages = [torch.cat([head, wire_slice(body, numel, compression, lo, hi)]) for lo, hi in ranges]
+        received = group.alltoall_across_groups(messages, [prefix + sizes[me]] * n).wait()
+        if received is None:
+            return None
+        inject("kill-in-reduce", self.step)
+        sent = sum(prefix + size for k, size in enumerate(sizes) if k != me)
+        result = outer.decide(received, fragment, sent)
+        if result.committed:
+            lo, hi = ranges[me]
+            mean, result.owner_residual = outer.encode_mean(outer.mean_range(received, result, fragment, lo, hi),
+                                                            fragment, (n, me))
+            padded = torch.zeros(max(sizes), dtype=torch.uint8)
+            padded[:mean.numel()] = mean
+            reduced = group.allgather_across_groups(padded).wait()
+            if reduced is None:
+                return None
+            result.mean_delta = torch.cat([decode(wire[:size], hi - lo, compression) for wire, size, (lo, hi) in
+                                           zip(reduced, sizes, ranges)])
+            result.bytes_sent += (n - 1) * max(sizes)
+        return result
 
 
 class Rounds:
@@ -419,8 +537,7 @@ class Rounds:
         flagged, self.nonfinite = self.nonfinite, False
         payload.sends += 1
         inject("kill-in-exchange", state.step)
-        self.pending = Pending(payload, group.allgather_across_groups(payload.wire), state.step, t0,
-                               time.perf_counter() - t0)
+        self.pending = Pending(payload, Exchange(outer, payload, group, state.step), state.step, t0, time.perf_counter() - t0)
         overlaps = (self.overlap and payload.sends == 1 and not (self.joining or group.healed or flagged)
                     and state.step < job.cfg.train.steps)
         if payload.sends == 1:  # a payload sent again keeps its round's place in the schedule
@@ -453,8 +570,7 @@ class Rounds:
         job, state, group, outer = self.job, self.job.state, self.job.group, self.outer
         pending, self.pending = self.pending, None
         t = time.perf_counter()
-        gathered = pending.gather.wait()
-        result = outer.combine(gathered, pending.payload.fragment) if gathered is not None else None
+        result = pending.exchange.wait()
         error = group.error()  # why the exchange failed, before the vote adds its own
         # The vote even after a failure: torchft counts the failed commit, so the next
         # quorum reconfigures the process group (a group whose heal failed never joined
