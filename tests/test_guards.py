@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from stalwart.run.goodput import CheckpointClock, goodput_report, groups_of_run, young_daly_interval
-from stalwart.guards import NONFINITE, OK, ROLLBACK, SPIKE, SpikeGuard, StragglerTracker, fingerprint, odd_ones_out
+from stalwart.guards import NONFINITE, OK, REBASED, ROLLBACK, SPIKE, SpikeGuard, StragglerTracker, fingerprint, odd_ones_out
 from stalwart.config import CheckpointConfig
 from stalwart.replication.transport import state_from_bytes, state_to_bytes
 from jobs import in_process
@@ -55,6 +55,43 @@ def test_repeated_spikes_within_the_window_ask_for_a_rollback():
     assert g.check(38, 50.0, 1.0).kind == SPIKE
     assert g.check(40, 50.0, 1.0).kind == ROLLBACK
     assert g.check(41, 50.0, 1.0).kind == SPIKE  # the count starts again after a rollback
+
+
+def test_a_grad_norm_that_spikes_again_after_its_rollback_is_taken_as_its_new_level():
+    g = guard(rollback_spikes=2, rollback_window=10)
+    warm(g)
+    checkpoint = g.state_dict()
+    assert [g.check(s, 2.0, 8.0).kind for s in (20, 21)] == [SPIKE, ROLLBACK]
+    g.load_state_dict(checkpoint)  # the rollback: the state of the checkpoint, the steps again
+    assert g.check(19, 2.01, 1.0).kind == OK
+    g.accept(2.01, 1.0)
+    assert g.check(20, 2.0, 8.0).kind == SPIKE  # on fresh data from the restored weights
+    verdict = g.check(21, 2.0, 8.2)
+    assert verdict.kind == REBASED and verdict.commit and "new level" in verdict.reason
+    assert g.history["grad_norm"] == [] and len(g.history["loss"]) == 11  # the loss's window is kept
+    for step in range(22, 40):  # the new level is normal now, and judged again once warm
+        g.accept(2.0, 8.0 + 0.1 * (step % 2))
+    assert g.check(40, 2.0, 8.1).kind == OK and g.check(40, 2.0, 80.0).kind == SPIKE
+    # A heal carries it, so that a healed group judges the next spike as its peers do.
+    healed = guard(rollback_spikes=2, rollback_window=10)
+    warm(healed)
+    assert [healed.check(s, 2.0, 8.0).kind for s in (20, 21)] == [SPIKE, ROLLBACK]
+    fresh = guard(rollback_spikes=2, rollback_window=10)
+    fresh.load_state_dict(healed.state_dict())
+    assert fresh.rolled_back_at == 21
+
+
+def test_a_loss_that_comes_back_or_a_grad_norm_that_spikes_much_later_rolls_back_again():
+    g = guard(rollback_spikes=2, rollback_window=10)
+    warm(g)
+    checkpoint = g.state_dict()
+    assert [g.check(s, 50.0, 1.0).kind for s in (20, 21)] == [SPIKE, ROLLBACK]
+    g.load_state_dict(checkpoint)
+    assert [g.check(s, 50.0, 1.0).kind for s in (20, 21)] == [SPIKE, ROLLBACK]  # divergence: never rebased
+    h = guard(rollback_spikes=2, rollback_window=10)
+    warm(h)
+    assert [h.check(s, 2.0, 8.0).kind for s in (20, 21)] == [SPIKE, ROLLBACK]
+    assert [h.check(s, 2.0, 8.0).kind for s in (40, 41)] == [SPIKE, ROLLBACK]  # 20 steps on: a new event
 
 
 def test_guard_state_round_trips():

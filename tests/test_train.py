@@ -5,6 +5,7 @@ checkpoints, user data, and bad input."""
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -223,6 +224,28 @@ def test_the_main_job_reaches_90_percent_exact_match_on_held_out_problems(tmp_pa
     assert summary["eval_exact_match"] >= 0.9, summary
     assert "held-out exact match" in r.stdout and "sample:" in r.stdout
     assert (tmp_path / "run" / "export" / "config.json").is_file()
+
+
+def test_a_grad_norm_that_moves_to_a_new_level_costs_one_rollback_not_the_run(tmp_path):
+    # From step 70 on every gradient is 10x larger (and stays so after a rollback, as a
+    # device's or a training phase's level would): the loss trains on as before (AdamW does
+    # not see a constant scale). Three tries of step 70 on fresh batches spike and roll back
+    # to checkpoint 60; step 61, on fresh data from the restored weights, spikes again: the
+    # guard takes the level, and the run finishes.
+    run = tmp_path / "run"
+    r = train(run, "--train.steps", "110", "--checkpoint.every", "30", "--eval.problems", "0",
+              env={"STALWART_INJECT": "grad-level@70"})
+    assert r.returncode == 0, r.stderr
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    (rollback,) = [e for e in events if e["event"] == "rollback"]
+    assert rollback["to_step"] == 60 and "grad_norm" in rollback["reason"]
+    (rebased,) = [e for e in events if e["event"] == "spike_rebased"]
+    assert rebased["step"] == 61 and "new level" in rebased["reason"]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 110 and not [e for e in events if e["event"] in ("stall", "stalled")]
+    before = [m["grad_norm"] for m in records if 50 < m["step"] <= 60]
+    after = [m["grad_norm"] for m in records if m["time"] > rebased["time"]]
+    assert statistics.median(after) > 4 * statistics.median(before)  # trained on at the new level
 
 
 def test_repeated_spikes_roll_back_to_the_last_checkpoint_and_skip_the_offending_batches(tmp_path):

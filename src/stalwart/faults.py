@@ -19,6 +19,10 @@ makes every step from N on three times slower (a straggling device); `flip-bit-g
 flips the bit `flip-bit` flips, but in DiLoCo's global weights G, which a group holds from
 one outer step to the next.
 
+`grad-level@N` multiplies every gradient by 10 from step N on: the gradient norm settles at a
+new level while the training itself goes on as before (AdamW's update does not change with
+a constant scale of the gradients), as a norm does that moves with a phase of training.
+
 `nan-device@sigusr1` arms the same fault for a signal instead of a step: the device starts
 producing NaN at the first step after the process receives SIGUSR1, at a moment chosen from
 outside (bench/faults.py sends it).
@@ -42,11 +46,12 @@ import torch
 from stalwart.errors import ConfigError
 
 INJECT_ENV = "STALWART_INJECT"
-POINTS = ("kill", "kill-in-exchange", "kill-in-reduce", "kill-in-checkpoint", "nan-grad", "nan-device", "spike", "flip-bit",
-          "flip-bit-global", "nan-weight", "slow")
+POINTS = ("kill", "kill-in-exchange", "kill-in-reduce", "kill-in-checkpoint", "nan-grad", "nan-device", "spike",
+          "grad-level", "flip-bit", "flip-bit-global", "nan-weight", "slow")
 _replica: int | None = None
 _fired: set[tuple[str, int]] = set()  # each fault fires once per process, even if its step is retried
 _nan_device = False  # `nan-device`, once fired, lasts
+_grad_level = False  # `grad-level`, once fired, lasts
 ON_SIGNAL = -1  # the "step" of a fault armed for SIGUSR1
 
 def set_replica(replica: int | None) -> None:
@@ -103,9 +108,15 @@ def inject(point: str, step: int) -> bool:
 
 
 def corrupt_gradients(step: int, params: list[torch.Tensor]) -> None:
-    """The gradient faults planned for this step: `nan-grad`, `nan-device` and `spike`."""
-    global _nan_device
+    """The gradient faults planned for this step: `nan-grad`, `nan-device`, `spike` and
+    `grad-level`."""
+    global _nan_device, _grad_level
     _nan_device = inject("nan-device", step) or _nan_device
+    _grad_level = inject("grad-level", step) or _grad_level
+    if _grad_level:
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(10.0)
     if inject("nan-grad", step) or _nan_device:
         params[0].grad.fill_(float("nan"))
     if inject("spike", step):

@@ -13,7 +13,13 @@ the commit vote agrees without another round trip.
   `rollback_spikes` spikes within `rollback_window` steps mean the run is diverging, not
   seeing one bad batch: roll back to the last good checkpoint and keep reading data from
   after the offending batches (PaLM restarted ~100 steps earlier and skipped 200-500
-  batches).
+  batches). If the gradient norm's spikes come back after that rollback, on fresh data
+  from the restored weights, within `rollback_window` steps of where they first did, and
+  the loss is within its own bound, the batches were not the cause: the norm has moved to
+  a new level as training went on (a phase of training, a larger share of clipped steps).
+  The guard takes it as the new normal (REBASED: the step commits, the norm's window
+  starts again from it) instead of rolling back forever. A loss that comes back above its
+  bound is divergence: it rolls back again, and the stall rungs stop the run.
 - Silent data corruption: `fingerprint` is an exact checksum of parameters and optimizer
   state; replicas that differ from the majority are healed from a good peer.
 - Stragglers: a replica whose compute time stays above `factor` x the median for
@@ -30,17 +36,17 @@ from dataclasses import dataclass
 
 import torch
 
-OK, NONFINITE, SPIKE, ROLLBACK = "ok", "nonfinite", "spike", "rollback"
+OK, NONFINITE, SPIKE, ROLLBACK, REBASED = "ok", "nonfinite", "spike", "rollback", "rebased"
 
 
 @dataclass(frozen=True)
 class Verdict:
-    kind: str  # OK, NONFINITE, SPIKE or ROLLBACK
+    kind: str  # OK, NONFINITE, SPIKE, ROLLBACK or REBASED (commits: a new level taken)
     reason: str = ""
 
     @property
     def commit(self) -> bool:
-        return self.kind == OK
+        return self.kind in (OK, REBASED)
 
 
 class SpikeGuard:
@@ -50,6 +56,9 @@ class SpikeGuard:
         self.rollback_spikes, self.rollback_window = rollback_spikes, rollback_window
         self.history: dict[str, list[float]] = {"loss": [], "grad_norm": []}
         self.spike_steps: list[int] = []
+        # The step of the last rollback the gradient norm's spikes asked for. A rollback
+        # loads an older state of this guard: the load keeps it.
+        self.rolled_back_at: int | None = None
 
     def check(self, step: int, loss: float, grad_norm: float) -> Verdict:
         values = {"loss": loss, "grad_norm": grad_norm}
@@ -65,10 +74,21 @@ class SpikeGuard:
                 reason = f"{name} {value:.4g} above the rolling bound {bound:.4g}"
                 if self.rollback_spikes and len(self.spike_steps) >= self.rollback_spikes:
                     self.spike_steps = []
+                    if name == "grad_norm" and self._came_back(step):
+                        self.rolled_back_at, self.history[name] = None, []
+                        return Verdict(REBASED, f"{reason} again after a rollback, on fresh data: taken as its "
+                                                "new level")
+                    if name == "grad_norm":
+                        self.rolled_back_at = step
                     return Verdict(ROLLBACK, f"{self.rollback_spikes} spikes within {self.rollback_window} "
                                              f"steps; last: {reason}")
                 return Verdict(SPIKE, reason)
         return Verdict(OK)
+
+    def _came_back(self, step: int) -> bool:
+        """Whether the gradient norm's spikes asked for a rollback already, at most
+        rollback_window steps before this step (steps are counted again after it)."""
+        return self.rolled_back_at is not None and step <= self.rolled_back_at + self.rollback_window
 
     def accept(self, loss: float, grad_norm: float) -> None:
         """Record a committed step's values (never a skipped or non-finite one)."""
@@ -88,12 +108,17 @@ class SpikeGuard:
 
     def state_dict(self) -> dict:
         return {"loss": list(self.history["loss"]), "grad_norm": list(self.history["grad_norm"]),
-                "spike_steps": list(self.spike_steps)}
+                "spike_steps": list(self.spike_steps), "rolled_back_at": self.rolled_back_at}
 
     def load_state_dict(self, state: dict) -> None:
+        """A checkpoint's or a peer's state. The step of a rollback is kept when the state
+        has none (a checkpoint from before it); a peer's is taken (a heal), so that every
+        group judges the next spike alike."""
         self.history = {"loss": [float(v) for v in state["loss"]],
                         "grad_norm": [float(v) for v in state["grad_norm"]]}
         self.spike_steps = [int(s) for s in state["spike_steps"]]
+        if state.get("rolled_back_at") is not None:
+            self.rolled_back_at = int(state["rolled_back_at"])
 
 
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

@@ -30,7 +30,7 @@ import torch
 from stalwart import checkpoint as ckpt
 from stalwart.device import rng_state
 from stalwart.errors import TrainingStopped
-from stalwart.guards import NONFINITE, StragglerTracker, odd_ones_out
+from stalwart.guards import NONFINITE, REBASED, StragglerTracker, odd_ones_out
 from stalwart.run.goodput import CheckpointClock
 from stalwart.train.setup import Job
 from stalwart.train.step import COMMITTED, CORRUPT, FAILED, ROLLED_BACK, SKIPPED, StepResult
@@ -184,6 +184,8 @@ class Recovery:
             job.run.event("nonfinite_group", step=result.step, replicas=result.nonfinite)
         if result.outcome == COMMITTED:
             self._observe_stragglers(result)
+            if result.verdict.kind == REBASED and job.group.is_lowest:
+                job.run.event("spike_rebased", step=result.step, reason=result.verdict.reason)
         elif result.outcome == FAILED:
             job.run.event("step_failed", step=result.step, seconds=round(result.seconds, 3),
                           participants=job.group.participants, error=result.error)
