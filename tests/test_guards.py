@@ -57,12 +57,20 @@ def test_repeated_spikes_within_the_window_ask_for_a_rollback():
     assert g.check(41, 50.0, 1.0).kind == SPIKE  # the count starts again after a rollback
 
 
+def _roll_back(g: SpikeGuard, checkpoint: dict) -> None:
+    """What Recovery.rollback does to the guard: the checkpoint's state, and the rollback's step."""
+    asked = g.asked_rollback_at
+    g.load_state_dict(checkpoint)
+    g.rolled_back_at, g.asked_rollback_at = asked, None
+
+
 def test_a_grad_norm_that_spikes_again_after_its_rollback_is_taken_as_its_new_level():
     g = guard(rollback_spikes=2, rollback_window=10)
     warm(g)
     checkpoint = g.state_dict()
+    checkpoint["rolled_back_at"] = -500  # an older rollback's, saved with the checkpoint: not this one's
     assert [g.check(s, 2.0, 8.0).kind for s in (20, 21)] == [SPIKE, ROLLBACK]
-    g.load_state_dict(checkpoint)  # the rollback: the state of the checkpoint, the steps again
+    _roll_back(g, checkpoint)  # the state of the checkpoint, the steps again
     assert g.check(19, 2.01, 1.0).kind == OK
     g.accept(2.01, 1.0)
     assert g.check(20, 2.0, 8.0).kind == SPIKE  # on fresh data from the restored weights
@@ -72,13 +80,20 @@ def test_a_grad_norm_that_spikes_again_after_its_rollback_is_taken_as_its_new_le
     for step in range(22, 40):  # the new level is normal now, and judged again once warm
         g.accept(2.0, 8.0 + 0.1 * (step % 2))
     assert g.check(40, 2.0, 8.1).kind == OK and g.check(40, 2.0, 80.0).kind == SPIKE
-    # A heal carries it, so that a healed group judges the next spike as its peers do.
+    # A heal carries it, set or not, so that a healed group judges the next spike as its peers do.
     healed = guard(rollback_spikes=2, rollback_window=10)
-    warm(healed)
-    assert [healed.check(s, 2.0, 8.0).kind for s in (20, 21)] == [SPIKE, ROLLBACK]
-    fresh = guard(rollback_spikes=2, rollback_window=10)
-    fresh.load_state_dict(healed.state_dict())
-    assert fresh.rolled_back_at == 21
+    healed.load_state_dict(checkpoint)
+    assert healed.rolled_back_at == -500
+    healed.load_state_dict(g.state_dict())  # g's was cleared by the rebase
+    assert healed.rolled_back_at is None
+
+
+def test_spikes_with_no_checkpoint_to_roll_back_to_are_never_taken_as_a_level():
+    g = guard(rollback_spikes=2, rollback_window=10)
+    warm(g)
+    assert [g.check(s, 2.0, 8.0).kind for s in (20, 21)] == [SPIKE, ROLLBACK]
+    g.asked_rollback_at = None  # Recovery.rollback found no checkpoint: nothing was rolled back
+    assert [g.check(s, 2.0, 8.0).kind for s in (22, 23)] == [SPIKE, ROLLBACK]
 
 
 def test_a_loss_that_comes_back_or_a_grad_norm_that_spikes_much_later_rolls_back_again():
@@ -86,11 +101,12 @@ def test_a_loss_that_comes_back_or_a_grad_norm_that_spikes_much_later_rolls_back
     warm(g)
     checkpoint = g.state_dict()
     assert [g.check(s, 50.0, 1.0).kind for s in (20, 21)] == [SPIKE, ROLLBACK]
-    g.load_state_dict(checkpoint)
+    _roll_back(g, checkpoint)
     assert [g.check(s, 50.0, 1.0).kind for s in (20, 21)] == [SPIKE, ROLLBACK]  # divergence: never rebased
     h = guard(rollback_spikes=2, rollback_window=10)
     warm(h)
     assert [h.check(s, 2.0, 8.0).kind for s in (20, 21)] == [SPIKE, ROLLBACK]
+    _roll_back(h, h.state_dict())
     assert [h.check(s, 2.0, 8.0).kind for s in (40, 41)] == [SPIKE, ROLLBACK]  # 20 steps on: a new event
 
 

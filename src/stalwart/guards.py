@@ -14,7 +14,8 @@ the commit vote agrees without another round trip.
   seeing one bad batch: roll back to the last good checkpoint and keep reading data from
   after the offending batches (PaLM restarted ~100 steps earlier and skipped 200-500
   batches). If the gradient norm's spikes come back after that rollback, on fresh data
-  from the restored weights, within `rollback_window` steps of where they first did, and
+  from the restored weights, before the run is `rollback_window` steps past where they
+  first rolled it back, and
   the loss is within its own bound, the batches were not the cause: the norm has moved to
   a new level as training went on (a phase of training, a larger share of clipped steps).
   The guard takes it as the new normal (REBASED: the step commits, the norm's window
@@ -56,8 +57,10 @@ class SpikeGuard:
         self.rollback_spikes, self.rollback_window = rollback_spikes, rollback_window
         self.history: dict[str, list[float]] = {"loss": [], "grad_norm": []}
         self.spike_steps: list[int] = []
-        # The step of the last rollback the gradient norm's spikes asked for. A rollback
-        # loads an older state of this guard: the load keeps it.
+        # The step at which the gradient norm's spikes last asked for a rollback, and the
+        # one of the last rollback they caused (Recovery.rollback sets it once the
+        # checkpoint is loaded: the checkpoint's own is older).
+        self.asked_rollback_at: int | None = None
         self.rolled_back_at: int | None = None
 
     def check(self, step: int, loss: float, grad_norm: float) -> Verdict:
@@ -78,16 +81,15 @@ class SpikeGuard:
                         self.rolled_back_at, self.history[name] = None, []
                         return Verdict(REBASED, f"{reason} again after a rollback, on fresh data: taken as its "
                                                 "new level")
-                    if name == "grad_norm":
-                        self.rolled_back_at = step
+                    self.asked_rollback_at = step if name == "grad_norm" else None
                     return Verdict(ROLLBACK, f"{self.rollback_spikes} spikes within {self.rollback_window} "
                                              f"steps; last: {reason}")
                 return Verdict(SPIKE, reason)
         return Verdict(OK)
 
     def _came_back(self, step: int) -> bool:
-        """Whether the gradient norm's spikes asked for a rollback already, at most
-        rollback_window steps before this step (steps are counted again after it)."""
+        """Whether the gradient norm's spikes caused a rollback that the run has not yet
+        gone rollback_window steps past (its steps are counted again from the checkpoint)."""
         return self.rolled_back_at is not None and step <= self.rolled_back_at + self.rollback_window
 
     def accept(self, loss: float, grad_norm: float) -> None:
@@ -111,14 +113,13 @@ class SpikeGuard:
                 "spike_steps": list(self.spike_steps), "rolled_back_at": self.rolled_back_at}
 
     def load_state_dict(self, state: dict) -> None:
-        """A checkpoint's or a peer's state. The step of a rollback is kept when the state
-        has none (a checkpoint from before it); a peer's is taken (a heal), so that every
-        group judges the next spike alike."""
+        """A checkpoint's or a peer's state (a heal: every group then judges the next spike
+        alike)."""
         self.history = {"loss": [float(v) for v in state["loss"]],
                         "grad_norm": [float(v) for v in state["grad_norm"]]}
         self.spike_steps = [int(s) for s in state["spike_steps"]]
-        if state.get("rolled_back_at") is not None:
-            self.rolled_back_at = int(state["rolled_back_at"])
+        at = state.get("rolled_back_at")
+        self.rolled_back_at = None if at is None else int(at)
 
 
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

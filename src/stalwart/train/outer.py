@@ -236,9 +236,8 @@ class OuterState:
             for g, b in zip(self.global_biases, self.biases):
                 b.copy_(g)
         self.base, self.counted = [self.trained] * len(self.fragments), self.trained
-        if self.feedback is not None:
+        if self.feedback is not None:  # its own residuals; an owner's is of the groups' mean, and stays
             self.feedback = [ErrorFeedback() for _ in self.fragments]
-            self.owner_feedback = [None] * len(self.fragments)
 
     # -- one outer step ------------------------------------------------------------------
 
@@ -404,6 +403,7 @@ class Exchange:
         self.participants, self.me = group.participants, group.participant
         self._result: OuterResult | None = None
         self._error: BaseException | None = None  # not a collective's failure: a fault of this process
+        self.failure: BaseException | None = None  # why it failed when its collectives did not
         self._gather: Gather | None = None
         self._thread: threading.Thread | None = None
         if self.participants <= 2:
@@ -453,6 +453,11 @@ class Exchange:
                 return None
             result.mean_delta = torch.cat([decode(wire[:size], hi - lo, compression) for wire, size, (lo, hi) in
                                            zip(reduced, sizes, ranges)])
+            # Each range was reduced once, by its owner: a fault there would reach every G
+            # alike, where fingerprints cannot see it. Every group checks the same bytes.
+            if not bool(torch.isfinite(result.mean_delta).all()):
+                self.failure = ValueError("a reduced range of the outer step is not finite")
+                return None
             result.bytes_sent += (n - 1) * max(sizes)
         return result
 
@@ -571,7 +576,7 @@ class Rounds:
         pending, self.pending = self.pending, None
         t = time.perf_counter()
         result = pending.exchange.wait()
-        error = group.error()  # why the exchange failed, before the vote adds its own
+        error = group.error() or pending.exchange.failure  # why it failed, before the vote adds its own
         # The vote even after a failure: torchft counts the failed commit, so the next
         # quorum reconfigures the process group (a group whose heal failed never joined
         # the collective, and its peers' counters are one ahead of its own).

@@ -161,14 +161,16 @@ class Recovery:
         """Every group to the newest good checkpoint: weights, optimizer and counters; with
         `data` the ledger too (the data since is trained again), else the loaders read on
         past the offending batches."""
-        job = self.job
+        job, guard = self.job, self.job.state.guard
         t = time.perf_counter()
+        asked, guard.asked_rollback_at = guard.asked_rollback_at, None  # a grad-norm spike's rollback
         latest = job.load_latest_checkpoint()
         if latest is None:
             if job.group.is_lowest:
                 job.run.event("rollback_unavailable", step=from_step, reason=f"{reason}; no checkpoint yet")
             return False
         job.state.load_checkpoint(latest, data=data)
+        guard.rolled_back_at = asked  # not the checkpoint's: this rollback's (None for any other cause)
         job.group.set_step(job.state.step)
         if job.group.is_lowest:
             job.run.event("rollback", from_step=from_step, to_step=job.state.step, checkpoint=str(latest.path),
