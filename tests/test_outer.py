@@ -161,8 +161,8 @@ class _Links:
 
 def _exchange(groups, payloads):
     links = _Links(len(groups))
-    exchanges = [Exchange(g, p, links.member(i)) for i, (g, p) in enumerate(zip(groups, payloads))]
-    return [e.wait() for e in exchanges]
+    exchanges = [Exchange(g, p, links.member(i), 10) for i, (g, p) in enumerate(zip(groups, payloads))]
+    return [e.wait() for e in exchanges], exchanges
 
 
 @pytest.mark.parametrize("compression", ["none", "int4"])
@@ -173,7 +173,7 @@ def test_from_three_groups_a_reduce_scatter_gives_every_group_the_same_step_for_
         groups[2].local[0].view(-1)[0] += 1e4  # a spike: left out by every owner alike
     payloads = [g.pack(0, replica=i, step=10, shard=i, position=POSITION, nonfinite=False, version=0, round_=1)
                 for i, g in enumerate(groups)]
-    results = _exchange(groups, payloads)
+    results, _ = _exchange(groups, payloads)
     whole = groups[0].combine([p.wire for p in payloads], 0)  # the all-gather's step
     for result in results:
         assert result.committed and result.contributors == [0, 1, 3] and result.spiked == [2]
@@ -200,8 +200,20 @@ def test_a_reduce_scatter_among_groups_that_all_sit_out_applies_nothing():
     groups = [OuterState(_model(), cfg) for _ in range(3)]  # nothing trained
     payloads = [g.pack(0, replica=i, step=0, shard=i, position=POSITION, nonfinite=False, version=0, round_=1)
                 for i, g in enumerate(groups)]
-    results = _exchange(groups, payloads)
+    results, _ = _exchange(groups, payloads)
     assert all(not r.committed and r.mean_delta is None for r in results)
     numel, prefix = groups[0].fragments[0].numel, groups[0].prefix_bytes(0)
     sizes = [prefix + wire_bytes(hi - lo, "int4") for lo, hi in chunk_ranges(numel, 3)]
     assert [r.bytes_sent for r in results] == [sum(sizes) - sizes[k] for k in range(3)]  # no all-gather after it
+
+
+def test_a_reduced_range_that_is_not_finite_fails_the_round_on_every_group():
+    cfg = ReplicasConfig(count=3, strategy="diloco", compression="int4", error_feedback=True)
+    groups = [_group(cfg, 0.01 * (i + 1)) for i in range(3)]
+    payloads = [g.pack(0, replica=i, step=10, shard=i, position=POSITION, nonfinite=False, version=0, round_=1)
+                for i, g in enumerate(groups)]
+    lo, hi = chunk_ranges(groups[1].fragments[0].numel, 3)[1]
+    groups[1].owner_feedback[0] = ((3, 1), torch.full((hi - lo,), float("nan")))  # a fault in owner 1's reduction
+    results, exchanges = _exchange(groups, payloads)
+    assert results == [None, None, None]  # sent again after the next quorum, never applied
+    assert all("not finite" in str(e.failure) for e in exchanges)

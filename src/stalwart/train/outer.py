@@ -396,9 +396,10 @@ class Exchange:
     sends it back compressed in an all-gather; everyone decodes the same ranges. Each
     group sends about 2 (n - 1) / n payloads instead of n - 1 (compress.exchange_sent).
     The mean is compressed a second time: with error feedback its owner keeps what that
-    lost for the next round with the same participants."""
+    lost for the next round in which it owns the same range. Every group checks that the
+    decoded mean is finite (each range was reduced by one owner only)."""
 
-    def __init__(self, outer: OuterState, payload: Payload, group: Any, step: int = 0) -> None:
+    def __init__(self, outer: OuterState, payload: Payload, group: Any, step: int) -> None:
         self.outer, self.payload, self.group, self.step = outer, payload, group, step
         self.participants, self.me = group.participants, group.participant
         self._result: OuterResult | None = None
