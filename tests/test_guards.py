@@ -312,6 +312,11 @@ def test_transport_refuses_a_payload_that_would_run_code():
      "replicas.round_s applies to replicas.inner_steps auto only"),
     (["train", "--replicas", "2", "--parallel.fsdp", "2"], "the ranks of a replica group are data parallel"),
     (["train", "--parallel.fsdp", "-1"], "parallel.fsdp must be in 0..1024"),
+    (["train", "--parallel.ep", "3"], "parallel.ep 3 must divide the model's 8 routed experts"),
+    (["train", "--parallel.ep", "2", "--model.n_routed_experts", "0"], "parallel.ep 2 splits routed experts, and "
+     "this model has none"),
+    (["train", "--replicas", "2", "--parallel.ep", "2"], "the ranks of a replica group are data parallel"),
+    (["train", "--parallel.ep", "2"], "parallel.ep 2 must divide the launch's 1 rank"),
 ])
 def test_bad_replication_input_is_one_line_and_exit_2(argv, message, tmp_path):
     r = in_process(*argv, *(["--out", str(tmp_path / "r")] if argv[0] == "train" else []))

@@ -1,7 +1,8 @@
 """Plain torchrun: `torchrun --nproc-per-node N -m stalwart train` is one job with no
 Lighthouse, its ranks sharding the model (FSDP2, parallel.fsdp 0: all of them) or data
 parallel (parallel.fsdp 1), on one node or several; torchrun's own restart resumes it, and
-a resume may change the sharding."""
+a resume may change the sharding. Expert parallelism (parallel.ep) splits the routed
+experts over the ranks, alone or with FSDP2."""
 
 import json
 import os
@@ -12,8 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from jobs import jsonl, wait_for
+from stalwart.config import RunConfig
 
 pytestmark = pytest.mark.slow
 
@@ -110,6 +113,7 @@ def test_torchrun_on_two_nodes_and_a_killed_rank_restarted_by_torchrun_give_the_
 @pytest.mark.parametrize("extra, words", [
     (["--replicas", "2"], "replica groups start their own ranks"),
     (["--parallel.fsdp", "3"], "parallel.fsdp 3 must divide the launch's 2 ranks"),
+    (["--parallel.ep", "4"], "parallel.ep 4 must divide the launch's 2 ranks"),
 ])
 def test_torchrun_refuses_what_its_ranks_cannot_do_in_one_line(extra, words, tmp_path):
     run = tmp_path / "run"
@@ -130,3 +134,65 @@ def test_a_rank_under_torchrun_restarts_with_a_shared_store_is_refused_in_one_li
     assert "torchrun --max-restarts shares its store" in r.stderr and "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in r.stderr
     assert not (tmp_path / "run").exists()
 
+
+
+def _expert_bytes(run: Path) -> int:
+    """Bytes of the routed experts' weights of a run's model (fp32)."""
+    from stalwart.model import DeepSeekForCausalLM
+    from stalwart.model.moe import RoutedExperts
+
+    model = DeepSeekForCausalLM(RunConfig.from_dict(json.loads((run / "config.json").read_text())).model)
+    return 4 * sum(p.numel() for m in model.modules() if isinstance(m, RoutedExperts) for p in m.parameters())
+
+
+def test_expert_parallelism_trains_as_data_parallelism_does_and_resumes_on_another_layout(tmp_path):
+    # Two ranks, 20 steps: data parallel; experts split in two (EP 2); EP 2 with FSDP2.
+    layouts = {"dp": ("1", "1"), "ep": ("1", "2"), "ep_fsdp": ("0", "2")}
+    for name, (fsdp, ep) in layouts.items():
+        r = subprocess.run(_torchrun("--standalone", "--nproc-per-node", "2", *TRAIN, "--train.steps", "20",
+                                     "--parallel.fsdp", fsdp, "--parallel.ep", ep, "--out", str(tmp_path / name)),
+                           capture_output=True, text=True, timeout=240, env=ENV)
+        assert r.returncode == 0, r.stderr[-2000:]
+    runs = {name: tmp_path / name for name in layouts}
+    start = {name: [e for e in jsonl(run / "events.jsonl") if e["event"] == "start"][0] for name, run in runs.items()}
+    whole, experts = 4 * start["dp"]["parameters"], _expert_bytes(runs["dp"])
+    assert start["dp"]["parameter_bytes"] == [whole, whole]
+    assert start["ep"]["parameter_bytes"] == [whole - experts // 2] * 2  # half the experts each
+    assert start["ep_fsdp"]["parameter_bytes"] == [whole // 2] * 2  # the experts by EP, the rest by FSDP
+    # The same batches, routing and losses: an expert's rows are summed in another order
+    # (measured: at most 1.2e-7 relative over the 20 steps), and the global expert load
+    # moves every rank's routing bias alike.
+    losses = {name: _losses(run) for name, run in runs.items()}
+    for name in ("ep", "ep_fsdp"):
+        assert len(losses[name]) == 20
+        assert all(abs(a - b) <= 1e-5 * b for a, b in zip(losses[name], losses["dp"])), (name, losses)
+        imbalance = [m["expert_imbalance"] for m in jsonl(runs[name] / "metrics.jsonl")]
+        assert imbalance == pytest.approx([m["expert_imbalance"] for m in jsonl(runs["dp"] / "metrics.jsonl")],
+                                          rel=1e-4)
+
+    # The export of the sharded run, gathered to rank 0, is the whole model of its last
+    # checkpoint: transformers loads it with the same logits.
+    transformers = pytest.importorskip("transformers")
+    from stalwart import checkpoint as ckpt
+    from stalwart.model import DeepSeekForCausalLM
+    from stalwart.model_source import load_model_state
+
+    latest = ckpt.load_latest(runs["ep_fsdp"] / "checkpoints")
+    assert latest.step == 20
+    ours = DeepSeekForCausalLM(RunConfig.from_dict(json.loads((runs["ep_fsdp"] / "config.json").read_text())).model)
+    load_model_state(ours, latest.model_state, latest.path)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(runs["ep_fsdp"] / "export", dtype=torch.float32)
+    tokens = torch.randint(0, ours.cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.eval()(tokens).logits, ours.eval()(tokens).logits, rtol=1e-4, atol=1e-4)
+
+    # Resumed on another layout from the whole checkpoint at step 20: EP 2 -> 1, 1 -> 2 with FSDP.
+    for name, (fsdp, ep) in (("ep", ("1", "1")), ("dp", ("0", "2"))):
+        r = subprocess.run(_torchrun("--standalone", "--nproc-per-node", "2", *TRAIN, "--train.steps", "24",
+                                     "--parallel.fsdp", fsdp, "--parallel.ep", ep, "--resume",
+                                     "--out", str(runs[name])), capture_output=True, text=True, timeout=240, env=ENV)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert [e["step"] for e in jsonl(runs[name] / "events.jsonl") if e["event"] == "resume"] == [20]
+    after_ep, after_dp = _losses(runs["ep"])[20:], _losses(runs["dp"])[20:]
+    assert len(after_ep) == len(after_dp) == 4
+    assert all(abs(a - b) <= 1e-5 * b for a, b in zip(after_ep, after_dp)), (after_ep, after_dp)

@@ -170,6 +170,9 @@ class ParallelConfig:
     # 0: every rank of the launch, 1: none (plain data parallelism). Replica groups of
     # several ranks are data parallel inside (not yet sharded).
     fsdp: int = 0
+    # Ranks that split the routed experts of every MoE layer (expert parallelism, tokens
+    # sent to their experts with all_to_all); 1: every rank holds every expert.
+    ep: int = 1
 
 
 @dataclass(frozen=True)
@@ -376,6 +379,13 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(0 <= cfg.parallel.fsdp <= 1024, f"parallel.fsdp must be in 0..1024 (0: every rank), got {cfg.parallel.fsdp}")
     need(cfg.parallel.fsdp <= 1 or r.count == 1, f"parallel.fsdp {cfg.parallel.fsdp} shards the ranks of a plain "
          "torchrun launch; the ranks of a replica group are data parallel")
+    e = cfg.parallel.ep
+    need(1 <= e <= 1024, f"parallel.ep must be in 1..1024, got {e}")
+    need(e == 1 or cfg.model.is_moe, f"parallel.ep {e} splits routed experts, and this model has none")
+    need(e == 1 or not cfg.model.is_moe or cfg.model.n_routed_experts % e == 0,
+         f"parallel.ep {e} must divide the model's {cfg.model.n_routed_experts} routed experts")
+    need(e == 1 or r.count == 1, f"parallel.ep {e} splits the experts over the ranks of a plain torchrun launch; "
+         "the ranks of a replica group are data parallel")
     need(g.spike_sigma >= 0, f"guards.spike_sigma must be >= 0, got {g.spike_sigma}")
     need(g.spike_window >= 2 and 2 <= g.spike_min_history <= g.spike_window,
          f"guards.spike_window and guards.spike_min_history must satisfy 2 <= min_history <= window, "

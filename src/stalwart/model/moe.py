@@ -10,6 +10,8 @@ DeepSeek does (masking with 0 lets a masked group win when every score is negati
 Dispatch sorts the (token, expert) pairs by expert and runs each expert once on its
 contiguous slice: a Python loop over experts, never over tokens. A decode step, with only
 a few pairs, gathers each pair's expert weights and runs three batched matmuls instead.
+With expert parallelism (parallel/experts.py) the experts' weights are split over ranks
+and `RoutedExperts.parallel` sends each pair to the rank that holds its expert.
 """
 
 from __future__ import annotations
@@ -76,8 +78,11 @@ class RoutedExperts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(E, inter, H))
         self.up_proj = nn.Parameter(torch.empty(E, inter, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, inter))
+        self.parallel = None  # expert parallelism's dispatch, when the weights are split over ranks
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        if self.parallel is not None:
+            return self.parallel.forward(self, x, weights, idx)
         if idx.numel() <= GATHER_MAX_ASSIGNMENTS:
             return self._forward_gathered(x, weights, idx)
         return self._forward_sorted(x, weights, idx)
@@ -101,15 +106,23 @@ class RoutedExperts(nn.Module):
         order = flat.argsort(stable=True)
         token_of = order // k
         counts = torch.bincount(flat, minlength=E).tolist()  # the one host sync per layer
-        chunks = x[token_of].split(counts)
-        outs = []
-        for e, chunk in enumerate(chunks):
-            if chunk.shape[0] == 0:
-                continue
-            h = F.silu(chunk @ self.gate_proj[e].T) * (chunk @ self.up_proj[e].T)
-            outs.append(h @ self.down_proj[e].T)
-        y = torch.cat(outs) * weights.reshape(-1)[order, None].to(x.dtype)
+        y = run_grouped(x[token_of], counts, self.gate_proj, self.up_proj, self.down_proj)
+        y = y * weights.reshape(-1)[order, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, y)
+
+
+def run_grouped(rows: torch.Tensor, counts: list[int], gate: torch.Tensor, up: torch.Tensor,
+                down: torch.Tensor) -> torch.Tensor:
+    """Rows grouped by expert (counts[e] rows for expert e, in order) through their experts.
+    The result always depends on `rows`, even when there are none, so that a backward pass
+    reaches whatever produced them (expert parallelism's all-to-all, which every rank must
+    join)."""
+    outs = []
+    for e, chunk in enumerate(rows.split(counts)):
+        if chunk.shape[0] or (e == len(counts) - 1 and not outs):
+            h = F.silu(chunk @ gate[e].T) * (chunk @ up[e].T)
+            outs.append(h @ down[e].T)
+    return torch.cat(outs)
 
 
 class MoE(nn.Module):

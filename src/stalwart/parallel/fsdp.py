@@ -1,5 +1,6 @@
-"""FSDP2 inside one torchrun launch (`parallel.fsdp`): parameters, gradients and AdamW's
-moments sharded over the ranks.
+"""Sharding inside one torchrun launch: FSDP2 (`parallel.fsdp`) shards parameters,
+gradients and AdamW's moments over the ranks, expert parallelism (`parallel.ep`,
+parallel/experts.py) splits the routed experts; either, both or neither.
 
 `torch.distributed.fsdp.fully_shard` wraps each decoder layer and then the whole model,
 on a mesh of the launch's ranks: `parallel.fsdp` ranks share one copy of the state (0:
@@ -8,15 +9,16 @@ sharded `fsdp` ways (HSDP: gradients are reduced within a copy and averaged acro
 copies). Parameters stay fp32; with a bf16 compute dtype they are gathered in bf16 and
 gradients reduced in fp32 (`MixedPrecisionPolicy`), except the MoE router's, which is
 sharded on its own and computes in fp32 as it does without sharding (near-ties flip in
-bf16). The backward pass reduce-scatters the
-gradients itself, averaged over every rank, so the step's exchange carries only its
-statistics (train/exchange.py).
+bf16). The backward pass reduce-scatters the gradients itself, averaged over every rank,
+so the step's exchange carries only its statistics (train/exchange.py). With expert
+parallelism the experts' weights are left out of FSDP: they are split already, and
+their gradients are reduced by `ExpertParallel.reduce_gradients`.
 
 Checkpoints stay whole (checkpoint.py's format): `full` gathers every sharded tensor of a
-state, one at a time, to rank 0, which writes it; `local` cuts a whole state back to this
-rank's shards. A
-checkpoint written with one layout therefore loads with any other (FSDP 2 -> 1 -> 4, or
-none), and a run resumes bit for bit on the same layout.
+state (FSDP's and the experts' alike: both are DTensors), one at a time, to rank 0, which
+writes it; `local` cuts a whole state back to this rank's shards. A checkpoint written
+with one layout therefore loads with any other of the same ranks (FSDP 2 -> 1, EP 2 -> 1,
+or none), and a run resumes bit for bit on the same layout.
 """
 
 from __future__ import annotations
@@ -26,14 +28,26 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from stalwart.parallel.experts import ExpertParallel
+
 
 class Sharding:
     """The mesh a model was sharded on, and the conversions between whole and sharded state."""
 
-    def __init__(self, model: torch.nn.Module, *, ranks: int, fsdp: int, device: torch.device, bf16: bool) -> None:
+    def __init__(self, model: torch.nn.Module, *, ranks: int, fsdp: int, ep: int, device: torch.device,
+                 bf16: bool) -> None:
+        self.rank = torch.distributed.get_rank()
+        self.experts = ExpertParallel(model, ranks=ranks, ep=ep, device=device) if ep > 1 else None
+        self.fsdp = fsdp > 1  # the backward pass reduces the (other) gradients
+        if self.fsdp:
+            self._fully_shard(model, ranks=ranks, fsdp=fsdp, device=device, bf16=bf16)
+
+    def _fully_shard(self, model: torch.nn.Module, *, ranks: int, fsdp: int, device: torch.device,
+                     bf16: bool) -> None:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        ignored = set(self.experts.params) if self.experts is not None else None
         if fsdp == ranks:
             self.mesh = init_device_mesh(device.type, (fsdp,), mesh_dim_names=("shard",))
         else:
@@ -44,9 +58,14 @@ class Sharding:
         for layer in model.model.layers:
             if hasattr(layer.mlp, "gate"):  # the router stays fp32, as without sharding (model/moe.py)
                 fully_shard(layer.mlp.gate, mesh=self.mesh, mp_policy=router)
-            fully_shard(layer, mesh=self.mesh, mp_policy=policy)
-        fully_shard(model, mesh=self.mesh, mp_policy=policy)
-        self.rank = torch.distributed.get_rank()
+            fully_shard(layer, mesh=self.mesh, mp_policy=policy, ignored_params=ignored)
+        fully_shard(model, mesh=self.mesh, mp_policy=policy, ignored_params=ignored)
+
+    def data_parallel(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """`params` but the experts' that expert parallelism splits: those whose gradients
+        are averaged over every rank (by the step's exchange, or by FSDP's backward)."""
+        held = set() if self.experts is None else {id(p) for p in self.experts.params}
+        return [p for p in params if id(p) not in held]
 
     def full(self, value: Any) -> Any:
         """`value` (a tensor, or dicts and lists of them) with every sharded tensor whole, on

@@ -142,7 +142,7 @@ def setup(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, replica: Repl
     # Plain torchrun: the ranks' process group first, so that they all get past the checks
     # above before any of them writes.
     group = RanksGroup(info.backend, info.device) if replica is None and ranks > 1 else LocalGroup()
-    fsdp = _fsdp_ranks(cfg, ranks, plain=isinstance(group, RanksGroup))
+    fsdp, ep = _layout(cfg, ranks, plain=isinstance(group, RanksGroup))
     run = RunDir(out, replica=None if replica is None else replica.replica, checkpoints=cfg.checkpoint.dir,
                  rank=rank, ranks=ranks)
     set_replica(None if replica is None else replica.replica)
@@ -158,8 +158,8 @@ def setup(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, replica: Repl
                                   max_length=cfg.model.max_position_embeddings)
 
     model = DeepSeekForCausalLM(cfg.model).to(info.device)
-    sharding = Sharding(model, ranks=ranks, fsdp=fsdp, device=info.device, bf16=compute_dtype == "bf16") \
-        if fsdp > 1 else None
+    sharding = Sharding(model, ranks=ranks, fsdp=fsdp, ep=ep, device=info.device, bf16=compute_dtype == "bf16") \
+        if fsdp > 1 or ep > 1 else None
     g = cfg.guards
     shard, shards = (replica.replica * ranks + rank, cfg.replicas.count * ranks) if replica else (rank, ranks)
     state = TrainState(model, build_optimizer(model, cfg.optim),
@@ -215,14 +215,18 @@ def _restore(job: Job, *, resume: bool, replicated: bool) -> None:
     run.event("resume", step=state.step, checkpoint=str(latest.path) if latest else None)
 
 
-def _fsdp_ranks(cfg: RunConfig, ranks: int, *, plain: bool) -> int:
-    """The ranks that shard one copy of the state (1: no sharding)."""
-    if not plain:  # one process, or a replica group (config.py refuses parallel.fsdp > 1 there)
-        return 1
+def _layout(cfg: RunConfig, ranks: int, *, plain: bool) -> tuple[int, int]:
+    """The ranks that shard one copy of the state and the ranks that split the experts (1:
+    none)."""
+    ep = cfg.parallel.ep
+    if ranks % ep:
+        raise ConfigError(f"parallel.ep {ep} must divide the launch's {ranks} rank{'s' if ranks > 1 else ''}")
+    if not plain:  # one process, or a replica group (config.py refuses sharding there)
+        return 1, 1
     fsdp = cfg.parallel.fsdp or ranks
     if ranks % fsdp:
         raise ConfigError(f"parallel.fsdp {fsdp} must divide the launch's {ranks} ranks")
-    return fsdp
+    return fsdp, ep
 
 
 def _spike_sigma(cfg: RunConfig) -> float:

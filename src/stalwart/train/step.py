@@ -28,7 +28,7 @@ import torch
 from stalwart.errors import first_line
 from stalwart.faults import corrupt_gradients, inject
 from stalwart.guards import NONFINITE, OK, ROLLBACK, Verdict
-from stalwart.parallel.fsdp import whole_value
+from stalwart.parallel.experts import clip_gradients
 from stalwart.replication.group import LocalGroup, group_rank
 from stalwart.train.exchange import step_exchange
 from stalwart.train.optim import lr_at
@@ -129,11 +129,14 @@ def train_step(job: Job, step: int, *, slowed: bool = False, checkpoint_due: boo
     work.sends += 1
     if not inner:
         inject("kill-in-exchange", step)
-    # Sharded (FSDP2): the backward pass already reduced the gradients; the exchange carries the rest.
-    exchange = step_exchange(job.params, work.losses, work.loads, group, work.compute_s, shard=state.loader.shard,
+    # Sharded: FSDP's backward pass already reduced the gradients, and expert parallelism
+    # reduces the experts' itself; the exchange carries the rest.
+    sharding = state.sharding
+    averaged = job.params if sharding is None else sharding.data_parallel(job.params)
+    exchange = step_exchange(averaged, work.losses, work.loads, group, work.compute_s, shard=state.loader.shard,
                              num_shards=state.loader.num_shards, position=work.position,
                              checkpoint_due=checkpoint_due, contribute=not exclude_self,
-                             gradients=state.sharding is None)
+                             gradients=sharding is None or not sharding.fsdp)
     collective_ok = group.allreduce_sum(exchange.buffer)
     error = group.error()  # why the collective failed, before the vote adds its own
     verdict, grad_norm, healthy = Verdict(OK), float("nan"), 0
@@ -142,9 +145,11 @@ def train_step(job: Job, step: int, *, slowed: bool = False, checkpoint_due: boo
         positions = exchange.shard_positions()
         healthy = len(positions)  # ranks whose finite gradients are in the sum
         if exchange.own_finite and healthy:
-            exchange.unpack_gradients(job.params, healthy)
+            exchange.unpack_gradients(averaged, healthy)
+            if sharding is not None and sharding.experts is not None:
+                sharding.experts.reduce_gradients(healthy)
             clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-            grad_norm = whole_value(torch.nn.utils.clip_grad_norm_(job.params, clip))
+            grad_norm = clip_gradients(job.params, clip)
             loss, lm_loss, mtp_loss = (exchange.losses() / healthy).tolist()
             verdict = state.guard.check(step, lm_loss, grad_norm)
         elif not healthy:
