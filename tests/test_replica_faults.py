@@ -321,8 +321,8 @@ def test_a_lighthouse_killed_and_started_again_5s_later_costs_no_group_its_proce
 
 def test_a_hung_torchrun_group_is_killed_with_every_rank_and_healed(tmp_path):
     run = tmp_path / "run"
-    proc = start_job(run, "--replicas", "2", "--replicas.ranks_per_group", "2", "--train.steps", "3000",
-                     "--replicas.hang_timeout_s", "6")
+    proc = start_job(run, "--replicas", "2", "--replicas.ranks_per_group", "2", "--parallel.fsdp", "1",
+                     "--train.steps", "3000", "--replicas.hang_timeout_s", "6")  # data parallel inside the group
     try:
         launcher = group_pid_once_all_train(run, groups=2, replica=1)
         # torchrun and the ranks its agent started (in sessions of their own)

@@ -8,9 +8,12 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
-from jobs import final_fingerprints, group_pid_once_all_train, job, jsonl, start_job
+
+from jobs import (FAST, descendants, final_fingerprints, group_pid_once_all_train, job, jsonl, start_job, stop_all,
+                  wait_for)
 
 pytestmark = pytest.mark.slow
 
@@ -110,17 +113,62 @@ def test_straggler_is_reported_and_excluded(tmp_path):
     assert last and all(m["participants"] == 2 for m in last)
 
 
-def test_groups_of_two_torchrun_ranks_train_one_model_and_heal_as_a_group(tmp_path):
+def test_groups_of_two_fsdp_ranks_heal_shard_by_shard_after_a_rank_is_killed_from_outside(tmp_path):
+    # Two groups of two torchrun ranks, each group sharding the model with FSDP2 (the
+    # default: parallel.fsdp 0, all of a group's ranks); rank 1 of group 1 SIGKILLed from
+    # outside while the job trains, at no step boundary of its choosing.
     run = tmp_path / "run"
-    r = job(run, "--replicas", "2", "--replicas.ranks_per_group", "2", "--train.steps", "300", inject="kill@15:1",
-            timeout=240)
-    assert r.returncode == 0, r.stderr
+    proc = start_job(run, "--replicas", "2", "--replicas.ranks_per_group", "2", "--train.steps", "120")
+    try:
+        launcher = group_pid_once_all_train(run, groups=2, replica=1)
+        rank1 = wait_for(lambda: [p for p in descendants(launcher) if _torchrun_rank(p) == 1], 30, "rank 1")[0]
+        os.kill(rank1, signal.SIGKILL)
+        killed = time.time()
+        _, err = proc.communicate(timeout=240)
+    finally:
+        stop_all(proc)
+    assert proc.returncode == 0, err
     events = jsonl(run / "events.jsonl")
-    exit_ = next(e for e in events if e["event"] == "group_exit")
-    assert exit_["replica"] == 1
-    assert any(e["event"] == "heal" and e["replica"] == 1 and e["time"] > exit_["time"] for e in events)
+    (exit_,) = [e for e in events if e["event"] == "group_exit"]  # group 0 trains on meanwhile
+    assert exit_["replica"] == 1 and exit_["time"] >= killed
+    # Restarted as a group, both its ranks behind: rank i fetches rank i's shards from rank
+    # i of group 0, about half of what a whole state is (weights and AdamW's two moments).
+    start = next(e for e in events if e["event"] == "start")
+    whole = 4 * start["parameters"]
+    assert start["parameter_bytes"] == whole // 2
+    heal = next(e for e in events if e["event"] == "heal" and e["replica"] == 1 and e["time"] > exit_["time"])
+    assert 0.4 * 3 * whole < heal["bytes"] < 0.6 * 3 * whole, (heal, whole)
+    # Every rank of every group ends with the same state: each group's fingerprint is over
+    # all its ranks' shards.
     finish = {(e["replica"], e["rank"]): e["fingerprint"] for e in events if e["event"] == "finish"}
     assert sorted(finish) == [(0, 0), (0, 1), (1, 0), (1, 1)] and len(set(finish.values())) == 1
     metrics = jsonl(run / "metrics.jsonl")
     assert {m["rank"] for m in metrics} == {0}  # one record per group and step
-    assert metrics[-1]["step"] == 300
+    assert metrics[-1]["step"] == 120
+    assert all(m["loss"] == m["loss"] for m in metrics)
+
+    # Until the kill, the two sharded groups are one data-parallel job of four ranks: the
+    # same batches, losses and gradient norms as a plain torchrun launch of four (stopped
+    # by a kill at step 9, so that its learning-rate schedule is the 120 steps' too). A
+    # shard's gradient divided by anything but the groups that sent one changes the norm.
+    plain = tmp_path / "plain"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+                        "-m", "stalwart", "train", "--out", str(plain), *FAST, "--train.steps", "120",
+                        "--parallel.fsdp", "1"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "STALWART_INJECT": "kill@9"})
+    assert r.returncode != 0  # killed, as planned
+    reference = jsonl(plain / "metrics.jsonl")
+    assert [m["step"] for m in reference] == list(range(1, 9))
+    together = [m for m in metrics if m["step"] <= 8 and m["replica"] == 0]
+    assert [m["participants"] for m in together] == [2] * 8
+    for key in ("loss", "grad_norm"):
+        assert [m[key] for m in together] == pytest.approx([m[key] for m in reference], rel=1e-5), key
+
+
+def _torchrun_rank(pid: int) -> int | None:
+    """The RANK torchrun gave a process (None for one it did not start)."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return next((int(v[5:]) for v in environ if v.startswith(b"RANK=")), None)

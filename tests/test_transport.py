@@ -1,7 +1,9 @@
-"""The healing transport admits only members of the job: real HTTP servers on 127.0.0.1."""
+"""The healing transport admits only members of the job and streams the state without
+pickle or copies: real HTTP servers on 127.0.0.1."""
 
 import hashlib
 import hmac
+import http.client
 import io
 import threading
 import time
@@ -21,7 +23,6 @@ from stalwart.replication.transport import (
     SafeHTTPTransport,
     job_secret,
     new_job_secret,
-    state_to_bytes,
 )
 
 SECRET = bytes(range(32))
@@ -82,13 +83,22 @@ def assert_same_state(got, want):
             assert type(got[k]) is type(v) and got[k] == v
 
 
+def _fetch(sender, step=7):
+    """The raw body a member gets for `step` (trailer included)."""
+    path = f"/checkpoint/{step}"
+    req = urllib.request.Request(sender.metadata() + str(step),
+                                 headers={"Authorization": f"Stalwart {mac(SECRET, f'GET {path}'.encode())}"})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        return r.read()
+
+
 def test_a_member_heals_and_the_state_round_trips_exactly():
     with transports((SECRET, MAX), (SECRET, MAX)) as (sender, receiver):
         sender.send_checkpoint([1], 7, STATE, FETCH)
         got = receiver.recv_checkpoint(0, sender.metadata(), 7, FETCH)
         assert_same_state(got, STATE)
-        size = len(state_to_bytes(STATE))
-        assert receiver.bytes_received == size
+        size = receiver.bytes_received
+        assert size > 12 * 4 + 3 * 8 + 2 * 2  # every tensor's bytes, a header and a trailer
         # The server thread counts after its write returns, which may be just after the receiver has read.
         deadline = time.monotonic() + 1
         while sender.bytes_sent != size and time.monotonic() < deadline:
@@ -98,6 +108,54 @@ def test_a_member_heals_and_the_state_round_trips_exactly():
         with pytest.raises(urllib.error.HTTPError, match="409"):  # a step not (or no longer) served
             receiver.recv_checkpoint(0, sender.metadata(), 7, FETCH)
         assert sender.bytes_sent == receiver.bytes_received == size
+
+
+def test_a_heal_lands_in_the_receivers_own_tensors_and_a_broken_one_is_torn():
+    own = {"w": torch.zeros(3, 4), "ids": torch.zeros(3, dtype=torch.int64), "step": 0, "n": 0,
+           "nested": {"b": torch.zeros(2, dtype=torch.bfloat16), "k": 0}}
+    places = {"w": own["w"].data_ptr(), "ids": own["ids"].data_ptr(), "b": own["nested"]["b"].data_ptr()}
+    sender = SafeHTTPTransport("127.0.0.1", SHORT, SECRET, MAX)
+    receiver = SafeHTTPTransport("127.0.0.1", SHORT, SECRET, MAX, targets=lambda: own)
+    try:
+        sender.send_checkpoint([1], 7, STATE, FETCH)
+        got = receiver.recv_checkpoint(0, sender.metadata(), 7, FETCH)
+        assert_same_state(got, STATE)
+        # No tensor was allocated for the state: each arrived in the receiver's own.
+        assert {"w": got["w"].data_ptr(), "ids": got["ids"].data_ptr(), "b": got["nested"]["b"].data_ptr()} == places
+        assert torch.equal(own["w"], STATE["w"]) and not receiver.torn
+        body = _fetch(sender)
+    finally:
+        sender.shutdown()
+    # A stream that stops halfway through the tensors, after some landed in place: refused,
+    # and the receiver knows its own state is now torn.
+    try:
+        with raw_server(_serve(body[:len(body) - 40], length=len(body))) as url:
+            with pytest.raises(HealRefused, match="short"):
+                receiver.recv_checkpoint(0, url, 7, FETCH)
+        assert receiver.torn
+    finally:
+        receiver.shutdown()
+
+
+def test_a_state_disallowed_while_it_streams_is_never_signed():
+    # 64 MiB: far more than the socket buffers hold, so the server is still writing when
+    # this replica's step ends (disallow_checkpoint) and its weights may change.
+    big = {"w": torch.ones(16 << 20)}
+    with transports((SECRET, 128 << 20)) as (sender,):
+        sender.send_checkpoint([1], 7, big, FETCH)
+        host, port = sender.metadata().split("//")[1].split("/")[0].split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        conn.request("GET", "/checkpoint/7", headers={"Authorization": f"Stalwart {mac(SECRET, b'GET /checkpoint/7')}"})
+        response = conn.getresponse()
+        declared = int(response.headers["Content-Length"])
+        first = response.read(4096)
+        sender.disallow_checkpoint()
+        rest = b""
+        while chunk := response.read1(1 << 20):
+            rest += chunk
+        conn.close()
+        assert len(first) + len(rest) == declared - 32  # every byte but the trailer: no signature
+        assert sender.bytes_sent == 0
 
 
 def test_a_request_without_the_secret_gets_403_and_no_state():
@@ -132,28 +190,32 @@ class _Evil:
         return (_mark, ())
 
 
-def _serve(body: bytes, signature: str | None):
+def _serve(body: bytes, length: int | None = None):
     def respond(h):
         h.send_response(200)
-        h.send_header("Content-Length", str(len(body)))
-        if signature is not None:
-            h.send_header("X-Stalwart-Signature", signature)
+        h.send_header("Content-Length", str(len(body) if length is None else length))
         h.end_headers()
         h.wfile.write(body)
     return respond
 
 
-@pytest.mark.parametrize("signed_with", [None, OTHER, b"garbage"], ids=["unsigned", "other-secret", "malformed"])
-def test_an_impostor_pushing_a_state_is_refused_before_unpickling(signed_with):
-    buf = io.BytesIO()
-    torch.save({"x": _Evil()}, buf)
-    body = buf.getvalue()
-    # Unsigned, signed with another job's secret, or a malformed signature. A weights_only load
-    # would raise UnpicklingError; HealRefused shows the check came first.
-    signature = None if signed_with is None else ("zz" if signed_with == b"garbage"
-                                                  else mac(signed_with, b"/checkpoint/7" + body))
-    with transports((SECRET, MAX)) as (receiver,), raw_server(_serve(body, signature)) as url:
-        with pytest.raises(HealRefused, match="X-Stalwart-Signature"):
+@pytest.mark.parametrize("forgery", ["pickle", "other-secret", "unsigned"])
+def test_an_impostor_pushing_a_state_is_refused(forgery):
+    # A torch.save pickle (never unpickled: _mark would raise), or a well-formed state whose
+    # trailer is another job's HMAC or garbage.
+    with transports((SECRET, MAX)) as (sender,):
+        sender.send_checkpoint([1], 7, STATE, FETCH)
+        body = _fetch(sender)
+    if forgery == "pickle":
+        buf = io.BytesIO()
+        torch.save({"x": _Evil()}, buf)
+        body = buf.getvalue()
+    elif forgery == "other-secret":
+        body = body[:-32] + hmac.new(OTHER, b"/checkpoint/7" + body[:-32], hashlib.sha256).digest()
+    else:
+        body = body[:-32] + bytes(32)
+    with transports((SECRET, MAX)) as (receiver,), raw_server(_serve(body)) as url:
+        with pytest.raises(HealRefused, match="not a stalwart state" if forgery == "pickle" else "valid signature"):
             receiver.recv_checkpoint(0, url, 7, FETCH)
         assert receiver.bytes_received == 0
 
@@ -170,30 +232,27 @@ def test_an_impostor_with_its_own_secret_is_refused():
 def test_a_signed_answer_for_another_step_is_refused():
     with transports((SECRET, MAX), (SECRET, MAX)) as (sender, receiver):
         sender.send_checkpoint([1], 7, STATE, FETCH)
-        req = urllib.request.Request(sender.metadata() + "7",
-                                     headers={"Authorization": f"Stalwart {mac(SECRET, b'GET /checkpoint/7')}"})
-        with urllib.request.urlopen(req, timeout=5) as r:
-            body, signature = r.read(), r.headers["X-Stalwart-Signature"]
-        assert signature == mac(SECRET, b"/checkpoint/7" + body)
-        with raw_server(_serve(body, signature)) as url:  # replayed as the answer for step 8
-            with pytest.raises(HealRefused, match="X-Stalwart-Signature"):
+        body = _fetch(sender)
+        assert body[-32:] == hmac.new(SECRET, b"/checkpoint/7" + body[:-32], hashlib.sha256).digest()
+        with raw_server(_serve(body)) as url:  # replayed as the answer for step 8
+            with pytest.raises(HealRefused, match="valid signature"):
                 receiver.recv_checkpoint(0, url, 8, FETCH)
         assert receiver.bytes_received == 0
 
 
 def test_a_body_above_max_bytes_is_refused_even_from_a_member():
-    size = len(state_to_bytes(STATE))
-    with transports((SECRET, MAX), (SECRET, size - 1)) as (sender, receiver):
+    with transports((SECRET, MAX), (SECRET, MAX)) as (sender, probe):
         sender.send_checkpoint([1], 7, STATE, FETCH)
-        with pytest.raises(HealRefused, match="above max_bytes"):
-            receiver.recv_checkpoint(0, sender.metadata(), 7, FETCH)
-        assert receiver.bytes_received == 0
+        size = len(_fetch(sender))
+        with transports((SECRET, size - 1)) as (receiver,):
+            with pytest.raises(HealRefused, match="above max_bytes"):
+                receiver.recv_checkpoint(0, sender.metadata(), 7, FETCH)
+            assert receiver.bytes_received == 0
 
 
 def test_a_body_without_content_length_is_refused():
     def respond(h):  # HTTP/1.0: the body runs to the end of the connection
         h.send_response(200)
-        h.send_header("X-Stalwart-Signature", "00")
         h.end_headers()
         h.wfile.write(b"x" * 4096)
 

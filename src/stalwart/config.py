@@ -165,10 +165,10 @@ class GuardsConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """parallel/: how the ranks of one torchrun launch share the model."""
+    """parallel/: how the ranks of one torchrun launch (or of one replica group) share the model."""
     # Ranks that shard one copy of parameters, gradients and optimizer state (FSDP2);
-    # 0: every rank of the launch, 1: none (plain data parallelism). Replica groups of
-    # several ranks are data parallel inside (not yet sharded).
+    # 0: every rank of the launch or group, 1: none (plain data parallelism). Across
+    # replica groups, each rank exchanges its shards with the same rank of the others (HSDP).
     fsdp: int = 0
     # Ranks that split the routed experts of every MoE layer (expert parallelism, tokens
     # sent to their experts with all_to_all); 1: every rank holds every expert.
@@ -377,8 +377,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(r.strategy == "ddp" or r.ranks_per_group == 1,
          f"replicas.strategy {r.strategy} takes one rank per group (replicas.ranks_per_group 1)")
     need(0 <= cfg.parallel.fsdp <= 1024, f"parallel.fsdp must be in 0..1024 (0: every rank), got {cfg.parallel.fsdp}")
-    need(cfg.parallel.fsdp <= 1 or r.count == 1, f"parallel.fsdp {cfg.parallel.fsdp} shards the ranks of a plain "
-         "torchrun launch; the ranks of a replica group are data parallel")
+    need(cfg.parallel.fsdp <= 1 or r.count == 1 or r.ranks_per_group % cfg.parallel.fsdp == 0,
+         f"parallel.fsdp {cfg.parallel.fsdp} must divide replicas.ranks_per_group {r.ranks_per_group} (it shards "
+         "the ranks of each group)")
     e = cfg.parallel.ep
     need(1 <= e <= 1024, f"parallel.ep must be in 1..1024, got {e}")
     need(e == 1 or cfg.model.is_moe, f"parallel.ep {e} splits routed experts, and this model has none")
@@ -386,6 +387,8 @@ def validate(cfg: RunConfig) -> RunConfig:
          f"parallel.ep {e} must divide the model's {cfg.model.n_routed_experts} routed experts")
     need(e == 1 or r.count == 1, f"parallel.ep {e} splits the experts over the ranks of a plain torchrun launch; "
          "the ranks of a replica group are data parallel")
+    need(e == 1 or not cfg.train.compile, f"parallel.ep {e} is not supported with train.compile (its token "
+         "dispatch is not tested compiled): leave train.compile off")
     need(g.spike_sigma >= 0, f"guards.spike_sigma must be >= 0, got {g.spike_sigma}")
     need(g.spike_window >= 2 and 2 <= g.spike_min_history <= g.spike_window,
          f"guards.spike_window and guards.spike_min_history must satisfy 2 <= min_history <= window, "

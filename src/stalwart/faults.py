@@ -27,8 +27,13 @@ a constant scale of the gradients), as a norm does that moves with a phase of tr
 producing NaN at the first step after the process receives SIGUSR1, at a moment chosen from
 outside (bench/faults.py sends it).
 
-A `:R` suffix fires the fault only in replica group R (`set_replica`); without it the
-fault fires in every process that reads the variable. The supervisor passes the variable
+`nan-expert-grad@N` fills the gradient of the first MoE layer's routed experts with NaN
+after the backward pass of step N; with expert parallelism, only the experts this rank
+holds (a fault in one rank's share of a split tensor).
+
+A `:R` suffix fires the fault only in replica group R (`set_replica`), or, in a plain
+torchrun launch (no replica groups), only on rank R; without it the fault fires in every
+process that reads the variable. The supervisor passes the variable
 to a group's first process only: a restarted group runs clean.
 
 Injection points are plain function calls that cost one set lookup when nothing is
@@ -46,8 +51,8 @@ import torch
 from stalwart.errors import ConfigError
 
 INJECT_ENV = "STALWART_INJECT"
-POINTS = ("kill", "kill-in-exchange", "kill-in-reduce", "kill-in-checkpoint", "nan-grad", "nan-device", "spike",
-          "grad-level", "flip-bit", "flip-bit-global", "nan-weight", "slow")
+POINTS = ("kill", "kill-in-exchange", "kill-in-reduce", "kill-in-checkpoint", "nan-grad", "nan-expert-grad",
+          "nan-device", "spike", "grad-level", "flip-bit", "flip-bit-global", "nan-weight", "slow")
 _replica: int | None = None
 _fired: set[tuple[str, int]] = set()  # each fault fires once per process, even if its step is retried
 _nan_device = False  # `nan-device`, once fired, lasts
@@ -107,9 +112,9 @@ def inject(point: str, step: int) -> bool:
     return True
 
 
-def corrupt_gradients(step: int, params: list[torch.Tensor]) -> None:
-    """The gradient faults planned for this step: `nan-grad`, `nan-device`, `spike` and
-    `grad-level`."""
+def corrupt_gradients(step: int, params: list[torch.Tensor], experts: torch.Tensor | None = None) -> None:
+    """The gradient faults planned for this step: `nan-grad`, `nan-device`, `spike`,
+    `grad-level`, and `nan-expert-grad` on `experts` (a routed-expert weight)."""
     global _nan_device, _grad_level
     _nan_device = inject("nan-device", step) or _nan_device
     _grad_level = inject("grad-level", step) or _grad_level
@@ -119,6 +124,11 @@ def corrupt_gradients(step: int, params: list[torch.Tensor]) -> None:
                 p.grad.mul_(10.0)
     if inject("nan-grad", step) or _nan_device:
         params[0].grad.fill_(float("nan"))
+    if inject("nan-expert-grad", step) and experts is not None and experts.grad is not None:
+        from torch.distributed.tensor import DTensor
+
+        grad = experts.grad
+        (grad.to_local() if isinstance(grad, DTensor) else grad).fill_(float("nan"))  # split: this rank's part
     if inject("spike", step):
         for p in params:
             if p.grad is not None:

@@ -181,7 +181,7 @@ def _train_group(cfg, out, args: argparse.Namespace) -> int:
     """One replica group's process; its exit code tells the supervisor what to do
     (replication/protocol.py)."""
     from stalwart.replication import protocol
-    from stalwart.replication.group import LighthouseLost
+    from stalwart.replication.group import HealTorn, LighthouseLost
     from stalwart.replication.transport import SECRET_ENV, job_secret
     from stalwart.train.loop import Replica, train
     from stalwart.train.recovery import Excluded, NonFiniteAfterHeal, Partitioned, Stalled
@@ -199,7 +199,7 @@ def _train_group(cfg, out, args: argparse.Namespace) -> int:
         return _group_exit(e, protocol.EXIT_EXCLUDED, "leaving the job (guards.exclude_stragglers)")
     except NonFiniteAfterHeal as e:
         return _group_exit(e, protocol.EXIT_NONFINITE, "asking for a restart")
-    except (Partitioned, LighthouseLost) as e:
+    except (Partitioned, LighthouseLost, HealTorn) as e:
         return _group_exit(e, protocol.EXIT_PARTITIONED, "leaving the job to rejoin later")
     except Stalled as e:
         return _group_exit(e, protocol.EXIT_STALLED, "stopping the job")

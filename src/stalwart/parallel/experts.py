@@ -114,7 +114,11 @@ class ExpertParallel:
         that contributed."""
         for p in self.params:
             if p.grad is None:
-                p.grad = torch.zeros_like(p)  # no token reached these experts on this group
+                # Not reached in training: every rank's backward passes through the exchanges,
+                # which give each local expert weight a gradient (zero rows included). Were
+                # it reached, a zero is what the other groups' sum needs; unlike data
+                # parallelism's None, AdamW then decays these experts this step.
+                p.grad = torch.zeros_like(p)
             local = p.grad.to_local()
             if self.replicas is not None:
                 dist.all_reduce(local, group=self.replicas)

@@ -19,6 +19,10 @@ state (FSDP's and the experts' alike: both are DTensors), one at a time, to rank
 writes it; `local` cuts a whole state back to this rank's shards. A checkpoint written
 with one layout therefore loads with any other of the same ranks (FSDP 2 -> 1, EP 2 -> 1,
 or none), and a run resumes bit for bit on the same layout.
+
+A heal moves shards, never whole tensors: rank i of a healing replica group receives
+`parts` (rank i's shards, as they are) from rank i of a peer group of the same `layout`,
+and `from_part` makes them its own without any collective.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ class Sharding:
     def __init__(self, model: torch.nn.Module, *, ranks: int, fsdp: int, ep: int, device: torch.device,
                  bf16: bool) -> None:
         self.rank = torch.distributed.get_rank()
+        # What a peer's shards must have been cut with to be this rank's (a heal).
+        self.layout = {"ranks": ranks, "rank": self.rank, "fsdp": fsdp, "ep": ep}
         self.experts = ExpertParallel(model, ranks=ranks, ep=ep, device=device) if ep > 1 else None
         self.fsdp = fsdp > 1  # the backward pass reduces the (other) gradients
         if self.fsdp:
@@ -83,25 +89,52 @@ class Sharding:
 
     @staticmethod
     def local(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """A whole tensor as `like` holds it: this rank's shard when `like` is sharded."""
+        """A whole tensor as `like` holds it: this rank's shard when `like` is sharded (a
+        collective: rank 0's tensor is scattered)."""
         if isinstance(like, DTensor):
             return distribute_tensor(whole.to(like.device, like.dtype), like.device_mesh, like.placements)
         return whole
 
-    def local_model_state(self, model: torch.nn.Module, whole: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        current = model.state_dict()
-        return {k: self.local(v, current[k]) if k in current else v for k, v in whole.items()}
+    @staticmethod
+    def parts(value: Any) -> Any:
+        """`value` (a tensor, or dicts and lists of them) with every sharded tensor replaced by
+        this rank's shard, as it is (no copy): what a heal sends to the same rank of a peer."""
+        if isinstance(value, DTensor):
+            return value.to_local().detach()
+        if isinstance(value, dict):
+            return {k: Sharding.parts(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [Sharding.parts(v) for v in value]
+        return value
 
-    def local_optimizer_state(self, optimizer: torch.optim.Optimizer, whole: dict[str, Any]) -> dict[str, Any]:
-        """optimizer.state_dict()'s form (states keyed by parameter index) with every moment
-        cut to the shard of its parameter."""
+    @staticmethod
+    def from_part(part: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """This rank's shard as the sharded tensor `like` is (no communication)."""
+        if not isinstance(like, DTensor):
+            return part
+        if part.shape != like.to_local().shape:
+            raise ValueError(f"a shard of shape {tuple(part.shape)} where this rank holds {tuple(like.to_local().shape)}")
+        return DTensor.from_local(part.to(like.device, like.dtype), like.device_mesh, like.placements,
+                                  run_check=False, shape=like.shape, stride=like.stride())
+
+    def model_state(self, model: torch.nn.Module, given: dict[str, torch.Tensor], *,
+                    parts: bool = False) -> dict[str, torch.Tensor]:
+        """A whole state (or, `parts`, this rank's shards of one) as the model holds it."""
+        current, cut = model.state_dict(), self.from_part if parts else self.local
+        return {k: cut(v, current[k]) if k in current else v for k, v in given.items()}
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer, given: dict[str, Any], *,
+                        parts: bool = False) -> dict[str, Any]:
+        """optimizer.state_dict()'s form (states keyed by parameter index), whole or (`parts`)
+        this rank's shards, with every moment as its parameter is held."""
         params = [p for group in optimizer.param_groups for p in group["params"]]
+        cut = self.from_part if parts else self.local
         state = {}
-        for index, per_param in whole["state"].items():
+        for index, per_param in given["state"].items():
             param = params[int(index)]
-            state[index] = {k: self.local(v, param) if isinstance(v, torch.Tensor) and v.dim() > 0 else v
+            state[index] = {k: cut(v, param) if isinstance(v, torch.Tensor) and v.dim() > 0 else v
                             for k, v in per_param.items()}
-        return {**whole, "state": state}
+        return {**given, "state": state}
 
 
 def whole_value(t: torch.Tensor) -> float:
@@ -109,6 +142,12 @@ def whole_value(t: torch.Tensor) -> float:
     return float(t.full_tensor() if isinstance(t, DTensor) else t)
 
 
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: its shard when sharded (a view: writing to it writes the
+    shard), else the tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def local_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """This rank's part of each tensor (a fingerprint of what this rank holds)."""
-    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+    return [local_part(t) for t in tensors]

@@ -63,6 +63,11 @@ class LighthouseLost(Exception):
     """No quorum for longer than replicas.lighthouse_grace_s."""
 
 
+class HealTorn(Exception):
+    """A heal failed after part of this group's state was overwritten: the group restarts
+    (from its checkpoint) and heals again."""
+
+
 class Gather:
     """An all-gather in flight (DiLoCo's exchange): `wait()` gives every participant's
     payload in quorum order, or None if the collective failed (the error reported to the
@@ -102,11 +107,19 @@ class LocalGroup:
     def start_step(self) -> None:
         pass
 
-    def allreduce_sum(self, buffer: torch.Tensor | None) -> bool:
+    def allreduce_sum(self, buffer: torch.Tensor | None, *, across_only: int = 0) -> bool:
         return True
 
     def allreduce_across_groups(self, values: torch.Tensor) -> bool:
         return True
+
+    def every_rank(self, flag: bool) -> bool:
+        """Whether `flag` holds on every rank of this group."""
+        return flag
+
+    def group_fingerprint(self, own: int) -> int:
+        """One fingerprint for the whole group from each rank's own (the same on its ranks)."""
+        return own
 
     def allgather_across_groups(self, payload: torch.Tensor) -> Gather:
         return Gather(None, [payload], lambda error: None)
@@ -151,16 +164,14 @@ class RanksGroup(LocalGroup):
     def __init__(self, backend: str, device: torch.device) -> None:
         import torch.distributed as dist
 
-        if not dist.is_initialized():  # torch's default timeout: a checkpoint may outlast replicas.timeout_s
-            use_device(device)  # FSDP2 and the backend allocate on the current device
-            dist.init_process_group(backend)
+        join_ranks(backend, device)
         self._dist, self._device = dist, device
         self.rank, self.ranks = dist.get_rank(), dist.get_world_size()
         self.contributors = self.ranks
         self.is_lowest = self.rank == 0
         self.broadcast(0)  # every rank is here
 
-    def allreduce_sum(self, buffer: torch.Tensor | None) -> bool:
+    def allreduce_sum(self, buffer: torch.Tensor | None, *, across_only: int = 0) -> bool:
         if buffer is not None:
             self._dist.all_reduce(buffer)
         return True
@@ -194,14 +205,19 @@ class TorchFTGroup:
     Several ranks per group (torchrun sets RANK, WORLD_SIZE, MASTER_ADDR/PORT): the ranks of a
     group sum the step buffer among themselves first (torch.distributed, the device's
     backend), then each rank sums it with the same rank of the other groups through torchft,
-    so every rank of every group ends with the total. torchft heals each rank from the same
-    rank of a healthy group.
+    so every rank of every group ends with the total. A sharded group (FSDP2) has reduced
+    its gradients among its ranks in the backward pass already: the front of the buffer
+    (`across_only`, this rank's gradient shards) is summed across groups only, so that what
+    crosses groups per rank falls with the group's ranks (HSDP). torchft heals each rank
+    from the same rank of a healthy group.
 
     Args:
         replica: this group's index, 0..num_replicas-1 (its data shard and its slot).
         lighthouse: the Lighthouse address, http://HOST:PORT.
         host: the address peers reach this group's servers at (127.0.0.1 on one machine).
         state_dict / load_state_dict: the training state that a healing peer receives.
+        heal_targets: this group's own tensors that a heal overwrites in place (None: a heal
+            allocates what it receives).
         step: the committed step this group starts from (0, or a checkpoint's).
         secret / max_state_bytes: the job secret and the largest state a heal accepts
             (replication/transport.py).
@@ -212,6 +228,7 @@ class TorchFTGroup:
     def __init__(self, cfg: ReplicasConfig, *, replica: int, lighthouse: str, host: str,
                  state_dict: Callable[[], Any], load_state_dict: Callable[[Any], None], step: int,
                  secret: bytes, max_state_bytes: int, torchft_log: Path, backend: str = "gloo",
+                 heal_targets: Callable[[], Any] | None = None,
                  on_quorum_retry: Callable[[BaseException | None, float], None] = lambda error, waited: None) -> None:
         from torch.distributed import TCPStore
         from torchft import Manager
@@ -230,14 +247,15 @@ class TorchFTGroup:
         if self.ranks > 1:  # torchrun's store serves the group; ranks also talk among themselves
             import torch.distributed as dist
 
-            dist.init_process_group(backend, timeout=timeout)
+            join_ranks(backend, None)  # setup joined them already (timeouts: join_ranks)
             self._intra = dist
             store_addr, store_port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
         else:  # one rank: this process is its group's store
             self._intra = None
             self._store = TCPStore(host, 0, is_master=True, wait_for_workers=False)
             store_addr, store_port = host, self._store.port
-        self.transport = SafeHTTPTransport(host, timeout, secret=secret, max_bytes=max_state_bytes)
+        self.transport = SafeHTTPTransport(host, timeout, secret=secret, max_bytes=max_state_bytes,
+                                           targets=heal_targets)
         self.grace_s, self._on_quorum_retry = cfg.lighthouse_grace_s, on_quorum_retry
 
         def heal(state: Any) -> None:
@@ -283,25 +301,47 @@ class TorchFTGroup:
         self.healed_bytes = self.transport.bytes_received - received  # this quorum's heal
         if self.transport.refused is not None:  # this group's secret is not the job's: retrying cannot help
             raise ConfigError(str(self.transport.refused))
+        if self.transport.torn:  # no later quorum can be trusted to bring a whole state
+            raise HealTorn("a heal broke off after it had begun to overwrite this group's state in place")
         self.participants = self.manager.num_participants()
         self.contributors = self.participants * self.ranks
         # The lowest live group's rank 0 writes checkpoints, the summary and the export.
         self.participant = self.manager.participating_rank()  # this group's place in the collectives
         self.is_lowest = self.participant == 0 and self.rank == 0
 
-    def allreduce_sum(self, buffer: torch.Tensor) -> bool:
-        """Sum `buffer` over the participants in place; False if the collective failed."""
-
+    def allreduce_sum(self, buffer: torch.Tensor, *, across_only: int = 0) -> bool:
+        """Sum `buffer` over the participants in place, its first `across_only` values over
+        the same rank of every group only; False if the collective failed."""
         if self._intra is not None:
-            self._intra.all_reduce(buffer)
+            self._intra.all_reduce(buffer[across_only:])
         return self.allreduce_across_groups(buffer)
 
+    def every_rank(self, flag: bool) -> bool:
+        if self._intra is None:
+            return flag
+        t = torch.tensor([int(flag)])
+        self._intra.all_reduce(t, op=self._intra.ReduceOp.MIN)
+        return bool(t.item())
+
+    def group_fingerprint(self, own: int) -> int:
+        """A hash of every rank's fingerprint in rank order: a group with one odd rank is odd
+        as a whole, so its ranks decide alike (to heal, or not)."""
+        if self._intra is None:
+            return own
+        t = torch.tensor([own], dtype=torch.int64)
+        every = [torch.empty_like(t) for _ in range(self.ranks)]
+        self._intra.all_gather(every, t)
+        digest = hashlib.blake2b(b"".join(int(v).to_bytes(8, "big", signed=True) for v in every), digest_size=8)
+        return int.from_bytes(digest.digest(), "big") >> 3  # below 2^61, as a rank's own
+
     def allreduce_across_groups(self, values: torch.Tensor) -> bool:
-        """Sum over the same rank of every participating group; False if it failed."""
+        """Sum over the same rank of every participating group; False if it failed on any
+        rank of this group (the peer of one rank may die while another's finished): the
+        ranks of a group go on alike."""
         from torch.distributed import ReduceOp
 
         self.manager.allreduce(values, reduce_op=ReduceOp.SUM).wait()
-        return self.manager.errored() is None
+        return self.every_rank(self.manager.errored() is None)
 
     def allgather_across_groups(self, payload: torch.Tensor) -> Gather:
         """Start an all-gather of `payload` (the same size everywhere) over the quorum's
@@ -406,6 +446,24 @@ def _log_torchft_to(path: Path) -> None:
         logger.setLevel(logging.WARNING if name == "torchft" else logging.ERROR)
         logger.propagate = False
         logger.handlers = [handler]
+
+
+def join_ranks(backend: str, device: torch.device | None) -> None:
+    """torch.distributed's process group of this launch's ranks, from torchrun's environment
+    (once; the first call creates it). Returns when every rank has joined.
+
+    Its collectives wait torch's default timeout, not replicas.timeout_s: the ranks of a
+    launch meet again after whatever one of them does alone (a checkpoint written, a heal
+    of a larger shard, a collective across groups that waits its own timeout). A rank that
+    dies ends its launch through torchrun; one that hangs, through the supervisor's
+    watchdog (replicas.hang_timeout_s)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if device is not None:
+        use_device(device)  # FSDP2 and the backend allocate on the current device
+    dist.init_process_group(backend)
 
 
 def group_rank() -> tuple[int, int]:

@@ -23,7 +23,8 @@
   with that line; `EXIT_EXCLUDED` left as a straggler: not restarted; `EXIT_NONFINITE`
   non-finite again right after a heal: restarted until guards.nonfinite_restarts, then
   abandoned; `EXIT_PARTITIONED` every collective failed replicas.max_failed_steps times in
-  a row: restarted (it rejoins and heals); `EXIT_STALLED` no commit for 3 x
+  a row, the Lighthouse was lost, or a heal broke off halfway: restarted (it rejoins and
+  heals); `EXIT_STALLED` no commit for 3 x
   guards.max_uncommitted_steps: the job stops with exit code 1; anything else is a crash:
   restarted with backoff.
 """

@@ -7,6 +7,13 @@
 One collective per step instead of one per statistic; and because every replica then holds
 the same numbers, every guard reaches the same verdict.
 
+Which gradients go in (`gradients`): "whole", every parameter's, summed over every rank;
+"none" in a plain torchrun launch sharded with FSDP2, whose backward pass reduced them
+already; "shards" in a replica group sharded with FSDP2: this rank's shard of each
+gradient (already the mean over its group's ranks), summed with the same rank of the other
+groups only (`across_only`, replication/group.py), and divided by the groups that
+contributed. A sharded group contributes all its shards or none (`every_rank`).
+
 A rank whose own loss or gradients are not finite (a device producing NaN, NaN weights or
 optimizer state) in a job of replica groups contributes nothing but its flags: its gradients, losses and expert loads
 are left out of the sum, so the healthy participants still commit and the bad group heals
@@ -28,8 +35,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from stalwart.data.loader import LOADER_STATE
+from stalwart.parallel.fsdp import local_part
 
 _HALF = 1 << 24  # float32 holds every integer below 2**24 exactly
 _SHARD_SLOT = 1 + 2 * len(LOADER_STATE)  # contributed flag, then (high, low) per position field
@@ -45,15 +54,16 @@ class StepExchange:
     num_slots: int
     num_shards: int
     own_finite: bool
+    across_only: int = 0  # the buffer's front that is summed across groups only (gradient shards)
 
     @classmethod
     def pack(cls, params: list[torch.Tensor], losses: torch.Tensor, loads: list[torch.Tensor], group, compute_s: float,
              *, shard: int, num_shards: int, position: dict[str, int], checkpoint_due: bool, contribute: bool,
-             gradients: bool = True) -> StepExchange:
+             gradients: str = "whole") -> StepExchange:
         device = params[0].device
-        params = params if gradients else []  # sharded: reduced by the backward pass already
-        grads = [torch.zeros(p.numel(), device=device) if p.grad is None else p.grad.reshape(-1).float()
-                 for p in params]
+        params = [] if gradients == "none" else params
+        grads = [torch.zeros(local_part(p).numel(), device=device) if p.grad is None else
+                 local_part(p.grad).reshape(-1).float() for p in params]
         has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
         n = group.num_replicas
         slots = torch.zeros(3 * n + 1 + _SHARD_SLOT * num_shards, device=device)
@@ -63,6 +73,8 @@ class StepExchange:
         # Without a peer group to heal from (plain torchrun), a rank's non-finite values go
         # into the sum: every rank sees it and the guard skips the step, as in one process.
         own_finite = contribute and (not group.heals or bool(torch.isfinite(values).all()))
+        if gradients == "shards":  # each shard is a mean over the group's ranks: all of them or none
+            own_finite = group.every_rank(own_finite)
         tail = buffer[buffer.numel() - slots.numel():]
         tail[group.replica] = compute_s
         tail[n + group.replica] = 1.0
@@ -77,17 +89,25 @@ class StepExchange:
             buffer[:buffer.numel() - slots.numel()] = 0.0
             tail[2 * n + group.replica] = 1.0
         return cls(buffer, len(params), grad_numel, len(loads), loads[0].numel() if loads else 0, n, num_shards,
-                   own_finite)
+                   own_finite, grad_numel + len(params) if gradients == "shards" else 0)
 
     def unpack_gradients(self, params: list[torch.Tensor], contributors: int) -> None:
+        """The summed gradients divided by `contributors` into the params' .grad (a sharded
+        parameter's: into its shard)."""
         flags = self.buffer[self.grad_numel:self.grad_numel + self.num_params].tolist()
         offset = 0
         for p, flag in zip(params, flags):
-            n = p.numel()
-            if flag > 0:
-                p.grad = (self.buffer[offset:offset + n] / contributors).view_as(p).to(p.dtype)
-            else:
+            n = local_part(p).numel()
+            mean = self.buffer[offset:offset + n] / contributors
+            if flag <= 0:
                 p.grad = None
+            elif isinstance(p, DTensor):
+                if p.grad is None:  # no gradient on this group, some on another
+                    p.grad = torch.zeros_like(p)
+                shard = local_part(p.grad)
+                shard.copy_(mean.view_as(shard))
+            else:
+                p.grad = mean.view_as(p).to(p.dtype)
             offset += n
 
     def _tail(self, start: int, length: int) -> torch.Tensor:
@@ -136,6 +156,7 @@ class LocalExchange:
 
     buffer = None
     own_finite = True  # a lone process's non-finite values are the guard's verdict, not a heal
+    across_only = 0
 
     def __init__(self, losses: torch.Tensor, loads: list[torch.Tensor], compute_s: float, *, shard: int,
                  position: dict[str, int], checkpoint_due: bool) -> None:
@@ -166,12 +187,11 @@ class LocalExchange:
 
 def step_exchange(params: list[torch.Tensor], losses: torch.Tensor, loads: list[torch.Tensor], group,
                   compute_s: float, *, shard: int, num_shards: int, position: dict[str, int], checkpoint_due: bool,
-                  contribute: bool = True, gradients: bool = True) -> StepExchange | LocalExchange:
+                  contribute: bool = True, gradients: str = "whole") -> StepExchange | LocalExchange:
     """The exchange of one step's gradients (params' .grad), losses and expert `loads`;
     `position` is this shard's loader position after the step's batch. `contribute` False:
     this group's state is known bad; it joins the collective with its flags only, like a
-    rank whose values are not finite. `gradients` False: the gradients are not in the
-    buffer (FSDP2 reduced them in the backward pass)."""
+    rank whose values are not finite. `gradients`: "whole", "none" or "shards" (above)."""
     if group.num_replicas == 1 and group.contributors == 1:
         return LocalExchange(losses, loads, compute_s, shard=shard, position=position, checkpoint_due=checkpoint_due)
     return StepExchange.pack(params, losses, loads, group, compute_s, shard=shard, num_shards=num_shards,

@@ -112,7 +112,8 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
         if rounds is not None:
             rounds.finish()
         if job.replicated:
-            run.event("finish", step=state.step, fingerprint=f"{state.fingerprint():016x}", every_rank=True)
+            run.event("finish", step=state.step, fingerprint=f"{group.group_fingerprint(state.fingerprint()):016x}",
+                      every_rank=True)
         if state.step == first_step:  # resumed a finished run: nothing trained, report its final state
             last = evaluate(cfg, job.model, job.tokenizer, job.info, sharded=state.sharding is not None)
         model = job.model if state.sharding is None else _whole_model(job)  # sharded: collectives, before shutdown

@@ -66,11 +66,11 @@ class FingerprintCheck:
 
 
 def compare_fingerprints(job: Job) -> FingerprintCheck | None:
-    """Every participant's fingerprint of weights and optimizer state (one collective);
-    None when a peer left during the exchange."""
+    """Every participant's fingerprint of weights and optimizer state, each group's over all
+    its ranks (one collective across groups); None when a peer left during the exchange."""
     if not job.replicated:  # nobody to compare with
         return FingerprintCheck({0: 0}, [], True)
-    mine = job.state.fingerprint()
+    mine = job.group.group_fingerprint(job.state.fingerprint())  # a group's ranks hold different shards
     n = job.group.num_replicas
     slots = torch.zeros(2 * n, dtype=torch.int64)
     slots[job.group.replica], slots[n + job.group.replica] = mine, 1

@@ -33,7 +33,7 @@ from stalwart.guards import SpikeGuard
 from stalwart.model import DeepSeekForCausalLM
 from stalwart.parallel.fsdp import Sharding, local_tensors
 from stalwart.replication.group import (AGENT_FILE, LocalGroup, RanksGroup, TorchFTGroup, group_rank,
-                                       torchrun_agent)
+                                       join_ranks, torchrun_agent)
 from stalwart.replication.protocol import start_together
 from stalwart.run.rundir import RunDir
 from stalwart.train.optim import build_optimizer
@@ -63,6 +63,7 @@ class Job:
     autocast: Callable[[], Any]
     compute_dtype: str
     quiet: bool
+    ranks: RanksGroup | None  # this launch's ranks when there are several (a torchrun launch, a replica group's)
     params: list[torch.Tensor] = field(default_factory=list)
     moe_layers: list = field(default_factory=list)
 
@@ -87,12 +88,13 @@ class Job:
                            bytes=self.group.healed_bytes, **outer)
 
     def load_latest_checkpoint(self) -> ckpt.LoadedCheckpoint | None:
-        """The newest good checkpoint. In a torchrun launch, the one rank 0 found, on every
-        rank: ranks that each looked for themselves could load different ones (a stale
-        listing on shared storage, a node that does not see the run directory), and a
-        sharded load is a collective every rank must take part in with the same state."""
-        group = self.group
-        if not isinstance(group, RanksGroup):
+        """The newest good checkpoint. In a torchrun launch (or a replica group of several
+        ranks), the one rank 0 found, on every rank: ranks that each looked for themselves
+        could load different ones (a stale listing on shared storage, a node that does not
+        see the run directory), and a sharded load is a collective every rank must take
+        part in with the same state."""
+        group = self.ranks
+        if group is None:
             return ckpt.load_latest(self.run.checkpoints, on_corrupt=self.on_corrupt)
         latest = ckpt.load_latest(self.run.checkpoints, on_corrupt=self.on_corrupt) if group.rank == 0 else None
         step = group.broadcast(-1 if latest is None else latest.step)
@@ -142,10 +144,13 @@ def setup(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, replica: Repl
     # Plain torchrun: the ranks' process group first, so that they all get past the checks
     # above before any of them writes.
     group = RanksGroup(info.backend, info.device) if replica is None and ranks > 1 else LocalGroup()
-    fsdp, ep = _layout(cfg, ranks, plain=isinstance(group, RanksGroup))
+    fsdp, ep = _layout(cfg, ranks)
+    if replica is not None and ranks > 1:  # a replica group's ranks meet first: the checkpoint, the shards
+        join_ranks(info.backend, info.device)
+    launch = group if isinstance(group, RanksGroup) else RanksGroup(info.backend, info.device) if ranks > 1 else None
     run = RunDir(out, replica=None if replica is None else replica.replica, checkpoints=cfg.checkpoint.dir,
                  rank=rank, ranks=ranks)
-    set_replica(None if replica is None else replica.replica)
+    set_replica(replica.replica if replica is not None else rank if ranks > 1 else None)  # faults' `:R`
     arm_signal_faults()
     run.create()
     if run.writer:
@@ -169,7 +174,7 @@ def setup(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, replica: Repl
                                   rollback_spikes=g.rollback_spikes, rollback_window=g.rollback_window),
                        sharding=sharding)
     job = Job(cfg, info, run, tokenizer, model, torch.compile(model) if cfg.train.compile else model, state,
-              group, autocast, compute_dtype, quiet,
+              group, autocast, compute_dtype, quiet, launch,
               params=[p for p in model.parameters() if p.requires_grad], moe_layers=model.moe_layers())
     if replica is not None and cfg.replicas.strategy != "ddp":
         from stalwart.train.outer import OuterState
@@ -179,7 +184,9 @@ def setup(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, replica: Repl
     if replica is not None:
         job.group = TorchFTGroup(
             cfg.replicas, replica=replica.replica, lighthouse=replica.lighthouse, host=replica.host,
-            state_dict=state.state_dict, load_state_dict=state.load_state_dict,
+            state_dict=lambda: state.state_dict(heal=True), load_state_dict=state.load_state_dict,
+            # What a heal overwrites in place: the live tensors (DiLoCo's heal is a snapshot).
+            heal_targets=(lambda: state.state_dict(heal=True)) if state.outer is None else None,
             # DiLoCo: one more than the outer steps once there was one (train/outer.py), so
             # that a group restarted from a checkpoint counts as a live group would.
             step=state.step if state.outer is None else state.outer.rounds + 1 if state.outer.rounds else 0,
@@ -215,17 +222,13 @@ def _restore(job: Job, *, resume: bool, replicated: bool) -> None:
     run.event("resume", step=state.step, checkpoint=str(latest.path) if latest else None)
 
 
-def _layout(cfg: RunConfig, ranks: int, *, plain: bool) -> tuple[int, int]:
-    """The ranks that shard one copy of the state and the ranks that split the experts (1:
-    none)."""
-    ep = cfg.parallel.ep
-    if ranks % ep:
-        raise ConfigError(f"parallel.ep {ep} must divide the launch's {ranks} rank{'s' if ranks > 1 else ''}")
-    if not plain:  # one process, or a replica group (config.py refuses sharding there)
-        return 1, 1
-    fsdp = cfg.parallel.fsdp or ranks
-    if ranks % fsdp:
-        raise ConfigError(f"parallel.fsdp {fsdp} must divide the launch's {ranks} ranks")
+def _layout(cfg: RunConfig, ranks: int) -> tuple[int, int]:
+    """The ranks of this launch (a plain torchrun launch, or one replica group) that shard
+    one copy of the state, and those that split the experts (1: none)."""
+    fsdp, ep = cfg.parallel.fsdp or ranks, cfg.parallel.ep
+    for key, degree in (("fsdp", fsdp), ("ep", ep)):
+        if ranks % degree:
+            raise ConfigError(f"parallel.{key} {degree} must divide the launch's {ranks} rank{'s' if ranks > 1 else ''}")
     return fsdp, ep
 
 
@@ -237,11 +240,12 @@ def _spike_sigma(cfg: RunConfig) -> float:
 
 
 def _max_state_bytes(state: TrainState) -> int:
-    """The largest heal this group accepts: its own weights and buffers plus AdamW's two
+    """The largest heal this rank accepts: its own weights and buffers (its shards) plus AdamW's two
     moments per parameter and DiLoCo's outer momentum (a peer's state has the same shapes),
     a quarter more, and 16 MiB for the plain values (guard window, data ledger, counters)."""
-    weights = sum(t.numel() * t.element_size() for t in state.model.state_dict().values())
-    moments = (2 if state.outer is None else 3) * sum(p.numel() * p.element_size() for p in state.model.parameters())
+    weights = sum(t.numel() * t.element_size() for t in local_tensors(list(state.model.state_dict().values())))
+    moments = (2 if state.outer is None else 3) * sum(p.numel() * p.element_size()
+                                                      for p in local_tensors(list(state.model.parameters())))
     return (weights + moments) * 5 // 4 + (16 << 20)
 
 

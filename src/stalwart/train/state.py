@@ -46,9 +46,16 @@ class TrainState:
         self.version = 0
         self.outer: OuterState | None = None  # DiLoCo's global state (train/outer.py)
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, *, heal: bool = False) -> dict[str, Any]:
         """With DiLoCo, the global state of the last outer step, never this group's mid-round
-        weights: a group that heals from it takes part in the outer step as the others do."""
+        weights: a group that heals from it takes part in the outer step as the others do.
+
+        Sharded: whole tensors (a collective: a checkpoint), or with `heal` this rank's own
+        shards and their layout, which the same rank of a healing peer receives. A heal's
+        tensors are the live ones, streamed without a copy (replication/transport.py):
+        with DDP they change only after a step the healing peer takes part in. DiLoCo's
+        inner steps may run while a heal is served (its exchange overlaps them), so there a
+        heal is a snapshot."""
         state = {"model": self.model.state_dict() if self.outer is None else self.outer.global_model_state(self.model),
                  "optimizer": self.optimizer.state_dict(), "shards": [dict(s) for s in self.shards],
                  "guard": self.guard.state_dict(), "step": self.step, "tokens_seen": self.tokens_seen,
@@ -56,15 +63,25 @@ class TrainState:
         if self.outer is not None:
             state.update(self.outer.progress())
             state["outer"] = self.outer.state_dict()
-        if self.sharding is not None:  # whole, on every rank: a collective
+        if self.sharding is not None and heal:
+            state["model"], state["optimizer"] = self.sharding.parts(state["model"]), \
+                self.sharding.parts(state["optimizer"])
+            state["layout"] = dict(self.sharding.layout)
+        elif self.sharding is not None:  # whole, on every rank: a collective
             state["model"], state["optimizer"] = self.sharding.full(state["model"]), self.sharding.full(state["optimizer"])
-        return state
+        return _snapshot(state) if heal and self.outer is not None else state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """A healthy peer's state (a heal): its weights, optimizer and ledger; this shard's
-        loader goes to the ledger's position for it."""
+        """A healthy peer's state (a heal, `state_dict(heal=True)` of the same rank of its
+        group): its weights, optimizer and ledger; this shard's loader goes to the ledger's
+        position for it."""
+        layout = state.get("layout")
+        mine = None if self.sharding is None else self.sharding.layout
+        if layout != mine:
+            raise ConfigError(f"a peer sent the state of layout {layout} to a rank of layout {mine}: every group "
+                              "must shard alike (the same parallel.* and replicas.ranks_per_group)")
         self._replace()
-        self._load_weights(state["model"], state["optimizer"], Path("peer"))
+        self._load_weights(state["model"], state["optimizer"], Path("peer"), parts=layout is not None)
         self.guard.load_state_dict(state["guard"])
         self._load_ledger(state["shards"], "a peer's state")
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
@@ -86,11 +103,13 @@ class TrainState:
         self._load_outer(state)
         return state
 
-    def _load_weights(self, model: dict[str, torch.Tensor], optimizer: dict[str, Any], where: Path) -> None:
-        """Whole weights and optimizer state, cut to this rank's shards when sharded."""
+    def _load_weights(self, model: dict[str, torch.Tensor], optimizer: dict[str, Any], where: Path, *,
+                      parts: bool = False) -> None:
+        """Whole weights and optimizer state, cut to this rank's shards when sharded; or
+        (`parts`) this rank's shards already."""
         if self.sharding is not None:
-            model, optimizer = self.sharding.local_model_state(self.model, model), \
-                self.sharding.local_optimizer_state(self.optimizer, optimizer)
+            model, optimizer = self.sharding.model_state(self.model, model, parts=parts), \
+                self.sharding.optimizer_state(self.optimizer, optimizer, parts=parts)
         load_model_state(self.model, model, where)
         self.optimizer.load_state_dict(optimizer)
 
@@ -134,3 +153,14 @@ class TrainState:
         for per_param in self.optimizer.state_dict()["state"].values():
             tensors += [v for v in per_param.values() if isinstance(v, torch.Tensor)]
         return fingerprint(local_tensors(tensors))  # sharded: of this rank's shards
+
+
+def _snapshot(value: Any) -> Any:
+    """`value` with every tensor copied."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _snapshot(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_snapshot(v) for v in value)
+    return value

@@ -102,7 +102,7 @@ def compute(job: Job, step: int, *, slowed: bool) -> Computed:
                                torch.tensor(0.0) if out.mtp_loss is None else
                                out.mtp_loss.detach().float().cpu()]) / cfg.train.grad_accum
         del out  # the logits (B x T x vocab) must not live on into the next forward
-    corrupt_gradients(step, job.params)
+    corrupt_gradients(step, job.params, job.moe_layers[0].experts.gate_proj if job.moe_layers else None)
     if slowed:
         time.sleep(2 * (time.perf_counter() - t0))
     return Computed(step, losses, [m.expert_load.float().clone() for m in job.moe_layers], state.loader.state_dict(),
@@ -129,15 +129,16 @@ def train_step(job: Job, step: int, *, slowed: bool = False, checkpoint_due: boo
     work.sends += 1
     if not inner:
         inject("kill-in-exchange", step)
-    # Sharded: FSDP's backward pass already reduced the gradients, and expert parallelism
+    # Sharded: FSDP's backward pass already reduced the gradients over this launch's ranks
+    # (a replica group's shards are then summed across groups), and expert parallelism
     # reduces the experts' itself; the exchange carries the rest.
     sharding = state.sharding
     averaged = job.params if sharding is None else sharding.data_parallel(job.params)
+    gradients = "whole" if sharding is None or not sharding.fsdp else "shards" if job.replicated else "none"
     exchange = step_exchange(averaged, work.losses, work.loads, group, work.compute_s, shard=state.loader.shard,
                              num_shards=state.loader.num_shards, position=work.position,
-                             checkpoint_due=checkpoint_due, contribute=not exclude_self,
-                             gradients=sharding is None or not sharding.fsdp)
-    collective_ok = group.allreduce_sum(exchange.buffer)
+                             checkpoint_due=checkpoint_due, contribute=not exclude_self, gradients=gradients)
+    collective_ok = group.allreduce_sum(exchange.buffer, across_only=exchange.across_only)
     error = group.error()  # why the collective failed, before the vote adds its own
     verdict, grad_norm, healthy = Verdict(OK), float("nan"), 0
     positions: dict[int, dict[str, int]] = {}
@@ -145,7 +146,8 @@ def train_step(job: Job, step: int, *, slowed: bool = False, checkpoint_due: boo
         positions = exchange.shard_positions()
         healthy = len(positions)  # ranks whose finite gradients are in the sum
         if exchange.own_finite and healthy:
-            exchange.unpack_gradients(averaged, healthy)
+            # Shards: each group's is a mean over its ranks, which contribute together.
+            exchange.unpack_gradients(averaged, healthy // group_rank()[1] if gradients == "shards" else healthy)
             if sharding is not None and sharding.experts is not None:
                 sharding.experts.reduce_gradients(healthy)
             clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
