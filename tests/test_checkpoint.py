@@ -290,3 +290,36 @@ def test_a_replaced_checkpoint_left_aside_by_a_kill_is_restored_not_deleted(tmp_
     os.replace(path, aside)  # killed after the old folder moved aside, before the new one landed
     assert remove_partial(root) == []
     assert verify_checkpoint(root / "step-000004") == 4 and not aside.exists()
+
+
+def test_a_sharded_checkpoint_round_trips_is_checksummed_and_refuses_a_state_it_does_not_match(tmp_path):
+    # One process writing through torch.distributed.checkpoint (the path every rank of a
+    # sharded launch takes; tests/test_torchrun.py runs it on real shards): safetensors
+    # files, no pickle, every file in the manifest.
+    from stalwart.checkpoint import read_sharded, save_sharded
+
+    state = {k: v.contiguous() for k, v in model_state().items()}
+    for step in (10, 20):
+        path = save_sharded(tmp_path, step, state, {"step": step, "optimizer": {"state": {}}}, keep=3, rank=0,
+                            share=lambda text: text)
+    assert path == tmp_path / "step-000020"
+    manifest = json.loads((path / "MANIFEST.json").read_text())
+    assert manifest["sharded"] is True and not (path / "model.safetensors").exists()
+    assert set(manifest["files"]) == {p.name for p in path.iterdir()} - {"MANIFEST.json"}
+    assert not [p for p in path.iterdir() if p.suffix not in (".safetensors", ".pt", ".json")]  # no .metadata pickle
+    latest = load_latest(tmp_path)
+    assert latest.sharded and latest.step == 20 and latest.train_state["step"] == 20
+    into = {k: torch.zeros_like(v) for k, v in state.items()}
+    read_sharded(latest.path, into, collective=False)
+    assert all(torch.equal(into[k], v) for k, v in state.items())
+    # A state with a tensor the checkpoint lacks: one line naming the checkpoint.
+    with pytest.raises(CheckpointError, match="does not match the run's state"):
+        read_sharded(latest.path, {**into, "extra.weight": torch.zeros(2)}, collective=False)
+    # A flipped byte in a shard: found by its checksum, and the previous checkpoint is used.
+    shard = next(path.glob("shard-*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    reported = []
+    assert load_latest(tmp_path, on_corrupt=lambda p, msg: reported.append(msg)).step == 10
+    assert len(reported) == 1 and "SHA-256 mismatch" in reported[0] and shard.name in reported[0]

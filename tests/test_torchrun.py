@@ -93,7 +93,9 @@ def test_torchrun_on_two_nodes_and_a_killed_rank_restarted_by_torchrun_give_the_
     assert _losses(restarted_run) == _losses(nodes_run)  # bit for bit
 
     # The same state at step 30 resumed sharded (FSDP 2) and not (parallel.fsdp 1): the
-    # whole checkpoint loads into either, and they train on alike (up to the sums' order).
+    # sharded checkpoint (each rank wrote its own shards) loads into either, and they train
+    # on alike (up to the sums' order).
+    assert not (nodes_run / "checkpoints" / "step-000030" / "model.safetensors").exists()
     for run, sharding in ((restarted_run, "0"), (nodes_run, "1")):
         r = subprocess.run(_torchrun("--standalone", "--nproc-per-node", "2", *TRAIN, "--out", str(run), "--resume",
                                      "--train.steps", "36", "--parallel.fsdp", sharding),
@@ -137,6 +139,30 @@ def test_a_rank_under_torchrun_restarts_with_a_shared_store_is_refused_in_one_li
 
 
 
+def _moments(run: Path) -> dict[int, dict[str, torch.Tensor]]:
+    """AdamW's moments at a run's newest checkpoint, whole: from train_state, or read from a
+    sharded checkpoint's shards in this one process (torch.distributed.checkpoint reshards)."""
+    from stalwart import checkpoint as ckpt
+
+    latest = ckpt.load_latest(run / "checkpoints")
+    assert latest.step == 20
+    state = latest.train_state
+    if not latest.sharded:
+        return state["optimizer"]["state"]
+    from stalwart.model import DeepSeekForCausalLM
+    from stalwart.train.optim import build_optimizer
+
+    cfg = RunConfig.from_dict(json.loads((run / "config.json").read_text()))
+    params = [p for group in build_optimizer(DeepSeekForCausalLM(cfg.model), cfg.optim).param_groups
+              for p in group["params"]]  # the optimizer's order, which its state's indices follow
+    whole = {int(i): {k: torch.zeros_like(params[int(i)]) for k in names} for i, names in state["moments"].items()}
+    ckpt.read_sharded(latest.path, {f"optimizer.{i}.{k}": t for i, per in whole.items() for k, t in per.items()},
+                      collective=False)
+    assert {f.name for f in latest.path.glob("shard-*.safetensors")} == {
+        "shard-00001-model-00001-of-00001.safetensors", "shard-00002-model-00001-of-00001.safetensors"}
+    return whole
+
+
 def _expert_bytes(run: Path) -> int:
     """Bytes of the routed experts' weights of a run's model (fp32)."""
     from stalwart.model import DeepSeekForCausalLM
@@ -176,10 +202,7 @@ def test_expert_parallelism_trains_as_data_parallelism_does_and_resumes_on_anoth
         for key in ("loss", "grad_norm", "expert_imbalance"):
             assert [m[key] for m in metrics[name]] == pytest.approx([m[key] for m in metrics["dp"]], rel=1e-5), \
                 (name, key)
-    from stalwart import checkpoint as ckpt
-
-    moments = {name: ckpt.load_latest(run / "checkpoints").train_state["optimizer"]["state"]
-               for name, run in runs.items()}
+    moments = {name: _moments(run) for name, run in runs.items()}
     for name in ("ep", "ep_fsdp"):  # of each tensor's largest: 1e-4 (measured 3e-6; a near-zero mean cancels)
         assert moments[name].keys() == moments["dp"].keys()
         for index, per_param in moments["dp"].items():
@@ -188,7 +211,8 @@ def test_expert_parallelism_trains_as_data_parallelism_does_and_resumes_on_anoth
                 assert (got - want).abs().max() <= 1e-4 * want.abs().max(), (name, index, key)
 
     # The export of the sharded run, gathered to rank 0, is the whole model of its last
-    # checkpoint: transformers loads it with the same logits.
+    # checkpoint (read here shard by shard into one process): transformers loads it with the
+    # same logits.
     transformers = pytest.importorskip("transformers")
     from stalwart.model_source import load_run
 
@@ -198,8 +222,9 @@ def test_expert_parallelism_trains_as_data_parallelism_does_and_resumes_on_anoth
     with torch.no_grad():
         torch.testing.assert_close(theirs.eval()(tokens).logits, ours.eval()(tokens).logits, rtol=1e-4, atol=1e-4)
 
-    # Resumed from the whole checkpoint at step 20 on another layout (EP 2 -> 1; 1 -> 2
-    # with FSDP), against the data-parallel run resumed as it was.
+    # Resumed from the step-20 checkpoint on another layout (EP 2's sharded one -> 1; the
+    # data-parallel run's whole one -> EP 2 with FSDP), against the data-parallel run
+    # resumed as it was.
     shutil.copytree(runs["dp"], tmp_path / "dp_again")
     for name, (fsdp, ep) in (("ep", ("1", "1")), ("dp", ("0", "2")), ("dp_again", ("1", "1"))):
         r = subprocess.run(_torchrun("--standalone", "--nproc-per-node", "2", *TRAIN, "--train.steps", "24",

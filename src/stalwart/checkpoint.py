@@ -6,6 +6,15 @@ whole, never from a half-written or corrupted one.
                     /<extra files>       e.g. config.json, tokenizer.json
                     /MANIFEST.json       {"format": 1, "step": 20, "files": {name: {"sha256", "bytes"}}}
 
+A sharded run (FSDP2, expert parallelism) writes no model.safetensors: every rank writes
+its own shards of the weights and AdamW's moments with torch.distributed.checkpoint (DCP)
+into safetensors files (`shard-NNNNN-model-00001-of-00001.safetensors`, torch's
+HuggingFaceStorageWriter: each tensor's offsets in the file's header, no pickle and no
+`.metadata` file), and rank 0 writes train_state.pt (the rest, moments left out) and the
+manifest over every file ("sharded": true). Loading (`read_sharded`) reads into tensors of
+any layout, plain or sharded: DCP's planner gives each rank the chunks that overlap its own
+shards, so a checkpoint written on one layout resumes on another.
+
 A checkpoint is built in a temporary sibling folder whose name starts with "." (so it is
 never listed as a checkpoint), fsynced, and renamed into place; MANIFEST.json is written
 last, so a folder without one was interrupted. Loading verifies every file's size and
@@ -16,8 +25,11 @@ Assumptions:
   group); readers may run at any time. A partial folder is named after its writer (host
   and pid), and `remove_partial(dead_writers_only=True)` leaves those of live writers (and
   of other hosts) alone, so a new writer never deletes a save in flight.
-- ROOT is on a local POSIX filesystem: rename is atomic and fsync is honoured.
-- The state fits in host memory twice. Both files are serialized in memory and written
+- ROOT is on a POSIX filesystem where rename is atomic and fsync is honoured; for a
+  sharded checkpoint of several nodes, one they all see. Rank 0 reads every rank's file
+  once to checksum it.
+- The state fits in host memory twice (a sharded checkpoint: each rank's shards). Both
+  files are serialized in memory and written
   from Python, because safetensors' and torch.save's native writers report a full disk
   as a generic SafetensorError / RuntimeError; written from Python it is an OSError
   (ENOSPC) that we can turn into a clear message, leaving the old checkpoints the newest.
@@ -35,6 +47,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,6 +66,7 @@ MODEL_FILE = "model.safetensors"
 TRAIN_STATE_FILE = "train_state.pt"
 MANIFEST_FILE = "MANIFEST.json"
 REQUIRED_FILES = (MODEL_FILE, TRAIN_STATE_FILE)
+SHARD_FILE = re.compile(r"shard-\d{5}-model-\d{5}-of-\d{5}\.safetensors")  # DCP's HuggingFaceStorageWriter
 _STEP_DIR = re.compile(r"step-(\d{6})")
 # Temporary build folders (`.step-N.HOST-PID.XXXX.tmp`), a replaced one (`.step-N.old-HOST-PID`)
 # and one being pruned (`.step-N.prune-HOST-PID`): all left over only when a process died
@@ -70,8 +84,12 @@ class CheckpointError(ModelFileError):
 class LoadedCheckpoint:
     path: Path
     step: int
-    model_state: dict[str, torch.Tensor]
+    model_state: dict[str, torch.Tensor] | None  # None: sharded, read with `read_sharded`
     train_state: dict[str, Any]
+
+    @property
+    def sharded(self) -> bool:
+        return self.model_state is None
 
 
 def step_dir_name(step: int) -> str:
@@ -117,6 +135,80 @@ def save_checkpoint(root: Path, step: int, model_state: dict[str, torch.Tensor],
     return target
 
 
+def save_sharded(root: Path, step: int, tensors: dict[str, torch.Tensor], train_state: dict | None, *, keep: int,
+                 rank: int, share: Callable[[str], str]) -> Path | None:
+    """Write ROOT/step-NNNNNN as a sharded checkpoint: a collective of every rank, each
+    passing its `tensors` (DTensors are written by the ranks that hold their shards, plain
+    tensors once); rank 0 passes `train_state` and writes it, checksums every file and
+    renames the folder into place, as `save_checkpoint` does. `share(text)` gives rank 0's
+    text on every rank (the temporary folder's name). Returns the folder on rank 0."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    root = Path(root)
+    target = root / step_dir_name(step)
+    if rank != 0:
+        folder = share("")
+        if not folder:
+            raise UserError(f"checkpoint {target.name} not written: rank 0 could not make its folder ({root})")
+        _write_shards(dcp, HuggingFaceStorageWriter, tensors, Path(folder), target)
+        return None
+    shared = False
+    try:
+        _check_train_state(train_state, "train_state")
+        buffer = io.BytesIO()
+        torch.save(train_state, buffer)
+        with atomic_directory(target, replace=True) as tmp:
+            share(str(tmp))
+            shared = True
+            _write_shards(dcp, HuggingFaceStorageWriter, tensors, tmp, target)
+            atomic_write_bytes(tmp / TRAIN_STATE_FILE, buffer.getbuffer())
+            faults.inject("kill-in-checkpoint", step)
+            manifest = {f.name: {"sha256": _sha256(f), "bytes": f.stat().st_size} for f in sorted(tmp.iterdir())}
+            atomic_write_json(tmp / MANIFEST_FILE, {"format": FORMAT, "step": step, "sharded": True, "files": manifest})
+    except OSError as e:
+        raise UserError(f"checkpoint {target.name} not written: {e.strerror or e} ({root})") from e
+    finally:
+        if not shared:  # the other ranks wait for the folder's name: tell them there is none
+            share("")
+    _prune(root, keep, protect=target)
+    return target
+
+
+def _write_shards(dcp: Any, writer: Any, tensors: dict[str, torch.Tensor], folder: Path, target: Path) -> None:
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        dcp.save(tensors, storage_writer=writer(str(folder), save_distributed=True))
+    except (Exception, CheckpointException) as e:  # every rank's failure (a full disk on any of them) in one
+        raise UserError(f"checkpoint {target.name} not written: {_dcp_failure(e)} ({target.parent})") from None
+
+
+def _dcp_failure(e: BaseException) -> str:
+    """What went wrong, in one line: DCP's CheckpointException holds each rank's exception."""
+    failures = getattr(e, "failures", None)
+    if failures:
+        rank, (error, _) = next(iter(sorted(failures.items())))
+        return f"rank {rank}: {_one_line(error)}"
+    return _one_line(e)
+
+
+def read_sharded(path: Path, targets: dict[str, torch.Tensor], *, collective: bool) -> None:
+    """Fill `targets` in place from the sharded checkpoint at `path` (verified already):
+    plain tensors whole, DTensors with this rank's shards. `collective`: every rank of the
+    launch calls it (the targets are sharded over them); else this process reads alone."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with warnings.catch_warnings():  # alone on purpose: not a warning for the user
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(targets, storage_reader=HuggingFaceStorageReader(str(path)), no_dist=not collective)
+    except (Exception, CheckpointException) as e:  # checksummed: it does not match, it is not damaged
+        raise CheckpointError(f"checkpoint {path} does not match the run's state: {_dcp_failure(e)}") from None
+
+
 def list_checkpoints(root: Path) -> list[Path]:
     """Checkpoint folders under ROOT, newest step first (whole or not: see verify_checkpoint)."""
     root = Path(root)
@@ -145,9 +237,12 @@ def verify_checkpoint(path: Path) -> int:
     named = _STEP_DIR.fullmatch(path.name)
     if named and int(named.group(1)) != step:
         raise CheckpointError(f"checkpoint {path}: {MANIFEST_FILE} says step {step}, folder says {path.name}")
-    for name in REQUIRED_FILES:
+    sharded = manifest.get("sharded") is True
+    for name in (TRAIN_STATE_FILE,) if sharded else REQUIRED_FILES:
         if name not in files:
             raise CheckpointError(f"checkpoint {path}: {name} not listed in {MANIFEST_FILE}")
+    if sharded and not any(SHARD_FILE.fullmatch(name) for name in files):
+        raise CheckpointError(f"checkpoint {path}: no shard files listed in {MANIFEST_FILE}")
     for name, entry in files.items():
         if not (_is_plain_name(name) and isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
                 and type(entry.get("bytes")) is int):
@@ -157,13 +252,17 @@ def verify_checkpoint(path: Path) -> int:
 
 
 def load_checkpoint(path: Path) -> LoadedCheckpoint:
-    """Verify, then load onto the CPU. Train state is loaded with weights_only=True."""
+    """Verify, then load onto the CPU (a sharded checkpoint: its train state; its tensors
+    are read into the caller's own with `read_sharded`). Train state is loaded with
+    weights_only=True."""
     path = Path(path)
     step = verify_checkpoint(path)
-    try:
-        model_state = safetensors.torch.load_file(path / MODEL_FILE, device="cpu")
-    except Exception as e:  # checksummed, so a failure means it was written wrong, not damaged
-        raise CheckpointError(f"checkpoint {path}: {MODEL_FILE} unreadable: {_one_line(e)}") from None
+    model_state = None
+    if (path / MODEL_FILE).exists():
+        try:
+            model_state = safetensors.torch.load_file(path / MODEL_FILE, device="cpu")
+        except Exception as e:  # checksummed, so a failure means it was written wrong, not damaged
+            raise CheckpointError(f"checkpoint {path}: {MODEL_FILE} unreadable: {_one_line(e)}") from None
     try:
         train_state = torch.load(path / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as e:  # includes UnpicklingError for anything but plain data
@@ -238,23 +337,28 @@ def _check_train_state(obj: Any, where: str) -> None:
                         "strings, None, lists, tuples and dicts")
 
 
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _verify_file(folder: Path, name: str, size: int, sha256: str) -> None:
     file = folder / name
     try:
         actual_size = file.stat().st_size
         if actual_size != size:
             raise CheckpointError(f"checkpoint {folder}: {name} has {actual_size} bytes, manifest says {size}")
-        digest = hashlib.sha256()
-        with open(file, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                digest.update(chunk)
+        actual = _sha256(file)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {folder}: {name} missing") from None
     except OSError as e:
         raise CheckpointError(f"checkpoint {folder}: {name} unreadable: {e.strerror or e}") from None
-    if digest.hexdigest() != sha256:
+    if actual != sha256:
         raise CheckpointError(f"checkpoint {folder}: {name} SHA-256 mismatch (manifest {sha256[:12]}…, "
-                              f"file {digest.hexdigest()[:12]}…)")
+                              f"file {actual[:12]}…)")
 
 
 def _prune(root: Path, keep: int, protect: Path) -> None:

@@ -37,7 +37,7 @@ def load_run(path: Path) -> tuple[DeepSeekForCausalLM, Any]:
     """The newest checkpoint of a run directory that verifies (a corrupt one is skipped)."""
     import sys
 
-    from stalwart.checkpoint import load_latest
+    from stalwart.checkpoint import load_latest, read_sharded
     from stalwart.config import read_run_config
     from stalwart.data.tokenizer import load_tokenizer
 
@@ -47,7 +47,10 @@ def load_run(path: Path) -> tuple[DeepSeekForCausalLM, Any]:
     if latest is None:
         raise ModelFileError(f"{path} has no good checkpoint yet")
     model = DeepSeekForCausalLM(cfg.model)
-    load_model_state(model, latest.model_state, latest.path)
+    if latest.sharded:  # written by a sharded run: every shard read here, into whole tensors
+        read_sharded(latest.path, {f"model.{k}": v for k, v in model.state_dict().items()}, collective=False)
+    else:
+        load_model_state(model, latest.model_state, latest.path)
     return model, load_tokenizer(path)
 
 

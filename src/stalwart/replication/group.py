@@ -188,6 +188,16 @@ class RanksGroup(LocalGroup):
         self._dist.all_reduce(t, op=self._dist.ReduceOp.MAX)
         return int(t.item())
 
+    def broadcast_text(self, text: str) -> str:
+        """Rank 0's `text`, on every rank."""
+        data = text.encode()
+        size = self.broadcast(len(data))
+        t = torch.zeros(size, dtype=torch.uint8, device=self._device)
+        if self.rank == 0 and data:
+            t.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        self._dist.broadcast(t, src=0)
+        return bytes(t.cpu().tolist()).decode()
+
     def gather(self, value: int) -> list[int]:
         """Every rank's `value`, in rank order, on every rank."""
         t = torch.tensor([value], dtype=torch.int64, device=self._device)

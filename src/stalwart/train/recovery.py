@@ -145,15 +145,27 @@ class Recovery:
         return self.job.group.is_lowest and self.clock.due(step, self.job.cfg.train.steps)
 
     def save(self, step: int) -> None:
+        """Checkpoint the committed `step`: whole, by the writer; sharded, by every rank of
+        the launch (each its own shards, the writer the rest)."""
         job = self.job
         t = time.perf_counter()
-        state = job.state.state_dict()  # sharded: a collective, then only the writer goes on
-        if not job.run.writer:
-            return
-        for partial in ckpt.remove_partial(job.run.checkpoints, dead_writers_only=True):
-            job.run.event("checkpoint_partial_removed", path=str(partial))
-        path = ckpt.save_checkpoint(job.run.checkpoints, step, state.pop("model"), {**state, "rng": rng_state(job.info)},
-                                    keep=job.cfg.checkpoint.keep)
+        if job.run.writer:
+            for partial in ckpt.remove_partial(job.run.checkpoints, dead_writers_only=True):
+                job.run.event("checkpoint_partial_removed", path=str(partial))
+        keep = job.cfg.checkpoint.keep
+        if job.state.sharding is not None:
+            tensors, state = job.state.checkpoint_parts()
+            path = ckpt.save_sharded(job.run.checkpoints, step, tensors,
+                                     {**state, "rng": rng_state(job.info)} if job.run.writer else None, keep=keep,
+                                     rank=job.ranks.rank, share=job.ranks.broadcast_text)
+            if not job.run.writer:
+                return
+        else:
+            if not job.run.writer:
+                return
+            state = job.state.state_dict()
+            path = ckpt.save_checkpoint(job.run.checkpoints, step, state.pop("model"),
+                                        {**state, "rng": rng_state(job.info)}, keep=keep)
         cost = self.clock.saved(time.perf_counter() - t)
         job.run.event("checkpoint", step=step, path=str(path), cost_s=round(cost, 4), **self.clock.describe())
 

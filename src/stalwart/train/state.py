@@ -71,6 +71,24 @@ class TrainState:
             state["model"], state["optimizer"] = self.sharding.full(state["model"]), self.sharding.full(state["optimizer"])
         return _snapshot(state) if heal and self.outer is not None else state
 
+    def checkpoint_parts(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """A sharded checkpoint (checkpoint.save_sharded): the tensors each rank writes its
+        shards of (the model's, and AdamW's moments as `optimizer.INDEX.NAME`), and the train
+        state rank 0 writes (the rest; `moments` names what was left out of it)."""
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "shards": [dict(s) for s in self.shards], "guard": self.guard.state_dict(), "step": self.step,
+                 "tokens_seen": self.tokens_seen, "uncommitted": self.uncommitted,
+                 "checkpoint_due": self.checkpoint_due}
+        tensors = {f"model.{name}": t for name, t in state.pop("model").items()}
+        optimizer, kept, moments = state["optimizer"], {}, {}
+        for index, per_param in optimizer["state"].items():
+            split = {k for k, v in per_param.items() if isinstance(v, torch.Tensor) and v.dim() > 0}
+            tensors.update({f"optimizer.{index}.{k}": per_param[k] for k in sorted(split)})
+            kept[index] = {k: v for k, v in per_param.items() if k not in split}
+            moments[index] = sorted(split)
+        state["optimizer"], state["moments"] = {**optimizer, "state": kept}, moments
+        return tensors, state
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """A healthy peer's state (a heal, `state_dict(heal=True)` of the same rank of its
         group): its weights, optimizer and ledger; this shard's loader goes to the ledger's
@@ -93,7 +111,10 @@ class TrainState:
         rollback keeps reading past the offending batches; returns its train state."""
         self._replace()
         state = latest.train_state
-        self._load_weights(latest.model_state, state["optimizer"], latest.path)
+        if latest.sharded:
+            self._read_shards(latest.path, state)
+        else:
+            self._load_weights(latest.model_state, state["optimizer"], latest.path)
         if data:
             self._load_ledger(state["shards"], f"checkpoint {latest.path}")
         if "guard" in state:
@@ -112,6 +133,19 @@ class TrainState:
                 self.sharding.optimizer_state(self.optimizer, optimizer, parts=parts)
         load_model_state(self.model, model, where)
         self.optimizer.load_state_dict(optimizer)
+
+    def _read_shards(self, path: Path, state: dict[str, Any]) -> None:
+        """Weights and AdamW's moments from a sharded checkpoint, read into this process's
+        own tensors in whatever layout it has (every rank takes part when it is sharded)."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        moments = {int(i): {name: torch.zeros_like(params[int(i)]) for name in names}
+                   for i, names in state["moments"].items()}
+        targets = {f"model.{name}": t for name, t in self.model.state_dict().items()}
+        targets.update({f"optimizer.{i}.{name}": t for i, per_param in moments.items() for name, t in per_param.items()})
+        ckpt.read_sharded(path, targets, collective=self.sharding is not None)
+        optimizer = state["optimizer"]
+        self.optimizer.load_state_dict({**optimizer, "state": {
+            int(i): {**per_param, **moments.get(int(i), {})} for i, per_param in optimizer["state"].items()}})
 
     def _replace(self) -> None:
         """The weights are about to be replaced: gradients computed on them are void (and
