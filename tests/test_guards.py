@@ -300,7 +300,7 @@ def test_crash_recovery_time_is_fault_to_the_first_commit_after_the_heal():
     (["train", "--parallel.ep", "3"], "parallel.ep 3 must divide the model's 8 routed experts"),
     (["train", "--parallel.ep", "2", "--model.n_routed_experts", "0"], "parallel.ep 2 splits routed experts, and "
      "this model has none"),
-    (["train", "--replicas", "2", "--parallel.ep", "2"], "the ranks of a replica group are data parallel"),
+    (["train", "--replicas", "2", "--parallel.ep", "2"], "parallel.ep 2 must divide replicas.ranks_per_group 1"),
     (["train", "--parallel.ep", "2"], "parallel.ep 2 must divide the launch's 1 rank"),
     (["train", "--parallel.ep", "2", "--train.compile", "true"], "parallel.ep 2 is not supported with train.compile"),
 ])

@@ -113,12 +113,14 @@ def test_straggler_is_reported_and_excluded(tmp_path):
     assert last and all(m["participants"] == 2 for m in last)
 
 
-def test_groups_of_two_fsdp_ranks_heal_shard_by_shard_after_a_rank_is_killed_from_outside(tmp_path):
+def test_sharded_groups_heal_shard_by_shard_after_a_rank_is_killed_and_train_as_one_launch(tmp_path):
     # Two groups of two torchrun ranks, each group sharding the model with FSDP2 (the
-    # default: parallel.fsdp 0, all of a group's ranks); rank 1 of group 1 SIGKILLed from
-    # outside while the job trains, at no step boundary of its choosing.
+    # default: parallel.fsdp 0, all of a group's ranks) and splitting its routed experts in
+    # two (parallel.ep 2); rank 1 of group 1 SIGKILLed from outside while the job trains, at
+    # no step boundary of its choosing.
     run = tmp_path / "run"
-    proc = start_job(run, "--replicas", "2", "--replicas.ranks_per_group", "2", "--train.steps", "120")
+    proc = start_job(run, "--replicas", "2", "--replicas.ranks_per_group", "2", "--parallel.ep", "2",
+                     "--train.steps", "120")
     try:
         launcher = group_pid_once_all_train(run, groups=2, replica=1)
         rank1 = wait_for(lambda: [p for p in descendants(launcher) if _torchrun_rank(p) == 1], 30, "rank 1")[0]
@@ -147,10 +149,16 @@ def test_groups_of_two_fsdp_ranks_heal_shard_by_shard_after_a_rank_is_killed_fro
     assert metrics[-1]["step"] == 120
     assert all(m["loss"] == m["loss"] for m in metrics)
 
-    # Until the kill, the two sharded groups are one data-parallel job of four ranks: the
-    # same batches, losses and gradient norms as a plain torchrun launch of four (stopped
-    # by a kill at step 9, so that its learning-rate schedule is the 120 steps' too). A
-    # shard's gradient divided by anything but the groups that sent one changes the norm.
+    # Two groups of two ranks are one data-parallel job of four: the same batches, losses
+    # and gradient norms as a plain torchrun launch of four (stopped by a kill at step 9, so
+    # that its learning-rate schedule is the 120 steps' too): the sharded groups until the
+    # kill, and groups that split only their experts (parallel.fsdp 1: the other gradients
+    # summed over every rank, the experts' across groups only). A gradient divided by
+    # anything but the ranks or groups that sent it changes the norm.
+    experts_only = tmp_path / "experts_only"
+    r = job(experts_only, "--replicas", "2", "--replicas.ranks_per_group", "2", "--parallel.ep", "2",
+            "--parallel.fsdp", "1", "--train.steps", "120")
+    assert r.returncode == 0, r.stderr[-2000:]
     plain = tmp_path / "plain"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
                         "-m", "stalwart", "train", "--out", str(plain), *FAST, "--train.steps", "120",
@@ -159,10 +167,11 @@ def test_groups_of_two_fsdp_ranks_heal_shard_by_shard_after_a_rank_is_killed_fro
     assert r.returncode != 0  # killed, as planned
     reference = jsonl(plain / "metrics.jsonl")
     assert [m["step"] for m in reference] == list(range(1, 9))
-    together = [m for m in metrics if m["step"] <= 8 and m["replica"] == 0]
-    assert [m["participants"] for m in together] == [2] * 8
-    for key in ("loss", "grad_norm"):
-        assert [m[key] for m in together] == pytest.approx([m[key] for m in reference], rel=1e-5), key
+    for grouped in (metrics, jsonl(experts_only / "metrics.jsonl")):
+        together = [m for m in grouped if m["step"] <= 8 and m["replica"] == 0]
+        assert [m["participants"] for m in together] == [2] * 8
+        for key in ("loss", "grad_norm"):
+            assert [m[key] for m in together] == pytest.approx([m[key] for m in reference], rel=1e-5), key
 
 
 def _torchrun_rank(pid: int) -> int | None:

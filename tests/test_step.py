@@ -49,7 +49,7 @@ def _pack(replica: int, grad: float, *, shard: int, position: dict, due: bool = 
     p.grad = torch.full((4,), grad)
     group = SimpleNamespace(num_replicas=3, replica=replica, heals=heals)
     return StepExchange.pack([p], torch.tensor([grad, grad, 0.0]), [], group, 0.5, shard=shard, num_shards=3,
-                             position=position, checkpoint_due=due, contribute=contribute), p
+                             position=position, checkpoint_due=due, contribute=contribute, device=torch.device("cpu")), p
 
 
 def test_exchange_leaves_non_finite_ranks_out_and_carries_the_ledger():

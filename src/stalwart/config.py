@@ -385,8 +385,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(e == 1 or cfg.model.is_moe, f"parallel.ep {e} splits routed experts, and this model has none")
     need(e == 1 or not cfg.model.is_moe or cfg.model.n_routed_experts % e == 0,
          f"parallel.ep {e} must divide the model's {cfg.model.n_routed_experts} routed experts")
-    need(e == 1 or r.count == 1, f"parallel.ep {e} splits the experts over the ranks of a plain torchrun launch; "
-         "the ranks of a replica group are data parallel")
+    need(e == 1 or r.count == 1 or r.ranks_per_group % e == 0,
+         f"parallel.ep {e} must divide replicas.ranks_per_group {r.ranks_per_group} (it splits the experts over "
+         "the ranks of each group)")
     need(e == 1 or not cfg.train.compile, f"parallel.ep {e} is not supported with train.compile (its token "
          "dispatch is not tested compiled): leave train.compile off")
     need(g.spike_sigma >= 0, f"guards.spike_sigma must be >= 0, got {g.spike_sigma}")

@@ -1,5 +1,5 @@
-"""Expert parallelism inside one torchrun launch (`parallel.ep`): the routed experts of
-every MoE layer split over `ep` ranks.
+"""Expert parallelism inside one torchrun launch or replica group (`parallel.ep`): the
+routed experts of every MoE layer split over `ep` ranks.
 
 The launch's ranks form groups of `ep` consecutive ranks; rank j of a group holds experts
 [j E / ep, (j + 1) E / ep) of every MoE layer, stored as a DTensor sharded on the expert

@@ -1,6 +1,7 @@
-"""Sharding inside one torchrun launch: FSDP2 (`parallel.fsdp`) shards parameters,
-gradients and AdamW's moments over the ranks, expert parallelism (`parallel.ep`,
-parallel/experts.py) splits the routed experts; either, both or neither.
+"""Sharding inside one torchrun launch (a plain one, or one replica group): FSDP2
+(`parallel.fsdp`) shards parameters, gradients and AdamW's moments over the ranks, expert
+parallelism (`parallel.ep`, parallel/experts.py) splits the routed experts; either, both
+or neither.
 
 `torch.distributed.fsdp.fully_shard` wraps each decoder layer and then the whole model,
 on a mesh of the launch's ranks: `parallel.fsdp` ranks share one copy of the state (0:

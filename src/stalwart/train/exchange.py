@@ -7,12 +7,14 @@
 One collective per step instead of one per statistic; and because every replica then holds
 the same numbers, every guard reaches the same verdict.
 
-Which gradients go in (`gradients`): "whole", every parameter's, summed over every rank;
-"none" in a plain torchrun launch sharded with FSDP2, whose backward pass reduced them
-already; "shards" in a replica group sharded with FSDP2: this rank's shard of each
-gradient (already the mean over its group's ranks), summed with the same rank of the other
-groups only (`across_only`, replication/group.py), and divided by the groups that
-contributed. A sharded group contributes all its shards or none (`every_rank`).
+Which gradients go in is the caller's choice (train/step.py): every parameter's, summed
+over every rank, in a job that is not sharded; none of FSDP2's in a plain torchrun launch,
+whose backward pass reduced them already. In a sharded replica group the first `across`
+parameters are this rank's shards (FSDP2's, and the experts' under expert parallelism),
+each gradient already the mean over its group's ranks: they are summed with the same rank
+of the other groups only (`across_only`, replication/group.py) and divided by the groups
+that contributed; the rest are summed over every rank. A group with shards contributes all
+of them or none (`every_rank`).
 
 A rank whose own loss or gradients are not finite (a device producing NaN, NaN weights or
 optimizer state) in a job of replica groups contributes nothing but its flags: its gradients, losses and expert loads
@@ -54,14 +56,13 @@ class StepExchange:
     num_slots: int
     num_shards: int
     own_finite: bool
-    across_only: int = 0  # the buffer's front that is summed across groups only (gradient shards)
+    across: int = 0  # the first `across` parameters are shards, summed across groups only
+    across_only: int = 0  # ... which is the buffer's front up to here
 
     @classmethod
     def pack(cls, params: list[torch.Tensor], losses: torch.Tensor, loads: list[torch.Tensor], group, compute_s: float,
              *, shard: int, num_shards: int, position: dict[str, int], checkpoint_due: bool, contribute: bool,
-             gradients: str = "whole") -> StepExchange:
-        device = params[0].device
-        params = [] if gradients == "none" else params
+             device: torch.device, across: int = 0) -> StepExchange:
         grads = [torch.zeros(local_part(p).numel(), device=device) if p.grad is None else
                  local_part(p.grad).reshape(-1).float() for p in params]
         has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
@@ -73,7 +74,7 @@ class StepExchange:
         # Without a peer group to heal from (plain torchrun), a rank's non-finite values go
         # into the sum: every rank sees it and the guard skips the step, as in one process.
         own_finite = contribute and (not group.heals or bool(torch.isfinite(values).all()))
-        if gradients == "shards":  # each shard is a mean over the group's ranks: all of them or none
+        if across:  # each shard is a mean over the group's ranks: all of them or none
             own_finite = group.every_rank(own_finite)
         tail = buffer[buffer.numel() - slots.numel():]
         tail[group.replica] = compute_s
@@ -89,16 +90,16 @@ class StepExchange:
             buffer[:buffer.numel() - slots.numel()] = 0.0
             tail[2 * n + group.replica] = 1.0
         return cls(buffer, len(params), grad_numel, len(loads), loads[0].numel() if loads else 0, n, num_shards,
-                   own_finite, grad_numel + len(params) if gradients == "shards" else 0)
+                   own_finite, across, sum(g.numel() for g in grads[:across]))
 
-    def unpack_gradients(self, params: list[torch.Tensor], contributors: int) -> None:
-        """The summed gradients divided by `contributors` into the params' .grad (a sharded
-        parameter's: into its shard)."""
+    def unpack_gradients(self, params: list[torch.Tensor], contributors: int, groups: int = 1) -> None:
+        """The summed gradients into the params' .grad (a sharded parameter's: into its
+        shard), divided by the `contributors` (ranks), the shards by the `groups`."""
         flags = self.buffer[self.grad_numel:self.grad_numel + self.num_params].tolist()
         offset = 0
-        for p, flag in zip(params, flags):
+        for i, (p, flag) in enumerate(zip(params, flags)):
             n = local_part(p).numel()
-            mean = self.buffer[offset:offset + n] / contributors
+            mean = self.buffer[offset:offset + n] / (groups if i < self.across else contributors)
             if flag <= 0:
                 p.grad = None
             elif isinstance(p, DTensor):
@@ -163,7 +164,7 @@ class LocalExchange:
         self._losses, self._compute_s, self._loads = losses, compute_s, loads
         self._shard, self._position, self._checkpoint_due = shard, position, checkpoint_due
 
-    def unpack_gradients(self, params: list[torch.Tensor], contributors: int) -> None:
+    def unpack_gradients(self, params: list[torch.Tensor], contributors: int, groups: int = 1) -> None:
         pass
 
     def losses(self) -> torch.Tensor:
@@ -187,13 +188,13 @@ class LocalExchange:
 
 def step_exchange(params: list[torch.Tensor], losses: torch.Tensor, loads: list[torch.Tensor], group,
                   compute_s: float, *, shard: int, num_shards: int, position: dict[str, int], checkpoint_due: bool,
-                  contribute: bool = True, gradients: str = "whole") -> StepExchange | LocalExchange:
+                  device: torch.device, contribute: bool = True, across: int = 0) -> StepExchange | LocalExchange:
     """The exchange of one step's gradients (params' .grad), losses and expert `loads`;
     `position` is this shard's loader position after the step's batch. `contribute` False:
     this group's state is known bad; it joins the collective with its flags only, like a
-    rank whose values are not finite. `gradients`: "whole", "none" or "shards" (above)."""
+    rank whose values are not finite. `across`: the first so many params are shards (above)."""
     if group.num_replicas == 1 and group.contributors == 1:
         return LocalExchange(losses, loads, compute_s, shard=shard, position=position, checkpoint_due=checkpoint_due)
     return StepExchange.pack(params, losses, loads, group, compute_s, shard=shard, num_shards=num_shards,
                              position=position, checkpoint_due=checkpoint_due, contribute=contribute,
-                             gradients=gradients)
+                             device=device, across=across)

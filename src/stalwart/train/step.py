@@ -129,15 +129,14 @@ def train_step(job: Job, step: int, *, slowed: bool = False, checkpoint_due: boo
     work.sends += 1
     if not inner:
         inject("kill-in-exchange", step)
-    # Sharded: FSDP's backward pass already reduced the gradients over this launch's ranks
-    # (a replica group's shards are then summed across groups), and expert parallelism
-    # reduces the experts' itself; the exchange carries the rest.
-    sharding = state.sharding
-    averaged = job.params if sharding is None else sharding.data_parallel(job.params)
-    gradients = "whole" if sharding is None or not sharding.fsdp else "shards" if job.replicated else "none"
-    exchange = step_exchange(averaged, work.losses, work.loads, group, work.compute_s, shard=state.loader.shard,
+    experts = state.sharding.experts if state.sharding is not None else None
+    if experts is not None and job.replicated:  # sent across groups as shards: first the group's mean
+        experts.reduce_gradients(group_rank()[1])  # never twice: only groups of one rank keep a step
+    exchanged, across = _exchanged(job)
+    exchange = step_exchange(exchanged, work.losses, work.loads, group, work.compute_s, shard=state.loader.shard,
                              num_shards=state.loader.num_shards, position=work.position,
-                             checkpoint_due=checkpoint_due, contribute=not exclude_self, gradients=gradients)
+                             checkpoint_due=checkpoint_due, contribute=not exclude_self, device=job.info.device,
+                             across=across)
     collective_ok = group.allreduce_sum(exchange.buffer, across_only=exchange.across_only)
     error = group.error()  # why the collective failed, before the vote adds its own
     verdict, grad_norm, healthy = Verdict(OK), float("nan"), 0
@@ -147,9 +146,9 @@ def train_step(job: Job, step: int, *, slowed: bool = False, checkpoint_due: boo
         healthy = len(positions)  # ranks whose finite gradients are in the sum
         if exchange.own_finite and healthy:
             # Shards: each group's is a mean over its ranks, which contribute together.
-            exchange.unpack_gradients(averaged, healthy // group_rank()[1] if gradients == "shards" else healthy)
-            if sharding is not None and sharding.experts is not None:
-                sharding.experts.reduce_gradients(healthy)
+            exchange.unpack_gradients(exchanged, healthy, groups=healthy // group_rank()[1])
+            if experts is not None and not job.replicated:
+                experts.reduce_gradients(healthy)
             clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
             grad_norm = clip_gradients(job.params, clip)
             loss, lm_loss, mtp_loss = (exchange.losses() / healthy).tolist()
@@ -207,6 +206,25 @@ def train_step(job: Job, step: int, *, slowed: bool = False, checkpoint_due: boo
                       exchange.nonfinite_replicas() if collective_ok else [],
                       first_line(error),
                       kept=work if keep else None)
+
+
+def _exchanged(job: Job) -> tuple[list[torch.Tensor], int]:
+    """The parameters whose gradients the step's exchange carries, and how many of them, at
+    the front, are shards that a replica group sends across groups only.
+
+    Not sharded: every parameter. A plain torchrun launch: FSDP2's backward pass reduced
+    its parameters over every rank already, and expert parallelism reduces the experts
+    after the exchange; the rest go in. A sharded replica group: its shards (FSDP2's and the
+    experts', each the mean over the group's ranks), then the rest."""
+    sharding = job.state.sharding
+    if sharding is None:
+        return job.params, 0
+    dense = sharding.data_parallel(job.params)  # all but the experts that expert parallelism splits
+    rest = [] if sharding.fsdp else dense
+    if not job.replicated:
+        return rest, 0
+    shards = (sharding.experts.params if sharding.experts is not None else []) + (dense if sharding.fsdp else [])
+    return shards + rest, len(shards)
 
 
 def _imbalance(loads: list[torch.Tensor]) -> float | None:
