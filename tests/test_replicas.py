@@ -140,6 +140,8 @@ def test_sharded_groups_heal_shard_by_shard_after_a_rank_is_killed_and_train_as_
     assert start["parameter_bytes"] == whole // 2
     heal = next(e for e in events if e["event"] == "heal" and e["replica"] == 1 and e["time"] > exit_["time"])
     assert 0.4 * 3 * whole < heal["bytes"] < 0.6 * 3 * whole, (heal, whole)
+    # ... straight into its own tensors (it loaded its checkpoint: they exist), no copy.
+    assert heal["bytes_in_place"] > 0.95 * heal["bytes"], heal
     # Every rank of every group ends with the same state: each group's fingerprint is over
     # all its ranks' shards.
     finish = {(e["replica"], e["rank"]): e["fingerprint"] for e in events if e["event"] == "finish"}

@@ -137,25 +137,38 @@ def test_a_heal_lands_in_the_receivers_own_tensors_and_a_broken_one_is_torn():
         receiver.shutdown()
 
 
-def test_a_state_disallowed_while_it_streams_is_never_signed():
+def _stream_with_a_change_in_between(change) -> tuple[int, int]:
+    """(bytes received, bytes declared) of a stream during which `change(sender)` runs."""
     # 64 MiB: far more than the socket buffers hold, so the server is still writing when
-    # this replica's step ends (disallow_checkpoint) and its weights may change.
+    # the change comes.
     big = {"w": torch.ones(16 << 20)}
-    with transports((SECRET, 128 << 20)) as (sender,):
+    count = [0]
+    sender = SafeHTTPTransport("127.0.0.1", SHORT, SECRET, 128 << 20, changes=lambda: count[0])
+    try:
         sender.send_checkpoint([1], 7, big, FETCH)
         host, port = sender.metadata().split("//")[1].split("/")[0].split(":")
         conn = http.client.HTTPConnection(host, int(port), timeout=10)
         conn.request("GET", "/checkpoint/7", headers={"Authorization": f"Stalwart {mac(SECRET, b'GET /checkpoint/7')}"})
         response = conn.getresponse()
         declared = int(response.headers["Content-Length"])
-        first = response.read(4096)
-        sender.disallow_checkpoint()
-        rest = b""
+        got = len(response.read(4096))
+        change(sender, count)
         while chunk := response.read1(1 << 20):
-            rest += chunk
+            got += len(chunk)
         conn.close()
-        assert len(first) + len(rest) == declared - 32  # every byte but the trailer: no signature
-        assert sender.bytes_sent == 0
+        return got, declared
+    finally:
+        sender.shutdown()
+
+
+def test_a_stream_that_a_change_overlapped_is_never_signed_and_one_merely_disallowed_finishes():
+    # The replica counts a change (its optimizer steps, a rollback loads) before making it:
+    # the stream ends without its trailer. A step whose vote only ended the serving
+    # (torchft's should_commit) changed nothing: the stream in flight completes.
+    got, declared = _stream_with_a_change_in_between(lambda sender, count: count.__setitem__(0, 1))
+    assert got == declared - 32  # every byte but the trailer: no signature
+    got, declared = _stream_with_a_change_in_between(lambda sender, count: sender.disallow_checkpoint())
+    assert got == declared
 
 
 def test_a_request_without_the_secret_gets_403_and_no_state():
@@ -199,13 +212,21 @@ def _serve(body: bytes, length: int | None = None):
     return respond
 
 
-@pytest.mark.parametrize("forgery", ["pickle", "other-secret", "unsigned"])
+@pytest.mark.parametrize("forgery", ["pickle", "stranger", "other-secret", "unsigned"])
 def test_an_impostor_pushing_a_state_is_refused(forgery):
-    # A torch.save pickle (never unpickled: _mark would raise), or a well-formed state whose
-    # trailer is another job's HMAC or garbage.
+    # A torch.save pickle (never unpickled: _mark would raise); a whole state from a server
+    # of another job (its header is refused before it is parsed, nothing is written); or a
+    # member's header with a trailer that is another job's HMAC or garbage.
     with transports((SECRET, MAX)) as (sender,):
         sender.send_checkpoint([1], 7, STATE, FETCH)
         body = _fetch(sender)
+    if forgery == "stranger":
+        with transports((OTHER, MAX)) as (stranger,):
+            stranger.send_checkpoint([1], 7, STATE, FETCH)
+            req = urllib.request.Request(stranger.metadata() + "7",
+                                         headers={"Authorization": f"Stalwart {mac(OTHER, b'GET /checkpoint/7')}"})
+            with urllib.request.urlopen(req, timeout=5) as r:
+                body = r.read()
     if forgery == "pickle":
         buf = io.BytesIO()
         torch.save({"x": _Evil()}, buf)
@@ -214,10 +235,20 @@ def test_an_impostor_pushing_a_state_is_refused(forgery):
         body = body[:-32] + hmac.new(OTHER, b"/checkpoint/7" + body[:-32], hashlib.sha256).digest()
     else:
         body = body[:-32] + bytes(32)
-    with transports((SECRET, MAX)) as (receiver,), raw_server(_serve(body)) as url:
-        with pytest.raises(HealRefused, match="not a stalwart state" if forgery == "pickle" else "valid signature"):
-            receiver.recv_checkpoint(0, url, 7, FETCH)
+    own = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else v for k, v in STATE.items()}
+    receiver = SafeHTTPTransport("127.0.0.1", SHORT, SECRET, MAX, targets=lambda: own)
+    try:
+        with raw_server(_serve(body)) as url:
+            with pytest.raises(HealRefused, match="not a stalwart state" if forgery == "pickle" else "valid signature"):
+                receiver.recv_checkpoint(0, url, 7, FETCH)
         assert receiver.bytes_received == 0
+        # A stranger's header is never parsed, so nothing is written; a member's header with a
+        # bad trailer had its tensors land in place: the receiver knows its state is torn.
+        member_header = forgery in ("other-secret", "unsigned")
+        assert receiver.torn == member_header
+        assert torch.equal(own["w"], STATE["w"] if member_header else torch.zeros_like(STATE["w"]))
+    finally:
+        receiver.shutdown()
 
 
 def test_an_impostor_with_its_own_secret_is_refused():

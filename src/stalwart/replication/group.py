@@ -49,7 +49,7 @@ import torch
 
 from stalwart.config import ReplicasConfig
 from stalwart.device import use_device
-from stalwart.errors import ConfigError
+from stalwart.errors import ConfigError, first_line
 
 
 QUORUM_RETRY_S = 0.5
@@ -64,8 +64,8 @@ class LighthouseLost(Exception):
 
 
 class HealTorn(Exception):
-    """A heal failed after part of this group's state was overwritten: the group restarts
-    (from its checkpoint) and heals again."""
+    """A heal failed after part of this group's state was overwritten, or on some of its
+    ranks only: the group restarts (from its checkpoint) and heals again."""
 
 
 class Gather:
@@ -102,6 +102,7 @@ class LocalGroup:
     is_lowest = True
     healed = False
     healed_bytes = 0
+    healed_in_place = 0
     heals = False  # whether a rank whose own values are not finite can be healed from a peer
 
     def start_step(self) -> None:
@@ -228,6 +229,9 @@ class TorchFTGroup:
         state_dict / load_state_dict: the training state that a healing peer receives.
         heal_targets: this group's own tensors that a heal overwrites in place (None: a heal
             allocates what it receives).
+        changes: a count that goes up before any served tensor changes in place (None: the
+            served state is a snapshot): a stream that overlapped a change is never signed.
+        device: where this group's ranks keep what they exchange among themselves.
         step: the committed step this group starts from (0, or a checkpoint's).
         secret / max_state_bytes: the job secret and the largest state a heal accepts
             (replication/transport.py).
@@ -238,7 +242,8 @@ class TorchFTGroup:
     def __init__(self, cfg: ReplicasConfig, *, replica: int, lighthouse: str, host: str,
                  state_dict: Callable[[], Any], load_state_dict: Callable[[Any], None], step: int,
                  secret: bytes, max_state_bytes: int, torchft_log: Path, backend: str = "gloo",
-                 heal_targets: Callable[[], Any] | None = None,
+                 device: torch.device | None = None, heal_targets: Callable[[], Any] | None = None,
+                 changes: Callable[[], int] | None = None,
                  on_quorum_retry: Callable[[BaseException | None, float], None] = lambda error, waited: None) -> None:
         from torch.distributed import TCPStore
         from torchft import Manager
@@ -250,6 +255,9 @@ class TorchFTGroup:
         self.replica, self.num_replicas = replica, cfg.count
         self.healed = False  # in the last start_step, this group received a peer's state
         self.healed_bytes = 0  # ... and how many bytes it was
+        self.healed_in_place = 0  # ... and how many of them landed in this rank's own tensors
+        self._refused_state: ConfigError | None = None  # a peer's state this group could not load
+        self._device = device or torch.device("cpu")
         defaults = cfg.torchft_defaults
         timeout = timedelta(seconds=60 if defaults else cfg.timeout_s)
         quorum_timeout = timedelta(seconds=60 if defaults else cfg.quorum_timeout_s)
@@ -264,12 +272,19 @@ class TorchFTGroup:
             self._intra = None
             self._store = TCPStore(host, 0, is_master=True, wait_for_workers=False)
             store_addr, store_port = host, self._store.port
+        # torchft 0.2.0 serves the state registered under "default" inside its own dict:
+        # the tensors a heal brings have these places.
+        targets = None if heal_targets is None else lambda: {"user": {"default": heal_targets()}}
         self.transport = SafeHTTPTransport(host, timeout, secret=secret, max_bytes=max_state_bytes,
-                                           targets=heal_targets)
+                                           targets=targets, changes=changes)
         self.grace_s, self._on_quorum_retry = cfg.lighthouse_grace_s, on_quorum_retry
 
         def heal(state: Any) -> None:
-            load_state_dict(state)
+            try:
+                load_state_dict(state)
+            except Exception as error:  # noqa: BLE001 (torchft would take it for a failed quorum and retry)
+                self._refused_state = ConfigError(f"the state a peer sent cannot be loaded: {first_line(error)}")
+                raise
             self.healed = True
 
         self.manager = Manager(
@@ -292,12 +307,16 @@ class TorchFTGroup:
 
     def start_step(self) -> None:
         self.healed = False
-        received, lost_at = self.transport.bytes_received, None
+        # A state staged at an earlier quorum is not served on: the next quorum stages anew.
+        self.transport.disallow_checkpoint()
+        received, in_place, lost_at = self.transport.bytes_received, self.transport.bytes_in_place, None
         while True:
             try:
                 self.manager.start_quorum()
                 break
             except Exception as error:  # noqa: BLE001 (torchft's client raises TimeoutError, RuntimeError, ...)
+                if self._refused_state is not None:
+                    raise self._refused_state from None
                 now = time.monotonic()
                 lost_at = lost_at or now
                 if now - lost_at > self.grace_s:
@@ -309,10 +328,21 @@ class TorchFTGroup:
         if lost_at is not None:
             self._on_quorum_retry(None, time.monotonic() - lost_at)
         self.healed_bytes = self.transport.bytes_received - received  # this quorum's heal
+        self.healed_in_place = self.transport.bytes_in_place - in_place
         if self.transport.refused is not None:  # this group's secret is not the job's: retrying cannot help
             raise ConfigError(str(self.transport.refused))
         if self.transport.torn:  # no later quorum can be trusted to bring a whole state
             raise HealTorn("a heal broke off after it had begun to overwrite this group's state in place")
+        if self._intra is not None:
+            # torchft heals each rank on its own, and the ranks of a group that was behind must
+            # all have healed (at step 0 it syncs every group, some of its ranks from one peer
+            # and some from another: the same state, so which ranks heal may differ).
+            step = self.manager.current_step()
+            alike = torch.tensor([step, -step], dtype=torch.int64, device=self._device)
+            self._intra.all_reduce(alike, op=self._intra.ReduceOp.MIN)
+            if int(alike[0]) != -int(alike[1]):
+                raise HealTorn(f"the ranks of this group left the quorum at steps {int(alike[0])} to "
+                               f"{-int(alike[1])}: a heal failed on some of them")
         self.participants = self.manager.num_participants()
         self.contributors = self.participants * self.ranks
         # The lowest live group's rank 0 writes checkpoints, the summary and the export.
@@ -329,7 +359,7 @@ class TorchFTGroup:
     def every_rank(self, flag: bool) -> bool:
         if self._intra is None:
             return flag
-        t = torch.tensor([int(flag)])
+        t = torch.tensor([int(flag)], device=self._device)
         self._intra.all_reduce(t, op=self._intra.ReduceOp.MIN)
         return bool(t.item())
 
@@ -338,7 +368,7 @@ class TorchFTGroup:
         as a whole, so its ranks decide alike (to heal, or not)."""
         if self._intra is None:
             return own
-        t = torch.tensor([own], dtype=torch.int64)
+        t = torch.tensor([own], dtype=torch.int64, device=self._device)
         every = [torch.empty_like(t) for _ in range(self.ranks)]
         self._intra.all_gather(every, t)
         digest = hashlib.blake2b(b"".join(int(v).to_bytes(8, "big", signed=True) for v in every), digest_size=8)

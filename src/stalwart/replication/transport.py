@@ -10,34 +10,36 @@ unpickled at all: the state is tensors, numbers, strings, lists, tuples and dict
 same contract as a checkpoint's train_state).
 
 Body: an 8-byte little-endian header length, the JSON header (`stalwart-heal/1`: the
-structure, each tensor as its index; each tensor's dtype and shape), every tensor's bytes in
-order, and a 32-byte HMAC trailer.
+structure, each tensor as its index; each tensor's dtype and shape), the HMAC of what came
+so far, every tensor's bytes in order, and the HMAC of the whole body (the trailer).
 
 Protocol: `send_checkpoint` (called on a healthy replica inside the quorum, when some peer
 is behind) stages the state's structure and references to its live tensors, copying
-nothing, and serves it at GET /checkpoint/STEP until `disallow_checkpoint` (called in
-should_commit, before this replica's optimizer steps). The server writes each tensor from
-its own memory in chunks. With a synchronous quorum the live tensors cannot change before
+nothing, and serves it at GET /checkpoint/STEP until `disallow_checkpoint` (torchft's
+should_commit, and the group before its next quorum). The server writes each tensor from
+its own memory in chunks. With a synchronous quorum the live tensors do not change before
 the receiver has them: the sender's weights move only after a step whose all-reduce the
-receiver takes part in. Should that step end without it (the receiver too slow, the quorum
-re-formed), the server sees the state disallowed after its last write and closes the
-connection without the trailer, so a state that may have changed under the stream is
-never accepted. The receiver's `recv_checkpoint` reads each tensor straight into its own
+receiver takes part in. For whatever else may happen (the step ends without the receiver,
+a rollback), the replica counts every change before it makes it (`changes`): a stream
+whose count moved while it was written closes without its trailer, so a state that may
+have changed under the stream is never accepted, and one that did not change finishes. The receiver's `recv_checkpoint` reads each tensor straight into its own
 tensor of the same place, dtype and shape (`targets`: what it would send itself) and
 allocates only for those it lacks, so neither side holds a second copy of the state.
 
 Membership: all groups of a job share one secret (`STALWART_JOB_SECRET`, see `job_secret`).
 A request carries `Authorization: Stalwart HMAC(secret, "GET " + path)`; without it the
-server answers 403 and serves nothing. The trailer is HMAC(secret, path + body): a state
-is used only once it verifies, so a peer without the secret can neither pull this
-replica's state nor push one into it. The receiver refuses a body whose Content-Length is
+server answers 403 and serves nothing. The body's two MACs are HMAC(secret, path + body so
+far): the header is parsed only once its MAC verifies, and a state is used only once the
+trailer does, so a peer without the secret can neither pull this replica's state nor push
+one into it. The receiver refuses a body whose Content-Length is
 missing, above `max_bytes` or not what its header describes, and never reads more.
 
 What reading into its own tensors costs: a stream that breaks or does not verify after the
 first tensor was written leaves this replica's state part old, part new (`torn`); the
 group then leaves the job and is restarted (replication/group.py), and so reloads its
-checkpoint and heals again. A peer without the secret that the Lighthouse names as the
-source can therefore force that restart, never its state. This is authentication and
+checkpoint and heals again. A peer without the secret writes nothing: its header does not
+verify. One that recorded a member's answer can replay its header for the same step with
+other tensor bytes and so force that restart, never its state. This is authentication and
 integrity, not confidentiality: the state crosses the network in clear, and someone who
 records a request can replay it for the same step while that step is served.
 
@@ -111,15 +113,16 @@ _DTYPES = {str(d).removeprefix("torch."): d for d in (
 
 
 class _Staged:
-    """A state as it is served: its header and references to its tensors (no copy)."""
+    """A state as it is served: its header and references to its tensors (no copy), and the
+    replica's count of changes when it was staged."""
 
-    def __init__(self, step: int, state: Any) -> None:
-        self.step = step
+    def __init__(self, step: int, state: Any, changes: int | None) -> None:
+        self.step, self.changes = step, changes
         self.tensors: list[torch.Tensor] = []
         tree = _encode(state, self.tensors)
         specs = [[str(t.dtype).removeprefix("torch."), list(t.shape)] for t in self.tensors]
         self.header = json.dumps({"format": FORMAT, "tree": tree, "tensors": specs}).encode()
-        self.length = 8 + len(self.header) + sum(_nbytes(t) for t in self.tensors) + MAC_BYTES
+        self.length = 8 + len(self.header) + MAC_BYTES + sum(_nbytes(t) for t in self.tensors) + MAC_BYTES
 
 
 def _encode(value: Any, tensors: list[torch.Tensor]) -> Any:
@@ -196,7 +199,8 @@ def _request_mac(secret: bytes, path: str) -> str:
 
 
 def _body_mac(secret: bytes, path: str) -> Any:
-    """The running HMAC of a body served at `path` (the trailer, once every byte is in)."""
+    """The running HMAC of a body served at `path`: after the header (checked before the
+    header is parsed), and at the end (the trailer, once every byte is in)."""
     return hmac.new(secret, path.encode("latin-1"), hashlib.sha256)
 
 
@@ -225,10 +229,14 @@ class SafeHTTPTransport(CheckpointTransport[Any]):
         targets: this replica's own state in the form it would send (the tensors a heal
             overwrites in place); None, or a callable that returns None: every received
             tensor is allocated.
+        changes: a count the replica raises before it changes any served tensor in place
+            (None: what it serves is a snapshot). A stream is signed only if the count did not
+            move while it was written; a disallowed state is no longer served to new
+            requests, but a stream of it already under way finishes.
     """
 
     def __init__(self, host: str, timeout: timedelta, secret: bytes, max_bytes: int,
-                 targets: Callable[[], Any] | None = None) -> None:
+                 targets: Callable[[], Any] | None = None, changes: Callable[[], int] | None = None) -> None:
         if not isinstance(secret, (bytes, bytearray)):
             raise TypeError(f"secret must be bytes, not {type(secret).__name__}")
         if len(secret) < MIN_SECRET_BYTES:
@@ -240,11 +248,13 @@ class SafeHTTPTransport(CheckpointTransport[Any]):
         self._secret = bytes(secret)
         self._max_bytes = max_bytes
         self._targets = targets
+        self._changes = changes
         self._ready = threading.Condition()
         self._served: _Staged | None = None
         self._opener = urllib.request.build_opener(_NoRedirect)
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.bytes_in_place = 0  # of those, read straight into this replica's own tensors
         self.refused: HealRefused | None = None  # a peer said this process is not a member (403)
         self.torn = False  # a heal failed after writing into this replica's own tensors
         transport = self
@@ -286,15 +296,16 @@ class SafeHTTPTransport(CheckpointTransport[Any]):
                 for piece in (len(staged.header).to_bytes(8, "little"), staged.header):
                     self.wfile.write(piece)
                     mac.update(piece)
+                header_mac = mac.copy().digest()
+                self.wfile.write(header_mac)
+                mac.update(header_mac)
                 for t in staged.tensors:
                     for chunk in _byte_chunks(t):
                         self.wfile.write(chunk)
                         mac.update(chunk)
-                with transport._ready:  # still this state: no byte written can have changed since
-                    current = transport._served is staged
-                if not current:
-                    log.warning("heal server: step %d was disallowed while it was sent; closing without its "
-                                "signature", step)
+                if not transport._unchanged(staged):  # a tensor may have changed under the stream
+                    log.warning("heal server: the state of step %d changed while it was sent; closing without "
+                                "its signature", step)
                     self.close_connection = True
                     return
                 self.wfile.write(mac.digest())
@@ -317,8 +328,15 @@ class SafeHTTPTransport(CheckpointTransport[Any]):
     def metadata(self) -> str:
         return self.address()
 
+    def _unchanged(self, staged: _Staged) -> bool:
+        """Whether no served tensor can have changed since `staged` was staged (read after
+        the last byte is written: a change is counted before it is made)."""
+        if self._changes is None:
+            return True
+        return self._changes() == staged.changes
+
     def send_checkpoint(self, dst_ranks: list[int], step: int, state_dict: Any, timeout: timedelta) -> None:
-        staged = _Staged(step, state_dict)
+        staged = _Staged(step, state_dict, None if self._changes is None else self._changes())
         if staged.length > self._max_bytes:
             # Peers with the same max_bytes will refuse it; say so here, where the cause is visible.
             log.warning("heal server: state for step %d is %d bytes, above max_bytes=%d: peers will refuse it",
@@ -398,10 +416,15 @@ class _Reader:
 
     def read_state(self, targets: dict[tuple, torch.Tensor], transport: SafeHTTPTransport) -> Any:
         size = int.from_bytes(self._bytes(8), "little")
-        if size > min(MAX_HEADER_BYTES, self._left):
+        if size > min(MAX_HEADER_BYTES, self._left - MAC_BYTES):
             raise HealRefused(f"peer {self._peer} sent a {size}-byte header: not a stalwart state")
+        raw = self._bytes(size)
+        expected = self._mac.copy().hexdigest()
+        if not _same(expected, self._bytes(MAC_BYTES).hex()):  # a stranger's header is never parsed
+            raise HealRefused(f"peer {self._peer} sent a state without a valid signature: it is not a member of "
+                              f"this job (or {SECRET_ENV} differs)")
         try:
-            header = json.loads(self._bytes(size))
+            header = json.loads(raw)
             if not isinstance(header, dict) or header.get("format") != FORMAT:
                 raise ValueError(f"format {header.get('format') if isinstance(header, dict) else None!r}")
             specs = [(_DTYPES[dtype], tuple(int(n) for n in shape)) for dtype, shape in header["tensors"]]
@@ -410,23 +433,25 @@ class _Reader:
             tree = header["tree"]
             _decode(tree, [torch.empty(0)] * len(specs))  # the structure is sound before any byte lands
             places = _tensor_paths(tree)
-        except (ValueError, KeyError, TypeError, RecursionError) as e:
+        except (ValueError, KeyError, TypeError, RecursionError, OverflowError) as e:
             raise HealRefused(f"peer {self._peer} sent a body that is not a stalwart state ({e})") from None
         need = sum(math.prod(shape) * torch.empty(0, dtype=dtype).element_size() for dtype, shape in specs)
         if need + MAC_BYTES != self._left:
             raise HealRefused(f"peer {self._peer} sent a body whose length does not match its header")
-        tensors = []
+        tensors, in_place = [], 0
         for i, (dtype, shape) in enumerate(specs):
             own = targets.get(places.get(i))
             fits = own is not None and own.dtype == dtype and tuple(own.shape) == shape and own.is_contiguous()
             tensor = own if fits else torch.empty(shape, dtype=dtype)
-            transport.torn = transport.torn or fits
+            transport.torn = transport.torn or (fits and tensor.numel() > 0)
             self._fill(tensor)
             tensors.append(tensor)
+            in_place += _nbytes(tensor) if fits else 0
         if not _same(self._mac.hexdigest(), self._bytes(MAC_BYTES).hex()):
             raise HealRefused(f"peer {self._peer} sent a state without a valid signature: it is not a member of "
                               f"this job (or {SECRET_ENV} differs)")
         transport.torn = False  # whole and verified: what was written in place is the peer's state
+        transport.bytes_in_place += in_place
         return _decode(tree, tensors)
 
     def _fill(self, tensor: torch.Tensor) -> None:

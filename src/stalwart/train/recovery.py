@@ -204,7 +204,8 @@ class Recovery:
             job.run.event("step_failed", step=result.step, seconds=round(result.seconds, 3),
                           participants=job.group.participants, error=result.error)
             r = job.cfg.replicas
-            if job.replicated and self.failed_in_row >= r.max_failed_steps and not job.group.is_lowest:
+            # The lowest group stays (every rank of it: ranks of one group leave together).
+            if job.replicated and self.failed_in_row >= r.max_failed_steps and job.group.participant != 0:
                 raise Partitioned(f"{self.failed_in_row} collectives in a row failed (replicas.max_failed_steps "
                                   f"{r.max_failed_steps}); last: {result.error}")
         elif result.outcome == CORRUPT:

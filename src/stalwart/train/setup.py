@@ -85,7 +85,7 @@ class Job:
         if self.group.healed:
             outer = {} if self.state.outer is None else {"round": self.state.outer.rounds}
             self.run.event("heal", step=self.state.step, seconds=round(time.perf_counter() - t0, 3),
-                           bytes=self.group.healed_bytes, **outer)
+                           bytes=self.group.healed_bytes, bytes_in_place=self.group.healed_in_place, **outer)
 
     def load_latest_checkpoint(self) -> ckpt.LoadedCheckpoint | None:
         """The newest good checkpoint. In a torchrun launch (or a replica group of several
@@ -187,6 +187,7 @@ def setup(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, replica: Repl
             state_dict=lambda: state.state_dict(heal=True), load_state_dict=state.load_state_dict,
             # What a heal overwrites in place: the live tensors (DiLoCo's heal is a snapshot).
             heal_targets=(lambda: state.state_dict(heal=True)) if state.outer is None else None,
+            changes=(lambda: state.changes) if state.outer is None else None, device=info.device,
             # DiLoCo: one more than the outer steps once there was one (train/outer.py), so
             # that a group restarted from a checkpoint counts as a live group would.
             step=state.step if state.outer is None else state.outer.rounds + 1 if state.outer.rounds else 0,

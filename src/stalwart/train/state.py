@@ -44,6 +44,9 @@ class TrainState:
         # This process's own count of the times weights and optimizer were replaced (a heal,
         # a checkpoint loaded): gradients computed before a replacement are void.
         self.version = 0
+        # Raised before any in-place change of what a heal serves (a committed step, a load),
+        # so that the heal server never signs a stream that overlapped one (replication/transport.py).
+        self.changes = 0
         self.outer: OuterState | None = None  # DiLoCo's global state (train/outer.py)
 
     def state_dict(self, *, heal: bool = False) -> dict[str, Any]:
@@ -151,6 +154,7 @@ class TrainState:
         """The weights are about to be replaced: gradients computed on them are void (and
         freed before the new state arrives)."""
         self.version += 1
+        self.changes += 1
         self.optimizer.zero_grad(set_to_none=True)
 
     def _load_outer(self, state: dict[str, Any]) -> None:

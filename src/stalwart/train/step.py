@@ -167,6 +167,7 @@ def train_step(job: Job, step: int, *, slowed: bool = False, checkpoint_due: boo
     computed_before = kept.compute_s if kept is not None else 0.0
     record = None
     if outcome == COMMITTED:
+        state.changes += 1  # before the weights, moments and biases change in place
         state.optimizer.step()
         loads = exchange.expert_loads(len(job.moe_layers))
         imbalance = _imbalance(loads)  # before the bias update, which resets the counts
