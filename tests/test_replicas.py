@@ -176,6 +176,22 @@ def test_sharded_groups_heal_shard_by_shard_after_a_rank_is_killed_and_train_as_
             assert [m[key] for m in together] == pytest.approx([m[key] for m in reference], rel=1e-5), key
 
 
+def test_a_torchrun_group_ends_with_its_ranks_exit_code_not_torchruns(tmp_path):
+    # A device that keeps producing NaN in both ranks of group 1 (FSDP2 inside): left out,
+    # healed, NaN again right after the heal, so its ranks exit 4 (EXIT_NONFINITE) while
+    # torchrun exits 1. The supervisor takes the ranks' code: with guards.nonfinite_restarts
+    # 0 it abandons the group instead of restarting a "crash"; group 0 finishes the job.
+    run = tmp_path / "run"
+    r = job(run, "--replicas", "2", "--replicas.ranks_per_group", "2", "--guards.nonfinite_restarts", "0",
+            "--train.steps", "40", inject="nan-device@10:1", timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    events = jsonl(run / "events.jsonl")
+    assert [(e["replica"], e["returncode"]) for e in events if e["event"] == "group_exit"] == [(1, 4)]
+    assert [e["replica"] for e in events if e["event"] == "group_abandoned"] == [1]
+    assert not list((run / "logs").glob("*.exit"))  # read and removed
+    assert jsonl(run / "metrics.jsonl")[-1]["step"] == 40
+
+
 def _torchrun_rank(pid: int) -> int | None:
     """The RANK torchrun gave a process (None for one it did not start)."""
     try:

@@ -13,10 +13,11 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from stalwart.errors import UserError
+from stalwart.errors import EXIT_USAGE, UserError
 
 HELP = "train a model (no arguments: the default job, about 5 minutes on 2 CPU cores)"
 DESCRIPTION = ("Train from a recipe; override any field with --section.key VALUE "
@@ -118,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         if not 0 <= args.replica_id < cfg.replicas.count:
             raise UserError(f"--replica-id {args.replica_id} is not in 0..{cfg.replicas.count - 1} "
                             f"(--replicas {cfg.replicas.count})")
-        return _train_group(cfg, out, args)
+        return _relay_exit(lambda: _train_group(cfg, out, args), out / "logs", args.replica_id)
     if cfg.replicas.count > 1 or args.lighthouse:
         from stalwart.replication.supervisor import supervise
         from stalwart.replication.transport import SECRET_ENV, job_secret, new_job_secret
@@ -216,6 +217,23 @@ def _standby(logs: Path) -> int | None:
     from stalwart.replication.protocol import await_assignment
 
     return await_assignment(logs)
+
+
+def _relay_exit(train_group: Callable[[], int], logs: Path, replica: int) -> int:
+    """A group's exit code, also left for the supervisor by a rank of a group of several
+    (torchrun's own code is 1 whichever way a rank ended: replication/protocol.py)."""
+    from stalwart.replication import protocol
+
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    try:
+        code = train_group()
+    except UserError:
+        if several:
+            protocol.record_exit(logs, replica, EXIT_USAGE)  # what cli.py makes of it
+        raise
+    if code and several:
+        protocol.record_exit(logs, replica, code)
+    return code
 
 
 def _group_exit(error: Exception, code: int, what: str) -> int:

@@ -19,7 +19,9 @@
   exits within `WATCH_PERIOD_S` of the supervisor's death, whatever signal killed it
   (`SUPERVISOR_ENV` names the supervisor's pid and start time, so a reused pid is no
   supervisor).
-- **Exit codes**: 0 finished; `EXIT_USAGE` (2) bad input or a full disk: the job stops
+- **Exit codes** (a group of several ranks runs under torchrun, which exits 1 when any rank
+  fails: the first rank to exit with one of these codes also leaves it in
+  `logs/replica-R.exit`, and the supervisor reads it): 0 finished; `EXIT_USAGE` (2) bad input or a full disk: the job stops
   with that line; `EXIT_EXCLUDED` left as a straggler: not restarted; `EXIT_NONFINITE`
   non-finite again right after a heal: restarted until guards.nonfinite_restarts, then
   abandoned; `EXIT_PARTITIONED` every collective failed replicas.max_failed_steps times in
@@ -51,6 +53,33 @@ EXIT_PARTITIONED = 5
 EXIT_STALLED = 6
 EXIT_ORPHANED = 7  # the supervisor is gone: nobody reads this code, it only marks the log
 __all__ = ["EXIT_USAGE", "EXIT_EXCLUDED", "EXIT_NONFINITE", "EXIT_PARTITIONED", "EXIT_STALLED", "EXIT_ORPHANED"]
+
+
+def exit_path(logs: Path, replica: int) -> Path:
+    """Where a rank of a group of several ranks leaves its exit code: torchrun exits 1 when
+    any rank fails, whatever the rank's code was."""
+    return logs / f"replica-{replica}.exit"
+
+
+def record_exit(logs: Path, replica: int, code: int) -> None:
+    """The first rank of the group to exit with a code of this protocol (or 2) leaves it."""
+    try:
+        fd = os.open(exit_path(logs, replica), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "w") as f:
+        f.write(str(code))
+
+
+def recorded_exit(logs: Path, replica: int) -> int | None:
+    """The code a rank of the group left (and the record removed), or None."""
+    path = exit_path(logs, replica)
+    try:
+        text = path.read_text().strip()
+        path.unlink()
+    except FileNotFoundError:
+        return None
+    return int(text) if text.isdigit() else None
 
 
 def start_together(logs: Path, replica: int) -> None:

@@ -49,8 +49,8 @@ from stalwart.errors import EXIT_USAGE, TrainingStopped, UserError
 from stalwart.faults import INJECT_ENV
 from stalwart.replication.protocol import (EXIT_EXCLUDED, EXIT_NONFINITE, EXIT_ORPHANED, EXIT_PARTITIONED,
                                            EXIT_STALLED, GROUP_TOKEN_ENV, START_TOGETHER_ENV, SUPERVISOR_ENV,
-                                           assign_spare, process_stopped, processes_with_token, spare_ready_path,
-                                           supervisor_identity)
+                                           assign_spare, exit_path, process_stopped, processes_with_token,
+                                           recorded_exit, spare_ready_path, supervisor_identity)
 from stalwart.replication.transport import SECRET_ENV
 from stalwart.run.goodput import goodput_report
 from stalwart.run.progress import Progress
@@ -220,6 +220,7 @@ def supervise(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, secret: s
     spare = WarmSpare(run, train_args, restart_env, enabled=cfg.replicas.warm_spare and cfg.replicas.ranks_per_group == 1)
 
     def spawn(g: GroupProcess) -> None:
+        exit_path(run.logs, g.replica).unlink(missing_ok=True)  # only this launch's ranks leave one
         log_path = _log_path(run, g.replica)
         g.log_offset = log_path.stat().st_size if log_path.exists() else 0  # this launch writes after it
         taken = spare.take(g.replica, log_path) if g.total_restarts else None
@@ -328,6 +329,8 @@ def _watch_group(run: RunDir, cfg: RunConfig, g: GroupProcess, now: float, spawn
         return None
     pid, proc, g.proc = g.proc.pid, g.proc, None
     _kill_group(proc, g.token)  # whatever it leaves behind (a rank torchrun did not stop) goes with it
+    recorded = recorded_exit(run.logs, g.replica)  # a rank's own code, under torchrun's 1
+    code = recorded if recorded is not None and code == 1 else code
     if code == 0:
         g.done = g.finished = True
     elif code == EXIT_EXCLUDED:
