@@ -116,8 +116,9 @@ class _Staged:
     """A state as it is served: its header and references to its tensors (no copy), and the
     replica's count of changes when it was staged."""
 
-    def __init__(self, step: int, state: Any, changes: int | None) -> None:
+    def __init__(self, step: int, state: Any, changes: int | None, receivers: int = 1) -> None:
         self.step, self.changes = step, changes
+        self.unanswered = receivers  # peers that are to fetch it and have not had it whole
         self.tensors: list[torch.Tensor] = []
         tree = _encode(state, self.tensors)
         specs = [[str(t.dtype).removeprefix("torch."), list(t.shape)] for t in self.tensors]
@@ -255,6 +256,7 @@ class SafeHTTPTransport(CheckpointTransport[Any]):
         self.bytes_sent = 0
         self.bytes_received = 0
         self.bytes_in_place = 0  # of those, read straight into this replica's own tensors
+        self._streaming = 0  # answers being written now (shutdown waits for them)
         self.refused: HealRefused | None = None  # a peer said this process is not a member (403)
         self.torn = False  # a heal failed after writing into this replica's own tensors
         transport = self
@@ -288,6 +290,18 @@ class SafeHTTPTransport(CheckpointTransport[Any]):
                 if staged is None or staged.step != step:
                     self.send_error(409, f"not serving step {parts[1]}")
                     return
+                with transport._ready:
+                    transport._streaming += 1
+                whole = False
+                try:
+                    whole = self._stream(staged, step)
+                finally:
+                    with transport._ready:
+                        transport._streaming -= 1
+                        staged.unanswered -= int(whole)
+                        transport._ready.notify_all()
+
+            def _stream(self, staged: _Staged, step: int) -> bool:
                 self.send_response(200)
                 self.send_header("Content-Type", "application/octet-stream")
                 self.send_header("Content-Length", str(staged.length))
@@ -307,9 +321,10 @@ class SafeHTTPTransport(CheckpointTransport[Any]):
                     log.warning("heal server: the state of step %d changed while it was sent; closing without "
                                 "its signature", step)
                     self.close_connection = True
-                    return
+                    return False
                 self.wfile.write(mac.digest())
                 transport.bytes_sent += staged.length
+                return True
 
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
                 log.debug("heal server: " + format, *args)
@@ -336,7 +351,7 @@ class SafeHTTPTransport(CheckpointTransport[Any]):
         return self._changes() == staged.changes
 
     def send_checkpoint(self, dst_ranks: list[int], step: int, state_dict: Any, timeout: timedelta) -> None:
-        staged = _Staged(step, state_dict, None if self._changes is None else self._changes())
+        staged = _Staged(step, state_dict, None if self._changes is None else self._changes(), len(dst_ranks))
         if staged.length > self._max_bytes:
             # Peers with the same max_bytes will refuse it; say so here, where the cause is visible.
             log.warning("heal server: state for step %d is %d bytes, above max_bytes=%d: peers will refuse it",
@@ -386,6 +401,13 @@ class SafeHTTPTransport(CheckpointTransport[Any]):
         return length
 
     def shutdown(self, wait: bool = True) -> None:
+        """Stop serving, once the peers the staged state is for have had it and no answer is
+        being written (for at most as long as a fetch may take): a group that ends right
+        after a quorum still heals the peers it serves there."""
+        with self._ready:
+            self._ready.wait_for(lambda: self._streaming == 0 and (self._served is None or self._served.unanswered <= 0),
+                                 timeout=self._timeout.total_seconds())
+            self._served = None
         self._server.shutdown()
         self._server.server_close()
 
