@@ -15,11 +15,11 @@ so the step's exchange carries only its statistics (train/exchange.py). With exp
 parallelism the experts' weights are left out of FSDP: they are split already, and
 their gradients are reduced by `ExpertParallel.reduce_gradients`.
 
-Checkpoints stay whole (checkpoint.py's format): `full` gathers every sharded tensor of a
-state (FSDP's and the experts' alike: both are DTensors), one at a time, to rank 0, which
-writes it; `local` cuts a whole state back to this rank's shards. A checkpoint written
-with one layout therefore loads with any other of the same ranks (FSDP 2 -> 1, EP 2 -> 1,
-or none), and a run resumes bit for bit on the same layout.
+Checkpoints of a sharded run are sharded (checkpoint.py, `save_sharded` and
+`read_sharded`: each rank writes and reads its own shards, resharding on load), so a run
+may resume on another layout; a whole checkpoint loads into a sharded run by `local`, which
+cuts each tensor to this rank's shard. `full` gathers every sharded tensor whole to rank 0,
+one at a time, for the export.
 
 A heal moves shards, never whole tensors: rank i of a healing replica group receives
 `parts` (rank i's shards, as they are) from rank i of a peer group of the same `layout`,
@@ -28,6 +28,7 @@ and `from_part` makes them its own without any collective.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -79,14 +80,11 @@ class Sharding:
         the CPU of rank 0 (the writer); the other ranks get None in their place. A
         collective: every rank calls it with the same structure. One tensor at a time is
         gathered, so no rank ever holds the whole state beside its shards but rank 0."""
-        if isinstance(value, DTensor):
-            whole = value.full_tensor()
-            return whole.cpu() if self.rank == 0 else None
-        if isinstance(value, dict):
-            return {k: self.full(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [self.full(v) for v in value]
-        return value
+        def whole(t: DTensor) -> torch.Tensor | None:
+            gathered = t.full_tensor()  # every rank takes part
+            return gathered.cpu() if self.rank == 0 else None
+
+        return _map_sharded(value, whole)
 
     @staticmethod
     def local(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -100,13 +98,7 @@ class Sharding:
     def parts(value: Any) -> Any:
         """`value` (a tensor, or dicts and lists of them) with every sharded tensor replaced by
         this rank's shard, as it is (no copy): what a heal sends to the same rank of a peer."""
-        if isinstance(value, DTensor):
-            return value.to_local().detach()
-        if isinstance(value, dict):
-            return {k: Sharding.parts(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [Sharding.parts(v) for v in value]
-        return value
+        return _map_sharded(value, lambda t: t.to_local().detach())
 
     @staticmethod
     def from_part(part: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -136,6 +128,17 @@ class Sharding:
             state[index] = {k: cut(v, param) if isinstance(v, torch.Tensor) and v.dim() > 0 else v
                             for k, v in per_param.items()}
         return {**given, "state": state}
+
+
+def _map_sharded(value: Any, fn: Callable[[DTensor], Any]) -> Any:
+    """`value` (a tensor, or dicts and lists of them) with fn(t) for every sharded tensor t."""
+    if isinstance(value, DTensor):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: _map_sharded(v, fn) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_map_sharded(v, fn) for v in value]
+    return value
 
 
 def whole_value(t: torch.Tensor) -> float:

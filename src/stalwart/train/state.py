@@ -53,8 +53,8 @@ class TrainState:
         """With DiLoCo, the global state of the last outer step, never this group's mid-round
         weights: a group that heals from it takes part in the outer step as the others do.
 
-        Sharded: whole tensors (a collective: a checkpoint), or with `heal` this rank's own
-        shards and their layout, which the same rank of a healing peer receives. A heal's
+        Sharded (a heal only: checkpoints take `checkpoint_parts`): this rank's own shards and
+        their layout, which the same rank of a healing peer receives. A heal's
         tensors are the live ones, streamed without a copy (replication/transport.py):
         with DDP they change only after a step the healing peer takes part in. DiLoCo's
         inner steps may run while a heal is served (its exchange overlaps them), so there a
@@ -66,12 +66,11 @@ class TrainState:
         if self.outer is not None:
             state.update(self.outer.progress())
             state["outer"] = self.outer.state_dict()
-        if self.sharding is not None and heal:
+        if self.sharding is not None:  # a sharded checkpoint is `checkpoint_parts`
+            assert heal, "a sharded state is checkpointed with checkpoint_parts"
             state["model"], state["optimizer"] = self.sharding.parts(state["model"]), \
                 self.sharding.parts(state["optimizer"])
             state["layout"] = dict(self.sharding.layout)
-        elif self.sharding is not None:  # whole, on every rank: a collective
-            state["model"], state["optimizer"] = self.sharding.full(state["model"]), self.sharding.full(state["optimizer"])
         return _snapshot(state) if heal and self.outer is not None else state
 
     def checkpoint_parts(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
