@@ -43,7 +43,11 @@ def group_pid_once_all_train(run: Path, *, groups: int, replica: int, timeout: f
 
 
 def jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The complete records of a JSON-lines file another process may be appending to: a
+    reader can see a write in progress (Linux copies it page by page), so an unterminated last
+    line is left for the next read; a complete line that does not parse still fails."""
+    text = path.read_text()
+    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines() if line.strip()]
 
 
 def final_fingerprints(run: Path) -> dict[int, str]:
