@@ -229,7 +229,7 @@ RESUMABLE_OVERRIDES = ("train.steps", "train.log_every", "train.device", "train.
                        *(f"replicas.{f.name}" for f in dataclasses.fields(ReplicasConfig)
                          if f.name not in ("count", "ranks_per_group", "strategy", "fragments")),
                        *(f"guards.{f.name}" for f in dataclasses.fields(GuardsConfig)),
-                       # checkpoints are whole: any sharding loads them (parallel/fsdp.py)
+                       # any layout loads any checkpoint, whole or sharded (DCP reshards: checkpoint.py)
                        *(f"parallel.{f.name}" for f in dataclasses.fields(ParallelConfig)))
 
 SECTION_TYPES = {"data": DataConfig, "optim": OptimConfig, "train": TrainConfig, "eval": EvalConfig,
