@@ -270,3 +270,15 @@ def test_four_ranks_reshard_on_resume_whole_to_four_shards_and_four_to_two(tmp_p
     assert [m["step"] for m in jsonl(resharded / "metrics.jsonl")] == list(range(1, 19))
     assert got[:10] == want[:10]
     assert got[10:] == pytest.approx(want[10:], rel=1e-5), (got[10:], want[10:])  # the sums' order only
+
+    # Resumed on 2 ranks: the data shards would change. Each rank says so in one line (exit
+    # 2; torchrun adds its own report), and the run is left as it was.
+    before = (resharded / "metrics.jsonl").read_text()
+    r = subprocess.run(_torchrun("--standalone", "--nproc-per-node", "2", *TRAIN, "--eval.problems", "0",
+                                 "--train.steps", "20", "--out", str(resharded), "--resume"),
+                       capture_output=True, text=True, timeout=120, env=ENV)
+    assert r.returncode != 0 and "exitcode: 2" in r.stderr
+    assert r.stderr.count("stalwart train: error: checkpoint ") == 2 and "has 4 data shards but this job has 2" \
+        in r.stderr, r.stderr[-2000:]
+    assert (resharded / "metrics.jsonl").read_text() == before
+    assert sorted(d.name for d in (resharded / "checkpoints").iterdir()) == ["step-000014", "step-000018"]

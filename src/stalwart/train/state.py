@@ -165,7 +165,7 @@ class TrainState:
     def _load_ledger(self, shards: list[dict[str, Any]], source: str) -> None:
         if len(shards) != self.loader.num_shards:
             raise ConfigError(f"{source} has {len(shards)} data shards but this job has {self.loader.num_shards} "
-                              f"(replicas.count x replicas.ranks_per_group cannot change on --resume)")
+                              f"(the ranks of a launch, or replicas.count x replicas.ranks_per_group, cannot change on --resume)")
         self.shards = [{k: int(v) for k, v in s.items()} for s in shards]
         self.rewind_loader()
 
