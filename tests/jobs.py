@@ -119,7 +119,7 @@ def positions_of_shard(run: Path, shard: int) -> list[str]:
     d, t = cfg["data"], cfg["train"]
     loader = PackedLoader(TaskDocuments(d["task"], "train", d["seed"], d["min_digits"], d["max_digits"]),
                           load_tokenizer(run), seq_len=d["seq_len"], batch_size=t["batch_size"], seed=d["seed"],
-                          shard=shard, num_shards=cfg["replicas"]["count"])
+                          shard=shard, num_shards=cfg["replicas"]["count"] * cfg["replicas"]["ranks_per_group"])
     positions = []
     for _ in range(t["steps"]):
         loader.next_batch()
@@ -143,3 +143,12 @@ def in_process(*argv: str) -> subprocess.CompletedProcess:
             traceback.print_exc(file=err)
             code = 1
     return subprocess.CompletedProcess(list(argv), code, out.getvalue(), err.getvalue())
+
+
+def torchrun_rank(pid: int) -> int | None:
+    """The RANK torchrun gave a process (None for one it did not start)."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return next((int(v[5:]) for v in environ if v.startswith(b"RANK=")), None)

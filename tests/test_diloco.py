@@ -5,11 +5,16 @@ none of its inner work, and the restarted group heals to the global state and co
 nothing to the round it joins; every shard's batches are committed once, in order."""
 
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
-from jobs import events, final_fingerprints, job, jsonl, positions_of_shard
+from jobs import (descendants, events, final_fingerprints, group_pid_once_all_train, job, jsonl, positions_of_shard,
+                  start_job, stop_all, torchrun_rank, wait_for)
 
 from stalwart.plan.measured import measure_run
 
@@ -30,9 +35,9 @@ def _outer_records(run, replica):
     return [m for m in jsonl(run / "metrics.jsonl") if m["replica"] == replica and "round" in m]
 
 
-def _assert_every_shard_committed_once_in_order(run, outer):
+def _assert_every_shard_committed_once_in_order(run, outer, shards=2):
     """Each committed outer step moves a contributing shard on by exactly its round's batches."""
-    for shard in (0, 1):
+    for shard in range(shards):
         untouched = positions_of_shard(run, shard)
         reached = [m["data"][str(shard)] for m in outer if m["outer"] and str(shard) in m["data"]]
         assert reached == [untouched[H * (i + 1) - 1] for i in range(len(reached))], shard
@@ -273,3 +278,86 @@ def test_inner_steps_auto_trains_at_least_one_step_a_round_when_a_step_outlasts_
     outer = [m for m in _outer_records(run, 0) if m["outer"]]
     assert 1 <= len(outer) <= 20 and outer[-1]["step"] == 20
     assert all(b["step"] > a["step"] for a, b in zip(outer, outer[1:]))  # every round trained
+
+
+SHARDED = ["--replicas", "2", "--replicas.ranks_per_group", "2", "--replicas.strategy", "diloco",
+           "--replicas.inner_steps", str(H), "--train.trace_data", "true"]
+
+
+def test_sharded_groups_take_the_outer_step_on_their_shards_as_whole_groups_do(tmp_path):
+    # Two groups of two torchrun ranks. Sharded: each rank holds half the model (FSDP2, the
+    # experts split by EP 2), and its pseudo-gradient, the outer step and the outer momentum
+    # are of its shards, exchanged with the same rank of the other group under one header
+    # for its whole group. Whole (parallel.fsdp 1): every rank holds, and sends, the whole
+    # model. Uncompressed, both are the same outer steps up to fp32 sums' order (measured:
+    # losses within 2.5e-6 relative), for half the bytes a rank.
+    runs = {"sharded": ["--parallel.fsdp", "0", "--parallel.ep", "2"], "whole": ["--parallel.fsdp", "1", "--parallel.ep", "1"]}
+    for name, layout in runs.items():
+        r = job(tmp_path / name, *SHARDED, "--train.steps", "40", *layout, timeout=240)
+        assert r.returncode == 0, r.stderr[-2000:]
+    sharded, whole = tmp_path / "sharded", tmp_path / "whole"
+    for run in (sharded, whole):
+        outer = _outer_records(run, 0)
+        assert [m["round"] for m in outer if m["outer"]] == [1, 2, 3, 4]
+        assert all(m["contributors"] == [0, 1] and m["tokens"] == 4 * TOKENS * m["step"] for m in outer if m["outer"])
+        finish = {(e["replica"], e["rank"]): e["fingerprint"] for e in events(run, "finish")}
+        assert sorted(finish) == [(0, 0), (0, 1), (1, 0), (1, 1)] and len(set(finish.values())) == 1
+        _assert_every_shard_committed_once_in_order(run, outer, shards=4)  # every rank's data shard
+    per_rank = {run.name: [m["bytes_sent"] for m in _outer_records(run, 0) if m["outer"]] for run in (sharded, whole)}
+    assert all(0.45 < a / b < 0.55 for a, b in zip(per_rank["sharded"], per_rank["whole"])), per_rank
+    losses = {run.name: {(m["replica"], m["step"]): m["loss"] for m in jsonl(run / "metrics.jsonl") if "loss" in m}
+              for run in (sharded, whole)}
+    assert len(losses["sharded"]) == 80 and losses["sharded"].keys() == losses["whole"].keys()
+    for key, want in losses["whole"].items():
+        assert losses["sharded"][key] == pytest.approx(want, rel=1e-5), key
+
+    # Resumed at step 40 on the other layout: the sharded checkpoint (G, AdamW's moments and
+    # the outer momentum, each rank's shards) whole, the whole one sharded; against the whole
+    # run resumed as it was. To step 60: round 5's outer step (step 50) uses the momentum.
+    shutil.copytree(whole, tmp_path / "whole_again")
+    for name, layout in (("sharded", runs["whole"]), ("whole", runs["sharded"]), ("whole_again", runs["whole"])):
+        r = job(tmp_path / name, *SHARDED, "--train.steps", "60", *layout, "--resume", timeout=240)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert [e["step"] for e in events(tmp_path / name, "resume") if e["rank"] == 0 and e["checkpoint"]][-2:] \
+            == [40, 40], name  # both groups
+    resumed = {name: {(m["replica"], m["step"]): m["loss"] for m in jsonl(tmp_path / name / "metrics.jsonl")
+                      if "loss" in m and m["step"] > 40} for name in (*runs, "whole_again")}
+    assert len(resumed["whole_again"]) == 40
+    for name in runs:
+        assert resumed[name].keys() == resumed["whole_again"].keys()
+        for key, want in resumed["whole_again"].items():
+            assert resumed[name][key] == pytest.approx(want, rel=1e-5), (name, key)
+
+
+def test_a_rank_of_a_sharded_streaming_group_killed_heals_shard_by_shard(tmp_path):
+    # Streaming DiLoCo (2 fragments, int8 with error feedback) over two groups of two ranks,
+    # FSDP2 + EP 2 inside; rank 1 of group 1 SIGKILLed from outside while the job trains.
+    # No checkpoint to restart from (a restart from one that is as new as the others' G
+    # needs no heal: the resumes are tested above), so its group heals at its first quorum:
+    # rank i from rank i of group 0, half a state each, and contributes from the next round.
+    run = tmp_path / "run"
+    proc = start_job(run, *SHARDED, "--replicas.strategy", "streaming", "--replicas.fragments", "2",
+                     "--replicas.compression", "int8", "--replicas.error_feedback", "true", "--parallel.ep", "2",
+                     "--train.steps", "300", "--checkpoint.every", "1000")
+    try:
+        launcher = group_pid_once_all_train(run, groups=2, replica=1)
+        rank1 = wait_for(lambda: [p for p in descendants(launcher) if torchrun_rank(p) == 1], 30, "rank 1")[0]
+        os.kill(rank1, signal.SIGKILL)
+        killed = time.time()
+        _, err = proc.communicate(timeout=300)
+    finally:
+        stop_all(proc)
+    assert proc.returncode == 0, err[-2000:]
+    (exit_,) = events(run, "group_exit")
+    assert exit_["replica"] == 1 and exit_["time"] >= killed
+    start = events(run, "start")[0]
+    whole = 4 * start["parameters"]
+    heal = next(e for e in events(run, "heal") if e["replica"] == 1 and e["time"] > exit_["time"])
+    assert heal["step"] > 0 and heal["round"] > 0
+    # G, AdamW's two moments and the outer momentum, of this rank's half.
+    assert 0.4 * 4 * whole < heal["bytes"] < 0.6 * 4 * whole, (heal, whole)
+    finish = {(e["replica"], e["rank"]): e["fingerprint"] for e in events(run, "finish")}
+    assert sorted(finish) == [(0, 0), (0, 1), (1, 0), (1, 1)] and len(set(finish.values())) == 1
+    outer = [m for m in _outer_records(run, 1) if m["outer"] and m["time"] > heal["time"]]
+    assert outer and all(m["contributors"] == [0, 1] for m in outer[1:])
+    assert outer[-1]["step"] == 300

@@ -8,12 +8,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from jobs import (FAST, descendants, final_fingerprints, group_pid_once_all_train, job, jsonl, start_job, stop_all,
-                  wait_for)
+                  torchrun_rank, wait_for)
 
 pytestmark = pytest.mark.slow
 
@@ -123,7 +122,7 @@ def test_sharded_groups_heal_shard_by_shard_after_a_rank_is_killed_and_train_as_
                      "--train.steps", "120")
     try:
         launcher = group_pid_once_all_train(run, groups=2, replica=1)
-        rank1 = wait_for(lambda: [p for p in descendants(launcher) if _torchrun_rank(p) == 1], 30, "rank 1")[0]
+        rank1 = wait_for(lambda: [p for p in descendants(launcher) if torchrun_rank(p) == 1], 30, "rank 1")[0]
         os.kill(rank1, signal.SIGKILL)
         killed = time.time()
         _, err = proc.communicate(timeout=240)
@@ -190,12 +189,3 @@ def test_a_torchrun_group_ends_with_its_ranks_exit_code_not_torchruns(tmp_path):
     assert [e["replica"] for e in events if e["event"] == "group_abandoned"] == [1]
     assert not list((run / "logs").glob("*.exit"))  # read and removed
     assert jsonl(run / "metrics.jsonl")[-1]["step"] == 40
-
-
-def _torchrun_rank(pid: int) -> int | None:
-    """The RANK torchrun gave a process (None for one it did not start)."""
-    try:
-        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return next((int(v[5:]) for v in environ if v.startswith(b"RANK=")), None)

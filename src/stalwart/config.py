@@ -374,8 +374,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         streaming_keys = [f"replicas.{k}" for k in ("fragments", "overlap_steps", "mixing")
                           if getattr(r, k) != getattr(ReplicasConfig, k)]
         need(not streaming_keys, f"{', '.join(streaming_keys)} apply to replicas.strategy streaming only")
-    need(r.strategy == "ddp" or r.ranks_per_group == 1,
-         f"replicas.strategy {r.strategy} takes one rank per group (replicas.ranks_per_group 1)")
+    need(r.strategy == "ddp" or r.ranks_per_group == 1 or r.inner_steps != "auto",
+         f"replicas.inner_steps auto times each round on its own clock, which the {r.ranks_per_group} ranks of a "
+         "group would not share: give replicas.inner_steps a number")
     need(0 <= cfg.parallel.fsdp <= 1024, f"parallel.fsdp must be in 0..1024 (0: every rank), got {cfg.parallel.fsdp}")
     need(cfg.parallel.fsdp <= 1 or r.count == 1 or r.ranks_per_group % cfg.parallel.fsdp == 0,
          f"parallel.fsdp {cfg.parallel.fsdp} must divide replicas.ranks_per_group {r.ranks_per_group} (it shards "

@@ -368,11 +368,26 @@ class TorchFTGroup:
         as a whole, so its ranks decide alike (to heal, or not)."""
         if self._intra is None:
             return own
-        t = torch.tensor([own], dtype=torch.int64, device=self._device)
+        every = self.gather_over_ranks([own])
+        digest = hashlib.blake2b(b"".join(v.to_bytes(8, "big", signed=True) for v in every), digest_size=8)
+        return int.from_bytes(digest.digest(), "big") >> 3  # below 2^61, as a rank's own
+
+    def gather_over_ranks(self, values: list[int]) -> list[int]:
+        """Every rank's `values` (int64, as many on each), in rank order, on every rank of this group."""
+        if self._intra is None:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.int64, device=self._device)
         every = [torch.empty_like(t) for _ in range(self.ranks)]
         self._intra.all_gather(every, t)
-        digest = hashlib.blake2b(b"".join(int(v).to_bytes(8, "big", signed=True) for v in every), digest_size=8)
-        return int.from_bytes(digest.digest(), "big") >> 3  # below 2^61, as a rank's own
+        return [int(v) for part in every for v in part.tolist()]
+
+    def sum_over_ranks(self, value: float) -> float:
+        """The sum of the ranks' `value`s (float64), on every rank of this group."""
+        if self._intra is None:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self._device)
+        self._intra.all_reduce(t)
+        return float(t.item())
 
     def allreduce_across_groups(self, values: torch.Tensor) -> bool:
         """Sum over the same rank of every participating group; False if it failed on any

@@ -14,8 +14,8 @@ A round, on every group:
             groups, a reduce-scatter and an all-gather from three on):
 
                 [ header: replica, step, tokens, contributed, non-finite, fingerprint of
-                  G, shard, loader position, norm | the fragment's routing biases (fp32)
-                  | the fragment's pseudo-gradient G - local, compressed ]
+                  G, norm, and each rank's data shard and loader position | the fragment's
+                  routing biases (fp32) | the fragment's pseudo-gradient G - local, compressed ]
 
             who takes part is decided from the headers; every group decodes the same
             bytes in replica order and sums in fp32, so the outer step is bit-identical
@@ -44,6 +44,11 @@ AdamW moments start again; non-finite again in the next round, the process exits
 during the round or the exchange) keeps the payload; after the next quorum it is sent
 again among the survivors, so no survivor's inner work is lost. The bytes each group sends
 are counted as its collectives send them (compress.exchange_sent).
+
+A group of several ranks (FSDP2, expert parallelism): everything above is of each rank's
+own shards, exchanged with the same rank of the other groups; the header is the whole
+group's, agreed among its ranks before it is sent (`pack`), so that every rank of every
+group decides the same outer step. The group's inner steps are among its ranks.
 """
 
 from __future__ import annotations
@@ -63,15 +68,18 @@ from stalwart.config import ReplicasConfig
 from stalwart.errors import first_line
 from stalwart.faults import inject
 from stalwart.guards import fingerprint, odd_ones_out
-from stalwart.replication.group import Gather
+from stalwart.parallel.fsdp import Sharding, local_part
+from stalwart.replication.group import Gather, group_rank
 from stalwart.train.recovery import NonFiniteAfterHeal, Partitioned
 
 if TYPE_CHECKING:
     from stalwart.train.recovery import Recovery
     from stalwart.train.setup import Job
 
-HEADER = ("replica", "step", "tokens", "new_tokens", "contributed", "nonfinite", "fingerprint", "shard", "position",
-          "start", "skip", "norm")  # int64 each; norm: the float64 bits of the sent pseudo-gradient's norm
+# A payload's header, int64 each: the group's (norm: the float64 bits of the norm of its whole
+# pseudo-gradient, over all its ranks' shards), then RANK_FIELDS for each of its ranks.
+HEADER = ("replica", "step", "tokens", "new_tokens", "contributed", "nonfinite", "fingerprint", "norm")
+RANK_FIELDS = ("shard", "position", "start", "skip")  # a rank's data shard and its loader position
 # A pseudo-gradient whose norm per token is this many times the round's lower median is a
 # spike (a weight corrupted during the round): left out. Honest groups differ by far less,
 # speeds and rounds cut short by a heal included (Adam's steps have about one size).
@@ -79,9 +87,12 @@ OUTER_SPIKE = 10.0
 
 
 def _header(wire: torch.Tensor) -> dict[str, Any]:
-    values = wire.view(torch.int64)
+    """A payload's group fields, and `positions`: {shard: loader position} of its ranks."""
+    values = wire[:8 * len(HEADER)].view(torch.int64)
     header = dict(zip(HEADER, values.tolist()))
-    header["norm"] = float(values[-1:].view(torch.float64))
+    header["norm"] = float(values[HEADER.index("norm"):][:1].view(torch.float64))
+    ranks = wire[8 * len(HEADER):].view(torch.int64).view(-1, len(RANK_FIELDS)).tolist()
+    header["positions"] = {rank[0]: dict(zip(RANK_FIELDS[1:], rank[1:])) for rank in ranks}
     return header
 
 
@@ -154,7 +165,11 @@ class OuterState:
         self.cfg = cfg
         count = cfg.fragments if cfg.strategy == "streaming" else 1
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-        self.names, self.local = [n for n, _ in named], [p for _, p in named]
+        # Sharded (FSDP2, expert parallelism): this rank's shards, which the same rank of
+        # every group holds alike; G, the outer momentum and the exchange are of them.
+        self.names, self.params = [n for n, _ in named], [p for _, p in named]
+        self.local = [local_part(p) for p in self.params]  # views: writing to one writes the parameter
+        self.header_bytes = 8 * (len(HEADER) + len(RANK_FIELDS) * cfg.ranks_per_group)
         moes = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
         self.bias_names = [f"{name}.gate.e_score_correction_bias" for name, _ in moes]
         self.biases = [m.gate.e_score_correction_bias for _, m in moes]
@@ -184,10 +199,11 @@ class OuterState:
     # -- what a heal and a checkpoint carry ----------------------------------------------
 
     def global_model_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """The model's state dict with G in place of the local weights and biases."""
+        """The model's state dict with G in place of the local weights and biases (sharded
+        as the model's parameters are)."""
         state = {k: v.clone() for k, v in model.state_dict().items()}
-        for name, g in zip(self.names, self.global_params):
-            state[name] = g.detach().clone()
+        for name, g, p in zip(self.names, self.global_params, self.params):
+            state[name] = Sharding.from_part(g.detach().clone(), p)
         for name, g in zip(self.bias_names, self.global_biases):
             state[name] = g.clone()
         return state
@@ -199,18 +215,47 @@ class OuterState:
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "rounds": self.rounds, "synced_at": list(self.synced_at)}
 
+    def checkpoint_parts(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """For a sharded checkpoint: the outer momentum, sharded as its parameter is
+        (`outer.INDEX.momentum_buffer`), and the rest of `state_dict()`, which names them."""
+        state = self.state_dict()
+        optimizer, tensors = state["optimizer"], {}
+        for index, per_param in optimizer["state"].items():
+            tensors[f"outer.{index}.momentum_buffer"] = Sharding.from_part(per_param["momentum_buffer"],
+                                                                           self.params[int(index)])
+        state["optimizer"] = {**optimizer, "state": {}}
+        state["momenta"] = sorted(int(i) for i in optimizer["state"])
+        return tensors, state
+
+    def momentum_targets(self, state: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Where a sharded checkpoint's outer momentum is read to (`checkpoint_parts`)."""
+        return {f"outer.{i}.momentum_buffer": torch.zeros_like(self.params[i]) for i in state.get("momenta", [])}
+
+    @staticmethod
+    def with_momenta(state: dict[str, Any], read: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """`checkpoint_parts`' state with the momentum read into `read` (this rank's shards)."""
+        momenta = {i: {"momentum_buffer": local_part(read[f"outer.{i}.momentum_buffer"])} for i in state["momenta"]}
+        return {**state, "optimizer": {**state["optimizer"], "state": momenta}}
+
     def global_tensors(self) -> list[torch.Tensor]:
         momentum = [self.optimizer.state[g]["momentum_buffer"] for g in self.global_params
                     if self.optimizer.state[g].get("momentum_buffer") is not None]
         return [g.detach() for g in self.global_params] + self.global_biases + momentum
 
-    def load_state_dict(self, state: dict[str, Any] | None, *, step: int, tokens_seen: int) -> None:
+    def load_state_dict(self, state: dict[str, Any] | None, *, step: int, tokens_seen: int,
+                        whole: bool = False) -> None:
         """After the model itself was loaded with a G: take it as G, with the outer optimizer
-        (None: a state without one, a DDP checkpoint, starts a fresh one)."""
+        (None: a state without one, a DDP checkpoint, starts a fresh one). `whole`: its
+        momentum is whole (a whole checkpoint), and is cut to this rank's shards (a
+        collective when sharded: every rank loads it)."""
         self.snapshot()
         self.synced_at = [step] * len(self.fragments)
         if state is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
+            optimizer = state["optimizer"]
+            if whole:
+                optimizer = {**optimizer, "state": {i: {**per, "momentum_buffer": local_part(Sharding.local(
+                    per["momentum_buffer"], self.params[int(i)]))} for i, per in optimizer["state"].items()}}
+            self.optimizer.load_state_dict(optimizer)
             self.rounds = int(state["rounds"])
             self.synced_at = [int(v) for v in state.get("synced_at", self.synced_at)]
         self.synced = {"step": step, "tokens_seen": tokens_seen}
@@ -242,34 +287,45 @@ class OuterState:
     # -- one outer step ------------------------------------------------------------------
 
     def pack(self, fragment: int, *, replica: int, step: int, shard: int, position: dict[str, int],
-             nonfinite: bool, version: int, round_: int) -> Payload:
+             nonfinite: bool, version: int, round_: int, ranks: Any = None) -> Payload:
         """This group's payload for outer step `round_`: the fragment's pseudo-gradient
         G - local, compressed (with error feedback when on), or nothing but its header when
         it trained nothing on the fragment since it was last set from G. `nonfinite`: this
         group's round ended on a non-finite inner step (its payload is flagged either way
-        when its own values are not finite)."""
+        when its own values are not finite).
+
+        `ranks` (the replica group, with several ranks): each rank sends its own shards, to
+        the same rank of the other groups, under one header for the whole group (its ranks
+        agree on it: finite on all of them, the norm over all their shards, one fingerprint,
+        every rank's data position), so that every rank of every group decides alike."""
         f = self.fragments[fragment]
         # On the CPU: the wire goes over gloo, and is decoded there.
         delta = torch.cat([(self.global_params[i].detach() - self.local[i].detach()).reshape(-1).float().cpu()
-                           for i in f.params])
+                           for i in f.params]) if f.params else torch.zeros(0)
         biases = torch.cat([self.biases[i].detach().float().reshape(-1).cpu() for i in f.biases]) if f.biases \
             else torch.zeros(0)
         finite = not nonfinite and bool(torch.isfinite(delta).all()) and bool(torch.isfinite(biases).all())
+        if ranks is not None:
+            finite = ranks.every_rank(finite)
         tokens = self.trained - self.base[fragment]
         contribute = tokens > 0 and finite
         norm = 0.0
         if contribute:
             body = self._encode(delta, fragment)
-            norm = float(decode(body, f.numel, self.cfg.compression).norm())  # what the others decode
+            squares = float(decode(body, f.numel, self.cfg.compression).square().sum())  # what the others decode
+            norm = math.sqrt(squares if ranks is None else ranks.sum_over_ranks(squares))
             contribute = finite = math.isfinite(norm)
         if not contribute:
             body = torch.zeros(wire_bytes(f.numel, self.cfg.compression), dtype=torch.uint8)
             biases = torch.zeros_like(biases)
         new_tokens = self.trained - self.counted
+        own = fingerprint(self.global_tensors())
+        mine = [shard, position["position"], position["start"], position["skip"]]
         header = torch.tensor([replica, step, tokens if contribute else 0, new_tokens if contribute else 0,
-                               int(contribute), int(not finite), fingerprint(self.global_tensors()), shard,
-                               position["position"], position["start"], position["skip"], 0], dtype=torch.int64)
-        header[-1:] = torch.tensor([norm], dtype=torch.float64).view(torch.int64)
+                               int(contribute), int(not finite), own if ranks is None else ranks.group_fingerprint(own),
+                               0, *(mine if ranks is None else ranks.gather_over_ranks(mine))], dtype=torch.int64)
+        at = HEADER.index("norm")
+        header[at:at + 1] = torch.tensor([norm], dtype=torch.float64).view(torch.int64)
         wire = torch.cat([header.view(torch.uint8), biases.contiguous().view(torch.uint8), body])
         return Payload(wire, round_, fragment, version, self.trained)
 
@@ -280,7 +336,7 @@ class OuterState:
 
     def prefix_bytes(self, fragment: int) -> int:
         """The bytes before a payload's body: its header and the fragment's biases."""
-        return 8 * len(HEADER) + 4 * self.fragments[fragment].bias_numel
+        return self.header_bytes + 4 * self.fragments[fragment].bias_numel
 
     def combine(self, gathered: list[torch.Tensor], fragment: int) -> OuterResult:
         """The outer step from every participant's whole payload (an all-gather's): decide
@@ -299,7 +355,7 @@ class OuterState:
         majority's (its pseudo-gradient is against another G), and spikes (OUTER_SPIKE).
         Every participant decides the same from the same headers."""
         f = self.fragments[fragment]
-        head = 8 * len(HEADER)
+        head = self.header_bytes
         headers = sorted((_header(wire[:head]) for wire in received), key=lambda header: header["replica"])
         step = max(header["step"] for header in headers)
         odd, agreed = odd_ones_out({header["replica"]: header["fingerprint"] for header in headers})
@@ -319,7 +375,7 @@ class OuterState:
             replica = _header(wire[:head])["replica"]
             if replica in weights:
                 bias_total += wire[head:head + 4 * f.bias_numel].view(torch.float32) * weights[replica]
-        positions = {header["shard"]: {k: header[k] for k in ("position", "start", "skip")} for header in chosen}
+        positions = {shard: position for header in chosen for shard, position in header["positions"].items()}
         return OuterResult(True, step, fragment, sorted(weights), nonfinite,
                            sum(header["new_tokens"] for header in chosen), positions, bytes_sent, odd=odd,
                            spiked=spiked, weights=weights, mean_biases=bias_total / sum(weights.values()))
@@ -329,7 +385,7 @@ class OuterState:
         """The token-weighted mean of the contributors' pseudo-gradients over values lo..hi,
         summed in fp32 in replica order. Each message's body is the wire form of those values
         (of all of them, from an all-gather; of a reduce-scatter's range otherwise)."""
-        head, prefix = 8 * len(HEADER), self.prefix_bytes(fragment)
+        head, prefix = self.header_bytes, self.prefix_bytes(fragment)
         total = torch.zeros(hi - lo, dtype=torch.float32)
         for wire in sorted(received, key=lambda wire: _header(wire[:head])["replica"]):
             weight = result.weights.get(_header(wire[:head])["replica"])
@@ -516,8 +572,8 @@ class Rounds:
         what it trained since G is lost, and it goes to the next sync at once (streaming:
         skipping to that round's step, so that it arrives when the others do)."""
         self.last_step_s = seconds
-        if committed:
-            self.outer.trained += self.job.tokens_per_batch
+        if committed:  # a group's inner step is committed on all its ranks or none
+            self.outer.trained += self.job.tokens_per_batch * group_rank()[1]
         if nonfinite and not self.nonfinite:
             self.nonfinite = True
             state = self.job.state
@@ -538,7 +594,7 @@ class Rounds:
         if payload is None:
             payload = outer.pack(outer.fragment_for(round_), replica=group.replica, step=state.step,
                                  shard=state.loader.shard, position=state.loader.state_dict(),
-                                 nonfinite=self.nonfinite, version=state.version, round_=round_)
+                                 nonfinite=self.nonfinite, version=state.version, round_=round_, ranks=group)
         # The payload carries the flag; a non-finite step during the overlap sets it again.
         flagged, self.nonfinite = self.nonfinite, False
         payload.sends += 1
@@ -569,8 +625,14 @@ class Rounds:
         job, group, step = self.job, self.job.group, self.outer.synced["step"]
         job.join_quorum()
         group.set_step(self.outer.rounds + 1)
-        if group.is_lowest and job.run.writer and not (job.run.checkpoints / step_dir_name(step)).exists():
-            self.recovery.save(step)
+        if group.participant == 0 and self._rank0(not (job.run.checkpoints / step_dir_name(step)).exists()):
+            self.recovery.save(step)  # by all of the lowest group's ranks: a sharded checkpoint takes them all
+
+    def _rank0(self, flag: bool) -> bool:
+        """Rank 0's `flag` on every rank of this group (its checkpoint clock, what it sees
+        on disk): its ranks checkpoint together or not at all."""
+        ranks = self.job.ranks
+        return flag if ranks is None else bool(ranks.broadcast(int(flag)))
 
     def _finish(self) -> OuterResult | None:
         job, state, group, outer = self.job, self.job.state, self.job.group, self.outer
@@ -622,9 +684,9 @@ class Rounds:
         state.record_shards(result.positions)
         if not contributed:
             state.rewind_loader()  # its batches since its last contribution are drawn again
-        if not final and self.recovery.clock.due(outer.synced["step"], job.cfg.train.steps) \
-                and group.is_lowest and job.run.writer and group.replica not in result.odd:
-            self.recovery.save(outer.synced["step"])  # the last one: finish()
+        if not final and group.participant == 0 and group.replica not in result.odd \
+                and self._rank0(self.recovery.clock.due(outer.synced["step"], job.cfg.train.steps)):
+            self.recovery.save(outer.synced["step"])  # the last one: finish(); sharded, by every rank
 
     def _disagreed(self, result: OuterResult) -> None:
         """The groups' G differ and no strict majority holds one (two groups, a tie): nobody
@@ -634,7 +696,7 @@ class Rounds:
         job, state, group = self.job, self.job.state, self.job.group
         job.run.event("step_corrupt", step=state.step, cause="sdc", reason="global weights differ with no majority",
                       replicas=result.odd)
-        if not group.is_lowest:
+        if group.participant != 0:  # every rank of the lowest group rolls back
             self.force_heal = True
         elif self.recovery.rollback(state.step, data=True, reason="global weights differ with no majority"):
             self.sent_at, self.nonfinite = self.outer.synced["step"], False
@@ -647,7 +709,7 @@ class Rounds:
         job.run.event("step_failed", step=state.step, round=pending.payload.round, participants=group.participants,
                       seconds=round(time.perf_counter() - pending.started, 3), error=reason)
         limit = job.cfg.replicas.max_failed_steps
-        if self.recovery.failed_in_row >= limit and not group.is_lowest:
+        if self.recovery.failed_in_row >= limit and group.participant != 0:
             raise Partitioned(f"{self.recovery.failed_in_row} outer exchanges in a row failed "
                               f"(replicas.max_failed_steps {limit}); last: {reason}")
 

@@ -75,9 +75,11 @@ class TrainState:
 
     def checkpoint_parts(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """A sharded checkpoint (checkpoint.save_sharded): the tensors each rank writes its
-        shards of (the model's, and AdamW's moments as `optimizer.INDEX.NAME`), and the train
-        state rank 0 writes (the rest; `moments` names what was left out of it)."""
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        shards of (the model's, and AdamW's moments as `optimizer.INDEX.NAME`; with DiLoCo,
+        G as the model and the outer momentum), and the train state rank 0 writes (the rest;
+        `moments` names what was left out of it)."""
+        model = self.model.state_dict() if self.outer is None else self.outer.global_model_state(self.model)
+        state = {"model": model, "optimizer": self.optimizer.state_dict(),
                  "shards": [dict(s) for s in self.shards], "guard": self.guard.state_dict(), "step": self.step,
                  "tokens_seen": self.tokens_seen, "uncommitted": self.uncommitted,
                  "checkpoint_due": self.checkpoint_due}
@@ -89,6 +91,10 @@ class TrainState:
             kept[index] = {k: v for k, v in per_param.items() if k not in split}
             moments[index] = sorted(split)
         state["optimizer"], state["moments"] = {**optimizer, "state": kept}, moments
+        if self.outer is not None:
+            momenta, state["outer"] = self.outer.checkpoint_parts()
+            state.update(self.outer.progress())
+            tensors.update(momenta)
         return tensors, state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -123,7 +129,7 @@ class TrainState:
             self.guard.load_state_dict(state["guard"])
         self.step, self.tokens_seen = latest.step, int(state["tokens_seen"])
         self.checkpoint_due = False
-        self._load_outer(state)
+        self._load_outer(state, whole=not latest.sharded)
         return state
 
     def _load_weights(self, model: dict[str, torch.Tensor], optimizer: dict[str, Any], where: Path, *,
@@ -144,7 +150,10 @@ class TrainState:
                    for i, names in state["moments"].items()}
         targets = {f"model.{name}": t for name, t in self.model.state_dict().items()}
         targets.update({f"optimizer.{i}.{name}": t for i, per_param in moments.items() for name, t in per_param.items()})
-        ckpt.read_sharded(path, targets, collective=self.sharding is not None)
+        momenta = self.outer.momentum_targets(state["outer"]) if self.outer is not None and "outer" in state else {}
+        ckpt.read_sharded(path, {**targets, **momenta}, collective=self.sharding is not None)
+        if momenta:
+            state["outer"] = self.outer.with_momenta(state["outer"], momenta)
         optimizer = state["optimizer"]
         self.optimizer.load_state_dict({**optimizer, "state": {
             int(i): {**per_param, **moments.get(int(i), {})} for i, per_param in optimizer["state"].items()}})
@@ -156,11 +165,13 @@ class TrainState:
         self.changes += 1
         self.optimizer.zero_grad(set_to_none=True)
 
-    def _load_outer(self, state: dict[str, Any]) -> None:
+    def _load_outer(self, state: dict[str, Any], *, whole: bool = False) -> None:
         """The model was just loaded with a global state: DiLoCo takes it as G (a state
-        without an outer optimizer, a DDP checkpoint, starts a fresh one)."""
+        without an outer optimizer, a DDP checkpoint, starts a fresh one). `whole`: from a
+        whole checkpoint (its outer momentum is cut to this rank's shards)."""
         if self.outer is not None:
-            self.outer.load_state_dict(state.get("outer"), step=self.step, tokens_seen=self.tokens_seen)
+            self.outer.load_state_dict(state.get("outer"), step=self.step, tokens_seen=self.tokens_seen,
+                                       whole=whole and self.sharding is not None)
 
     def _load_ledger(self, shards: list[dict[str, Any]], source: str) -> None:
         if len(shards) != self.loader.num_shards:

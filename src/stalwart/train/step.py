@@ -117,10 +117,12 @@ def train_step(job: Job, step: int, *, slowed: bool = False, checkpoint_due: boo
     contributing and heals afterwards.
 
     A kept step's `step_s` is its compute plus this exchange: the failed exchange's wait is
-    not work. `inner`: a DiLoCo inner step, this group's alone (no collective), whose batch
-    the data ledger records only with the outer step (train/outer.py)."""
+    not work. `inner`: a DiLoCo inner step, this group's alone (among its own ranks, as a
+    plain torchrun launch's step), whose batch the data ledger records only with the outer
+    step (train/outer.py)."""
     cfg, state = job.cfg, job.state
-    group = INNER_GROUP if inner else job.group
+    group = (job.ranks or INNER_GROUP) if inner else job.group
+    across_groups = job.replicated and not inner
     t0 = time.perf_counter()
     lr = lr_at(step, cfg.train.steps, cfg.optim)
     for param_group in state.optimizer.param_groups:
@@ -130,9 +132,9 @@ def train_step(job: Job, step: int, *, slowed: bool = False, checkpoint_due: boo
     if not inner:
         inject("kill-in-exchange", step)
     experts = state.sharding.experts if state.sharding is not None else None
-    if experts is not None and job.replicated:  # sent across groups as shards: first the group's mean
+    if experts is not None and across_groups:  # sent across groups as shards: first the group's mean
         experts.reduce_gradients(group_rank()[1])  # never twice: only groups of one rank keep a step
-    exchanged, across = _exchanged(job)
+    exchanged, across = _exchanged(job, across_groups)
     exchange = step_exchange(exchanged, work.losses, work.loads, group, work.compute_s, shard=state.loader.shard,
                              num_shards=state.loader.num_shards, position=work.position,
                              checkpoint_due=checkpoint_due, contribute=not exclude_self, device=job.info.device,
@@ -147,7 +149,7 @@ def train_step(job: Job, step: int, *, slowed: bool = False, checkpoint_due: boo
         if exchange.own_finite and healthy:
             # Shards: each group's is a mean over its ranks, which contribute together.
             exchange.unpack_gradients(exchanged, healthy, groups=healthy // group_rank()[1])
-            if experts is not None and not job.replicated:
+            if experts is not None and not across_groups:
                 experts.reduce_gradients(healthy)
             clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
             grad_norm = clip_gradients(job.params, clip)
@@ -209,12 +211,12 @@ def train_step(job: Job, step: int, *, slowed: bool = False, checkpoint_due: boo
                       kept=work if keep else None)
 
 
-def _exchanged(job: Job) -> tuple[list[torch.Tensor], int]:
+def _exchanged(job: Job, across_groups: bool) -> tuple[list[torch.Tensor], int]:
     """The parameters whose gradients the step's exchange carries, and how many of them, at
     the front, are shards that a replica group sends across groups only.
 
-    Not sharded: every parameter. A plain torchrun launch: FSDP2's backward pass reduced
-    its parameters over every rank already, and expert parallelism reduces the experts
+    Not sharded: every parameter. Within one launch (a plain torchrun launch, a DiLoCo
+    inner step of a group's ranks): FSDP2's backward pass reduced its parameters over every rank already, and expert parallelism reduces the experts
     after the exchange; the rest go in. A sharded replica group: its shards (FSDP2's and the
     experts', each the mean over the group's ranks), then the rest."""
     sharding = job.state.sharding
@@ -222,7 +224,7 @@ def _exchanged(job: Job) -> tuple[list[torch.Tensor], int]:
         return job.params, 0
     dense = sharding.data_parallel(job.params)  # all but the experts that expert parallelism splits
     rest = [] if sharding.fsdp else dense
-    if not job.replicated:
+    if not across_groups:
         return rest, 0
     shards = (sharding.experts.params if sharding.experts is not None else []) + (dense if sharding.fsdp else [])
     return shards + rest, len(shards)
