@@ -217,6 +217,23 @@ def test_memory_that_does_not_fit_is_a_warning_not_a_plan_error():
     assert not plan["memory"]["fits"] and any("does not fit" in w for w in plan["warnings"])
 
 
+def test_fsdp_shards_weights_gradients_and_optimizer_and_fp32_weights_hold_16_bytes_a_parameter():
+    # One 8-device replica of tiny: data parallel, then FSDP over all 8 ranks; bf16 weights
+    # with an fp32 master (18 bytes a parameter held), then fp32 weights (16).
+    shape = model_shape("tiny")
+    spec = RunSpec(shape=shape, tokens=1e9, accelerator=accelerator(CATALOG, "H100"), devices=8, seq_len=64,
+                   batch_tokens=8 * 64)
+    state = {(fsdp, weights): estimate(dataclasses.replace(spec, parallel=Parallelism(fsdp=fsdp), weights=weights))
+             ["memory"]["state_gb"] * 1e9 for fsdp in (1, 8) for weights in ("bf16", "fp32")}
+    params = shape.dense_params + shape.mtp_params + shape.expert_params  # what the devices hold (MTP's own copies)
+    assert state[1, "bf16"] == pytest.approx((2 + 4) * params + 12 * params / 8)  # ZeRO-1 over the 8
+    assert state[8, "bf16"] == pytest.approx((2 + 4 + 12) * params / 8)
+    assert state[8, "fp32"] == pytest.approx(16 * params / 8)
+    groups = estimate(dataclasses.replace(spec, parallel=Parallelism(fsdp=4, strategy="replicas")))
+    assert groups["parallelism"]["group_devices"] == 4
+    assert groups["memory"]["state_gb"] * 1e9 == pytest.approx(18 * params / 4)  # each group whole, in 4 shards
+
+
 def test_compare_prints_three_fleets_with_sensitivity_and_writes_a_png(tmp_path):
     r = stalwart("plan", "--compare", "--json", "--png", str(tmp_path / "fleets.png"))
     assert r.returncode == 0, r.stderr
@@ -322,6 +339,8 @@ V3_RUN = ["--model", "deepseek-v3", "--tokens", "1T", "--accelerator", "H800"]
     ([*TINY_RUN, "--mtbf-hours", "1e306"], "mtbf-hours must be between"),
     ([*TINY_RUN, "--price", "nan"], "must be finite"),
     ([*TINY_RUN, "--virtual-stages", "2"], "needs a pipeline"),
+    ([*V3_RUN, "--devices", "2048", "--pp", "16", "--fsdp", "3"], "fsdp 3 does not divide the data-parallel degree"),
+    ([*V3_RUN, "--devices", "2304", "--pp", "16", "--ep", "16", "--fsdp", "9"], "one must divide the other"),
     ([*TINY_RUN, "--checkpoint-s", "100", "--checkpoint-interval-s", "1"], "shorter than one checkpoint"),
     (["--compare", "--png", "/nonexistent/folder/x.png"], "does not exist"),
 ])

@@ -31,10 +31,11 @@ COMPARE_DEFAULTS = {"model": "deepseek-r2-class", "tokens": 30e12, "devices": 40
                     "batch_tokens": 15360 * 4096, "pp": 16, "ep": 64, "virtual_stages": 2, "overlap": 1.0}
 # Flags that become RunSpec / Parallelism fields of the same name; unset ones keep the
 # dataclass's default (or COMPARE_DEFAULTS' with --compare).
-_SPEC_FLAGS = ("tokens", "devices", "seq_len", "batch_tokens", "precision", "mfu", "overlap", "kernel_efficiency",
+_SPEC_FLAGS = ("tokens", "devices", "seq_len", "batch_tokens", "precision", "weights", "mfu", "overlap",
+               "kernel_efficiency",
                "mtbf_hours", "checkpoint_s", "checkpoint_interval_s", "checkpoint_write_gb_s", "restart_s",
                "group_restart_s")
-_PARALLEL_FLAGS = ("tp", "pp", "ep", "virtual_stages", "strategy", "diloco_h", "diloco_compression")
+_PARALLEL_FLAGS = ("tp", "pp", "ep", "fsdp", "virtual_stages", "strategy", "diloco_h", "diloco_compression")
 
 
 def number(text: str) -> float:
@@ -71,6 +72,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="tokens per optimizer step (default 16,777,216: 2048 sequences of 8192)")
     run.add_argument("--precision", choices=("bf16", "fp8"),
                      help="GEMM precision for the roofline (default bf16; MFU is always against the BF16 peak)")
+    run.add_argument("--weights", choices=("bf16", "fp32"),
+                     help="the weights as held: bf16 with an fp32 master copy in the optimizer (default; "
+                          "Megatron, DeepSeek-V3), or fp32 computed in bf16 by autocast (stalwart's own training)")
     fleet = p.add_argument_group("the fleet")
     fleet.add_argument("--accelerator", help="catalog key, e.g. H800 (see --list)")
     fleet.add_argument("--devices", type=int, help="devices in the fleet")
@@ -79,6 +83,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     par = p.add_argument_group("parallelism and replication")
     for name, what in (("tp", "tensor-parallel ranks"), ("pp", "pipeline stages"),
                        ("ep", "expert-parallel ranks, taken from the data-parallel ones"),
+                       ("fsdp", "data-parallel ranks sharding weights, gradients and optimizer state (FSDP2; "
+                                "its traffic is counted as data parallelism's)"),
                        ("virtual-stages", "interleaved chunks per pipeline stage")):
         par.add_argument(f"--{name}", type=int, help=f"{what} (default 1)")
     par.add_argument("--strategy", choices=STRATEGIES,

@@ -54,6 +54,10 @@ GROUP_RESTART_S = 60.0
 CHECKPOINT_WRITE_GB_S = 1.0
 # Bytes per parameter: bf16 weights; fp32 gradients; fp32 master copy and Adam's two moments.
 WEIGHT_BYTES, GRAD_BYTES, OPTIMIZER_BYTES = 2, 4, 12
+# RunSpec.weights: what the weights and the optimizer hold, in bytes per parameter. bf16:
+# bf16 weights, an fp32 master copy beside the moments (Megatron, DeepSeek-V3); fp32: fp32
+# weights that autocast computes with in bf16, no master copy (stalwart's own training).
+WEIGHTS = {"bf16": (WEIGHT_BYTES, OPTIMIZER_BYTES), "fp32": (4, 8)}
 # The optimizer's pass over HBM: it reads the bf16 weights, fp32 master, gradients and
 # moments (2 + 4 + 4 + 8) and writes weights, master and moments back (2 + 4 + 8).
 OPTIMIZER_PASS_BYTES = 32
@@ -65,6 +69,7 @@ class Parallelism:
     tp: int = 1
     pp: int = 1
     ep: int = 1
+    fsdp: int = 1  # data-parallel ranks that shard weights, gradients and optimizer state (FSDP2, ZeRO-3)
     virtual_stages: int = 1  # interleaved pipeline chunks per stage (v)
     strategy: str = "sync"
     diloco_h: int = 100  # inner steps between outer synchronisations
@@ -81,6 +86,7 @@ class RunSpec:
     batch_tokens: float = 16 * 2**20
     parallel: Parallelism = field(default_factory=Parallelism)
     precision: str = "bf16"  # the GEMMs' precision: bf16, or fp8 where the device has it
+    weights: str = "bf16"  # the weights as held (WEIGHTS)
     mfu: float | None = None  # None: the roofline's estimate
     overlap: float = 0.0  # share of compute under which TP/EP/PP traffic can hide
     kernel_efficiency: float = KERNEL_EFFICIENCY
@@ -103,7 +109,7 @@ _RANGES = {"tokens": (1.0, 1e18), "mfu": (1e-9, 1.0), "overlap": (0.0, 1.0), "ke
 def validate_run_spec(spec: RunSpec) -> None:
     """Raise ConfigError naming the first inconsistent input."""
     p, s, a = spec.parallel, spec.shape, spec.accelerator
-    for name, value in (("devices", spec.devices), ("tp", p.tp), ("pp", p.pp), ("ep", p.ep),
+    for name, value in (("devices", spec.devices), ("tp", p.tp), ("pp", p.pp), ("ep", p.ep), ("fsdp", p.fsdp),
                         ("virtual-stages", p.virtual_stages), ("seq-len", spec.seq_len), ("diloco-h", p.diloco_h)):
         if not isinstance(value, int) or not 1 <= value <= 10**8:
             raise ConfigError(f"{name} must be a whole number from 1 to 10^8, got {value!r}")
@@ -124,6 +130,12 @@ def validate_run_spec(spec: RunSpec) -> None:
     dp = spec.devices // (p.tp * p.pp)
     if dp % p.ep:
         raise ConfigError(f"ep {p.ep} does not divide the data-parallel degree {dp} (= devices / (tp x pp))")
+    if dp % p.fsdp:
+        raise ConfigError(f"fsdp {p.fsdp} does not divide the data-parallel degree {dp} (= devices / (tp x pp))")
+    if max(p.ep, p.fsdp) % min(p.ep, p.fsdp):
+        raise ConfigError(f"of ep {p.ep} and fsdp {p.fsdp} one must divide the other (both shard one group's ranks)")
+    if spec.weights not in WEIGHTS:
+        raise ConfigError(f"weights must be one of {', '.join(WEIGHTS)}, got {spec.weights!r}")
     if s.heads % p.tp:
         raise ConfigError(f"tp {p.tp} does not divide the model's {s.heads} attention heads")
     if p.pp * p.virtual_stages > s.layers:
@@ -139,8 +151,9 @@ def validate_run_spec(spec: RunSpec) -> None:
                           f"for each of the {dp} data-parallel ranks")
     if spec.batch_tokens > 1e12:
         raise ConfigError(f"batch-tokens must be at most 1e12, got {spec.batch_tokens:.4g}")
-    if p.strategy != "sync" and dp // p.ep < 2:
-        raise ConfigError(f"strategy {p.strategy} needs at least 2 replica groups; dp / ep = {dp // p.ep}")
+    if p.strategy != "sync" and dp // max(p.ep, p.fsdp) < 2:
+        raise ConfigError(f"strategy {p.strategy} needs at least 2 replica groups; dp / max(ep, fsdp) = "
+                          f"{dp // max(p.ep, p.fsdp)}")
     if p.diloco_compression not in COMPRESSIONS:
         raise ConfigError(f"diloco-compression must be one of {', '.join(COMPRESSIONS)}, got {p.diloco_compression!r}")
     if spec.precision not in ("bf16", "fp8"):
@@ -171,13 +184,13 @@ class _Layout:
     """The degrees and per-device shares that follow from a spec."""
 
     dp: int
-    groups: int  # replica groups: data-parallel copies of the whole model (dp / ep)
-    group_devices: int
+    groups: int  # data-parallel copies of the experts (dp / ep)
+    group_devices: int  # a replica group's devices: tp x pp x max(ep, fsdp)
     micro: float  # micro-batches of one sequence per data-parallel rank and step
     tokens_rank: float  # tokens through one rank per step
     layers_stage: float
-    dense: float  # parameters per device outside the routed experts
-    experts: float  # routed-expert parameters per device
+    dense: float  # parameters per device outside the routed experts, before FSDP shards them
+    experts: float  # routed-expert parameters per device (expert parallelism splits them; FSDP does not)
 
     @property
     def params(self) -> float:
@@ -187,7 +200,7 @@ class _Layout:
 def _layout(spec: RunSpec) -> _Layout:
     s, p = spec.shape, spec.parallel
     dp = spec.devices // (p.tp * p.pp)
-    return _Layout(dp=dp, groups=dp // p.ep, group_devices=p.tp * p.pp * p.ep,
+    return _Layout(dp=dp, groups=dp // p.ep, group_devices=p.tp * p.pp * max(p.ep, p.fsdp),
                    micro=spec.batch_tokens / (dp * spec.seq_len), tokens_rank=spec.batch_tokens / dp,
                    # MTP's parameters count with the dense ones (its layer sits on the last stage).
                    layers_stage=s.layers / p.pp, dense=(s.dense_params + s.mtp_params) / (p.tp * p.pp),
@@ -197,18 +210,22 @@ def _layout(spec: RunSpec) -> _Layout:
 def _memory(spec: RunSpec, lay: _Layout) -> dict:
     """Bytes per device: training state, activations, and what a checkpoint or heal moves."""
     p, s = spec.parallel, spec.shape
+    weight_bytes, optimizer_bytes = WEIGHTS[spec.weights]
+    # FSDP shards the weights and gradients too; the experts only without expert parallelism,
+    # which splits them instead (as stalwart's training does: parallel/fsdp.py).
+    held = lay.dense / p.fsdp + lay.experts / (p.fsdp if p.ep == 1 else 1)
     if p.strategy == "sync":  # ZeRO-1: optimizer state sharded over the ranks holding a copy
-        optimizer = OPTIMIZER_BYTES * (lay.dense / lay.dp + lay.experts / lay.groups)
+        optimizer = optimizer_bytes * (lay.dense / lay.dp + lay.experts / lay.groups)
     else:  # a replica group holds its whole state, so that it can heal a peer
-        optimizer = OPTIMIZER_BYTES * (lay.dense / p.ep + lay.experts)
+        optimizer = optimizer_bytes * (lay.dense / max(p.ep, p.fsdp) + lay.experts / (p.fsdp if p.ep == 1 else 1))
     if p.strategy == "diloco":
-        optimizer += DILOCO_BYTES * lay.params
-    state = (WEIGHT_BYTES + GRAD_BYTES) * lay.params + optimizer
+        optimizer += DILOCO_BYTES * held
+    state = (weight_bytes + GRAD_BYTES) * held + optimizer
     # Full recomputation: a layer's input per micro-batch in flight (up to pp of them on the
     # first stage), plus one layer's working set (~34 bytes per token and hidden unit,
     # Korthikanti et al. 2022), split over tensor-parallel ranks.
     activations = (min(p.pp, lay.micro) * lay.layers_stage * 2 + 34) * spec.seq_len * s.hidden / p.tp
-    return {"state": state, "activations": activations, "checkpoint": state - GRAD_BYTES * lay.params}
+    return {"state": state, "activations": activations, "checkpoint": state - GRAD_BYTES * held}
 
 
 def _step(spec: RunSpec, lay: _Layout) -> dict:
@@ -332,11 +349,12 @@ def estimate(spec: RunSpec) -> dict:
                     checkpointing_s=with_checkpoints_s - productive_s)
     return {
         "model": shape.name, "accelerator": device.key, "devices": spec.devices,
-        "parallelism": {"tp": par.tp, "pp": par.pp, "ep": par.ep, "dp": lay.dp, "virtual_stages": par.virtual_stages,
+        "parallelism": {"tp": par.tp, "pp": par.pp, "ep": par.ep, "fsdp": par.fsdp, "dp": lay.dp,
+                        "virtual_stages": par.virtual_stages,
                         "strategy": par.strategy, "replica_groups": lay.groups, "group_devices": lay.group_devices,
                         **({"diloco_h": par.diloco_h, "diloco_compression": par.diloco_compression}
                            if par.strategy == "diloco" else {})},
-        "precision": spec.precision,
+        "precision": spec.precision, "weights": spec.weights,
         "tokens": steps * spec.batch_tokens, "seq_len": spec.seq_len, "batch_tokens": spec.batch_tokens,
         "steps": steps, "params_total": shape.total, "params_active": shape.active,
         "flops_per_token": shape.flops_per_token(spec.seq_len),
