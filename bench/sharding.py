@@ -1,26 +1,35 @@
-"""Memory and step time of sharding on 2 ranks: data parallel, FSDP2, FSDP2 + expert parallelism.
+"""Memory, step time and cross-group bytes of sharding: data parallel, FSDP2 and FSDP2 + expert parallelism on 1, 2 and 4 ranks, against `stalwart plan`.
 
-One plain torchrun launch of 2 ranks per layout (`--parallel.fsdp 1`; `0`; `0 --parallel.ep 2`)
+One plain torchrun launch per layout (LAYOUTS: ranks, `--parallel.fsdp`, `--parallel.ep`)
 trains the smoke recipe widened to a DeepSeek-style MoE of about 60M parameters (MODEL
 below: MLA, 16 routed experts of which 2 per token, one shared, MTP) in fp32 for --steps
 steps of 4 x 64 tokens per rank, checkpointing once at the end, no evaluation. Measured per
 rank:
 
-- state: the parameter bytes the rank holds (the run's `start` event, exact) and AdamW's two
-  fp32 moments of them;
+- state: the parameter bytes the rank holds (the run's `start` event, exact), and with
+  their gradients and AdamW's two fp32 moments (4 x);
 - setup peak: the process's peak RSS (VmHWM) when its `start` event is written, i.e. after the
   model was built and sharded: every rank builds the whole model before sharding it;
 - at start: its RSS at that moment (runtime, libraries and the sharded model);
 - training peak: VmHWM reset (/proc/PID/clear_refs 5) right after that and read until the
-  last step's metrics are written: the resident memory training needs, runtime and
-  libraries included (the final checkpoint and export come after, and are left out);
-- step time: the median `step_s` of steps 3..N (the first two warm up).
+  last step's metrics are written (the final checkpoint and export come after, and are left
+  out); training memory: that peak less the runtime (RSS at start less the parameters);
+- step time: the median `step_s` of steps 3..N (the first two warm up), and tokens/s per rank.
+
+`stalwart plan --model RUN_DIR --weights fp32 --fsdp F --ep E` (the run's own model, the
+same ranks, sequence and batch) predicts state and activations per device; its
+data-parallel state assumes ZeRO-1 (the optimizer sharded over the copies), which
+stalwart's data parallelism does not do.
+
+Cross-group bytes: two replica groups of 2 ranks each with FSDP2 inside (HSDP) against two
+groups of one rank (the flat exchange), --steps steps: the median `bytes_sent` per rank and
+step, from metrics.jsonl.
 
 Each layout runs --repeat times, one launch after another, in an order that rotates every
 repetition; memory is given as the mean over repetitions and ranks, step time as the median
 with the min-max over repetitions. Run from the repo root with .venv active:
 
-    python bench/sharding.py                 # 3 repetitions, about 4 minutes on 2 CPU cores
+    python bench/sharding.py                 # 3 repetitions, about 15 minutes on 2 CPU cores
     python bench/sharding.py --repeat 1 --steps 6
 """
 
@@ -36,8 +45,9 @@ import tempfile
 import time
 from pathlib import Path
 
-LAYOUTS = {"data parallel": ["--parallel.fsdp", "1"], "FSDP2": ["--parallel.fsdp", "0"],
-           "FSDP2 + EP 2": ["--parallel.fsdp", "0", "--parallel.ep", "2"]}
+LAYOUTS = {"1 rank": (1, 1, 1), "data parallel, 2 ranks": (2, 1, 1), "FSDP2, 2 ranks": (2, 2, 1),
+           "FSDP2 + EP 2, 2 ranks": (2, 2, 2), "FSDP2, 4 ranks": (4, 4, 1),
+           "FSDP2 + EP 2, 4 ranks": (4, 4, 2)}  # ranks, parallel.fsdp, parallel.ep
 MODEL = ["--model.hidden_size", "512", "--model.num_hidden_layers", "4", "--model.num_attention_heads", "8",
          "--model.q_lora_rank", "128", "--model.kv_lora_rank", "128", "--model.qk_nope_head_dim", "64",
          "--model.qk_rope_head_dim", "32", "--model.v_head_dim", "64", "--model.intermediate_size", "1536",
@@ -60,11 +70,16 @@ def _status_kib(pid: int, key: str) -> int | None:
     return None
 
 
+def _train_args(out: Path, steps: int) -> list[str]:
+    return ["-m", "stalwart", "train", "--recipe", "smoke", "--quiet", "--out", str(out), "--train.steps", str(steps),
+            "--checkpoint.every", str(steps), "--eval.problems", "0", "--eval.batches", "0", *MODEL]
+
+
 def run_layout(name: str, steps: int, out: Path) -> dict:
+    ranks, fsdp, ep = LAYOUTS[name]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "stalwart",
-           "train", "--recipe", "smoke", "--quiet", "--out", str(out), "--train.steps", str(steps),
-           "--checkpoint.every", str(steps), "--eval.problems", "0", "--eval.batches", "0", *MODEL, *LAYOUTS[name]]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
+           *_train_args(out, steps), "--parallel.fsdp", str(fsdp), "--parallel.ep", str(ep)]
     launch = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     events = out / "events.jsonl"
     start = None
@@ -73,7 +88,8 @@ def run_layout(name: str, steps: int, out: Path) -> dict:
         time.sleep(0.02)
     if start is None:
         raise SystemExit(f"{name}: the launch ended before it started: {launch.stderr.read()[-2000:]}")
-    pids = start["pids"]
+    pids = start["pids"] if "pids" in start else [start["pid"]]
+    held = start["parameter_bytes"] if isinstance(start["parameter_bytes"], list) else [start["parameter_bytes"]]
     setup_peak = [_status_kib(pid, "VmHWM") or 0 for pid in pids]
     at_start = [_status_kib(pid, "VmRSS") or 0 for pid in pids]
     for pid in pids:  # from here on, VmHWM is the peak while training
@@ -88,16 +104,45 @@ def run_layout(name: str, steps: int, out: Path) -> dict:
     if launch.returncode != 0:
         raise SystemExit(f"{name}: exit {launch.returncode}: {launch.stderr.read()[-2000:]}")
     step_s = [m["step_s"] for m in _jsonl(out / "metrics.jsonl")][2:]
-    return {"parameters": start["parameters"], "parameter_bytes": start["parameter_bytes"],
+    return {"parameters": start["parameters"], "parameter_bytes": held,
             "setup_peak_mib": [k / 1024 for k in setup_peak], "at_start_mib": [k / 1024 for k in at_start],
             "training_peak_mib": [k / 1024 for k in peak],
-            "step_s": statistics.median(step_s)}
+            "training_mib": [k / 1024 - b / MIB for k, b in zip(peak, held)],
+            "runtime_mib": [k / 1024 - b / MIB for k, b in zip(at_start, held)],
+            "step_s": statistics.median(step_s), "plan": plan_layout(name, out)}
+
+
+def plan_layout(name: str, run: Path) -> dict:
+    """What `stalwart plan` predicts per device for this layout on the run's own model."""
+    ranks, fsdp, ep = LAYOUTS[name]
+    cmd = [sys.executable, "-m", "stalwart", "plan", "--model", str(run), "--tokens", "1M", "--accelerator", "H100",
+           "--devices", str(ranks), "--fsdp", str(fsdp), "--ep", str(ep), "--weights", "fp32", "--seq-len", "64",
+           "--batch-tokens", str(4 * 64 * ranks), "--json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    memory = json.loads(r.stdout)["memory"]
+    return {"state_mib": memory["state_gb"] * 1e9 / MIB, "activation_mib": memory["activation_gb"] * 1e9 / MIB}
+
+
+def cross_group_bytes(ranks_per_group: int, steps: int, out: Path) -> int:
+    """Median bytes one rank sends the other group per step: two replica groups of
+    `ranks_per_group` ranks (FSDP2 over them when more than one)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, *_train_args(out, steps), "--replicas", "2", "--replicas.ranks_per_group",
+           str(ranks_per_group), "--guards.fingerprint_every", "0"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise SystemExit(f"replica groups of {ranks_per_group}: exit {r.returncode}: {r.stderr[-2000:]}")
+    return int(statistics.median(m["bytes_sent"] for m in _jsonl(out / "metrics.jsonl") if "bytes_sent" in m))
+
+
+def _mean(runs: list[dict], key: str) -> float:
+    return statistics.mean(v for run in runs for v in run[key])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     names = list(LAYOUTS)
@@ -105,24 +150,33 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeat):
             for name in names[r % len(names):] + names[:r % len(names)]:
-                results[name].append(run_layout(name, args.steps, Path(tmp) / f"{r}-{name.replace(' ', '_')}"))
+                folder = Path(tmp) / f"{r}-{name.replace(' ', '_').replace(',', '')}"
+                results[name].append(run_layout(name, args.steps, folder))
                 print(f"repetition {r + 1}: {name}: {results[name][-1]}", file=sys.stderr, flush=True)
+        exchanged = {ranks: cross_group_bytes(ranks, args.steps, Path(tmp) / f"groups-{ranks}") for ranks in (1, 2)}
     first = results[names[0]][0]
-    print(f"{first['parameters'] / 1e6:.1f}M parameters, 2 ranks, {args.steps} steps, {args.repeat} repetitions\n")
-    print("| layout | parameters held per rank | + AdamW moments | setup peak RSS | RSS at start | training peak RSS "
-          "| step time |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(f"{first['parameters'] / 1e6:.1f}M parameters ({4 * first['parameters'] / MIB:.0f} MiB in fp32), "
+          f"{args.steps} steps, {args.repeat} repetitions\n")
+    print("| layout | parameters held per rank | + gradients, AdamW moments | plan: state | setup peak RSS "
+          "| runtime | training peak RSS | training memory | plan: state + activations | step time | tokens/s per rank |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in names:
         runs = results[name]
         held = statistics.mean(b for run in runs for b in run["parameter_bytes"])
-        mib = {key: statistics.mean(m for run in runs for m in run[key])
-               for key in ("setup_peak_mib", "at_start_mib", "training_peak_mib")}
+        plan = runs[0]["plan"]
         times = [run["step_s"] for run in runs]
-        print(f"| {name} | {held / MIB:.0f} MiB | {3 * held / MIB:.0f} MiB | {mib['setup_peak_mib']:.0f} MiB "
-              f"| {mib['at_start_mib']:.0f} MiB | {mib['training_peak_mib']:.0f} MiB "
-              f"| {statistics.median(times):.2f} s ({min(times):.2f}-{max(times):.2f}) |")
+        predicted = plan["state_mib"] + plan["activation_mib"]
+        training = _mean(runs, "training_mib")
+        print(f"| {name} | {held / MIB:.0f} MiB | {4 * held / MIB:.0f} MiB | {plan['state_mib']:.0f} MiB "
+              f"| {_mean(runs, 'setup_peak_mib'):.0f} MiB | {_mean(runs, 'runtime_mib'):.0f} MiB "
+              f"| {_mean(runs, 'training_peak_mib'):.0f} MiB | {training:.0f} MiB "
+              f"| {predicted:.0f} MiB ({predicted / training - 1:+.0%}) "
+              f"| {statistics.median(times):.2f} s ({min(times):.2f}-{max(times):.2f}) "
+              f"| {4 * 64 / statistics.median(times):.0f} |")
+    print(f"\nbytes per rank and step across two replica groups: flat (1 rank a group) {exchanged[1]:,}; "
+          f"HSDP (2 ranks a group, FSDP2) {exchanged[2]:,} ({exchanged[2] / exchanged[1]:.2f}x)")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+        args.json.write_text(json.dumps({"layouts": results, "bytes_per_rank": exchanged}, indent=1))
 
 
 if __name__ == "__main__":

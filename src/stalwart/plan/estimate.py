@@ -214,7 +214,9 @@ def _memory(spec: RunSpec, lay: _Layout) -> dict:
     # FSDP shards the weights and gradients too; the experts only without expert parallelism,
     # which splits them instead (as stalwart's training does: parallel/fsdp.py).
     held = lay.dense / p.fsdp + lay.experts / (p.fsdp if p.ep == 1 else 1)
-    if p.strategy == "sync":  # ZeRO-1: optimizer state sharded over the ranks holding a copy
+    if p.fsdp > 1:  # FSDP (HSDP across its copies): the optimizer state is sharded as the weights are
+        optimizer = optimizer_bytes * held
+    elif p.strategy == "sync":  # ZeRO-1: optimizer state sharded over the ranks holding a copy
         optimizer = optimizer_bytes * (lay.dense / lay.dp + lay.experts / lay.groups)
     else:  # a replica group holds its whole state, so that it can heal a peer
         optimizer = optimizer_bytes * (lay.dense / max(p.ep, p.fsdp) + lay.experts / (p.fsdp if p.ep == 1 else 1))
