@@ -69,7 +69,7 @@ from stalwart.errors import first_line
 from stalwart.faults import inject
 from stalwart.guards import fingerprint, odd_ones_out
 from stalwart.parallel.fsdp import Sharding, local_part
-from stalwart.replication.group import Gather, group_rank
+from stalwart.replication.group import Gather, HealTorn, group_rank
 from stalwart.train.recovery import NonFiniteAfterHeal, Partitioned
 
 if TYPE_CHECKING:
@@ -296,8 +296,10 @@ class OuterState:
 
         `ranks` (the replica group, with several ranks): each rank sends its own shards, to
         the same rank of the other groups, under one header for the whole group (its ranks
-        agree on it: finite on all of them, the norm over all their shards, one fingerprint,
-        every rank's data position), so that every rank of every group decides alike."""
+        agree on it: finite on all of them, one norm from all their shards, one fingerprint,
+        every rank's data position), so that every rank of every group decides alike. The
+        norm sums each rank's squares, a value held by several ranks once per rank: every
+        group shards alike, so the spike bound (a ratio between groups) is unaffected."""
         f = self.fragments[fragment]
         # On the CPU: the wire goes over gloo, and is decoded there.
         delta = torch.cat([(self.global_params[i].detach() - self.local[i].detach()).reshape(-1).float().cpu()
@@ -589,8 +591,10 @@ class Rounds:
         self._wait_for_round_end()
         t0 = time.perf_counter()
         job.join_quorum()
+        self._ranks_alike()
         round_ = outer.rounds + 1
-        payload = self.kept if self.kept is not None and self.kept.valid_for(round_, state.version) else None
+        reuse = group.every_rank(self.kept is not None and self.kept.valid_for(round_, state.version))
+        payload = self.kept if reuse else None
         if payload is None:
             payload = outer.pack(outer.fragment_for(round_), replica=group.replica, step=state.step,
                                  shard=state.loader.shard, position=state.loader.state_dict(),
@@ -608,6 +612,20 @@ class Rounds:
         result = None if overlaps else self._finish()
         self.round_started, self.round_mark = time.perf_counter(), outer.trained  # the next round starts now
         return result
+
+    def _ranks_alike(self) -> None:
+        """The ranks of a group must hold one round's state, or their payloads' headers
+        (and the collectives that agree on them) differ. torchft heals each rank on its own:
+        at its step 0 only the ranks whose group is not their donor's heal, which is
+        harmless while every group holds the same state (a job's start) and not once one
+        has trained (every group's first exchange failed and one restarted). Then the group
+        restarts (HealTorn) and heals whole."""
+        outer = self.outer
+        mine = [self.job.state.step, outer.rounds, outer.trained, outer.counted, *outer.base]
+        every = self.job.group.gather_over_ranks(mine)
+        if any(every[i:i + len(mine)] != mine for i in range(0, len(every), len(mine))):
+            raise HealTorn("the ranks of this group hold different rounds' states after a quorum "
+                           "(a heal reached some of them only)")
 
     def _wait_for_round_end(self) -> None:
         """inner_steps auto: a group that goes to the sync early (it reached train.steps, or
