@@ -202,9 +202,11 @@ def _layout(spec: RunSpec) -> _Layout:
     dp = spec.devices // (p.tp * p.pp)
     return _Layout(dp=dp, groups=dp // p.ep, group_devices=p.tp * p.pp * max(p.ep, p.fsdp),
                    micro=spec.batch_tokens / (dp * spec.seq_len), tokens_rank=spec.batch_tokens / dp,
-                   # MTP's parameters count with the dense ones (its layer sits on the last stage).
-                   layers_stage=s.layers / p.pp, dense=(s.dense_params + s.mtp_params) / (p.tp * p.pp),
-                   experts=s.expert_params / (p.pp * p.ep))
+                   # MTP's parameters count with the dense ones (its layer sits on the last stage),
+                   # its routed experts with the experts.
+                   layers_stage=s.layers / p.pp,
+                   dense=(s.dense_params + s.mtp_params - s.mtp_expert_params) / (p.tp * p.pp),
+                   experts=(s.expert_params + s.mtp_expert_params) / (p.pp * p.ep))
 
 
 def _memory(spec: RunSpec, lay: _Layout) -> dict:

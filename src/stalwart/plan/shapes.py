@@ -37,6 +37,7 @@ class ModelShape:
     mtp_active: float = 0.0  # multi-token prediction: parameters a token passes through
     mtp_layers: int = 0  # multi-token prediction: decoder layers (they attend too)
     mtp_params: float = 0.0  # multi-token prediction: parameters held (not in `total`, as DeepSeek counts)
+    mtp_expert_params: float = 0.0  # of mtp_params, its MoE layers' routed experts (expert parallelism shards them)
 
     @property
     def is_moe(self) -> bool:
@@ -80,7 +81,8 @@ def from_model_config(name: str, cfg: ModelConfig) -> ModelShape:
         v_head_dim=cfg.v_head_dim, vocab=cfg.vocab_size, experts=cfg.n_routed_experts,
         experts_per_token=cfg.num_experts_per_tok if cfg.is_moe else 0,
         expert_params=moe_layers * cfg.n_routed_experts * per_expert, moe_layers=moe_layers,
-        mtp_active=mtp_active, mtp_layers=cfg.num_nextn_predict_layers, mtp_params=counts["mtp"])
+        mtp_active=mtp_active, mtp_layers=cfg.num_nextn_predict_layers, mtp_params=counts["mtp"],
+        mtp_expert_params=cfg.num_nextn_predict_layers * cfg.n_routed_experts * per_expert if cfg.is_moe else 0.0)
 
 
 def _llama31_405b() -> ModelShape:
@@ -144,7 +146,7 @@ def shape_from_dict(raw: dict, where: str) -> ModelShape:
         if getattr(shape, name) <= 0:
             raise ConfigError(f"{where}: shape.{name} must be positive, got {getattr(shape, name)}")
     for name in ("experts", "experts_per_token", "expert_params", "moe_layers", "mtp_active", "mtp_layers",
-                 "mtp_params"):
+                 "mtp_params", "mtp_expert_params"):
         if getattr(shape, name) < 0:
             raise ConfigError(f"{where}: shape.{name} must be >= 0, got {getattr(shape, name)}")
     if shape.active > shape.total:
