@@ -87,9 +87,13 @@ def test_groups_that_fail_the_same_way_at_start_stop_the_job_with_that_line_not_
     assert [e["event"] for e in found if e["event"] == "job_failing_at_start"] == ["job_failing_at_start"]
 
 
-def test_two_groups_that_disagree_both_roll_back_to_the_last_agreeing_checkpoint(tmp_path):
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_two_groups_that_disagree_both_roll_back_to_the_last_agreeing_checkpoint(ranks, tmp_path):
+    # With 2 ranks a group, FSDP2 inside: the bit flips in each of group 1's shards, and
+    # both groups roll back together from their sharded checkpoint.
     run = tmp_path / "run"
-    r = job(run, "--replicas", "2", "--train.steps", "30", "--checkpoint.every", "5", inject="flip-bit@12:1")
+    r = job(run, "--replicas", "2", "--replicas.ranks_per_group", str(ranks), "--train.steps", "30",
+            "--checkpoint.every", "5", inject="flip-bit@12:1")
     assert r.returncode == 0, r.stderr
     found = events(run)
     sdc = next(e for e in found if e["event"] == "sdc_detected")

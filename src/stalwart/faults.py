@@ -125,10 +125,7 @@ def corrupt_gradients(step: int, params: list[torch.Tensor], experts: torch.Tens
     if inject("nan-grad", step) or _nan_device:
         params[0].grad.fill_(float("nan"))
     if inject("nan-expert-grad", step) and experts is not None and experts.grad is not None:
-        from torch.distributed.tensor import DTensor
-
-        grad = experts.grad
-        (grad.to_local() if isinstance(grad, DTensor) else grad).fill_(float("nan"))  # split: this rank's part
+        _own(experts.grad).fill_(float("nan"))  # split: this rank's part
     if inject("spike", step):
         for p in params:
             if p.grad is not None:
@@ -145,10 +142,21 @@ def corrupt_global(step: int, global_params: list[torch.Tensor]) -> None:
 
 def corrupt_weights(step: int, params: list[torch.Tensor]) -> None:
     """`flip-bit`: flip the highest mantissa bit of one fp32 weight (silent corruption);
-    `nan-weight`: set one weight of the first decoder layer (params[1]) to NaN."""
+    `nan-weight`: set one weight of the first decoder layer (params[1]) to NaN. Sharded,
+    in this rank's own shard (one whose shard is empty has nothing to corrupt)."""
     with torch.no_grad():
         if inject("flip-bit", step):
-            bits = params[0].data.view(-1)[:1].view(torch.int32)
-            bits ^= 1 << 22
+            own = _own(params[0]).view(-1)
+            if own.numel():
+                own[:1].view(torch.int32).bitwise_xor_(1 << 22)
         if inject("nan-weight", step):
-            params[1].data.view(-1)[0] = float("nan")
+            own = _own(params[1]).view(-1)
+            if own.numel():
+                own[0] = float("nan")
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """What this process holds of `t`: its shard when `t` is sharded (a view), else `t`."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t.data
