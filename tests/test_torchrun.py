@@ -79,7 +79,20 @@ def test_torchrun_on_two_nodes_and_a_killed_rank_restarted_by_torchrun_give_the_
             job.kill()
     assert job.returncode == 0, err[-2000:]
 
-    for run in (nodes_run, restarted_run):
+    # Rank 0 SIGKILLed while it writes the checkpoint of step 20 (the shards on disk, no
+    # manifest yet): torchrun's restart resumes from step 10, the torn folder never counts.
+    torn_run = tmp_path / "torn"
+    r = subprocess.run(_torchrun("--standalone", "--nproc-per-node", "2", "--max-restarts", "1", *TRAIN,
+                                 "--out", str(torn_run)), capture_output=True, text=True, timeout=240,
+                       env={**FAULTY, "STALWART_INJECT": "nan-grad@5,kill-in-checkpoint@20:0"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [e["step"] for e in jsonl(torn_run / "events.jsonl") if e["event"] == "resume"] == [10]
+    assert [e["step"] for e in jsonl(torn_run / "events.jsonl") if e["event"] == "checkpoint"] == [10, 20, 30]
+    (removed,) = [e["path"] for e in jsonl(torn_run / "events.jsonl") if e["event"] == "checkpoint_partial_removed"]
+    assert ".step-000020." in removed  # by the restarted writer, before its own save
+    assert sorted(d.name for d in (torn_run / "checkpoints").iterdir()) == ["step-000020", "step-000030"]  # keep 2
+
+    for run in (nodes_run, restarted_run, torn_run):
         metrics = jsonl(run / "metrics.jsonl")
         assert [m["step"] for m in metrics] == list(range(1, 31))
         assert {m["rank"] for m in metrics} == {0}  # rank 0 alone writes the run's files
@@ -90,7 +103,7 @@ def test_torchrun_on_two_nodes_and_a_killed_rank_restarted_by_torchrun_give_the_
         assert [(e["step"], e["guard"]) for e in skipped] == [(5, "nonfinite")]  # every rank skipped it
     resumed = [e for e in jsonl(restarted_run / "events.jsonl") if e["event"] == "resume"]
     assert len(resumed) == 1 and resumed[0]["step"] >= 10  # torchrun's restart resumed the run
-    assert _losses(restarted_run) == _losses(nodes_run)  # bit for bit
+    assert _losses(restarted_run) == _losses(nodes_run) == _losses(torn_run)  # bit for bit
 
     # The same state at step 30 resumed sharded (FSDP 2) and not (parallel.fsdp 1): the
     # sharded checkpoint (each rank wrote its own shards) loads into either, and they train
@@ -249,7 +262,7 @@ def test_four_ranks_reshard_on_resume_whole_to_four_shards_and_four_to_two(tmp_p
         r = subprocess.run(_torchrun("--standalone", "--nproc-per-node", "4", *TRAIN, "--eval.problems", "0",
                                      "--train.steps", str(steps), "--parallel.fsdp", fsdp, "--out", str(run), *extra),
                            capture_output=True, text=True, timeout=300, env=ENV)
-        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.returncode == 0, r.stderr[:3000]  # the ranks' own report comes before torchrun's
 
     whole, resharded = tmp_path / "whole", tmp_path / "resharded"
     launch(whole, 10, "1")

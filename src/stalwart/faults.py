@@ -17,7 +17,8 @@ so the loss is NaN from then on, until the group is healed); `nan-device@N` make
 gradient of this process NaN from step N on (a device that keeps producing NaN); `slow@N`
 makes every step from N on three times slower (a straggling device); `flip-bit-global@N`
 flips the bit `flip-bit` flips, but in DiLoCo's global weights G, which a group holds from
-one outer step to the next.
+one outer step to the next. Faults fire in a launch's first attempt only: a torchrun
+restart (TORCHELASTIC_RESTART_COUNT > 0) has none, as the supervisor's restarts have none.
 
 `grad-level@N` multiplies every gradient by 10 from step N on: the gradient norm settles at a
 new level while the training itself goes on as before (AdamW's update does not change with
@@ -99,7 +100,9 @@ def inject(point: str, step: int) -> bool:
     """Fire the fault planned for (point, step) in this process, if any: the kill points
     SIGKILL the process; the others return True for the caller to corrupt its own state."""
     spec = os.environ.get(INJECT_ENV)
-    if not spec:
+    # A torchrun restart is not the launch the faults were planned for (the supervisor's
+    # restarts get none either): a kill would otherwise repeat itself on every attempt.
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         return False
     planned = _planned(spec)
     if (point, step, None) not in planned and (_replica is None or (point, step, _replica) not in planned):
