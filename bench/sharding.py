@@ -57,7 +57,9 @@ MIB = 1 << 20
 
 
 def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    """The complete records of a file the job may be appending to (a torn last line waits)."""
+    text = path.read_text() if path.exists() else ""
+    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines() if line.strip()]
 
 
 def _status_kib(pid: int, key: str) -> int | None:

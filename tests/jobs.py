@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -40,6 +41,22 @@ def group_pid_once_all_train(run: Path, *, groups: int, replica: int, timeout: f
     else:
         raise AssertionError(f"the {groups} groups did not train together within {timeout:.0f} s")
     return [e["pid"] for e in jsonl(run / "events.jsonl") if e["event"] == "group_start" and e["replica"] == replica][-1]
+
+
+def kill_rank_once_all_train(run: Path, proc: subprocess.Popen, *, groups: int, replica: int, rank: int,
+                             timeout: float) -> tuple[float, str]:
+    """SIGKILL torchrun's rank `rank` of group `replica` from outside, once all `groups`
+    train together (at no step boundary of its choosing), and wait for the job: the time of
+    the kill and the job's stderr. The job is stopped whatever happens."""
+    try:
+        launcher = group_pid_once_all_train(run, groups=groups, replica=replica)
+        pid = wait_for(lambda: [p for p in descendants(launcher) if torchrun_rank(p) == rank], 30, f"rank {rank}")[0]
+        os.kill(pid, signal.SIGKILL)
+        killed = time.time()
+        _, err = proc.communicate(timeout=timeout)
+    finally:
+        stop_all(proc)
+    return killed, err
 
 
 def jsonl(path: Path) -> list[dict]:

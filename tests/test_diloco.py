@@ -5,16 +5,12 @@ none of its inner work, and the restarted group heals to the global state and co
 nothing to the round it joins; every shard's batches are committed once, in order."""
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
-from jobs import (descendants, events, final_fingerprints, group_pid_once_all_train, job, jsonl, positions_of_shard,
-                  start_job, stop_all, torchrun_rank, wait_for)
+from jobs import events, final_fingerprints, job, jsonl, kill_rank_once_all_train, positions_of_shard, start_job
 
 from stalwart.plan.measured import measure_run
 
@@ -339,14 +335,7 @@ def test_a_rank_of_a_sharded_streaming_group_killed_heals_shard_by_shard(tmp_pat
     proc = start_job(run, *SHARDED, "--replicas.strategy", "streaming", "--replicas.fragments", "2",
                      "--replicas.compression", "int8", "--replicas.error_feedback", "true", "--parallel.ep", "2",
                      "--train.steps", "300", "--checkpoint.every", "1000")
-    try:
-        launcher = group_pid_once_all_train(run, groups=2, replica=1)
-        rank1 = wait_for(lambda: [p for p in descendants(launcher) if torchrun_rank(p) == 1], 30, "rank 1")[0]
-        os.kill(rank1, signal.SIGKILL)
-        killed = time.time()
-        _, err = proc.communicate(timeout=300)
-    finally:
-        stop_all(proc)
+    killed, err = kill_rank_once_all_train(run, proc, groups=2, replica=1, rank=1, timeout=300)
     assert proc.returncode == 0, err[-2000:]
     (exit_,) = events(run, "group_exit")
     assert exit_["replica"] == 1 and exit_["time"] >= killed

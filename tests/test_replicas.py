@@ -11,8 +11,7 @@ import time
 
 import pytest
 
-from jobs import (FAST, descendants, final_fingerprints, group_pid_once_all_train, job, jsonl, start_job, stop_all,
-                  torchrun_rank, wait_for)
+from jobs import FAST, final_fingerprints, group_pid_once_all_train, job, jsonl, kill_rank_once_all_train, start_job
 
 pytestmark = pytest.mark.slow
 
@@ -120,14 +119,7 @@ def test_sharded_groups_heal_shard_by_shard_after_a_rank_is_killed_and_train_as_
     run = tmp_path / "run"
     proc = start_job(run, "--replicas", "2", "--replicas.ranks_per_group", "2", "--parallel.ep", "2",
                      "--train.steps", "120")
-    try:
-        launcher = group_pid_once_all_train(run, groups=2, replica=1)
-        rank1 = wait_for(lambda: [p for p in descendants(launcher) if torchrun_rank(p) == 1], 30, "rank 1")[0]
-        os.kill(rank1, signal.SIGKILL)
-        killed = time.time()
-        _, err = proc.communicate(timeout=240)
-    finally:
-        stop_all(proc)
+    killed, err = kill_rank_once_all_train(run, proc, groups=2, replica=1, rank=1, timeout=240)
     assert proc.returncode == 0, err
     events = jsonl(run / "events.jsonl")
     (exit_,) = [e for e in events if e["event"] == "group_exit"]  # group 0 trains on meanwhile
