@@ -178,6 +178,34 @@ def test_same_seed_same_initialisation():
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_model_built_on_meta_holds_nothing_and_materializes_one_whole_tensor_at_a_time_as_a_built_one():
+    # What a sharded rank does (train/setup.py): the model on the meta device, then its
+    # weights drawn whole one at a time and handed to `place`, which keeps its part (here
+    # all of it; the shards' own are checked by the multi-rank tests against one process).
+    torch.manual_seed(7)
+    built = DeepSeekForCausalLM(small())
+    meta = DeepSeekForCausalLM(small(), device="meta")
+    assert all(p.is_meta for p in meta.parameters())
+    seen: list[tuple[int, ...]] = []
+
+    def place(param, whole):
+        assert not whole.is_meta and whole.shape == param.shape
+        seen.append(tuple(whole.shape))
+        param.copy_(whole)
+
+    torch.manual_seed(7)
+    meta.materialize("cpu", place=place)
+    assert seen == [tuple(p.shape) for p in built.parameters()]
+    for (name, a), b in zip(built.named_parameters(), meta.parameters()):
+        assert torch.equal(a, b), name
+    want = dict(built.named_buffers())
+    for name, buffer in meta.named_buffers():  # rope's frequencies, zero biases and loads
+        assert torch.equal(buffer, want[name]), name
+    tokens = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(meta(tokens).logits, built(tokens).logits, rtol=0, atol=0)
+
+
 def test_gathered_and_sorted_expert_dispatch_agree_in_value_and_gradient():
     torch.manual_seed(0)
     cfg = small(num_experts_per_tok=3, n_group=1, topk_group=1)

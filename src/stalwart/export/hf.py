@@ -206,8 +206,7 @@ def _shards(entries: list[_Entry], max_bytes: int) -> list[list[_Entry]]:
 
 def from_hf_state_dict(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Map HF names to ours; raise ModelFileError naming any missing or misshapen tensor."""
-    with torch.device("meta"):
-        expected = DeepSeekForCausalLM(cfg).state_dict()
+    expected = DeepSeekForCausalLM(cfg, device="meta").state_dict()
     L, out = cfg.num_hidden_layers, {}
     for name, ref in expected.items():
         hf = name
@@ -301,8 +300,10 @@ def load_hf_folder(path: Path) -> tuple[DeepSeekForCausalLM, Any]:
         # transformers drops the MTP layer when it loads and re-saves a folder: the main
         # model is complete without it.
         cfg = cfg.replace(num_nextn_predict_layers=0)
-    model = DeepSeekForCausalLM(cfg)
-    model.load_state_dict({k: v.float() for k, v in from_hf_state_dict(cfg, tensors).items()}, strict=True)
+    model = DeepSeekForCausalLM(cfg, device="meta")  # the file's tensors become the weights: one copy
+    model.load_state_dict({k: v.float() for k, v in from_hf_state_dict(cfg, tensors).items()}, strict=True,
+                          assign=True)
+    model.reset_buffers()
     return model, load_tokenizer(path)
 
 

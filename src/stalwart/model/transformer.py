@@ -8,6 +8,7 @@ devices, replicas or checkpoints.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -75,27 +76,53 @@ class DecoderModel(nn.Module):
 
 
 class DeepSeekForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, *, device: torch.device | str = "cpu") -> None:
+        """The model with its initial weights on `device`; on "meta", its shapes only, which
+        `materialize` gives values once the model is where it will train (sharded, say)."""
         super().__init__()
         self.cfg = cfg
-        self.model = DecoderModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.mtp = nn.ModuleList(MTPModule(cfg, cfg.num_hidden_layers + i)
-                                 for i in range(cfg.num_nextn_predict_layers))
+        with torch.device("meta"):  # no memory, and no random numbers drawn by the layers' own init
+            self.model = DecoderModel(cfg)
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.mtp = nn.ModuleList(MTPModule(cfg, cfg.num_hidden_layers + i)
+                                     for i in range(cfg.num_nextn_predict_layers))
         inv_freq, self.rope_factor = rope_inv_freq(cfg)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.reset_parameters()
+        if torch.device(device).type != "meta":
+            self.materialize(device)
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
+    def materialize(self, device: torch.device | str,
+                    place: Callable[[nn.Parameter, torch.Tensor], None] = lambda p, whole: p.copy_(whole)) -> None:
+        """Memory on `device` for every parameter and buffer, and the initial weights in it.
+
+        Each weight is drawn whole, one at a time in name order, from the global CPU
+        generator, and handed to `place(param, whole)`, which keeps what this process holds of
+        it (the whole, by default; a shard of a sharded model, parallel/fsdp.py): a model split
+        over ranks starts from the same weights as one whole model on any device, and no
+        process ever holds more than its part and one whole tensor.
+        """
+        self.to_empty(device=device)
         std = self.cfg.initializer_range
         for name, p in self.named_parameters():
+            whole = torch.empty(p.shape, dtype=p.dtype)
             if name.endswith("norm.weight"):
-                p.fill_(1.0)
+                whole.fill_(1.0)
             else:
-                p.normal_(0.0, std)
+                whole.normal_(0.0, std)
+            place(p, whole)
         for moe in self.moe_layers():
             moe.gate.e_score_correction_bias.zero_()
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """The buffers no state dict carries: rope's frequencies and the experts' loads (a
+        model whose parameters were assigned from a state dict needs them too)."""
+        device = self.lm_head.weight.device
+        self.inv_freq = rope_inv_freq(self.cfg)[0].to(device)
+        for moe in self.moe_layers():
+            moe.expert_load = torch.zeros(moe.expert_load.shape, device=device)
 
     def rope_cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return rope_cos_sin(self.inv_freq, self.rope_factor, positions, dtype)
@@ -180,8 +207,7 @@ def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
     `total` and `activated` are the main model's (embedding and head included); MTP is
     reported apart, as DeepSeek reports 671B + 14B.
     """
-    with torch.device("meta"):
-        model = DeepSeekForCausalLM(cfg)
+    model = DeepSeekForCausalLM(cfg, device="meta")
     mtp = sum(p.numel() for p in model.mtp.parameters())
     total = sum(p.numel() for p in model.parameters()) - mtp
     moe_layers = sum(1 for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i))

@@ -87,6 +87,14 @@ class Sharding:
         return _map_sharded(value, whole)
 
     @staticmethod
+    def place(param: torch.Tensor, whole: torch.Tensor) -> None:
+        """Copy into `param` what this rank holds of `whole`, the same on every rank (the
+        initial weights, parallel/fsdp.py's `materialize`): cut here, with no communication."""
+        if isinstance(param, DTensor):
+            whole = distribute_tensor(whole, param.device_mesh, param.placements, src_data_rank=None).to_local()
+        local_part(param).copy_(whole)
+
+    @staticmethod
     def local(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """A whole tensor as `like` holds it: this rank's shard when `like` is sharded (a
         collective: rank 0's tensor is scattered)."""

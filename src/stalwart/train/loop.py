@@ -167,8 +167,9 @@ def _whole_model(job: Job) -> DeepSeekForCausalLM | None:
     whole = job.state.sharding.full(job.model.state_dict())
     if not job.run.writer:
         return None
-    model = DeepSeekForCausalLM(job.cfg.model)
+    model = DeepSeekForCausalLM(job.cfg.model, device="meta")
     model.load_state_dict(whole, assign=True)
+    model.reset_buffers()
     return model
 
 

@@ -162,9 +162,12 @@ def setup(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, replica: Repl
     tokenizer = prepare_tokenizer(cfg.data, run.path, reuse=resume, docs=train_docs, vocab_size=cfg.model.vocab_size,
                                   max_length=cfg.model.max_position_embeddings)
 
-    model = DeepSeekForCausalLM(cfg.model).to(info.device)
+    # Built on the meta device, sharded there, and only then given memory and its initial
+    # weights: a rank never holds more of the model than its shards (and one whole tensor).
+    model = DeepSeekForCausalLM(cfg.model, device="meta")
     sharding = Sharding(model, ranks=ranks, fsdp=fsdp, ep=ep, device=info.device, bf16=compute_dtype == "bf16") \
         if fsdp > 1 or ep > 1 else None
+    model.materialize(info.device, **({"place": sharding.place} if sharding else {}))
     g = cfg.guards
     shard, shards = (replica.replica * ranks + rank, cfg.replicas.count * ranks) if replica else (rank, ranks)
     state = TrainState(model, build_optimizer(model, cfg.optim),
