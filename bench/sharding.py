@@ -9,17 +9,24 @@ rank:
 - state: the parameter bytes the rank holds (the run's `start` event, exact), and with
   their gradients and AdamW's two fp32 moments (4 x);
 - setup peak: the process's peak RSS (VmHWM) when its `start` event is written, i.e. after the
-  model was built and sharded: every rank builds the whole model before sharding it;
-- at start: its RSS at that moment (runtime, libraries and the sharded model);
-- training peak: VmHWM reset (/proc/PID/clear_refs 5) right after that and read until the
-  last step's metrics are written (the final checkpoint and export come after, and are left
-  out); training memory: that peak less the runtime (RSS at start less the parameters);
-- step time: the median `step_s` of steps 3..N (the first two warm up), and tokens/s per rank.
+  model was built (on the meta device), sharded and given its weights;
+- training peak RSS: VmHWM reset (/proc/PID/clear_refs 5) right after that and read until
+  step N-1's metrics are written (the traced last step, the final checkpoint and the export
+  are left out); RSS also counts the runtime (torch, libraries, gloo) and what the allocator
+  keeps of freed memory;
+- allocated peak: the last step traced by bench/memory_probe.py, which runs the same
+  `stalwart train` with torch's profiler around that step: the tensors the rank holds as it
+  begins (parameters, AdamW's moments, buffers) plus the most the step allocates beyond them
+  at any moment, as a GPU's `max_memory_allocated` counts;
+- step time: the median `step_s` of steps 3..N-1 (the first two warm up; the last is traced),
+  and tokens/s per rank.
 
-`stalwart plan --model RUN_DIR --weights fp32 --fsdp F --ep E` (the run's own model, the
-same ranks, sequence and batch) predicts state and activations per device; its
-data-parallel state assumes ZeRO-1 (the optimizer sharded over the copies), which
-stalwart's data parallelism does not do.
+`stalwart plan --model RUN_DIR --weights fp32 --fsdp F --ep E --recompute none
+--activation-dtype fp32 --micro-batch 4` (the run's own model and how it trains: the same
+ranks, sequence and batch, nothing recomputed) predicts state, activations and FSDP's
+gathered layers per device, against the allocated peak. The data-parallel layout is planned
+as `--strategy replicas` (every rank holds the whole optimizer state, as stalwart's data
+parallelism does; the planner's `sync` assumes ZeRO-1).
 
 Cross-group bytes: two replica groups of 2 ranks each with FSDP2 inside (HSDP) against two
 groups of one rank (the flat exchange), --steps steps: the median `bytes_sent` per rank and
@@ -72,15 +79,19 @@ def _status_kib(pid: int, key: str) -> int | None:
     return None
 
 
+PROBE = str(Path(__file__).with_name("memory_probe.py"))
+
+
 def _train_args(out: Path, steps: int) -> list[str]:
-    return ["-m", "stalwart", "train", "--recipe", "smoke", "--quiet", "--out", str(out), "--train.steps", str(steps),
+    return ["--recipe", "smoke", "--quiet", "--out", str(out), "--train.steps", str(steps),
             "--checkpoint.every", str(steps), "--eval.problems", "0", "--eval.batches", "0", *MODEL]
 
 
 def run_layout(name: str, steps: int, out: Path) -> dict:
     ranks, fsdp, ep = LAYOUTS[name]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BENCH_PROFILE_STEP": str(steps),
+           "BENCH_PROFILE_DIR": str(out / "memory")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks), PROBE,
            *_train_args(out, steps), "--parallel.fsdp", str(fsdp), "--parallel.ep", str(ep)]
     launch = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     events = out / "events.jsonl"
@@ -93,24 +104,22 @@ def run_layout(name: str, steps: int, out: Path) -> dict:
     pids = start["pids"] if "pids" in start else [start["pid"]]
     held = start["parameter_bytes"] if isinstance(start["parameter_bytes"], list) else [start["parameter_bytes"]]
     setup_peak = [_status_kib(pid, "VmHWM") or 0 for pid in pids]
-    at_start = [_status_kib(pid, "VmRSS") or 0 for pid in pids]
     for pid in pids:  # from here on, VmHWM is the peak while training
         Path(f"/proc/{pid}/clear_refs").write_text("5")
     peak = [0 for _ in pids]
     metrics = out / "metrics.jsonl"
-    while launch.poll() is None and not any(m["step"] == steps for m in _jsonl(metrics)):
+    while launch.poll() is None and not any(m["step"] == steps - 1 for m in _jsonl(metrics)):
         for i, pid in enumerate(pids):
             peak[i] = max(peak[i], _status_kib(pid, "VmHWM") or 0)
         time.sleep(0.05)
     launch.wait()
     if launch.returncode != 0:
         raise SystemExit(f"{name}: exit {launch.returncode}: {launch.stderr.read()[-2000:]}")
-    step_s = [m["step_s"] for m in _jsonl(out / "metrics.jsonl")][2:]
+    step_s = [m["step_s"] for m in _jsonl(out / "metrics.jsonl")][2:-1]
+    traced = [json.loads((out / "memory" / f"rank-{r}.json").read_text()) for r in range(ranks)]
     return {"parameters": start["parameters"], "parameter_bytes": held,
-            "setup_peak_mib": [k / 1024 for k in setup_peak], "at_start_mib": [k / 1024 for k in at_start],
-            "training_peak_mib": [k / 1024 for k in peak],
-            "training_mib": [k / 1024 - b / MIB for k, b in zip(peak, held)],
-            "runtime_mib": [k / 1024 - b / MIB for k, b in zip(at_start, held)],
+            "setup_peak_mib": [k / 1024 for k in setup_peak], "training_peak_mib": [k / 1024 for k in peak],
+            "allocated_peak_mib": [t["peak_bytes"] / MIB for t in traced],
             "step_s": statistics.median(step_s), "plan": plan_layout(name, out)}
 
 
@@ -119,17 +128,19 @@ def plan_layout(name: str, run: Path) -> dict:
     ranks, fsdp, ep = LAYOUTS[name]
     cmd = [sys.executable, "-m", "stalwart", "plan", "--model", str(run), "--tokens", "1M", "--accelerator", "H100",
            "--devices", str(ranks), "--fsdp", str(fsdp), "--ep", str(ep), "--weights", "fp32", "--seq-len", "64",
-           "--batch-tokens", str(4 * 64 * ranks), "--json"]
+           "--batch-tokens", str(4 * 64 * ranks), "--recompute", "none", "--activation-dtype", "fp32",
+           "--micro-batch", "4", "--json", *(["--strategy", "replicas"] if ranks > 1 and fsdp == ep == 1 else [])]
     r = subprocess.run(cmd, capture_output=True, text=True, check=True)
     memory = json.loads(r.stdout)["memory"]
-    return {"state_mib": memory["state_gb"] * 1e9 / MIB, "activation_mib": memory["activation_gb"] * 1e9 / MIB}
+    return {f"{key}_mib": memory[f"{key}_gb"] * 1e9 / MIB for key in ("state", "activation", "gathered")}
 
 
 def cross_group_bytes(ranks_per_group: int, steps: int, out: Path) -> int:
     """Median bytes one rank sends the other group per step: two replica groups of
     `ranks_per_group` ranks (FSDP2 over them when more than one)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, *_train_args(out, steps), "--replicas", "2", "--replicas.ranks_per_group",
+    cmd = [sys.executable, "-m", "stalwart", "train", *_train_args(out, steps), "--replicas", "2",
+           "--replicas.ranks_per_group",
            str(ranks_per_group), "--guards.fingerprint_every", "0"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
@@ -160,19 +171,20 @@ def main() -> None:
     print(f"{first['parameters'] / 1e6:.1f}M parameters ({4 * first['parameters'] / MIB:.0f} MiB in fp32), "
           f"{args.steps} steps, {args.repeat} repetitions\n")
     print("| layout | parameters held per rank | + gradients, AdamW moments | plan: state | setup peak RSS "
-          "| runtime | training peak RSS | training memory | plan: state + activations | step time | tokens/s per rank |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| training peak RSS | allocated peak | plan: state + activations + gathered | step time "
+          "| tokens/s per rank |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in names:
         runs = results[name]
         held = statistics.mean(b for run in runs for b in run["parameter_bytes"])
         plan = runs[0]["plan"]
         times = [run["step_s"] for run in runs]
-        predicted = plan["state_mib"] + plan["activation_mib"]
-        training = _mean(runs, "training_mib")
+        predicted = plan["state_mib"] + plan["activation_mib"] + plan["gathered_mib"]
+        allocated = [v for run in runs for v in run["allocated_peak_mib"]]
         print(f"| {name} | {held / MIB:.0f} MiB | {4 * held / MIB:.0f} MiB | {plan['state_mib']:.0f} MiB "
-              f"| {_mean(runs, 'setup_peak_mib'):.0f} MiB | {_mean(runs, 'runtime_mib'):.0f} MiB "
-              f"| {_mean(runs, 'training_peak_mib'):.0f} MiB | {training:.0f} MiB "
-              f"| {predicted:.0f} MiB ({predicted / training - 1:+.0%}) "
+              f"| {_mean(runs, 'setup_peak_mib'):.0f} MiB | {_mean(runs, 'training_peak_mib'):.0f} MiB "
+              f"| {statistics.mean(allocated):.0f} MiB ({min(allocated):.0f}-{max(allocated):.0f}) "
+              f"| {predicted:.0f} MiB ({predicted / statistics.mean(allocated) - 1:+.0%}) "
               f"| {statistics.median(times):.2f} s ({min(times):.2f}-{max(times):.2f}) "
               f"| {4 * 64 / statistics.median(times):.0f} |")
     print(f"\nbytes per rank and step across two replica groups: flat (1 rank a group) {exchanged[1]:,}; "

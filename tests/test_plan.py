@@ -234,6 +234,71 @@ def test_fsdp_shards_weights_gradients_and_optimizer_and_fp32_weights_hold_16_by
     assert groups["memory"]["state_gb"] * 1e9 == pytest.approx(18 * params / 4)  # each group whole, in 4 shards
 
 
+def _saved_activation_bytes(model, tokens: torch.Tensor) -> int:
+    """Bytes of the tensors autograd keeps for the backward pass of one forward (each storage
+    once; the weights themselves left out)."""
+    weights = {p.untyped_storage()._cdata for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage._cdata not in weights:
+            saved[storage._cdata] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(tokens, labels=tokens)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("name, changes", [
+    ("moe with mtp", dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, q_lora_rank=64,
+                          kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+                          intermediate_size=384, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=96,
+                          n_group=2, topk_group=1, first_k_dense_replace=1, num_nextn_predict_layers=1,
+                          vocab_size=512)),
+    ("dense", dict(n_routed_experts=0, num_nextn_predict_layers=0, vocab_size=1024)),
+])
+def test_stored_activations_without_recomputation_match_what_autograd_saves_in_our_model(name, changes):
+    # --recompute none counts what each layer and head keeps for the backward pass from the
+    # shape's dimensions; here against the tensors autograd really saves (fp32, 4 x 64
+    # tokens), within 10% (measured: 1-3% on both).
+    cfg = preset("tiny").replace(**changes)
+    torch.manual_seed(0)
+    model = DeepSeekForCausalLM(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (4, 64))
+    measured = _saved_activation_bytes(model, tokens)
+    spec = RunSpec(shape=from_model_config(name, cfg), tokens=1e9, accelerator=accelerator(CATALOG, "H100"),
+                   devices=1, seq_len=64, batch_tokens=4 * 64, recompute="none", activation_dtype="fp32",
+                   micro_batch=4)
+    planned = estimate(spec)["memory"]["activation_gb"] * 1e9
+    assert planned == pytest.approx(measured, rel=0.10), (name, planned, measured)
+    full = estimate(dataclasses.replace(spec, recompute="full"))["memory"]["activation_gb"] * 1e9
+    assert full < planned / 2  # recomputation keeps a layer's input and one layer's working set
+
+
+def test_fsdp_adds_two_gathered_layers_a_whole_gradient_and_the_root_as_stalwart_wraps_the_model():
+    # FSDP2 wraps each decoder layer and the root (embedding, head, MTP): its transient bytes
+    # are the largest layer twice in the compute dtype (computing, prefetched) plus its fp32
+    # gradient, and the root with its gradient. Counted here on the model itself; expert
+    # parallelism's experts are never gathered.
+    cfg = preset("tiny")
+    model = DeepSeekForCausalLM(cfg, device="meta")
+    count = lambda module, skip_experts=False: sum(  # noqa: E731
+        p.numel() for n, p in module.named_parameters() if not (skip_experts and ".experts." in f".{n}"))
+    layer = max(count(block) for block in model.model.layers)
+    root = count(model) - sum(count(block) for block in model.model.layers)
+    spec = RunSpec(shape=from_model_config("tiny", cfg), tokens=1e9, accelerator=accelerator(CATALOG, "H100"),
+                   devices=2, seq_len=64, batch_tokens=2 * 64, parallel=Parallelism(fsdp=2), activation_dtype="fp32")
+    gathered = estimate(spec)["memory"]["gathered_gb"] * 1e9
+    assert gathered == pytest.approx(layer * (4 + 4 + 4) + root * (4 + 4), rel=1e-9)
+    with_ep = estimate(dataclasses.replace(spec, parallel=Parallelism(fsdp=2, ep=2)))["memory"]["gathered_gb"] * 1e9
+    layer_ep = max(count(block, skip_experts=True) for block in model.model.layers)
+    root_ep = count(model, skip_experts=True) - sum(count(block, skip_experts=True) for block in model.model.layers)
+    assert with_ep == pytest.approx(layer_ep * 12 + root_ep * 8, rel=1e-9)
+    assert estimate(dataclasses.replace(spec, parallel=Parallelism()))["memory"]["gathered_gb"] == 0
+
+
 def test_compare_prints_three_fleets_with_sensitivity_and_writes_a_png(tmp_path):
     r = stalwart("plan", "--compare", "--json", "--png", str(tmp_path / "fleets.png"))
     assert r.returncode == 0, r.stderr

@@ -15,7 +15,8 @@ from stalwart.compress import COMPRESSIONS
 from stalwart.errors import ConfigError
 from stalwart.plan.catalog import accelerator, load_catalog
 from stalwart.plan.compare import COMPARE_FLEETS, COMPARE_STRATEGIES
-from stalwart.plan.estimate import (CHECKPOINT_WRITE_GB_S, GROUP_RESTART_S, KERNEL_EFFICIENCY, RESTART_S, STRATEGIES,
+from stalwart.plan.estimate import (ACTIVATION_BYTES, CHECKPOINT_WRITE_GB_S, GROUP_RESTART_S, KERNEL_EFFICIENCY,
+                                    RECOMPUTE, RESTART_S, STRATEGIES,
                                     Parallelism, RunSpec, estimate)
 
 HELP = "how a run would go on a fleet: time, cost, ETTR and the bottleneck"
@@ -31,7 +32,8 @@ COMPARE_DEFAULTS = {"model": "deepseek-r2-class", "tokens": 30e12, "devices": 40
                     "batch_tokens": 15360 * 4096, "pp": 16, "ep": 64, "virtual_stages": 2, "overlap": 1.0}
 # Flags that become RunSpec / Parallelism fields of the same name; unset ones keep the
 # dataclass's default (or COMPARE_DEFAULTS' with --compare).
-_SPEC_FLAGS = ("tokens", "devices", "seq_len", "batch_tokens", "precision", "weights", "mfu", "overlap",
+_SPEC_FLAGS = ("tokens", "devices", "seq_len", "batch_tokens", "precision", "weights", "recompute",
+               "activation_dtype", "micro_batch", "mfu", "overlap",
                "kernel_efficiency",
                "mtbf_hours", "checkpoint_s", "checkpoint_interval_s", "checkpoint_write_gb_s", "restart_s",
                "group_restart_s")
@@ -75,6 +77,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--weights", choices=("bf16", "fp32"),
                      help="the weights as held: bf16 with an fp32 master copy in the optimizer (default; "
                           "Megatron, DeepSeek-V3), or fp32 computed in bf16 by autocast (stalwart's own training)")
+    run.add_argument("--recompute", choices=RECOMPUTE,
+                     help="activations for the backward pass: full (default: recomputed, a layer's input kept) "
+                          "or none: every layer's saved tensors kept (stalwart's own training)")
+    run.add_argument("--activation-dtype", choices=tuple(ACTIVATION_BYTES),
+                     help="activations and FSDP's gathered weights: bf16 (default, autocast) or fp32")
+    run.add_argument("--micro-batch", type=int, help="sequences per micro-batch (default 1)")
     fleet = p.add_argument_group("the fleet")
     fleet.add_argument("--accelerator", help="catalog key, e.g. H800 (see --list)")
     fleet.add_argument("--devices", type=int, help="devices in the fleet")
@@ -290,7 +298,10 @@ def _print_plan(r: dict) -> None:
                 + ")"),
         ("step", f"{r['step_s']:.2f}s: compute {st['compute_s']:.2f}s, bubble {st['bubble_s']:.2f}s, exposed "
                  f"scale-up {st['exposed_scale_up_s']:.2f}s, scale-out {st['exposed_scale_out_s']:.2f}s"),
-        ("memory per device", f"{mem['state_gb'] + mem['activation_gb']:.0f} of {mem['hbm_gb']:g} GB"),
+        ("memory per device", f"{mem['state_gb'] + mem['activation_gb'] + mem['gathered_gb']:.0f} of "
+                              f"{mem['hbm_gb']:g} GB: state {mem['state_gb']:.0f}, activations "
+                              f"{mem['activation_gb']:.0f}" + (f", FSDP's gathered layers {mem['gathered_gb']:.0f}"
+                                                               if mem["gathered_gb"] else "")),
         ("failures", f"MTBF {f['mtbf_job_s'] / 3600:.2f}h for the job"
                      + ("" if f["expected"] is None else f", ~{_num(f['expected'])} expected")),
         ("checkpoint", f"{f['checkpoint_s']:.1f}s every {f['checkpoint_interval_s'] / 60:.1f} min "

@@ -62,6 +62,8 @@ WEIGHTS = {"bf16": (WEIGHT_BYTES, OPTIMIZER_BYTES), "fp32": (4, 8)}
 # moments (2 + 4 + 4 + 8) and writes weights, master and moments back (2 + 4 + 8).
 OPTIMIZER_PASS_BYTES = 32
 DILOCO_BYTES = 8  # the outer Nesterov momentum and the last synchronised weights, fp32
+ACTIVATION_BYTES = {"bf16": 2, "fp32": 4}
+RECOMPUTE = ("full", "none")
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,9 @@ class RunSpec:
     parallel: Parallelism = field(default_factory=Parallelism)
     precision: str = "bf16"  # the GEMMs' precision: bf16, or fp8 where the device has it
     weights: str = "bf16"  # the weights as held (WEIGHTS)
+    recompute: str = "full"  # activations kept for the backward pass: full recomputation, or none (all stored)
+    activation_dtype: str = "bf16"  # activations and FSDP's gathered weights: bf16 (autocast), or fp32
+    micro_batch: int = 1  # sequences per micro-batch
     mfu: float | None = None  # None: the roofline's estimate
     overlap: float = 0.0  # share of compute under which TP/EP/PP traffic can hide
     kernel_efficiency: float = KERNEL_EFFICIENCY
@@ -110,7 +115,8 @@ def validate_run_spec(spec: RunSpec) -> None:
     """Raise ConfigError naming the first inconsistent input."""
     p, s, a = spec.parallel, spec.shape, spec.accelerator
     for name, value in (("devices", spec.devices), ("tp", p.tp), ("pp", p.pp), ("ep", p.ep), ("fsdp", p.fsdp),
-                        ("virtual-stages", p.virtual_stages), ("seq-len", spec.seq_len), ("diloco-h", p.diloco_h)):
+                        ("virtual-stages", p.virtual_stages), ("seq-len", spec.seq_len), ("diloco-h", p.diloco_h),
+                        ("micro-batch", spec.micro_batch)):
         if not isinstance(value, int) or not 1 <= value <= 10**8:
             raise ConfigError(f"{name} must be a whole number from 1 to 10^8, got {value!r}")
     for name, value in (("tokens", spec.tokens), ("mfu", spec.mfu), ("overlap", spec.overlap),
@@ -136,6 +142,11 @@ def validate_run_spec(spec: RunSpec) -> None:
         raise ConfigError(f"of ep {p.ep} and fsdp {p.fsdp} one must divide the other (both shard one group's ranks)")
     if spec.weights not in WEIGHTS:
         raise ConfigError(f"weights must be one of {', '.join(WEIGHTS)}, got {spec.weights!r}")
+    if spec.recompute not in RECOMPUTE:
+        raise ConfigError(f"recompute must be one of {', '.join(RECOMPUTE)}, got {spec.recompute!r}")
+    if spec.activation_dtype not in ACTIVATION_BYTES:
+        raise ConfigError(f"activation-dtype must be one of {', '.join(ACTIVATION_BYTES)}, "
+                          f"got {spec.activation_dtype!r}")
     if s.heads % p.tp:
         raise ConfigError(f"tp {p.tp} does not divide the model's {s.heads} attention heads")
     if p.pp * p.virtual_stages > s.layers:
@@ -146,9 +157,9 @@ def validate_run_spec(spec: RunSpec) -> None:
         raise ConfigError(f"ep {p.ep} needs a mixture-of-experts model; {s.name} is dense")
     if s.is_moe and s.experts % p.ep:
         raise ConfigError(f"ep {p.ep} does not divide the model's {s.experts} routed experts")
-    if spec.batch_tokens < dp * spec.seq_len:
-        raise ConfigError(f"batch of {spec.batch_tokens:.4g} tokens is less than one {spec.seq_len}-token sequence "
-                          f"for each of the {dp} data-parallel ranks")
+    if spec.batch_tokens < dp * spec.seq_len * spec.micro_batch:
+        raise ConfigError(f"batch of {spec.batch_tokens:.4g} tokens is less than one micro-batch of "
+                          f"{spec.micro_batch} {spec.seq_len}-token sequence(s) for each of the {dp} data-parallel ranks")
     if spec.batch_tokens > 1e12:
         raise ConfigError(f"batch-tokens must be at most 1e12, got {spec.batch_tokens:.4g}")
     if p.strategy != "sync" and dp // max(p.ep, p.fsdp) < 2:
@@ -186,7 +197,7 @@ class _Layout:
     dp: int
     groups: int  # data-parallel copies of the experts (dp / ep)
     group_devices: int  # a replica group's devices: tp x pp x max(ep, fsdp)
-    micro: float  # micro-batches of one sequence per data-parallel rank and step
+    micro: float  # micro-batches (of spec.micro_batch sequences) per data-parallel rank and step
     tokens_rank: float  # tokens through one rank per step
     layers_stage: float
     dense: float  # parameters per device outside the routed experts, before FSDP shards them
@@ -201,7 +212,8 @@ def _layout(spec: RunSpec) -> _Layout:
     s, p = spec.shape, spec.parallel
     dp = spec.devices // (p.tp * p.pp)
     return _Layout(dp=dp, groups=dp // p.ep, group_devices=p.tp * p.pp * max(p.ep, p.fsdp),
-                   micro=spec.batch_tokens / (dp * spec.seq_len), tokens_rank=spec.batch_tokens / dp,
+                   micro=spec.batch_tokens / (dp * spec.seq_len * spec.micro_batch),
+                   tokens_rank=spec.batch_tokens / dp,
                    # MTP's parameters count with the dense ones (its layer sits on the last stage),
                    # its routed experts with the experts.
                    layers_stage=s.layers / p.pp,
@@ -225,11 +237,32 @@ def _memory(spec: RunSpec, lay: _Layout) -> dict:
     if p.strategy == "diloco":
         optimizer += DILOCO_BYTES * held
     state = (weight_bytes + GRAD_BYTES) * held + optimizer
-    # Full recomputation: a layer's input per micro-batch in flight (up to pp of them on the
-    # first stage), plus one layer's working set (~34 bytes per token and hidden unit,
-    # Korthikanti et al. 2022), split over tensor-parallel ranks.
-    activations = (min(p.pp, lay.micro) * lay.layers_stage * 2 + 34) * spec.seq_len * s.hidden / p.tp
-    return {"state": state, "activations": activations, "checkpoint": state - GRAD_BYTES * held}
+    element = ACTIVATION_BYTES[spec.activation_dtype]
+    tokens, in_flight = spec.micro_batch * spec.seq_len, min(p.pp, lay.micro)  # up to pp micro-batches on stage 1
+    if spec.recompute == "full":
+        # A layer's input per micro-batch in flight, plus one layer's working set (~17
+        # elements per token and hidden unit, Korthikanti et al. 2022), split over
+        # tensor-parallel ranks.
+        activations = (in_flight * lay.layers_stage + 17) * tokens * s.hidden * element / p.tp
+    else:  # every layer's saved tensors, and (one stage) the output heads'
+        heads = s.stored_head_elements() if p.pp == 1 else 0.0
+        activations = (in_flight * lay.layers_stage * s.stored_layer_elements() + heads) * tokens * element / p.tp
+    return {"state": state, "activations": activations, "gathered": _gathered(spec, lay, element),
+            "checkpoint": state - GRAD_BYTES * held}
+
+
+def _gathered(spec: RunSpec, lay: _Layout, element: int) -> float:
+    """FSDP's transient bytes beyond the shards (0 without FSDP), as stalwart wraps the model
+    (parallel/fsdp.py): the largest decoder layer gathered whole in the compute dtype, the next
+    one prefetched, and its whole fp32 gradient before the reduce-scatter; the root (embedding,
+    head, final norm, MTP), gathered for the whole step, and its whole gradient. Experts that expert
+    parallelism splits are never gathered."""
+    p, s = spec.parallel, spec.shape
+    if p.fsdp == 1:
+        return 0.0
+    layer = s.largest_layer(experts=p.ep == 1)
+    root = 2 * s.vocab * s.hidden + s.hidden + s.mtp_params - (s.mtp_expert_params if p.ep > 1 else 0.0)
+    return (layer * (2 * element + GRAD_BYTES) + root * (element + GRAD_BYTES)) / p.tp
 
 
 def _step(spec: RunSpec, lay: _Layout) -> dict:
@@ -256,7 +289,8 @@ def _step(spec: RunSpec, lay: _Layout) -> dict:
         traffic.append(split((s.moe_layers / p.pp) * 4 * lay.tokens_rank / p.tp * s.experts_per_token * s.hidden
                              * WEIGHT_BYTES * (p.ep - 1) / p.ep, [(p.ep, p.tp)]))
     if p.pp > 1:
-        traffic.append(split(lay.micro * p.virtual_stages * 2 * spec.seq_len * s.hidden * WEIGHT_BYTES / p.tp,
+        traffic.append(split(lay.micro * p.virtual_stages * 2 * spec.micro_batch * spec.seq_len * s.hidden
+                             * WEIGHT_BYTES / p.tp,
                              [(p.pp, p.tp * p.ep)]))
     model_up, model_out = (sum(pair) for pair in zip(*traffic))
     # Gradient traffic (ring all-reduce, bf16): dense gradients over all data-parallel
@@ -339,9 +373,9 @@ def estimate(spec: RunSpec) -> dict:
                         f"{failures['lost_per_failure_s']:.4g}s; the run never finishes")
     else:
         wall_s = with_checkpoints_s / (1 - failures["lost_share"])
-    memory_gb = (memory["state"] + memory["activations"]) / 1e9
+    memory_gb = (memory["state"] + memory["activations"] + memory["gathered"]) / 1e9
     if memory_gb > device.hbm_gb:
-        warnings.append(f"does not fit: {memory_gb:.0f} GB per device (state and activations) "
+        warnings.append(f"does not fit: {memory_gb:.0f} GB per device (state, activations, gathered weights) "
                         f"against {device.hbm_gb:g} GB of HBM; raise tp, pp or ep")
     # Where the wall time goes, per step: the bottleneck is the largest part.
     parts = {"compute": (step["local_s"] + step["bubble_s"]) * scale,
@@ -358,7 +392,8 @@ def estimate(spec: RunSpec) -> dict:
                         "strategy": par.strategy, "replica_groups": lay.groups, "group_devices": lay.group_devices,
                         **({"diloco_h": par.diloco_h, "diloco_compression": par.diloco_compression}
                            if par.strategy == "diloco" else {})},
-        "precision": spec.precision, "weights": spec.weights,
+        "precision": spec.precision, "weights": spec.weights, "recompute": spec.recompute,
+        "activation_dtype": spec.activation_dtype, "micro_batch": spec.micro_batch,
         "tokens": steps * spec.batch_tokens, "seq_len": spec.seq_len, "batch_tokens": spec.batch_tokens,
         "steps": steps, "params_total": shape.total, "params_active": shape.active,
         "flops_per_token": shape.flops_per_token(spec.seq_len),
@@ -368,6 +403,7 @@ def estimate(spec: RunSpec) -> dict:
         "step": {k: step[k] * scale for k in ("compute_s", "memory_s", "bubble_s", "scale_up_s", "scale_out_s",
                                               "exposed_scale_up_s", "exposed_scale_out_s")},
         "memory": {"state_gb": memory["state"] / 1e9, "activation_gb": memory["activations"] / 1e9,
+                   "gathered_gb": memory["gathered"] / 1e9,
                    "hbm_gb": device.hbm_gb, "fits": memory_gb <= device.hbm_gb},
         "failures": failures,
         "productive_s": productive_s, "wall_s": wall_s, "days": wall_s / 86400 if wall_s else None,

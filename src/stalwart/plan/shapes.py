@@ -38,6 +38,13 @@ class ModelShape:
     mtp_layers: int = 0  # multi-token prediction: decoder layers (they attend too)
     mtp_params: float = 0.0  # multi-token prediction: parameters held (not in `total`, as DeepSeek counts)
     mtp_expert_params: float = 0.0  # of mtp_params, its MoE layers' routed experts (expert parallelism shards them)
+    # The feed-forward width a token passes through, averaged over the layers (a MoE layer:
+    # its chosen and shared experts'); 0: estimated from the parameters (ffn_active_width).
+    ffn_width: float = 0.0
+    # The largest decoder layer's parameters, and of those outside its routed experts (what
+    # FSDP gathers at once); 0: the average layer's.
+    layer_params: float = 0.0
+    layer_dense_params: float = 0.0
 
     @property
     def is_moe(self) -> bool:
@@ -60,12 +67,58 @@ class ModelShape:
         attention = 3 * (self.layers + self.mtp_layers) * self.heads * (self.qk_head_dim + self.v_head_dim) * seq_len
         return 6 * weights + attention
 
+    @property
+    def ffn_active_width(self) -> float:
+        """ffn_width, or where a shape does not give it, what the activated parameters of a
+        layer leave after attention's four projections (an estimate)."""
+        if self.ffn_width:
+            return self.ffn_width
+        per_layer = (self.active - 2 * self.vocab * self.hidden) / self.layers
+        attention = 2 * self.hidden * self.heads * (self.qk_head_dim + self.v_head_dim)
+        return max(float(self.hidden), (per_layer - attention) / (3 * self.hidden))
+
+    def stored_layer_elements(self) -> float:
+        """Elements per token that one decoder layer keeps for its backward pass without
+        recomputation, as stalwart's model computes it: its two norms' inputs and outputs
+        (4 h), attention's projections, queries, keys, values and output (4 h + 2 heads (qk +
+        v)), the feed-forward's input, gate, up, activation and product (4 ffn + h), and a MoE
+        layer's router and the rows it sends each chosen expert (experts + 3 k h).
+        tests/test_plan.py checks it against autograd's saved tensors of our model."""
+        h = self.hidden
+        moe_share = self.moe_layers / self.layers
+        attention = 4 * h + 2 * self.heads * (self.qk_head_dim + self.v_head_dim)
+        ffn = 4 * self.ffn_active_width + h + moe_share * (self.experts + 3 * self.experts_per_token * h)
+        return 4 * h + attention + ffn
+
+    def stored_head_elements(self) -> float:
+        """The same for what follows the layers: the final norm (2 h); each output head's
+        input and log-probabilities (h + vocab); each MTP depth's layer, its norms and
+        projection (7 h)."""
+        h, heads = self.hidden, 1 + self.mtp_layers
+        return 2 * h + heads * (h + self.vocab) + self.mtp_layers * (self.stored_layer_elements() + 7 * h)
+
+    def largest_layer(self, *, experts: bool) -> float:
+        """The parameters of the largest decoder layer, its routed experts counted or not."""
+        given = self.layer_params if experts else self.layer_dense_params
+        if given:
+            return given
+        embeddings = 2 * self.vocab * self.hidden
+        return (self.dense_params - embeddings) / self.layers + \
+            (self.expert_params / max(self.moe_layers, 1) if experts else 0.0)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 def from_model_config(name: str, cfg: ModelConfig) -> ModelShape:
+    from stalwart.model import DeepSeekForCausalLM
+    from stalwart.model.moe import RoutedExperts
+
     counts = parameter_counts(cfg)
+    layers = DeepSeekForCausalLM(cfg, device="meta").model.layers
+    experts_of = [sum(p.numel() for m in layer.modules() if isinstance(m, RoutedExperts) for p in m.parameters())
+                  for layer in layers]
+    sizes = [sum(p.numel() for p in layer.parameters()) for layer in layers]
     moe_layers = sum(1 for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i))
     per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
     mtp_active = 0.0
@@ -82,7 +135,11 @@ def from_model_config(name: str, cfg: ModelConfig) -> ModelShape:
         experts_per_token=cfg.num_experts_per_tok if cfg.is_moe else 0,
         expert_params=moe_layers * cfg.n_routed_experts * per_expert, moe_layers=moe_layers,
         mtp_active=mtp_active, mtp_layers=cfg.num_nextn_predict_layers, mtp_params=counts["mtp"],
-        mtp_expert_params=cfg.num_nextn_predict_layers * cfg.n_routed_experts * per_expert if cfg.is_moe else 0.0)
+        mtp_expert_params=cfg.num_nextn_predict_layers * cfg.n_routed_experts * per_expert if cfg.is_moe else 0.0,
+        ffn_width=sum((cfg.num_experts_per_tok + cfg.n_shared_experts) * cfg.moe_intermediate_size
+                      if cfg.is_moe_layer(i) else cfg.intermediate_size
+                      for i in range(cfg.num_hidden_layers)) / cfg.num_hidden_layers,
+        layer_params=max(sizes), layer_dense_params=max(n - e for n, e in zip(sizes, experts_of)))
 
 
 def _llama31_405b() -> ModelShape:
@@ -146,7 +203,7 @@ def shape_from_dict(raw: dict, where: str) -> ModelShape:
         if getattr(shape, name) <= 0:
             raise ConfigError(f"{where}: shape.{name} must be positive, got {getattr(shape, name)}")
     for name in ("experts", "experts_per_token", "expert_params", "moe_layers", "mtp_active", "mtp_layers",
-                 "mtp_params", "mtp_expert_params"):
+                 "mtp_params", "mtp_expert_params", "ffn_width", "layer_params", "layer_dense_params"):
         if getattr(shape, name) < 0:
             raise ConfigError(f"{where}: shape.{name} must be >= 0, got {getattr(shape, name)}")
     if shape.active > shape.total:
