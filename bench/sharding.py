@@ -87,20 +87,31 @@ def _train_args(out: Path, steps: int) -> list[str]:
             "--checkpoint.every", str(steps), "--eval.problems", "0", "--eval.batches", "0", *MODEL]
 
 
+class LaunchFailed(Exception):
+    """A launch that did not finish; its ranks' own lines (not torchrun's report) say why."""
+
+    def __init__(self, what: str, log: Path) -> None:
+        lines = [line for line in log.read_text(errors="replace").splitlines()
+                 if line.strip() and not line.startswith(("  ", "[", "=", "-", "Traceback", "torch.distributed"))]
+        super().__init__(f"{what}: " + " | ".join(lines[-12:]))
+
+
 def run_layout(name: str, steps: int, out: Path) -> dict:
     ranks, fsdp, ep = LAYOUTS[name]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "BENCH_PROFILE_STEP": str(steps),
            "BENCH_PROFILE_DIR": str(out / "memory")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks), PROBE,
            *_train_args(out, steps), "--parallel.fsdp", str(fsdp), "--parallel.ep", str(ep)]
-    launch = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    log = out.with_suffix(".stderr")  # beside the run, which a launch may remove
+    with open(log, "w") as stderr:
+        launch = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, text=True, env=env)
     events = out / "events.jsonl"
     start = None
     while start is None and launch.poll() is None:
         start = next((e for e in _jsonl(events) if e["event"] == "start"), None)
         time.sleep(0.02)
     if start is None:
-        raise SystemExit(f"{name}: the launch ended before it started: {launch.stderr.read()[-2000:]}")
+        raise LaunchFailed(f"{name}: the launch ended before it started", log)
     pids = start["pids"] if "pids" in start else [start["pid"]]
     held = start["parameter_bytes"] if isinstance(start["parameter_bytes"], list) else [start["parameter_bytes"]]
     setup_peak = [_status_kib(pid, "VmHWM") or 0 for pid in pids]
@@ -114,7 +125,7 @@ def run_layout(name: str, steps: int, out: Path) -> dict:
         time.sleep(0.05)
     launch.wait()
     if launch.returncode != 0:
-        raise SystemExit(f"{name}: exit {launch.returncode}: {launch.stderr.read()[-2000:]}")
+        raise LaunchFailed(f"{name}: exit {launch.returncode}", log)
     step_s = [m["step_s"] for m in _jsonl(out / "metrics.jsonl")][2:-1]
     traced = [json.loads((out / "memory" / f"rank-{r}.json").read_text()) for r in range(ranks)]
     return {"parameters": start["parameters"], "parameter_bytes": held,
@@ -132,7 +143,7 @@ def plan_layout(name: str, run: Path) -> dict:
            "--micro-batch", "4", "--json", *(["--strategy", "replicas"] if ranks > 1 and fsdp == ep == 1 else [])]
     r = subprocess.run(cmd, capture_output=True, text=True, check=True)
     memory = json.loads(r.stdout)["memory"]
-    return {f"{key}_mib": memory[f"{key}_gb"] * 1e9 / MIB for key in ("state", "activation", "gathered")}
+    return {f"{key}_mib": memory[f"{key}_gb"] * 1e9 / MIB for key in ("state", "activation", "buffer", "total")}
 
 
 def cross_group_bytes(ranks_per_group: int, steps: int, out: Path) -> int:
@@ -160,18 +171,24 @@ def main() -> None:
     args = parser.parse_args()
     names = list(LAYOUTS)
     results: dict[str, list[dict]] = {name: [] for name in names}
+    failures: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeat):
             for name in names[r % len(names):] + names[:r % len(names)]:
                 folder = Path(tmp) / f"{r}-{name.replace(' ', '_').replace(',', '')}"
-                results[name].append(run_layout(name, args.steps, folder))
+                try:
+                    results[name].append(run_layout(name, args.steps, folder))
+                except LaunchFailed as e:  # reported with the results, and that repetition left out
+                    failures.append(f"repetition {r + 1}: {e}")
+                    print(failures[-1], file=sys.stderr, flush=True)
+                    continue
                 print(f"repetition {r + 1}: {name}: {results[name][-1]}", file=sys.stderr, flush=True)
         exchanged = {ranks: cross_group_bytes(ranks, args.steps, Path(tmp) / f"groups-{ranks}") for ranks in (1, 2)}
     first = results[names[0]][0]
     print(f"{first['parameters'] / 1e6:.1f}M parameters ({4 * first['parameters'] / MIB:.0f} MiB in fp32), "
           f"{args.steps} steps, {args.repeat} repetitions\n")
     print("| layout | parameters held per rank | + gradients, AdamW moments | plan: state | setup peak RSS "
-          "| training peak RSS | allocated peak | plan: state + activations + gathered | step time "
+          "| training peak RSS | allocated peak | plan: state + activations + buffers | step time "
           "| tokens/s per rank |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in names:
@@ -179,7 +196,7 @@ def main() -> None:
         held = statistics.mean(b for run in runs for b in run["parameter_bytes"])
         plan = runs[0]["plan"]
         times = [run["step_s"] for run in runs]
-        predicted = plan["state_mib"] + plan["activation_mib"] + plan["gathered_mib"]
+        predicted = plan["total_mib"]
         allocated = [v for run in runs for v in run["allocated_peak_mib"]]
         print(f"| {name} | {held / MIB:.0f} MiB | {4 * held / MIB:.0f} MiB | {plan['state_mib']:.0f} MiB "
               f"| {_mean(runs, 'setup_peak_mib'):.0f} MiB | {_mean(runs, 'training_peak_mib'):.0f} MiB "
@@ -189,8 +206,11 @@ def main() -> None:
               f"| {4 * 64 / statistics.median(times):.0f} |")
     print(f"\nbytes per rank and step across two replica groups: flat (1 rank a group) {exchanged[1]:,}; "
           f"HSDP (2 ranks a group, FSDP2) {exchanged[2]:,} ({exchanged[2] / exchanged[1]:.2f}x)")
+    for failure in failures:
+        print(f"\nfailed launch, left out: {failure}")
     if args.json:
-        args.json.write_text(json.dumps({"layouts": results, "bytes_per_rank": exchanged}, indent=1))
+        args.json.write_text(json.dumps({"layouts": results, "bytes_per_rank": exchanged, "failures": failures},
+                                        indent=1))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,12 @@
 """Export to a Hugging Face deepseek_v3 folder: transformers loads it with identical logits,
 and stalwart reads back what it or transformers wrote."""
 
+import datetime
 import json
+import multiprocessing
+import socket
+import subprocess
+import weakref
 
 import pytest
 import torch
@@ -170,3 +175,88 @@ def test_an_export_above_the_shard_size_is_numbered_files_with_an_index_that_bot
     ids = torch.randint(0, VOCAB, (1, 32))
     with torch.no_grad():
         assert (model(ids).logits - hf(ids).logits).abs().max().item() <= 1e-4
+
+
+def _export_rank(rank: int, port: int, cfg: ModelConfig, tokenizer, targets: dict, max_bytes: int, results) -> None:
+    """One of two gloo ranks: the model built on meta, FSDP2-sharded over both, exported to
+    each of `targets` with rank 0 writing; reports (rank, target, outcome, the most bytes of
+    gathered tensors rank 0 held at once)."""
+    from stalwart.parallel.fsdp import Sharding
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                                         timeout=datetime.timedelta(seconds=60))
+    try:
+        model = DeepSeekForCausalLM(cfg, device="meta")
+        sharding = Sharding(model, ranks=2, fsdp=2, ep=1, device=torch.device("cpu"), bf16=False)
+        torch.manual_seed(0)
+        model.materialize("cpu", place=sharding.place)
+        live: list[tuple[weakref.ref, int]] = []
+        peak = 0
+
+        def gather(t: torch.Tensor) -> torch.Tensor | None:
+            nonlocal peak
+            whole = sharding.full(t)
+            if whole is not None and whole is not t:  # a plain tensor of the model is not a copy
+                live.append((weakref.ref(whole), whole.numel() * whole.element_size()))
+                peak = max(peak, sum(n for ref, n in live if ref() is not None))
+            return whole
+
+        for name, target in targets.items():
+            try:
+                save_hf_folder(model, tokenizer, target, max_shard_bytes=max_bytes, gather=gather, writer=rank == 0)
+                results.put((rank, name, "written" if rank == 0 else "gathered", peak))
+            except OSError as e:
+                results.put((rank, name, f"errno {e.errno}", peak))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_sharded_model_exports_file_by_file_as_the_whole_one_does_and_a_full_disk_hangs_no_rank(tokenizer,
+                                                                                                  tmp_path):
+    # Two FSDP2 ranks export one model to numbered files, each file's tensors gathered as it is
+    # written: the files are byte for byte those of the same model exported whole, and the
+    # writer never held more than half the model's gathered tensors at once. Then the export
+    # goes to a real 256 KiB tmpfs: the writer's write fails (ENOSPC), it keeps taking part in
+    # the gathers, and both ranks come back (rank 0 with the error, no folder left behind).
+    cfg = config(**CONFIGS["moe-grouped-several-per-token"])
+    torch.manual_seed(0)
+    whole = DeepSeekForCausalLM(cfg)
+    total = sum(t.numel() * 4 for t in to_hf_state_dict(whole).values())
+    save_hf_folder(whole, tokenizer, tmp_path / "whole", max_shard_bytes=total // 4)
+    targets = {"sharded": tmp_path / "sharded"}
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode == 0:
+        targets["full disk"] = disk / "hf"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    fork = multiprocessing.get_context("fork")
+    results = fork.Queue()
+    ranks = [fork.Process(target=_export_rank, args=(r, port, cfg, tokenizer, targets, total // 4, results))
+             for r in range(2)]
+    try:
+        for process in ranks:
+            process.start()
+        for process in ranks:
+            process.join(timeout=120)
+        assert [process.exitcode for process in ranks] == [0, 0]
+        outcomes = {(rank, name): (outcome, peak) for rank, name, outcome, peak in
+                    (results.get(timeout=5) for _ in range(2 * len(targets)))}
+    finally:
+        for process in ranks:
+            process.kill()
+        if mounted.returncode == 0:
+            subprocess.run(["umount", str(disk)], check=True)
+    files = sorted(f.name for f in (tmp_path / "whole").iterdir())
+    assert len([f for f in files if f.startswith("model-")]) >= 4
+    assert sorted(f.name for f in (tmp_path / "sharded").iterdir()) == files
+    for name in files:
+        assert (tmp_path / "sharded" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+    assert outcomes[0, "sharded"][0] == "written" and outcomes[1, "sharded"][0] == "gathered"
+    assert 0 < outcomes[0, "sharded"][1] <= total // 2
+    if "full disk" not in targets:
+        pytest.skip("the full-disk half needs a tmpfs mount (root); the file-by-file export passed")
+    assert outcomes[0, "full disk"][0] == "errno 28" and outcomes[1, "full disk"][0] == "gathered"
+    assert not (disk / "hf").exists()

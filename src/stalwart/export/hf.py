@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -148,11 +150,13 @@ class _Entry:
 
     @property
     def nbytes(self) -> int:
-        numel = self.source[0].numel() if self.index is not None else self.source.numel()
-        return numel * self.dtype.itemsize
+        shape = self.source.shape[1:] if self.index is not None else self.source.shape
+        return math.prod(shape) * self.dtype.itemsize
 
-    def tensor(self) -> torch.Tensor:
-        t = self.source if self.index is None else self.source[self.index]
+    def tensor(self, whole: torch.Tensor | None = None) -> torch.Tensor:
+        """The folder's tensor, from `whole` (the source made whole, for a sharded one)."""
+        t = self.source if whole is None else whole
+        t = t if self.index is None else t[self.index]
         return t.detach().to("cpu", self.dtype).clone().contiguous()
 
 
@@ -241,34 +245,67 @@ def _stack_experts(tensors: dict[str, torch.Tensor], prefix: str, proj: str, n: 
 
 
 def save_hf_folder(model: DeepSeekForCausalLM, tokenizer: Any, out: Path, *, dtype: torch.dtype = torch.float32,
-                   replace: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+                   replace: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES,
+                   gather: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
+                   writer: bool = True) -> Path | None:
     """Write the HF folder atomically: it appears complete or not at all. Weights above
     `max_shard_bytes` go to model-0000i-of-0000n.safetensors files with
-    model.safetensors.index.json, as transformers writes them; one file's tensors at a
-    time are copied, so the export never holds the model twice."""
+    model.safetensors.index.json, as transformers writes them. One file's tensors at a time
+    are made and copied, so the export never holds the model twice.
+
+    A sharded model (parallel/fsdp.py) is written by every rank of its mesh calling this
+    with `gather` (a sharded tensor whole on the writer, None elsewhere: a collective) and
+    only one `writer`: each file's tensors are gathered as the file is written, so the
+    writer holds one file (and the stacked experts it draws on) at a time, never the whole
+    model. After a failed write the writer goes on gathering, so that no rank waits forever,
+    and raises at the end. The other ranks return None."""
     cfg = model.cfg
     if tokenizer.get_vocab_size() > cfg.vocab_size:
         raise ConfigError(f"tokenizer has {tokenizer.get_vocab_size()} tokens, model only {cfg.vocab_size}")
-    config = hf_config(cfg, dtype)
     entries = _hf_entries(model, dtype)
     shards = _shards(entries, max_shard_bytes)
+    if not writer:
+        for shard in shards:
+            _file_tensors(shard, gather)
+        return None
     names = [WEIGHTS_FILE] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     with atomic_directory(out, replace=replace) as tmp:
-        # Serialised in memory and written by us: safetensors' own writer reports a full disk
-        # as a SafetensorError rather than an OSError.
+        failed: OSError | None = None
         for name, shard in zip(names, shards):
-            atomic_write_bytes(tmp / name, save({e.name: e.tensor() for e in shard}, metadata={"format": "pt"}))
+            tensors = _file_tensors(shard, gather)
+            if failed is None:
+                try:  # serialised in memory and written by us: safetensors' own writer reports a
+                    # full disk as a SafetensorError rather than an OSError
+                    atomic_write_bytes(tmp / name, save(tensors, metadata={"format": "pt"}))
+                except OSError as e:
+                    failed = e
+            del tensors
+        if failed is not None:
+            raise failed
         if len(shards) > 1:
             atomic_write_json(tmp / f"{WEIGHTS_FILE}.index.json", {
                 "metadata": {"total_size": sum(e.nbytes for e in entries)},
                 "weight_map": {e.name: name for name, shard in zip(names, shards) for e in shard}})
-        atomic_write_json(tmp / CONFIG_FILE, config)
+        atomic_write_json(tmp / CONFIG_FILE, hf_config(cfg, dtype))
         atomic_write_json(tmp / "generation_config.json", {
             "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
             "pad_token_id": cfg.pad_token_id, "do_sample": False})
         save_tokenizer(tokenizer, tmp, model_max_length=cfg.max_position_embeddings)
     return Path(out)
+
+
+def _file_tensors(shard: list[_Entry], gather: Callable[[torch.Tensor], torch.Tensor | None] | None
+                  ) -> dict[str, torch.Tensor]:
+    """One file's tensors by name; with `gather`, each source made whole once for the file
+    (a collective, in the same order on every rank; nothing where it gives None)."""
+    if gather is None:
+        return {e.name: e.tensor() for e in shard}
+    wholes: dict[int, torch.Tensor | None] = {}
+    for e in shard:
+        if id(e.source) not in wholes:
+            wholes[id(e.source)] = gather(e.source)
+    return {e.name: e.tensor(wholes[id(e.source)]) for e in shard if wholes[id(e.source)] is not None}
 
 
 def is_hf_folder(path: Path) -> bool:

@@ -247,11 +247,14 @@ def _memory(spec: RunSpec, lay: _Layout) -> dict:
     else:  # every layer's saved tensors, and (one stage) the output heads'
         heads = s.stored_head_elements() if p.pp == 1 else 0.0
         activations = (in_flight * lay.layers_stage * s.stored_layer_elements() + heads) * tokens * element / p.tp
-    return {"state": state, "activations": activations, "gathered": _gathered(spec, lay, element),
+    # Replica groups: the step's exchange packs what crosses groups (the gradients, or with
+    # FSDP the shards) into one fp32 buffer beside them (train/exchange.py).
+    exchange = GRAD_BYTES * held if p.strategy == "replicas" else 0.0
+    return {"state": state, "activations": activations, "buffers": _gathered(spec, element) + exchange,
             "checkpoint": state - GRAD_BYTES * held}
 
 
-def _gathered(spec: RunSpec, lay: _Layout, element: int) -> float:
+def _gathered(spec: RunSpec, element: int) -> float:
     """FSDP's transient bytes beyond the shards (0 without FSDP), as stalwart wraps the model
     (parallel/fsdp.py): the largest decoder layer gathered whole in the compute dtype, the next
     one prefetched, and its whole fp32 gradient before the reduce-scatter; the root (embedding,
@@ -373,9 +376,9 @@ def estimate(spec: RunSpec) -> dict:
                         f"{failures['lost_per_failure_s']:.4g}s; the run never finishes")
     else:
         wall_s = with_checkpoints_s / (1 - failures["lost_share"])
-    memory_gb = (memory["state"] + memory["activations"] + memory["gathered"]) / 1e9
+    memory_gb = (memory["state"] + memory["activations"] + memory["buffers"]) / 1e9
     if memory_gb > device.hbm_gb:
-        warnings.append(f"does not fit: {memory_gb:.0f} GB per device (state, activations, gathered weights) "
+        warnings.append(f"does not fit: {memory_gb:.0f} GB per device (state, activations, buffers) "
                         f"against {device.hbm_gb:g} GB of HBM; raise tp, pp or ep")
     # Where the wall time goes, per step: the bottleneck is the largest part.
     parts = {"compute": (step["local_s"] + step["bubble_s"]) * scale,
@@ -403,7 +406,7 @@ def estimate(spec: RunSpec) -> dict:
         "step": {k: step[k] * scale for k in ("compute_s", "memory_s", "bubble_s", "scale_up_s", "scale_out_s",
                                               "exposed_scale_up_s", "exposed_scale_out_s")},
         "memory": {"state_gb": memory["state"] / 1e9, "activation_gb": memory["activations"] / 1e9,
-                   "gathered_gb": memory["gathered"] / 1e9,
+                   "buffer_gb": memory["buffers"] / 1e9, "total_gb": memory_gb,
                    "hbm_gb": device.hbm_gb, "fits": memory_gb <= device.hbm_gb},
         "failures": failures,
         "productive_s": productive_s, "wall_s": wall_s, "days": wall_s / 86400 if wall_s else None,

@@ -116,13 +116,13 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
                       every_rank=True)
         if state.step == first_step:  # resumed a finished run: nothing trained, report its final state
             last = evaluate(cfg, job.model, job.tokenizer, job.info, sharded=state.sharding is not None)
-        model = job.model if state.sharding is None else _whole_model(job)  # sharded: collectives, before shutdown
+        export = _export(job)  # sharded: collectives, before shutdown
     finally:
         group.shutdown()
 
     if not group.is_lowest:  # one group (the lowest live one) exports and reports
         return TrainResult({"steps": state.step}, last.samples)
-    summary = _summary(job, model, last, record, wall=time.perf_counter() - started, started_at=started_at,
+    summary = _summary(job, export, last, record, wall=time.perf_counter() - started, started_at=started_at,
                        tokens_per_s=round((state.tokens_seen - first_tokens) / step_time, 1) if step_time else None)
     run.write_summary(summary)
     return TrainResult(summary, last.samples)
@@ -161,28 +161,29 @@ def _report_quorum(job: Job, result: StepResult, members: tuple[int, ...]) -> tu
     return tuple(sorted(result.timings))
 
 
-def _whole_model(job: Job) -> DeepSeekForCausalLM | None:
-    """The sharded model gathered whole into a plain one on rank 0's CPU (a collective;
-    None on the other ranks). The gathered tensors become the model's (assign)."""
-    whole = job.state.sharding.full(job.model.state_dict())
-    if not job.run.writer:
+def _export(job: Job) -> Path | None:
+    """The final model as a Hugging Face folder, written by the lowest group's rank 0. A
+    sharded model is gathered file by file as it is written: every rank of each group takes
+    part (a collective, before the groups shut down); no rank holds the whole model."""
+    cfg, run, sharding = job.cfg, job.run, job.state.sharding
+    writer = job.group.is_lowest and run.writer
+    if cfg.model.attention != "mla":
+        if writer:
+            run.event("export_skipped", reason="plain attention has no deepseek_v3 form")
         return None
-    model = DeepSeekForCausalLM(job.cfg.model, device="meta")
-    model.load_state_dict(whole, assign=True)
-    model.reset_buffers()
-    return model
-
-
-def _summary(job: Job, model: DeepSeekForCausalLM, last: EvalResult, record: dict[str, Any], *, wall: float,
-             started_at: float, tokens_per_s: float | None) -> dict[str, Any]:
-    """Export the final `model` (the lowest group) and the run's summary.json fields."""
-    cfg, run, state = job.cfg, job.run, job.state
-    export: Path | None = None
-    if cfg.model.attention == "mla":
-        export = save_hf_folder(model.cpu(), job.tokenizer, run.export, replace=True)
+    if sharding is None and not writer:
+        return None
+    export = save_hf_folder(job.model, job.tokenizer, run.export, replace=True, writer=writer,
+                            gather=None if sharding is None else sharding.full)
+    if writer:
         run.event("export", path=str(export))
-    else:
-        run.event("export_skipped", reason="plain attention has no deepseek_v3 form")
+    return export
+
+
+def _summary(job: Job, export: Path | None, last: EvalResult, record: dict[str, Any], *, wall: float,
+             started_at: float, tokens_per_s: float | None) -> dict[str, Any]:
+    """The run's summary.json fields (the lowest group)."""
+    cfg, run, state = job.cfg, job.run, job.state
     summary = {
         "steps": state.step, "tokens": state.tokens_seen, "wall_s": round(wall, 3), "tokens_per_s": tokens_per_s,
         "final_train_loss": record.get("loss"), "eval_loss": last.loss, "eval_exact_match": last.exact_match,
