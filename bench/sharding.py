@@ -143,7 +143,8 @@ def plan_layout(name: str, run: Path) -> dict:
            "--micro-batch", "4", "--json", *(["--strategy", "replicas"] if ranks > 1 and fsdp == ep == 1 else [])]
     r = subprocess.run(cmd, capture_output=True, text=True, check=True)
     memory = json.loads(r.stdout)["memory"]
-    return {f"{key}_mib": memory[f"{key}_gb"] * 1e9 / MIB for key in ("state", "activation", "buffer", "total")}
+    return {f"{key}_mib": memory[f"{key}_gb"] * 1e9 / MIB for key in ("state", "activation", "gathered", "exchange",
+                                                                        "peak")}
 
 
 def cross_group_bytes(ranks_per_group: int, steps: int, out: Path) -> int:
@@ -188,7 +189,7 @@ def main() -> None:
     print(f"{first['parameters'] / 1e6:.1f}M parameters ({4 * first['parameters'] / MIB:.0f} MiB in fp32), "
           f"{args.steps} steps, {args.repeat} repetitions\n")
     print("| layout | parameters held per rank | + gradients, AdamW moments | plan: state | setup peak RSS "
-          "| training peak RSS | allocated peak | plan: state + activations + buffers | step time "
+          "| training peak RSS | allocated peak | plan: peak | step time "
           "| tokens/s per rank |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in names:
@@ -196,7 +197,7 @@ def main() -> None:
         held = statistics.mean(b for run in runs for b in run["parameter_bytes"])
         plan = runs[0]["plan"]
         times = [run["step_s"] for run in runs]
-        predicted = plan["total_mib"]
+        predicted = plan["peak_mib"]
         allocated = [v for run in runs for v in run["allocated_peak_mib"]]
         print(f"| {name} | {held / MIB:.0f} MiB | {4 * held / MIB:.0f} MiB | {plan['state_mib']:.0f} MiB "
               f"| {_mean(runs, 'setup_peak_mib'):.0f} MiB | {_mean(runs, 'training_peak_mib'):.0f} MiB "

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from stalwart.data.tokenizer import default_corpus, train_tokenizer
-from stalwart.errors import ConfigError, ModelFileError
+from stalwart.errors import ConfigError, ModelFileError, UserError
 from stalwart.export.hf import load_hf_folder, save_hf_folder, to_hf_state_dict
 from stalwart.model import DeepSeekForCausalLM, ModelConfig
 
@@ -207,23 +207,27 @@ def _export_rank(rank: int, port: int, cfg: ModelConfig, tokenizer, targets: dic
                 results.put((rank, name, "written" if rank == 0 else "gathered", peak))
             except OSError as e:
                 results.put((rank, name, f"errno {e.errno}", peak))
+            except UserError as e:
+                results.put((rank, name, str(e), peak))
     finally:
         torch.distributed.destroy_process_group()
 
 
-def test_a_sharded_model_exports_file_by_file_as_the_whole_one_does_and_a_full_disk_hangs_no_rank(tokenizer,
-                                                                                                  tmp_path):
+def test_a_sharded_model_exports_file_by_file_as_the_whole_one_does_and_no_failure_of_the_writer_hangs_a_rank(
+        tokenizer, tmp_path):
     # Two FSDP2 ranks export one model to numbered files, each file's tensors gathered as it is
     # written: the files are byte for byte those of the same model exported whole, and the
-    # writer never held more than half the model's gathered tensors at once. Then the export
-    # goes to a real 256 KiB tmpfs: the writer's write fails (ENOSPC), it keeps taking part in
-    # the gathers, and both ranks come back (rank 0 with the error, no folder left behind).
+    # writer never held more than half the model's gathered tensors at once. Then the writer
+    # fails, and keeps taking part in the gathers so that both ranks come back: a file is where
+    # the folder should be (before any file is written), and a real 256 KiB tmpfs fills
+    # (ENOSPC while writing; no folder is left behind).
     cfg = config(**CONFIGS["moe-grouped-several-per-token"])
     torch.manual_seed(0)
     whole = DeepSeekForCausalLM(cfg)
     total = sum(t.numel() * 4 for t in to_hf_state_dict(whole).values())
     save_hf_folder(whole, tokenizer, tmp_path / "whole", max_shard_bytes=total // 4)
-    targets = {"sharded": tmp_path / "sharded"}
+    (tmp_path / "in the way").write_text("not a folder")
+    targets = {"sharded": tmp_path / "sharded", "file in the way": tmp_path / "in the way"}
     disk = tmp_path / "disk"
     disk.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True)
@@ -256,6 +260,8 @@ def test_a_sharded_model_exports_file_by_file_as_the_whole_one_does_and_a_full_d
         assert (tmp_path / "sharded" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
     assert outcomes[0, "sharded"][0] == "written" and outcomes[1, "sharded"][0] == "gathered"
     assert 0 < outcomes[0, "sharded"][1] <= total // 2
+    assert "exists and is not a folder" in outcomes[0, "file in the way"][0]
+    assert outcomes[1, "file in the way"][0] == "gathered"
     if "full disk" not in targets:
         pytest.skip("the full-disk half needs a tmpfs mount (root); the file-by-file export passed")
     assert outcomes[0, "full disk"][0] == "errno 28" and outcomes[1, "full disk"][0] == "gathered"

@@ -290,17 +290,20 @@ def test_fsdp_adds_its_gathered_layers_and_root_and_replica_groups_their_exchang
     root = count(model) - sum(count(block) for block in model.model.layers)
     spec = RunSpec(shape=from_model_config("tiny", cfg), tokens=1e9, accelerator=accelerator(CATALOG, "H100"),
                    devices=2, seq_len=64, batch_tokens=2 * 64, parallel=Parallelism(fsdp=2), activation_dtype="fp32")
-    gathered = estimate(spec)["memory"]["buffer_gb"] * 1e9
+    gathered = estimate(spec)["memory"]["gathered_gb"] * 1e9
     assert gathered == pytest.approx(layer * (4 + 4 + 4) + root * (4 + 4), rel=1e-9)
-    with_ep = estimate(dataclasses.replace(spec, parallel=Parallelism(fsdp=2, ep=2)))["memory"]["buffer_gb"] * 1e9
+    with_ep = estimate(dataclasses.replace(spec, parallel=Parallelism(fsdp=2, ep=2)))["memory"]["gathered_gb"] * 1e9
     layer_ep = max(count(block, skip_experts=True) for block in model.model.layers)
     root_ep = count(model, skip_experts=True) - sum(count(block, skip_experts=True) for block in model.model.layers)
     assert with_ep == pytest.approx(layer_ep * 12 + root_ep * 8, rel=1e-9)
-    assert estimate(dataclasses.replace(spec, parallel=Parallelism()))["memory"]["buffer_gb"] == 0
-    # Replica groups add the step's exchange buffer: one fp32 copy of what crosses groups.
+    assert estimate(dataclasses.replace(spec, parallel=Parallelism()))["memory"]["gathered_gb"] == 0
+    # Replica groups add the step's exchange buffer, one fp32 copy of what crosses groups, after
+    # the backward pass: the peak is the larger of it and the backward pass's own.
     replicas = estimate(dataclasses.replace(spec, parallel=Parallelism(strategy="replicas")))["memory"]
     params = spec.shape.dense_params + spec.shape.mtp_params + spec.shape.expert_params
-    assert replicas["buffer_gb"] * 1e9 == pytest.approx(4 * params)
+    assert replicas["exchange_gb"] * 1e9 == pytest.approx(4 * params)
+    assert replicas["peak_gb"] == pytest.approx(
+        replicas["state_gb"] + max(replicas["exchange_gb"], replicas["activation_gb"] + replicas["gathered_gb"]))
 
 
 def test_compare_prints_three_fleets_with_sensitivity_and_writes_a_png(tmp_path):

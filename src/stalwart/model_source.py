@@ -46,7 +46,9 @@ def load_run(path: Path) -> tuple[DeepSeekForCausalLM, Any]:
         f"warning: {msg}; using the previous checkpoint", file=sys.stderr))
     if latest is None:
         raise ModelFileError(f"{path} has no good checkpoint yet")
-    model = DeepSeekForCausalLM(cfg.model)
+    model = DeepSeekForCausalLM(cfg.model, device="meta")
+    model.to_empty(device="cpu")  # memory for the checkpoint's tensors, no initial weights drawn
+    model.reset_buffers()
     if latest.sharded:  # written by a sharded run: every shard read here, into whole tensors
         read_sharded(latest.path, {f"model.{k}": v for k, v in model.state_dict().items()}, collective=False)
     else:

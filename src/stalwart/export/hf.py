@@ -257,54 +257,55 @@ def save_hf_folder(model: DeepSeekForCausalLM, tokenizer: Any, out: Path, *, dty
     with `gather` (a sharded tensor whole on the writer, None elsewhere: a collective) and
     only one `writer`: each file's tensors are gathered as the file is written, so the
     writer holds one file (and the stacked experts it draws on) at a time, never the whole
-    model. After a failed write the writer goes on gathering, so that no rank waits forever,
-    and raises at the end. The other ranks return None."""
+    model. Whatever fails on the writer (the folder, a write, a full disk), it goes on
+    gathering before it raises, so that no rank waits forever. The other ranks return None."""
     cfg = model.cfg
     if tokenizer.get_vocab_size() > cfg.vocab_size:
         raise ConfigError(f"tokenizer has {tokenizer.get_vocab_size()} tokens, model only {cfg.vocab_size}")
     entries = _hf_entries(model, dtype)
     shards = _shards(entries, max_shard_bytes)
+    files = (_file_tensors(shard, gather, make=writer) for shard in shards)  # the gathers happen here
     if not writer:
-        for shard in shards:
-            _file_tensors(shard, gather)
+        for _ in files:
+            pass
         return None
     names = [WEIGHTS_FILE] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    with atomic_directory(out, replace=replace) as tmp:
-        failed: OSError | None = None
-        for name, shard in zip(names, shards):
-            tensors = _file_tensors(shard, gather)
-            if failed is None:
-                try:  # serialised in memory and written by us: safetensors' own writer reports a
-                    # full disk as a SafetensorError rather than an OSError
-                    atomic_write_bytes(tmp / name, save(tensors, metadata={"format": "pt"}))
-                except OSError as e:
-                    failed = e
-            del tensors
-        if failed is not None:
-            raise failed
-        if len(shards) > 1:
-            atomic_write_json(tmp / f"{WEIGHTS_FILE}.index.json", {
-                "metadata": {"total_size": sum(e.nbytes for e in entries)},
-                "weight_map": {e.name: name for name, shard in zip(names, shards) for e in shard}})
-        atomic_write_json(tmp / CONFIG_FILE, hf_config(cfg, dtype))
-        atomic_write_json(tmp / "generation_config.json", {
-            "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
-            "pad_token_id": cfg.pad_token_id, "do_sample": False})
-        save_tokenizer(tokenizer, tmp, model_max_length=cfg.max_position_embeddings)
+    try:
+        with atomic_directory(out, replace=replace) as tmp:
+            for name, tensors in zip(names, files):
+                # Serialised in memory and written by us: safetensors' own writer reports a
+                # full disk as a SafetensorError rather than an OSError.
+                atomic_write_bytes(tmp / name, save(tensors, metadata={"format": "pt"}))
+                del tensors
+            if len(shards) > 1:
+                atomic_write_json(tmp / f"{WEIGHTS_FILE}.index.json", {
+                    "metadata": {"total_size": sum(e.nbytes for e in entries)},
+                    "weight_map": {e.name: name for name, shard in zip(names, shards) for e in shard}})
+            atomic_write_json(tmp / CONFIG_FILE, hf_config(cfg, dtype))
+            atomic_write_json(tmp / "generation_config.json", {
+                "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+                "pad_token_id": cfg.pad_token_id, "do_sample": False})
+            save_tokenizer(tokenizer, tmp, model_max_length=cfg.max_position_embeddings)
+    finally:
+        if gather is not None:  # after a failure: the gathers the other ranks are waiting for
+            for _ in files:
+                pass
     return Path(out)
 
 
-def _file_tensors(shard: list[_Entry], gather: Callable[[torch.Tensor], torch.Tensor | None] | None
-                  ) -> dict[str, torch.Tensor]:
-    """One file's tensors by name; with `gather`, each source made whole once for the file
-    (a collective, in the same order on every rank; nothing where it gives None)."""
+def _file_tensors(shard: list[_Entry], gather: Callable[[torch.Tensor], torch.Tensor | None] | None, *,
+                  make: bool = True) -> dict[str, torch.Tensor]:
+    """One file's tensors by name (`make` False: none, only the gathers); with `gather`, each
+    source made whole once for the file (a collective, in the same order on every rank)."""
     if gather is None:
-        return {e.name: e.tensor() for e in shard}
+        return {e.name: e.tensor() for e in shard} if make else {}
     wholes: dict[int, torch.Tensor | None] = {}
     for e in shard:
         if id(e.source) not in wholes:
             wholes[id(e.source)] = gather(e.source)
+    if not make:
+        return {}
     return {e.name: e.tensor(wholes[id(e.source)]) for e in shard if wholes[id(e.source)] is not None}
 
 

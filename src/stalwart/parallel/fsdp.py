@@ -19,7 +19,8 @@ Checkpoints of a sharded run are sharded (checkpoint.py, `save_sharded` and
 `read_sharded`: each rank writes and reads its own shards, resharding on load), so a run
 may resume on another layout; a whole checkpoint loads into a sharded run by `local`, which
 cuts each tensor to this rank's shard. `full` gathers every sharded tensor whole to rank 0,
-one at a time, for the export.
+one at a time: the export calls it tensor by tensor as it writes each file
+(export/hf.py). `place` cuts the initial weights, drawn whole, to this rank's part.
 
 A heal moves shards, never whole tensors: rank i of a healing replica group receives
 `parts` (rank i's shards, as they are) from rank i of a peer group of the same `layout`,
@@ -32,7 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from stalwart.parallel.experts import ExpertParallel
 
@@ -89,9 +90,10 @@ class Sharding:
     @staticmethod
     def place(param: torch.Tensor, whole: torch.Tensor) -> None:
         """Copy into `param` what this rank holds of `whole`, the same on every rank (the
-        initial weights, parallel/fsdp.py's `materialize`): cut here, with no communication."""
+        initial weights, `DeepSeekForCausalLM.materialize`): cut where `whole` is (the CPU),
+        with no communication, so that only this rank's part reaches its device."""
         if isinstance(param, DTensor):
-            whole = distribute_tensor(whole, param.device_mesh, param.placements, src_data_rank=None).to_local()
+            whole = _cut(whole, param.device_mesh, param.placements)
         local_part(param).copy_(whole)
 
     @staticmethod
@@ -136,6 +138,21 @@ class Sharding:
             state[index] = {k: cut(v, param) if isinstance(v, torch.Tensor) and v.dim() > 0 else v
                             for k, v in per_param.items()}
         return {**given, "state": state}
+
+
+def _cut(whole: torch.Tensor, mesh: Any, placements: tuple) -> torch.Tensor:
+    """This rank's part of `whole` as a DTensor with `placements` on `mesh` holds it: Shard
+    dimensions split as torch.chunk splits them (as DTensor and FSDP2 do, an empty part past
+    the last chunk), Replicate ones kept whole."""
+    if not all(type(p) in (Shard, Replicate) for p in placements):  # any other: DTensor's own cut
+        return distribute_tensor(whole, mesh, placements, src_data_rank=None).to_local()
+    coordinate = mesh.get_coordinate()
+    for dim, placement in enumerate(placements):
+        if isinstance(placement, Shard):
+            chunks = torch.chunk(whole, mesh.size(dim), dim=placement.dim)
+            index = coordinate[dim]
+            whole = chunks[index] if index < len(chunks) else whole.narrow(placement.dim, 0, 0)
+    return whole
 
 
 def _map_sharded(value: Any, fn: Callable[[DTensor], Any]) -> Any:

@@ -298,9 +298,10 @@ def _print_plan(r: dict) -> None:
                 + ")"),
         ("step", f"{r['step_s']:.2f}s: compute {st['compute_s']:.2f}s, bubble {st['bubble_s']:.2f}s, exposed "
                  f"scale-up {st['exposed_scale_up_s']:.2f}s, scale-out {st['exposed_scale_out_s']:.2f}s"),
-        ("memory per device", f"{mem['total_gb']:.0f} of {mem['hbm_gb']:g} GB: state {mem['state_gb']:.0f}, "
+        ("memory per device", f"{mem['peak_gb']:.0f} of {mem['hbm_gb']:g} GB at its peak: state {mem['state_gb']:.0f}, "
                               f"activations {mem['activation_gb']:.0f}"
-                              + (f", buffers {mem['buffer_gb']:.0f}" if mem["buffer_gb"] else "")),
+                              + (f", FSDP's gathered layers {mem['gathered_gb']:.0f}" if mem["gathered_gb"] else "")
+                              + (f"; the exchange's buffer {mem['exchange_gb']:.0f}" if mem["exchange_gb"] else "")),
         ("failures", f"MTBF {f['mtbf_job_s'] / 3600:.2f}h for the job"
                      + ("" if f["expected"] is None else f", ~{_num(f['expected'])} expected")),
         ("checkpoint", f"{f['checkpoint_s']:.1f}s every {f['checkpoint_interval_s'] / 60:.1f} min "

@@ -241,30 +241,36 @@ def _memory(spec: RunSpec, lay: _Layout) -> dict:
     tokens, in_flight = spec.micro_batch * spec.seq_len, min(p.pp, lay.micro)  # up to pp micro-batches on stage 1
     if spec.recompute == "full":
         # A layer's input per micro-batch in flight, plus one layer's working set (~17
-        # elements per token and hidden unit, Korthikanti et al. 2022), split over
-        # tensor-parallel ranks.
-        activations = (in_flight * lay.layers_stage + 17) * tokens * s.hidden * element / p.tp
-    else:  # every layer's saved tensors, and (one stage) the output heads'
-        heads = s.stored_head_elements() if p.pp == 1 else 0.0
-        activations = (in_flight * lay.layers_stage * s.stored_layer_elements() + heads) * tokens * element / p.tp
-    # Replica groups: the step's exchange packs what crosses groups (the gradients, or with
-    # FSDP the shards) into one fp32 buffer beside them (train/exchange.py).
+        # elements per token and hidden unit, Korthikanti et al. 2022).
+        activations = (in_flight * lay.layers_stage + 17) * tokens * s.hidden * element
+    else:  # every layer's saved tensors, and (one stage) the output heads', log-probabilities in fp32
+        heads = s.stored_head_elements() * element + s.stored_log_prob_elements() * 4 if p.pp == 1 else 0.0
+        activations = (in_flight * lay.layers_stage * s.stored_layer_elements() * element + heads) * tokens
+    activations /= p.tp  # split over tensor-parallel ranks (sequence parallelism outside attention)
+    gathered = _gathered(spec, element)
+    # Replica groups: after the backward pass (its activations and gathered layers freed), the
+    # step's exchange packs what crosses groups (the gradients, or with FSDP the shards) into
+    # one fp32 buffer beside them (train/exchange.py).
     exchange = GRAD_BYTES * held if p.strategy == "replicas" else 0.0
-    return {"state": state, "activations": activations, "buffers": _gathered(spec, element) + exchange,
-            "checkpoint": state - GRAD_BYTES * held}
+    return {"state": state, "activations": activations, "gathered": gathered, "exchange": exchange,
+            "peak": state + max(activations + gathered, exchange), "checkpoint": state - GRAD_BYTES * held}
 
 
 def _gathered(spec: RunSpec, element: int) -> float:
     """FSDP's transient bytes beyond the shards (0 without FSDP), as stalwart wraps the model
     (parallel/fsdp.py): the largest decoder layer gathered whole in the compute dtype, the next
-    one prefetched, and its whole fp32 gradient before the reduce-scatter; the root (embedding,
-    head, final norm, MTP), gathered for the whole step, and its whole gradient. Experts that expert
-    parallelism splits are never gathered."""
+    one prefetched, and its whole fp32 gradient before the reduce-scatter; the root's
+    parameters, gathered for the whole step, and their whole gradient. The root is the
+    embedding, head, final norm and MTP; with a pipeline, the first stage's embedding or the
+    last stage's rest, whichever is larger. Experts that expert parallelism splits are never
+    gathered."""
     p, s = spec.parallel, spec.shape
     if p.fsdp == 1:
         return 0.0
     layer = s.largest_layer(experts=p.ep == 1)
-    root = 2 * s.vocab * s.hidden + s.hidden + s.mtp_params - (s.mtp_expert_params if p.ep > 1 else 0.0)
+    embedding = s.vocab * s.hidden
+    last = embedding + s.hidden + s.mtp_params - (s.mtp_expert_params if p.ep > 1 else 0.0)  # head, norm, MTP
+    root = embedding + last if p.pp == 1 else max(embedding, last)
     return (layer * (2 * element + GRAD_BYTES) + root * (element + GRAD_BYTES)) / p.tp
 
 
@@ -376,9 +382,9 @@ def estimate(spec: RunSpec) -> dict:
                         f"{failures['lost_per_failure_s']:.4g}s; the run never finishes")
     else:
         wall_s = with_checkpoints_s / (1 - failures["lost_share"])
-    memory_gb = (memory["state"] + memory["activations"] + memory["buffers"]) / 1e9
+    memory_gb = memory["peak"] / 1e9
     if memory_gb > device.hbm_gb:
-        warnings.append(f"does not fit: {memory_gb:.0f} GB per device (state, activations, buffers) "
+        warnings.append(f"does not fit: {memory_gb:.0f} GB per device at its peak (state, activations, buffers) "
                         f"against {device.hbm_gb:g} GB of HBM; raise tp, pp or ep")
     # Where the wall time goes, per step: the bottleneck is the largest part.
     parts = {"compute": (step["local_s"] + step["bubble_s"]) * scale,
@@ -406,7 +412,8 @@ def estimate(spec: RunSpec) -> dict:
         "step": {k: step[k] * scale for k in ("compute_s", "memory_s", "bubble_s", "scale_up_s", "scale_out_s",
                                               "exposed_scale_up_s", "exposed_scale_out_s")},
         "memory": {"state_gb": memory["state"] / 1e9, "activation_gb": memory["activations"] / 1e9,
-                   "buffer_gb": memory["buffers"] / 1e9, "total_gb": memory_gb,
+                   "gathered_gb": memory["gathered"] / 1e9, "exchange_gb": memory["exchange"] / 1e9,
+                   "peak_gb": memory_gb,
                    "hbm_gb": device.hbm_gb, "fits": memory_gb <= device.hbm_gb},
         "failures": failures,
         "productive_s": productive_s, "wall_s": wall_s, "days": wall_s / 86400 if wall_s else None,

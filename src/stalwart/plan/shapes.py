@@ -92,10 +92,13 @@ class ModelShape:
 
     def stored_head_elements(self) -> float:
         """The same for what follows the layers: the final norm (2 h); each output head's
-        input and log-probabilities (h + vocab); each MTP depth's layer, its norms and
-        projection (7 h)."""
+        input (h); each MTP depth's layer, its norms and projection (7 h)."""
         h, heads = self.hidden, 1 + self.mtp_layers
-        return 2 * h + heads * (h + self.vocab) + self.mtp_layers * (self.stored_layer_elements() + 7 * h)
+        return 2 * h + heads * h + self.mtp_layers * (self.stored_layer_elements() + 7 * h)
+
+    def stored_log_prob_elements(self) -> float:
+        """Each output head's log-probabilities per token (vocab), which the loss keeps in fp32."""
+        return (1 + self.mtp_layers) * self.vocab
 
     def largest_layer(self, *, experts: bool) -> float:
         """The parameters of the largest decoder layer, its routed experts counted or not."""
