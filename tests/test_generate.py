@@ -1,5 +1,7 @@
-"""Generation with the MLA latent cache: greedy equals transformers' greedy on the same folder;
-sampling is seeded; eos stops."""
+"""Generation with the MLA latent cache: greedy equals transformers' greedy on the same folder
+(ours, and one transformers wrote with a tokenizer of its own); sampling is seeded; eos stops."""
+
+import json
 
 import pytest
 import torch
@@ -98,3 +100,57 @@ def test_generation_without_stopping_early_gives_the_same_result():
     kept = generate(model, prompts, max_new_tokens=6, eos_token_id=eos)
     assert generate(model, prompts, max_new_tokens=6, eos_token_id=eos, stop_early=False) == kept
     assert kept[0][-1] == eos
+
+
+def transformers_folder(folder, *, pad_in_config: bool) -> None:
+    """A DeepSeek-V3 folder as transformers writes it, with a tokenizer of its own: special
+    tokens <unk>, <s>, </s>, <pad> at ids 0-3 (not stalwart's), named in its
+    tokenizer_config.json; config.json gives bos 1 and eos 2, and pad 3 or (`pad_in_config`
+    False) none, so that the tokenizer's config must say it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(default_corpus(), trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                         unk_token="<unk>").save_pretrained(folder)
+    config = transformers.DeepseekV3Config(
+        vocab_size=320, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+        n_group=2, topk_group=1, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, v_head_dim=16, max_position_embeddings=256, initializer_range=0.2, bos_token_id=1,
+        eos_token_id=2, pad_token_id=3 if pad_in_config else None)
+    torch.manual_seed(0)
+    transformers.DeepseekV3ForCausalLM(config).save_pretrained(folder)
+
+
+@pytest.mark.parametrize("pad_in_config", [True, False])
+def test_a_folder_transformers_wrote_with_its_own_tokenizer_generates_as_transformers_does(tmp_path, pad_in_config):
+    import subprocess
+    import sys
+
+    transformers_folder(tmp_path / "hf", pad_in_config=pad_in_config)
+    model, tokenizer = load_hf_folder(tmp_path / "hf")
+    cfg = model.cfg
+    assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (1, 2, 3)  # pad from the tokenizer's config
+    r = subprocess.run([sys.executable, "-m", "stalwart", "generate", str(tmp_path / "hf"), "--prompt",
+                        "The quick brown", "--max-new-tokens", "12"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = hf_tokenizer("The quick brown", add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = theirs.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=2, pad_token_id=3)
+    assert r.stdout.rstrip("\n") == "The quick brown" + hf_tokenizer.decode(out[0, ids.shape[1]:],
+                                                                            skip_special_tokens=True)
+    info = subprocess.run([sys.executable, "-m", "stalwart", "model-info", str(tmp_path / "hf"), "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert info.returncode == 0, info.stderr
+    # Exported again, the folder names its own special tokens at the config's ids.
+    save_hf_folder(model, tokenizer, tmp_path / "again")
+    saved = json.loads((tmp_path / "again" / "tokenizer_config.json").read_text())
+    assert (saved["bos_token"], saved["eos_token"], saved["pad_token"]) == ("<s>", "</s>", "<pad>")
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "again").eos_token_id == 2

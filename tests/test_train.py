@@ -76,6 +76,64 @@ def test_same_seed_gives_the_same_loss_curve_and_another_seed_does_not(reference
     assert curve(tmp_path / "other")[:5] != curve(reference)[:5]
 
 
+def _foreign_tokenizer(folder: Path, *, declared: bool) -> None:
+    """Another project's tokenizer: special tokens <unk>, <s>, </s>, <pad> at ids 0-3 (not
+    stalwart's), named in a tokenizer_config.json beside it when `declared`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from stalwart.data.tokenizer import default_corpus
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(default_corpus(), trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    folder.mkdir()
+    tok.save(str(folder / "tokenizer.json"))
+    if declared:
+        (folder / "tokenizer_config.json").write_text(json.dumps(
+            {"bos_token": "<s>", "eos_token": "</s>", "pad_token": {"content": "<pad>", "special": True}}))
+
+
+def test_a_run_with_its_own_tokenizer_and_checkpoint_folder_generates_from_its_run_directory(tmp_path):
+    # --data.tokenizer trains on another project's tokenizer (its special ids become the
+    # model's), with the checkpoints in another folder: `generate RUN_DIR` finds them there
+    # and continues as the exported model does.
+    _foreign_tokenizer(tmp_path / "tok", declared=True)
+    run = tmp_path / "run"
+    r = train(run, "--train.steps", "5", "--data.tokenizer", str(tmp_path / "tok"),
+              "--checkpoint.dir", str(tmp_path / "elsewhere"))
+    assert r.returncode == 0, r.stderr
+    model = json.loads((run / "config.json").read_text())["model"]
+    assert (model["bos_token_id"], model["eos_token_id"], model["pad_token_id"]) == (1, 2, 3)
+    from tokenizers import Tokenizer
+
+    assert Tokenizer.from_file(str(run / "tokenizer.json")).to_str() == \
+        Tokenizer.from_file(str(tmp_path / "tok" / "tokenizer.json")).to_str()
+    assert not (run / "checkpoints").exists() and list_checkpoints(tmp_path / "elsewhere")
+    generated = {}
+    for source in (run, run / "export"):
+        g = subprocess.run([sys.executable, "-m", "stalwart", "generate", str(source), "--prompt", "123+456=",
+                            "--max-new-tokens", "8"], capture_output=True, text=True, timeout=120)
+        assert g.returncode == 0, g.stderr
+        generated[source] = g.stdout
+    assert generated[run] == generated[run / "export"] and generated[run].startswith("123+456=")
+
+
+@pytest.mark.parametrize("setup, extra, words", [
+    (lambda tmp: _foreign_tokenizer(tmp / "tok", declared=True), ["--model.vocab_size", "280"],
+     "has 300 tokens but model.vocab_size is 280: set --model.vocab_size 300"),
+    (lambda tmp: _foreign_tokenizer(tmp / "tok", declared=False), [], "declares no eos token"),
+    (lambda tmp: None, [], "tokenizer file not found"),
+])
+def test_a_tokenizer_the_run_cannot_use_is_one_line_and_exit_2(setup, extra, words, tmp_path):
+    setup(tmp_path)
+    r = train(tmp_path / "run", "--data.tokenizer", str(tmp_path / "tok"), *extra)
+    assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("fault", ["kill@3", "kill@13", "kill-in-checkpoint@10", "kill-in-checkpoint@30"])
 def test_run_killed_at_a_step_resumes_with_bit_identical_losses(fault, reference, tmp_path):
     run = tmp_path / "run"

@@ -30,6 +30,7 @@ class DataConfig:
     seq_len: int = 128
     seed: int = 0
     tokenizer_documents: int = 4000  # documents the BPE tokenizer is trained on
+    tokenizer: str = ""  # a tokenizer.json (or a folder with one) to use instead of training one
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ at random (with a tokenizer trained on the built-in default corpus)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 from stalwart.errors import ConfigError, ModelFileError
 from stalwart.export.hf import is_hf_folder, load_hf_folder
 from stalwart.model import PRESETS, DeepSeekForCausalLM, parameter_counts, preset
+from stalwart.run.rundir import checkpoints_dir
 
 # Initialising more than this on the host is never what a user of `export tiny` meant;
 # the published shapes are for `model-info` (counted on the meta device).
@@ -30,7 +32,12 @@ def random_model(name: str, seed: int = 0) -> tuple[DeepSeekForCausalLM, Any]:
 
 
 def is_run_dir(path: Path) -> bool:
-    return (path / "checkpoints").is_dir() and (path / "config.json").is_file()
+    """A stalwart run directory: its config.json is a run's (sections), not a model's."""
+    try:
+        raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and isinstance(raw.get("model"), dict) and isinstance(raw.get("checkpoint"), dict)
 
 
 def load_run(path: Path) -> tuple[DeepSeekForCausalLM, Any]:
@@ -42,7 +49,7 @@ def load_run(path: Path) -> tuple[DeepSeekForCausalLM, Any]:
     from stalwart.data.tokenizer import load_tokenizer
 
     cfg = read_run_config(path / "config.json")
-    latest = load_latest(Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else path / "checkpoints", on_corrupt=lambda p, msg: print(
+    latest = load_latest(checkpoints_dir(path, cfg.checkpoint.dir), on_corrupt=lambda p, msg: print(
         f"warning: {msg}; using the previous checkpoint", file=sys.stderr))
     if latest is None:
         raise ModelFileError(f"{path} has no good checkpoint yet")

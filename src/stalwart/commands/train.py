@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stalwart.errors import EXIT_USAGE, UserError
+from stalwart.run.rundir import checkpoints_dir
 
 HELP = "train a model (no arguments: the default job, about 5 minutes on 2 CPU cores)"
 DESCRIPTION = ("Train from a recipe; override any field with --section.key VALUE "
@@ -70,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
     check_spec()
 
     from stalwart.config import RESUMABLE_OVERRIDES, apply_overrides, read_run_config
+    from stalwart.data.sources import with_tokenizer
     from stalwart.recipes import recipe
     from stalwart.train.loop import train
 
@@ -106,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         cfg = recipe(args.recipe or "default")
     cfg = apply_overrides(cfg, overrides)
+    if not args.resume:  # a resumed run keeps the special ids it was started with
+        cfg = with_tokenizer(cfg, set(overrides))
     if launch is not None and (cfg.replicas.count > 1 or args.lighthouse):
         raise UserError("replica groups start their own ranks (replicas.ranks_per_group): run --replicas or "
                         "--lighthouse without torchrun, or torchrun without them for one data-parallel job")
@@ -133,11 +137,11 @@ def run(args: argparse.Namespace) -> int:
                             secret=secret.hex() if secret else new_job_secret(),
                             lighthouse=_lighthouse_url(args.lighthouse) if args.lighthouse else None)
         if not args.quiet:
-            print_train_summary(out, TrainResult(summary))
+            print_train_summary(out, TrainResult(summary), cfg.checkpoint.dir)
         return 0
     result = train(cfg, out, resume=args.resume, quiet=args.quiet)
     if not args.quiet and "eval_loss" in result.summary:  # rank 0 of a torchrun launch reports
-        print_train_summary(out, result)
+        print_train_summary(out, result, cfg.checkpoint.dir)
     return 0
 
 
@@ -259,7 +263,7 @@ def _group_list(text: str, count: int) -> list[int]:
     return groups
 
 
-def print_train_summary(out, result) -> None:
+def print_train_summary(out, result, checkpoint_dir: str = "") -> None:
     s = result.summary
     lines = [f"run: {out}"]
     if s["eval_exact_match"] is not None:
@@ -269,7 +273,7 @@ def print_train_summary(out, result) -> None:
     if s["tokens_per_s"]:
         lines.append(f"throughput: {s['tokens_per_s']:,.0f} tokens/s on {s['device']} ({s['dtype']}), "
                      f"{s['steps']} steps in {s['wall_s']:.0f}s")
-    lines.append(f"files: {out}/metrics.jsonl, {out}/summary.json, checkpoints in {out}/checkpoints"
+    lines.append(f"files: {out}/metrics.jsonl, {out}/summary.json, checkpoints in {checkpoints_dir(out, checkpoint_dir)}"
                  + (f", Hugging Face export in {s['export']}" if s["export"] else ""))
     if result.samples:
         prompt, generated, ok = result.samples[0]

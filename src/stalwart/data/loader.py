@@ -103,12 +103,12 @@ class PackedLoader:
     """
 
     def __init__(self, docs: Documents, tokenizer, *, seq_len: int, batch_size: int, seed: int = 0,
-                 shard: int = 0, num_shards: int = 1) -> None:
+                 shard: int = 0, num_shards: int = 1, eos_id: int = EOS_ID) -> None:
         if not 0 <= shard < num_shards:
             raise ConfigError(f"shard {shard} is not in 0..{num_shards - 1}")
         if len(docs) and len(docs) < num_shards:
             raise UserError(f"{len(docs)} documents cannot be sharded {num_shards} ways")
-        self.docs, self.tok = docs, tokenizer
+        self.docs, self.tok, self.eos_id = docs, tokenizer, eos_id  # the model config's eos ends each document
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.shard, self.num_shards = shard, num_shards
         self.position = self.start = self.skip = 0
@@ -136,7 +136,7 @@ class PackedLoader:
         enc_c = self.tok.encode_batch(list(completions), add_special_tokens=False)
         before = len(self.carry_ids)
         for p, c in zip(enc_p, enc_c):
-            self.carry_ids += p.ids + c.ids + [EOS_ID]
+            self.carry_ids += p.ids + c.ids + [self.eos_id]
             self.carry_mask += [False] * len(p.ids) + [True] * (len(c.ids) + 1)
         self._chunk_lens.append(len(self.carry_ids) - before)
 

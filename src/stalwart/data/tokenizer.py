@@ -1,6 +1,7 @@
-"""The BPE tokenizer: trained on the corpus with `tokenizers`, saved as a Hugging Face folder.
+"""The BPE tokenizer: trained on the corpus with `tokenizers`, saved as a Hugging Face folder;
+or any other `tokenizer.json` (a model folder's, `data.tokenizer`), used as it is.
 
-Assumptions the rest of stalwart relies on:
+Assumptions about the tokenizers stalwart trains:
 
 - Ids 0, 1, 2 are `<|bos|>`, `<|eos|>`, `<|pad|>`; bos 0 and eos 1 are DeepSeek-V3's
   config defaults (`bos_token_id`, `eos_token_id`), so an exported config needs no remap.
@@ -15,11 +16,17 @@ Assumptions the rest of stalwart relies on:
   encode as those special tokens, as transformers does; decoding drops them. Data that
   must carry them as plain text needs escaping first.
 
+Another tokenizer keeps its own special tokens: which ids are bos, eos and pad comes from the
+model's config, or where that names none, from the tokenizer's own config files
+(`declared_special_ids`). The model config's ids are what generation stops at and what
+separates packed documents.
+
 Nothing is fetched from a hub; `transformers` can load the saved folder but is not needed.
 """
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -73,16 +80,19 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     return tok
 
 
-def save_tokenizer(tok: Tokenizer, directory: Path, *, model_max_length: int = 4096) -> None:
-    """Write `tokenizer.json` and the config files `transformers.AutoTokenizer` reads.
+def save_tokenizer(tok: Tokenizer, directory: Path, *, model_max_length: int = 4096, bos_id: int = BOS_ID,
+                   eos_id: int = EOS_ID, pad_id: int = PAD_ID) -> None:
+    """Write `tokenizer.json` and the config files `transformers.AutoTokenizer` reads, naming
+    the tokens at the model's bos, eos and pad ids.
 
     `model_max_length` is only advisory for `transformers` (it warns past it); pass the
     model's `max_position_embeddings` when exporting.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    bos, eos, pad = SPECIAL_TOKENS
-    special_tokens_map = {"bos_token": bos, "eos_token": eos, "pad_token": pad}
+    special_tokens_map = {f"{role}_token": tok.id_to_token(i)
+                          for role, i in (("bos", bos_id), ("eos", eos_id), ("pad", pad_id))
+                          if tok.id_to_token(i) is not None}
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **special_tokens_map,
@@ -98,20 +108,42 @@ def save_tokenizer(tok: Tokenizer, directory: Path, *, model_max_length: int = 4
     atomic_write_json(directory / "special_tokens_map.json", special_tokens_map)
 
 
-def load_tokenizer(directory: Path) -> Tokenizer:
-    """Load `directory/tokenizer.json`; a missing or unreadable file is a ModelFileError."""
-    path = Path(directory) / TOKENIZER_FILE
+def tokenizer_file(path: Path) -> Path:
+    """`path` itself, or the tokenizer.json of the folder `path`."""
+    path = Path(path)
+    return path / TOKENIZER_FILE if path.is_dir() else path
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    """Load a tokenizer.json (`path` is the file or its folder); a missing or unreadable file
+    is a ModelFileError."""
+    path = tokenizer_file(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: tokenizer file not found")
     try:
-        tok = Tokenizer.from_file(str(path))
+        return Tokenizer.from_file(str(path))
     except Exception as exc:  # tokenizers raises a bare Exception for bad JSON or schema
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelFileError(f"{path}: corrupt tokenizer file ({reason})") from None
-    for i, name in enumerate(SPECIAL_TOKENS):
-        if tok.token_to_id(name) != i:
-            raise ModelFileError(f"{path}: special token {name} does not have id {i}")
-    return tok
+
+
+def declared_special_ids(path: Path, tok: Tokenizer) -> dict[str, int]:
+    """The bos / eos / pad ids a tokenizer's folder declares ({"bos_token_id": 0, ...}): its
+    tokenizer_config.json's, else its special_tokens_map.json's `bos_token`, `eos_token`,
+    `pad_token` (a string, or an object with `content`), for those that are tokens of `tok`."""
+    folder = tokenizer_file(path).parent
+    found: dict[str, int] = {}
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        try:
+            raw = json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        for role in ("bos", "eos", "pad"):
+            token = raw.get(f"{role}_token") if isinstance(raw, dict) else None
+            token = token.get("content") if isinstance(token, dict) else token
+            if isinstance(token, str) and tok.token_to_id(token) is not None:
+                found.setdefault(f"{role}_token_id", tok.token_to_id(token))
+    return found
 
 
 def encode(tok: Tokenizer, text: str) -> list[int]:

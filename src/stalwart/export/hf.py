@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from stalwart.data.tokenizer import load_tokenizer, save_tokenizer
+from stalwart.data.tokenizer import declared_special_ids, load_tokenizer, save_tokenizer
 from stalwart.errors import ConfigError, ModelFileError
 from stalwart.fsutil import atomic_directory, atomic_write_bytes, atomic_write_json
 from stalwart.model import DeepSeekForCausalLM, ModelConfig, RopeScaling
@@ -286,7 +286,8 @@ def save_hf_folder(model: DeepSeekForCausalLM, tokenizer: Any, out: Path, *, dty
             atomic_write_json(tmp / "generation_config.json", {
                 "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
                 "pad_token_id": cfg.pad_token_id, "do_sample": False})
-            save_tokenizer(tokenizer, tmp, model_max_length=cfg.max_position_embeddings)
+            save_tokenizer(tokenizer, tmp, model_max_length=cfg.max_position_embeddings, bos_id=cfg.bos_token_id,
+                           eos_id=cfg.eos_token_id, pad_id=cfg.pad_token_id)
     finally:
         if gather is not None:  # after a failure: the gathers the other ranks are waiting for
             for _ in files:
@@ -313,8 +314,11 @@ def is_hf_folder(path: Path) -> bool:
     return (Path(path) / CONFIG_FILE).is_file()
 
 
-def read_hf_config(path: Path) -> ModelConfig:
-    """The model config of an HF folder; a missing or malformed file is a ModelFileError."""
+def read_hf_config(path: Path, tokenizer: Any = None) -> ModelConfig:
+    """The model config of an HF folder; a missing or malformed file is a ModelFileError.
+    With the folder's `tokenizer`: the bos / eos / pad ids config.json does not give are the
+    ones the tokenizer's own config declares, and a tokenizer larger than the model's
+    vocabulary is refused."""
     path = Path(path)
     if not path.is_dir():
         raise ModelFileError(f"{path} is not a folder")
@@ -325,13 +329,23 @@ def read_hf_config(path: Path) -> ModelConfig:
         raise ModelFileError(f"{config_path} not found: not a model folder") from None
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelFileError(f"{config_path} is not valid JSON: {e}") from None
-    return config_from_hf(raw)
+    cfg = config_from_hf(raw)
+    if tokenizer is None:
+        return cfg
+    if tokenizer.get_vocab_size() > cfg.vocab_size:
+        raise ModelFileError(f"{path}: its tokenizer has {tokenizer.get_vocab_size()} tokens, the model's "
+                             f"vocabulary only {cfg.vocab_size}")
+    given = {**raw, **raw.get("stalwart", {})} if isinstance(raw, dict) else {}
+    declared = {k: v for k, v in declared_special_ids(path, tokenizer).items() if given.get(k) is None}
+    return cfg.replace(**declared) if declared else cfg
 
 
 def load_hf_folder(path: Path) -> tuple[DeepSeekForCausalLM, Any]:
-    """Load an HF deepseek_v3 folder (ours or transformers') into our model, on CPU, fp32."""
+    """Load an HF deepseek_v3 folder (ours or transformers', with its own tokenizer) into our
+    model, on CPU, fp32."""
     path = Path(path)
-    cfg = read_hf_config(path)
+    tokenizer = load_tokenizer(path)
+    cfg = read_hf_config(path, tokenizer)
     tensors = _load_weights(path)
     mtp_prefix = f"model.layers.{cfg.num_hidden_layers}."
     if cfg.num_nextn_predict_layers and not any(name.startswith(mtp_prefix) for name in tensors):
@@ -342,7 +356,7 @@ def load_hf_folder(path: Path) -> tuple[DeepSeekForCausalLM, Any]:
     model.load_state_dict({k: v.float() for k, v in from_hf_state_dict(cfg, tensors).items()}, strict=True,
                           assign=True)
     model.reset_buffers()
-    return model, load_tokenizer(path)
+    return model, tokenizer
 
 
 def _load_weights(path: Path) -> dict[str, torch.Tensor]:

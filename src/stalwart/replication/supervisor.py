@@ -186,8 +186,7 @@ def supervise(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, secret: s
     run = RunDir(out, checkpoints=cfg.checkpoint.dir)
     run.create()
     run.write_config(cfg.to_json())
-    prepare_tokenizer(cfg.data, run.path, reuse=resume, docs=documents(cfg.data, "train"),
-                      vocab_size=cfg.model.vocab_size, max_length=cfg.model.max_position_embeddings)
+    prepare_tokenizer(cfg, run.path, reuse=resume, docs=documents(cfg.data, "train"))
     started_at, started = time.time(), time.monotonic()
     first_step = 0
     if resume:

@@ -17,6 +17,11 @@ from typing import Any
 from stalwart.fsutil import atomic_write_bytes, atomic_write_json
 
 
+def checkpoints_dir(run: Path, setting: str = "") -> Path:
+    """Where a run keeps its checkpoints: `checkpoint.dir` when it is set, else RUN/checkpoints."""
+    return Path(setting) if setting else Path(run) / "checkpoints"
+
+
 class RunDir:
     def __init__(self, path: Path, replica: int | None = None, checkpoints: str = "", rank: int = 0,
                  ranks: int = 1) -> None:
@@ -28,7 +33,7 @@ class RunDir:
         self.replica = replica
         self.writer = rank == 0
         self._tag = ({} if replica is None else {"replica": replica}) | ({"rank": rank} if ranks > 1 else {})
-        self.checkpoints = Path(checkpoints) if checkpoints else self.path / "checkpoints"
+        self.checkpoints = checkpoints_dir(self.path, checkpoints)
         self.export = self.path / "export"
         self.logs = self.path / "logs"  # per-group output, liveness files, torchft's own log
         self.metrics_path = self.path / "metrics.jsonl"

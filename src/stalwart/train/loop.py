@@ -208,7 +208,7 @@ def evaluate(cfg: RunConfig, model: DeepSeekForCausalLM, tokenizer, info: Device
     # A task's eval split is unbounded (len 0); user files may have no held-out document.
     if eval_docs is not None and (cfg.data.task != "files" or len(eval_docs)):
         loader = PackedLoader(eval_docs, tokenizer, seq_len=cfg.data.seq_len,
-                              batch_size=cfg.train.batch_size, seed=cfg.data.seed)
+                              batch_size=cfg.train.batch_size, seed=cfg.data.seed, eos_id=cfg.model.eos_token_id)
         loss = eval_loss(model, loader, cfg.eval.batches, info.device, tick)
     accuracy, samples = None, []
     if cfg.data.task != "files" and cfg.eval.problems:

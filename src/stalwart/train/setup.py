@@ -159,8 +159,7 @@ def setup(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, replica: Repl
             atomic_write_bytes(run.path / AGENT_FILE, torchrun_agent().encode())
     seed_everything(cfg.train.seed)
     enable_determinism(info)
-    tokenizer = prepare_tokenizer(cfg.data, run.path, reuse=resume, docs=train_docs, vocab_size=cfg.model.vocab_size,
-                                  max_length=cfg.model.max_position_embeddings)
+    tokenizer = prepare_tokenizer(cfg, run.path, reuse=resume, docs=train_docs)
 
     # Built on the meta device, sharded there, and only then given memory and its initial
     # weights: a rank never holds more of the model than its shards (and one whole tensor).
@@ -172,7 +171,8 @@ def setup(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, replica: Repl
     shard, shards = (replica.replica * ranks + rank, cfg.replicas.count * ranks) if replica else (rank, ranks)
     state = TrainState(model, build_optimizer(model, cfg.optim),
                        PackedLoader(train_docs, tokenizer, seq_len=cfg.data.seq_len, batch_size=cfg.train.batch_size,
-                                    seed=cfg.data.seed, shard=shard, num_shards=shards),
+                                    seed=cfg.data.seed, shard=shard, num_shards=shards,
+                                    eos_id=cfg.model.eos_token_id),
                        SpikeGuard(sigma=_spike_sigma(cfg), window=g.spike_window, min_history=g.spike_min_history,
                                   rollback_spikes=g.rollback_spikes, rollback_window=g.rollback_window),
                        sharding=sharding)
