@@ -251,6 +251,18 @@ def test_expert_parallelism_trains_as_data_parallelism_does_and_resumes_on_anoth
     for name in ("ep", "dp"):
         assert _losses(tmp_path / name)[20:] == pytest.approx(reference, rel=1e-5), name
 
+    # --model.from a folder on shards: each rank cuts the folder's tensors to its part. Started
+    # from the data-parallel run's export, EP 2 with FSDP trains the losses data parallelism does.
+    for name, (fsdp, ep) in (("from_dp", ("1", "1")), ("from_ep_fsdp", ("0", "2"))):
+        r = subprocess.run(_torchrun("--standalone", "--nproc-per-node", "2", *TRAIN, "--train.steps", "3",
+                                     "--parallel.fsdp", fsdp, "--parallel.ep", ep, "--model.from",
+                                     str(runs["dp"] / "export"), "--out", str(tmp_path / name)),
+                           capture_output=True, text=True, timeout=240, env=ENV)
+        assert r.returncode == 0, r.stderr[-2000:]
+    started = _losses(tmp_path / "from_dp")
+    assert started[0] < _losses(runs["dp"])[0] / 2  # the folder's trained weights, not a random start
+    assert _losses(tmp_path / "from_ep_fsdp") == pytest.approx(started, rel=1e-5)
+
 
 def test_four_ranks_reshard_on_resume_whole_to_four_shards_and_four_to_two(tmp_path):
     # One 4-rank launch, data parallel (parallel.fsdp 1: whole checkpoints), resumed at step

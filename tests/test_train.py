@@ -121,6 +121,37 @@ def test_a_run_with_its_own_tokenizer_and_checkpoint_folder_generates_from_its_r
     assert generated[run] == generated[run / "export"] and generated[run].startswith("123+456=")
 
 
+def test_training_from_a_model_folder_starts_from_its_weights_config_and_tokenizer(reference, tmp_path):
+    # --model.from the reference run's export: the folder's config is the model's, its tokenizer
+    # the run's, and step 1's loss is the folder's own model's on that first batch (the loss is
+    # taken before the update). A folder that is not DeepSeek-V3-format is one line, exit 2.
+    import torch
+
+    from stalwart.config import RunConfig
+    from stalwart.data.loader import PackedLoader, TaskDocuments
+    from stalwart.export.hf import load_hf_folder
+
+    r = train(tmp_path / "ft", "--model.from", str(reference / "export"), "--train.steps", "3")
+    assert r.returncode == 0, r.stderr
+    cfg = RunConfig.from_dict(json.loads((tmp_path / "ft" / "config.json").read_text()))
+    folder, tokenizer = load_hf_folder(reference / "export")
+    assert cfg.model_from == str(reference / "export") and cfg.model == folder.cfg
+    assert (tmp_path / "ft" / "tokenizer.json").read_text() == (reference / "tokenizer.json").read_text()
+    d = cfg.data
+    x, y = PackedLoader(TaskDocuments(d.task, "train", d.seed, d.min_digits, d.max_digits), tokenizer,
+                        seq_len=d.seq_len, batch_size=cfg.train.batch_size, seed=d.seed).next_batch()
+    with torch.no_grad():
+        want = folder(x, labels=y).lm_loss.item()
+    assert curve(tmp_path / "ft")[0][1] == pytest.approx(want, rel=1e-5)
+    assert want < curve(reference)[0][1] / 2  # trained weights, not a random start
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (tmp_path / "llama" / "tokenizer.json").write_text((reference / "tokenizer.json").read_text())
+    bad = train(tmp_path / "bad", "--model.from", str(tmp_path / "llama"))
+    assert bad.returncode == 2 and "model_type 'llama', expected 'deepseek_v3'" in bad.stderr, bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+
+
 @pytest.mark.parametrize("setup, extra, words", [
     (lambda tmp: _foreign_tokenizer(tmp / "tok", declared=True), ["--model.vocab_size", "280"],
      "has 300 tokens but model.vocab_size is 280: set --model.vocab_size 300"),

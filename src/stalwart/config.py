@@ -188,9 +188,16 @@ class RunConfig:
     replicas: ReplicasConfig = field(default_factory=ReplicasConfig)
     guards: GuardsConfig = field(default_factory=GuardsConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    # `model.from`: a DeepSeek-V3-format folder whose config is the model's and whose weights
+    # the run starts from (continued pre-training, fine-tuning); "": random initial weights.
+    model_from: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        raw = dataclasses.asdict(self)
+        source = raw.pop("model_from")
+        if source:  # kept in the model section, under the key the command line names it by
+            raw["model"]["from"] = source
+        return raw
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
@@ -199,7 +206,7 @@ class RunConfig:
     def from_dict(raw: dict[str, Any]) -> RunConfig:
         if not isinstance(raw, dict):
             raise ConfigError("a run config must be a JSON object")
-        sections = {f.name for f in dataclasses.fields(RunConfig)}
+        sections = {f.name for f in dataclasses.fields(RunConfig)} - {"model_from"}
         unknown = sorted(set(raw) - sections)
         if unknown:
             raise ConfigError(f"unknown config section(s): {', '.join(unknown)}")
@@ -212,7 +219,11 @@ class RunConfig:
             elif f.name == "model":
                 if not isinstance(raw["model"], dict):
                     raise ConfigError("config section model must be an object")
-                kwargs["model"] = ModelConfig.from_dict(raw["model"])
+                model = dict(raw["model"])
+                source = model.pop("from", "")
+                if not isinstance(source, str):
+                    raise ConfigError(f"model.from must be a folder path, got {source!r}")
+                kwargs["model"], kwargs["model_from"] = ModelConfig.from_dict(model), source
             else:
                 kwargs[f.name] = _section(f.name, SECTION_TYPES[f.name], raw[f.name])
         return validate(RunConfig(**kwargs))
@@ -282,9 +293,21 @@ def read_run_config(path: Path) -> RunConfig:
 
 
 def apply_overrides(cfg: RunConfig, overrides: dict[str, str]) -> RunConfig:
-    """Apply {"section.key": "text"} overrides; names and types are checked."""
+    """Apply {"section.key": "text"} overrides; names and types are checked. `model.from`
+    FOLDER comes first: the folder's model config (with its tokenizer's special ids) replaces
+    the recipe's, its tokenizer is the run's unless data.tokenizer is given, and the other
+    model.* overrides apply on top."""
     raw = cfg.to_dict()
-    for name, text in overrides.items():
+    if "model.from" in overrides:
+        from stalwart.data.tokenizer import load_tokenizer
+        from stalwart.export.hf import folder_config
+
+        source = overrides["model.from"]
+        if not Path(source).is_dir():
+            raise ConfigError(f"model.from {source} is not a model folder")
+        raw["model"] = {**dataclasses.asdict(folder_config(Path(source), load_tokenizer(source))), "from": source}
+        raw["data"]["tokenizer"] = raw["data"]["tokenizer"] or source
+    for name, text in ((k, v) for k, v in overrides.items() if k != "model.from"):
         section, _, key = name.partition(".")
         if section not in SECTION_TYPES and section != "model" or not key:
             raise ConfigError(f"unknown config key {name} (sections: model, {', '.join(SECTION_TYPES)})")

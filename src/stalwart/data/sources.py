@@ -50,9 +50,11 @@ def with_tokenizer(cfg: RunConfig, given: set[str]) -> RunConfig:
     if tok.get_vocab_size() > cfg.model.vocab_size:
         raise ConfigError(f"data.tokenizer {where} has {tok.get_vocab_size()} tokens but model.vocab_size is "
                           f"{cfg.model.vocab_size}: set --model.vocab_size {tok.get_vocab_size()} (or more)")
-    ids = {k: v for k, v in declared_special_ids(where, tok).items() if f"model.{k}" not in given}
+    # A model folder's own ids (model.from) were read with its config; config.json decides.
+    ids = {} if cfg.model_from == where else \
+        {k: v for k, v in declared_special_ids(where, tok).items() if f"model.{k}" not in given}
     model = cfg.model.replace(**ids)
-    if "eos_token_id" not in ids and "model.eos_token_id" not in given and \
+    if "eos_token_id" not in ids and cfg.model_from != where and "model.eos_token_id" not in given and \
             tok.id_to_token(model.eos_token_id) != SPECIAL_TOKENS[1]:
         raise ConfigError(f"data.tokenizer {where} declares no eos token (no tokenizer_config.json beside it names "
                           "one): set --model.eos_token_id")

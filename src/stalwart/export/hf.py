@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
+from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from stalwart.data.tokenizer import declared_special_ids, load_tokenizer, save_tokenizer
@@ -340,26 +341,44 @@ def read_hf_config(path: Path, tokenizer: Any = None) -> ModelConfig:
     return cfg.replace(**declared) if declared else cfg
 
 
+def folder_config(path: Path, tokenizer: Any) -> ModelConfig:
+    """The model config of an HF folder as its weights are: read_hf_config's, without MTP when
+    the weights have none (transformers drops the MTP layer when it loads and re-saves a
+    folder; the main model is complete without it)."""
+    cfg = read_hf_config(path, tokenizer)
+    mtp_prefix = f"model.layers.{cfg.num_hidden_layers}."
+    if cfg.num_nextn_predict_layers and not any(name.startswith(mtp_prefix) for name in _weight_names(path)):
+        cfg = cfg.replace(num_nextn_predict_layers=0)
+    return cfg
+
+
 def load_hf_folder(path: Path) -> tuple[DeepSeekForCausalLM, Any]:
     """Load an HF deepseek_v3 folder (ours or transformers', with its own tokenizer) into our
     model, on CPU, fp32."""
     path = Path(path)
     tokenizer = load_tokenizer(path)
-    cfg = read_hf_config(path, tokenizer)
-    tensors = _load_weights(path)
-    mtp_prefix = f"model.layers.{cfg.num_hidden_layers}."
-    if cfg.num_nextn_predict_layers and not any(name.startswith(mtp_prefix) for name in tensors):
-        # transformers drops the MTP layer when it loads and re-saves a folder: the main
-        # model is complete without it.
-        cfg = cfg.replace(num_nextn_predict_layers=0)
+    cfg = folder_config(path, tokenizer)
     model = DeepSeekForCausalLM(cfg, device="meta")  # the file's tensors become the weights: one copy
-    model.load_state_dict({k: v.float() for k, v in from_hf_state_dict(cfg, tensors).items()}, strict=True,
-                          assign=True)
+    model.load_state_dict({k: v.float() for k, v in from_hf_state_dict(cfg, _load_weights(path)).items()},
+                          strict=True, assign=True)
     model.reset_buffers()
     return model, tokenizer
 
 
-def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+@torch.no_grad()
+def load_folder_weights(model: DeepSeekForCausalLM, path: Path,
+                        place: Callable[[torch.Tensor, torch.Tensor], None] = lambda t, whole: t.copy_(whole)) -> None:
+    """An HF folder's weights (and router biases) into `model` as its initial state
+    (`model.from`): each whole tensor handed to `place`, which keeps this process's part of it
+    (the whole by default; a shard: `Sharding.place`). The model's config must be the
+    folder's; a tensor that is missing or of another shape is a ModelFileError."""
+    wanted = from_hf_state_dict(model.cfg, _load_weights(Path(path)))
+    for name, target in model.state_dict(keep_vars=True).items():
+        if name in wanted:
+            place(target, wanted[name].to(target.dtype))
+
+
+def _weight_files(path: Path) -> list[Path]:
     index = path / f"{WEIGHTS_FILE}.index.json"
     files = [path / WEIGHTS_FILE]
     if not files[0].exists() and index.exists():
@@ -367,8 +386,26 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
             files = [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ModelFileError(f"{index} is malformed: {e}") from None
+    return files
+
+
+def _weight_names(path: Path) -> list[str]:
+    """The tensor names of a folder's weights, read from the files' headers only."""
+    names: list[str] = []
+    for f in _weight_files(path):
+        try:
+            with safe_open(str(f), "pt") as st:
+                names += list(st.keys())
+        except FileNotFoundError:
+            raise ModelFileError(f"{f} not found") from None
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ModelFileError(f"{f} is corrupt or truncated: {e}") from None
+    return names
+
+
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
-    for f in files:
+    for f in _weight_files(path):
         try:
             tensors.update(load_file(str(f)))
         except FileNotFoundError:

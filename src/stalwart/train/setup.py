@@ -30,6 +30,7 @@ from stalwart.errors import ConfigError
 from stalwart.fsutil import atomic_write_bytes
 from stalwart.faults import arm_signal_faults, set_replica
 from stalwart.guards import SpikeGuard
+from stalwart.export.hf import load_folder_weights
 from stalwart.model import DeepSeekForCausalLM
 from stalwart.parallel.fsdp import Sharding, local_tensors
 from stalwart.replication.group import (AGENT_FILE, LocalGroup, RanksGroup, TorchFTGroup, group_rank,
@@ -166,7 +167,10 @@ def setup(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, replica: Repl
     model = DeepSeekForCausalLM(cfg.model, device="meta")
     sharding = Sharding(model, ranks=ranks, fsdp=fsdp, ep=ep, device=info.device, bf16=compute_dtype == "bf16") \
         if fsdp > 1 or ep > 1 else None
-    model.materialize(info.device, **({"place": sharding.place} if sharding else {}))
+    place = {"place": sharding.place} if sharding else {}
+    model.materialize(info.device, **place)
+    if cfg.model_from:  # the folder's weights as the initial state (a resumed run's checkpoint replaces them)
+        load_folder_weights(model, Path(cfg.model_from), **place)
     g = cfg.guards
     shard, shards = (replica.replica * ranks + rank, cfg.replicas.count * ranks) if replica else (rank, ranks)
     state = TrainState(model, build_optimizer(model, cfg.optim),
