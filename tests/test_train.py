@@ -147,7 +147,7 @@ def test_training_from_a_model_folder_starts_from_its_weights_config_and_tokeniz
     (tmp_path / "llama").mkdir()
     (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     (tmp_path / "llama" / "tokenizer.json").write_text((reference / "tokenizer.json").read_text())
-    bad = train(tmp_path / "bad", "--model.from", str(tmp_path / "llama"))
+    bad = in_process("train", "--out", str(tmp_path / "bad"), *ARGS, "--model.from", str(tmp_path / "llama"))
     assert bad.returncode == 2 and "model_type 'llama', expected 'deepseek_v3'" in bad.stderr, bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
 
@@ -160,7 +160,7 @@ def test_training_from_a_model_folder_starts_from_its_weights_config_and_tokeniz
 ])
 def test_a_tokenizer_the_run_cannot_use_is_one_line_and_exit_2(setup, extra, words, tmp_path):
     setup(tmp_path)
-    r = train(tmp_path / "run", "--data.tokenizer", str(tmp_path / "tok"), *extra)
+    r = in_process("train", "--out", str(tmp_path / "run"), *ARGS, "--data.tokenizer", str(tmp_path / "tok"), *extra)
     assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "run").exists()
 
