@@ -122,34 +122,55 @@ def test_a_run_with_its_own_tokenizer_and_checkpoint_folder_generates_from_its_r
 
 
 def test_training_from_a_model_folder_starts_from_its_weights_config_and_tokenizer(reference, tmp_path):
-    # --model.from the reference run's export: the folder's config is the model's, its tokenizer
-    # the run's, and step 1's loss is the folder's own model's on that first batch (the loss is
-    # taken before the update). A folder that is not DeepSeek-V3-format is one line, exit 2.
+    # --model.from a copy of the reference run's export (with a model.* override that fits its
+    # shapes): the folder's config is the model's, its tokenizer the run's, and step 1's loss
+    # is the folder's own model's on that first batch (the loss is taken before the update).
+    # The folder then moves away: a resume with the same command line continues from the
+    # run's checkpoint without reading it. Overrides that change a shape, a quantized folder
+    # and one of another architecture are one line, exit 2, with nothing written.
+    import shutil
+
     import torch
 
     from stalwart.config import RunConfig
     from stalwart.data.loader import PackedLoader, TaskDocuments
     from stalwart.export.hf import load_hf_folder
 
-    r = train(tmp_path / "ft", "--model.from", str(reference / "export"), "--train.steps", "3")
+    folder = tmp_path / "folder"
+    shutil.copytree(reference / "export", folder)
+    args = ("--model.from", str(folder), "--model.mtp_loss_weight", "0.5")
+    r = train(tmp_path / "ft", *args, "--train.steps", "3")
     assert r.returncode == 0, r.stderr
     cfg = RunConfig.from_dict(json.loads((tmp_path / "ft" / "config.json").read_text()))
-    folder, tokenizer = load_hf_folder(reference / "export")
-    assert cfg.model_from == str(reference / "export") and cfg.model == folder.cfg
+    model, tokenizer = load_hf_folder(folder)
+    assert Path(cfg.model_from) == folder.resolve() and cfg.model == model.cfg.replace(mtp_loss_weight=0.5)
     assert (tmp_path / "ft" / "tokenizer.json").read_text() == (reference / "tokenizer.json").read_text()
     d = cfg.data
     x, y = PackedLoader(TaskDocuments(d.task, "train", d.seed, d.min_digits, d.max_digits), tokenizer,
                         seq_len=d.seq_len, batch_size=cfg.train.batch_size, seed=d.seed).next_batch()
     with torch.no_grad():
-        want = folder(x, labels=y).lm_loss.item()
+        want = model(x, labels=y).lm_loss.item()
     assert curve(tmp_path / "ft")[0][1] == pytest.approx(want, rel=1e-5)
     assert want < curve(reference)[0][1] / 2  # trained weights, not a random start
-    (tmp_path / "llama").mkdir()
-    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    (tmp_path / "llama" / "tokenizer.json").write_text((reference / "tokenizer.json").read_text())
-    bad = in_process("train", "--out", str(tmp_path / "bad"), *ARGS, "--model.from", str(tmp_path / "llama"))
-    assert bad.returncode == 2 and "model_type 'llama', expected 'deepseek_v3'" in bad.stderr, bad.stderr
-    assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+    folder.rename(tmp_path / "moved")
+    again = train(tmp_path / "ft", "--resume", *args, "--train.steps", "4")
+    assert again.returncode == 0, again.stderr
+    assert [s for s, _, _ in curve(tmp_path / "ft")] == [1, 2, 3, 4]
+
+    (tmp_path / "moved").rename(folder)
+    quantized, llama = tmp_path / "fp8", tmp_path / "llama"
+    shutil.copytree(folder, quantized)
+    config = json.loads((quantized / "config.json").read_text())
+    (quantized / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "fp8"}}))
+    llama.mkdir()
+    (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (llama / "tokenizer.json").write_text((reference / "tokenizer.json").read_text())
+    for source, extra, words in ((folder, ["--model.vocab_size", "1024"], "lm_head.weight (1024, 64) where the folder has (512, 64)"),
+                                 (quantized, [], "its weights are fp8 (quantization_config)"),
+                                 (llama, [], "model_type 'llama', expected 'deepseek_v3'")):
+        bad = in_process("train", "--out", str(tmp_path / "bad"), *ARGS, "--model.from", str(source), *extra)
+        assert bad.returncode == 2 and words in bad.stderr, bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
 
 
 @pytest.mark.parametrize("setup, extra, words", [
@@ -320,9 +341,11 @@ def test_a_grad_norm_that_moves_to_a_new_level_costs_one_rollback_not_the_run(tm
     # device's or a training phase's level would): the loss trains on as before (AdamW does
     # not see a constant scale). Three tries of step 70 on fresh batches spike and roll back
     # to checkpoint 60; step 61, on fresh data from the restored weights, spikes again: the
-    # guard takes the level, and the run finishes.
+    # guard takes the level, and the run finishes. The guard's window covers steps 30-69 only,
+    # past the first steps' large and falling norms, against which a 10x level could hide.
     run = tmp_path / "run"
     r = train(run, "--train.steps", "110", "--checkpoint.every", "30", "--eval.problems", "0",
+              "--guards.spike_window", "40", "--guards.spike_min_history", "30",
               env={"STALWART_INJECT": "grad-level@70"})
     assert r.returncode == 0, r.stderr
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]

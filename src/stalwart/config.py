@@ -294,19 +294,25 @@ def read_run_config(path: Path) -> RunConfig:
 
 def apply_overrides(cfg: RunConfig, overrides: dict[str, str]) -> RunConfig:
     """Apply {"section.key": "text"} overrides; names and types are checked. `model.from`
-    FOLDER comes first: the folder's model config (with its tokenizer's special ids) replaces
-    the recipe's, its tokenizer is the run's unless data.tokenizer is given, and the other
-    model.* overrides apply on top."""
+    FOLDER comes first (kept as an absolute path): the folder's model config (with the special
+    ids of its tokenizer, or of data.tokenizer's when given) replaces the recipe's, its
+    tokenizer is the run's unless data.tokenizer is given, and the other model.* overrides
+    apply on top, as long as the folder's weights still fit the model. The folder a run
+    already starts from is not read again (a resume, a restart)."""
     raw = cfg.to_dict()
-    if "model.from" in overrides:
+    folder = None
+    already = bool(cfg.model_from) and Path(overrides.get("model.from", "")).resolve() == Path(cfg.model_from)
+    if "model.from" in overrides and not already:
         from stalwart.data.tokenizer import load_tokenizer
         from stalwart.export.hf import folder_config
 
-        source = overrides["model.from"]
-        if not Path(source).is_dir():
-            raise ConfigError(f"model.from {source} is not a model folder")
-        raw["model"] = {**dataclasses.asdict(folder_config(Path(source), load_tokenizer(source))), "from": source}
-        raw["data"]["tokenizer"] = raw["data"]["tokenizer"] or source
+        source = Path(overrides["model.from"]).resolve()
+        if not source.is_dir():
+            raise ConfigError(f"model.from {overrides['model.from']} is not a model folder")
+        other = overrides.get("data.tokenizer")
+        folder = folder_config(source, None if other else load_tokenizer(source))
+        raw["model"] = {**dataclasses.asdict(folder), "from": str(source)}
+        raw["data"]["tokenizer"] = str(source)
     for name, text in ((k, v) for k, v in overrides.items() if k != "model.from"):
         section, _, key = name.partition(".")
         if section not in SECTION_TYPES and section != "model" or not key:
@@ -316,7 +322,25 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, str]) -> RunConfig:
         if key not in fields:
             raise ConfigError(f"unknown config key {name} (known in {section}: {', '.join(fields)})")
         raw[section][key] = parse_value(name, fields[key].type, text)
-    return RunConfig.from_dict(raw)
+    result = RunConfig.from_dict(raw)
+    if folder is not None:
+        _check_fits(result.model, folder, result.model_from)
+    return result
+
+
+def _check_fits(model: ModelConfig, folder: ModelConfig, source: str) -> None:
+    """Refuse model.* overrides that change a tensor's shape: the folder's weights load only
+    into its own shapes."""
+    from stalwart.model import DeepSeekForCausalLM
+
+    ours = DeepSeekForCausalLM(model, device="meta").state_dict()
+    theirs = DeepSeekForCausalLM(folder, device="meta").state_dict()
+    for name in sorted(ours.keys() | theirs.keys()):
+        want = tuple(theirs[name].shape) if name in theirs else None
+        got = tuple(ours[name].shape) if name in ours else None
+        if want != got:
+            raise ConfigError(f"model.from {source}: the model.* overrides make {name} {got or 'absent'} where the "
+                              f"folder has {want or 'none'}; its weights load only into its own shapes")
 
 
 def validate(cfg: RunConfig) -> RunConfig:

@@ -22,13 +22,12 @@ import dataclasses
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from stalwart.data.tokenizer import declared_special_ids, load_tokenizer, save_tokenizer
@@ -211,8 +210,14 @@ def _shards(entries: list[_Entry], max_bytes: int) -> list[list[_Entry]]:
 
 def from_hf_state_dict(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Map HF names to ours; raise ModelFileError naming any missing or misshapen tensor."""
+    return dict(_our_tensors(cfg, tensors))
+
+
+def _our_tensors(cfg: ModelConfig, tensors: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each tensor of our model's state dict by our name, made from the folder's `tensors` (a
+    dict, or a `_FolderTensors` that reads one at a time) only when its turn comes."""
     expected = DeepSeekForCausalLM(cfg, device="meta").state_dict()
-    L, out = cfg.num_hidden_layers, {}
+    L = cfg.num_hidden_layers
     for name, ref in expected.items():
         hf = name
         m = re.match(r"^mtp\.(\d+)\.(.*)$", name)
@@ -228,19 +233,41 @@ def from_hf_state_dict(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> di
             raise ModelFileError(f"{WEIGHTS_FILE} lacks tensor {hf}")
         if tuple(t.shape) != tuple(ref.shape):
             raise ModelFileError(f"{WEIGHTS_FILE}: {hf} has shape {tuple(t.shape)}, config says {tuple(ref.shape)}")
-        out[name] = t
-    return out
+        yield name, t
+
+
+class _FolderTensors:
+    """A folder's tensors by name, each read from its file when asked for (safetensors maps
+    the files; nothing is held beyond the tensor returned)."""
+
+    def __init__(self, path: Path) -> None:
+        self._files: dict[str, Path] = {}
+        for f in _weight_files(path):
+            for name in _names_in(f):
+                self._files[name] = f
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._files
+
+    def get(self, name: str) -> torch.Tensor | None:
+        return self[name] if name in self else None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        try:
+            with safe_open(str(self._files[name]), "pt") as st:
+                return st.get_tensor(name)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ModelFileError(f"{self._files[name]} is corrupt or truncated: {e}") from None
 
 
 def _stack_experts(tensors: dict[str, torch.Tensor], prefix: str, proj: str, n: int) -> torch.Tensor:
     per_expert = [f"{prefix}.{e}.{proj}.weight" for e in range(n)]
     if all(k in tensors for k in per_expert):
         return torch.stack([tensors[k] for k in per_expert])
-    fused = tensors.get(f"{prefix}.gate_up_proj")
     if proj == "down_proj" and f"{prefix}.down_proj" in tensors:
         return tensors[f"{prefix}.down_proj"]
-    if fused is not None:
-        gate, up = fused.chunk(2, dim=1)
+    if f"{prefix}.gate_up_proj" in tensors:
+        gate, up = tensors[f"{prefix}.gate_up_proj"].chunk(2, dim=1)
         return gate if proj == "gate_proj" else up
     raise ModelFileError(f"{WEIGHTS_FILE} lacks tensor {per_expert[0]}")
 
@@ -330,6 +357,11 @@ def read_hf_config(path: Path, tokenizer: Any = None) -> ModelConfig:
         raise ModelFileError(f"{config_path} not found: not a model folder") from None
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelFileError(f"{config_path} is not valid JSON: {e}") from None
+    quantized = raw.get("quantization_config") if isinstance(raw, dict) else None
+    if quantized:
+        method = quantized.get("quant_method", "quantized") if isinstance(quantized, dict) else "quantized"
+        raise ModelFileError(f"{path}: its weights are {method} (quantization_config); stalwart reads fp32, bf16 or "
+                             "fp16 weights: dequantize the folder first")
     cfg = config_from_hf(raw)
     if tokenizer is None:
         return cfg
@@ -369,13 +401,17 @@ def load_hf_folder(path: Path) -> tuple[DeepSeekForCausalLM, Any]:
 def load_folder_weights(model: DeepSeekForCausalLM, path: Path,
                         place: Callable[[torch.Tensor, torch.Tensor], None] = lambda t, whole: t.copy_(whole)) -> None:
     """An HF folder's weights (and router biases) into `model` as its initial state
-    (`model.from`): each whole tensor handed to `place`, which keeps this process's part of it
-    (the whole by default; a shard: `Sharding.place`). The model's config must be the
-    folder's; a tensor that is missing or of another shape is a ModelFileError."""
-    wanted = from_hf_state_dict(model.cfg, _load_weights(Path(path)))
-    for name, target in model.state_dict(keep_vars=True).items():
-        if name in wanted:
-            place(target, wanted[name].to(target.dtype))
+    (`model.from`), read one tensor at a time: each whole tensor handed to `place`, which keeps
+    this process's part of it (the whole by default; a shard: `Sharding.place`). The model's
+    config must be the folder's; a tensor that is missing or of another shape is a
+    ModelFileError."""
+    targets = model.state_dict(keep_vars=True)
+    loaded = set()
+    for name, whole in _our_tensors(model.cfg, _FolderTensors(Path(path))):
+        place(targets[name], whole.to(targets[name].dtype))
+        loaded.add(name)
+    if loaded != set(targets):
+        raise ModelFileError(f"{path}: no tensor for {', '.join(sorted(set(targets) - loaded)[:3])}")
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -391,16 +427,17 @@ def _weight_files(path: Path) -> list[Path]:
 
 def _weight_names(path: Path) -> list[str]:
     """The tensor names of a folder's weights, read from the files' headers only."""
-    names: list[str] = []
-    for f in _weight_files(path):
-        try:
-            with safe_open(str(f), "pt") as st:
-                names += list(st.keys())
-        except FileNotFoundError:
-            raise ModelFileError(f"{f} not found") from None
-        except (SafetensorError, OSError, ValueError) as e:
-            raise ModelFileError(f"{f} is corrupt or truncated: {e}") from None
-    return names
+    return [name for f in _weight_files(path) for name in _names_in(f)]
+
+
+def _names_in(f: Path) -> list[str]:
+    try:
+        with safe_open(str(f), "pt") as st:
+            return list(st.keys())
+    except FileNotFoundError:
+        raise ModelFileError(f"{f} not found") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelFileError(f"{f} is corrupt or truncated: {e}") from None
 
 
 def _load_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -235,7 +235,8 @@ def _shape_of_folder(path: Path) -> ModelShape:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{config} is not valid JSON: {e}") from None
     if isinstance(raw, dict) and isinstance(raw.get("model"), dict):  # a run directory
-        return from_model_config(path.name, ModelConfig.from_dict(raw["model"]))
+        return from_model_config(path.name, ModelConfig.from_dict({k: v for k, v in raw["model"].items()
+                                                                 if k != "from"}))
     from stalwart.export.hf import read_hf_config
 
     return from_model_config(path.name, read_hf_config(path))

@@ -167,10 +167,7 @@ def setup(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, replica: Repl
     model = DeepSeekForCausalLM(cfg.model, device="meta")
     sharding = Sharding(model, ranks=ranks, fsdp=fsdp, ep=ep, device=info.device, bf16=compute_dtype == "bf16") \
         if fsdp > 1 or ep > 1 else None
-    place = {"place": sharding.place} if sharding else {}
-    model.materialize(info.device, **place)
-    if cfg.model_from:  # the folder's weights as the initial state (a resumed run's checkpoint replaces them)
-        load_folder_weights(model, Path(cfg.model_from), **place)
+    model.materialize(info.device, **({"place": sharding.place} if sharding else {}))
     g = cfg.guards
     shard, shards = (replica.replica * ranks + rank, cfg.replicas.count * ranks) if replica else (rank, ranks)
     state = TrainState(model, build_optimizer(model, cfg.optim),
@@ -219,15 +216,28 @@ def _restore(job: Job, *, resume: bool, replicated: bool) -> None:
     if not replicated and run.writer:  # with replica groups the writer cleans up, never a reader
         for partial in ckpt.remove_partial(run.checkpoints):
             run.event("checkpoint_partial_removed", path=str(partial))
+    latest = job.load_latest_checkpoint() if resume else None
+    if latest is None and job.cfg.model_from:  # a run's start: the folder's weights (a peer may heal them)
+        _start_from_folder(job)
     if not resume:
         return
-    latest = job.load_latest_checkpoint()
     if latest is not None:
         set_rng_state(job.info, state.load_checkpoint(latest)["rng"])
     if not replicated and run.writer:  # the supervisor repairs the files of a replicated run
         run.truncate_metrics(state.step)
         run.repair_events()
     run.event("resume", step=state.step, checkpoint=str(latest.path) if latest else None)
+
+
+def _start_from_folder(job: Job) -> None:
+    """`model.from`'s weights as the model's initial state, each rank keeping its part; DiLoCo's
+    outer state starts from them too."""
+    sharding = job.state.sharding
+    load_folder_weights(job.model, Path(job.cfg.model_from), **({"place": sharding.place} if sharding else {}))
+    if job.state.outer is not None:
+        from stalwart.train.outer import OuterState
+
+        job.state.outer = OuterState(job.model, job.cfg.replicas)
 
 
 def _layout(cfg: RunConfig, ranks: int) -> tuple[int, int]:
