@@ -86,7 +86,10 @@ def test_a_link_down_for_20s_costs_no_group_its_process_and_the_cut_off_group_he
     procs = []
     try:
         time.sleep(0.5)
-        common = ["train", "--recipe", "smoke", "--quiet", "--replicas", "2", "--train.steps", "800",
+        # Enough steps that host A, training alone at about 30 steps/s through the outage, is
+        # still training when the link is back (with 800 it had finished, and B had no one to
+        # heal from).
+        common = ["train", "--recipe", "smoke", "--quiet", "--replicas", "2", "--train.steps", "1200",
                   "--lighthouse", f"http://{ip_a}:29510", "--eval.problems", "0", "--replicas.timeout_s", "3",
                   "--replicas.quorum_timeout_s", "3", "--replicas.heartbeat_timeout_s", "1"]
         procs = [_in(two_hosts, 0, *common, "--groups", "0", "--host", ip_a, "--out", str(tmp_path / "host-a")),

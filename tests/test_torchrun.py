@@ -39,6 +39,12 @@ def _torchrun(*args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", *args]
 
 
+def _assert_ok(r: subprocess.CompletedProcess) -> None:
+    """A launch that succeeded; else its ranks' own lines (before torchrun's report) and the report's end."""
+    ranks = [line for line in r.stderr.splitlines() if not line.startswith(("  ", "[", "=", "-", "W1", "E1", "I1"))]
+    assert r.returncode == 0, "\n".join(ranks[:40]) + "\n...\n" + r.stderr[-1500:]
+
+
 def _losses(run: Path) -> list[float]:
     return [m["loss"] for m in jsonl(run / "metrics.jsonl")]
 
@@ -85,7 +91,7 @@ def test_torchrun_on_two_nodes_and_a_killed_rank_restarted_by_torchrun_give_the_
     r = subprocess.run(_torchrun("--standalone", "--nproc-per-node", "2", "--max-restarts", "1", *TRAIN,
                                  "--out", str(torn_run)), capture_output=True, text=True, timeout=240,
                        env={**FAULTY, "STALWART_INJECT": "nan-grad@5,kill-in-checkpoint@20:0"})
-    assert r.returncode == 0, r.stderr[-2000:]
+    _assert_ok(r)
     assert [e["step"] for e in jsonl(torn_run / "events.jsonl") if e["event"] == "resume"] == [10]
     assert [e["step"] for e in jsonl(torn_run / "events.jsonl") if e["event"] == "checkpoint"] == [10, 20, 30]
     (removed,) = [e["path"] for e in jsonl(torn_run / "events.jsonl") if e["event"] == "checkpoint_partial_removed"]
@@ -113,7 +119,7 @@ def test_torchrun_on_two_nodes_and_a_killed_rank_restarted_by_torchrun_give_the_
         r = subprocess.run(_torchrun("--standalone", "--nproc-per-node", "2", *TRAIN, "--out", str(run), "--resume",
                                      "--train.steps", "36", "--parallel.fsdp", sharding),
                            capture_output=True, text=True, timeout=240, env=ENV)
-        assert r.returncode == 0, r.stderr[-2000:]
+        _assert_ok(r)
         assert json.loads((run / "config.json").read_text())["parallel"]["fsdp"] == int(sharding)
         assert [e["step"] for e in jsonl(run / "events.jsonl") if e["event"] == "resume"][-1] == 30
     held = {run.name: [e["parameter_bytes"] for e in jsonl(run / "events.jsonl") if e["event"] == "start"][-1]
@@ -195,7 +201,7 @@ def test_expert_parallelism_trains_as_data_parallelism_does_and_resumes_on_anoth
                                      "--parallel.fsdp", fsdp, "--parallel.ep", ep, "--out", str(tmp_path / name)),
                            capture_output=True, text=True, timeout=240,
                            env={**ENV, "STALWART_INJECT": "nan-expert-grad@5:1"})
-        assert r.returncode == 0, r.stderr[-2000:]
+        _assert_ok(r)
     runs = {name: tmp_path / name for name in layouts}
     for name, run in runs.items():
         skipped = [e for e in jsonl(run / "events.jsonl") if e["event"] == "step_skipped"]
@@ -244,7 +250,7 @@ def test_expert_parallelism_trains_as_data_parallelism_does_and_resumes_on_anoth
                                      "--parallel.fsdp", fsdp, "--parallel.ep", ep, "--resume",
                                      "--out", str(tmp_path / name)), capture_output=True, text=True, timeout=240,
                            env=ENV)
-        assert r.returncode == 0, r.stderr[-2000:]
+        _assert_ok(r)
         assert [e["step"] for e in jsonl(tmp_path / name / "events.jsonl") if e["event"] == "resume"] == [20]
     reference = _losses(tmp_path / "dp_again")[20:]
     assert len(reference) == 4
@@ -258,7 +264,7 @@ def test_expert_parallelism_trains_as_data_parallelism_does_and_resumes_on_anoth
                                      "--parallel.fsdp", fsdp, "--parallel.ep", ep, "--model.from",
                                      str(runs["dp"] / "export"), "--out", str(tmp_path / name)),
                            capture_output=True, text=True, timeout=240, env=ENV)
-        assert r.returncode == 0, r.stderr[-2000:]
+        _assert_ok(r)
     started = _losses(tmp_path / "from_dp")
     assert started[0] < _losses(runs["dp"])[0] / 2  # the folder's trained weights, not a random start
     assert _losses(tmp_path / "from_ep_fsdp") == pytest.approx(started, rel=1e-5)
@@ -274,7 +280,7 @@ def test_four_ranks_reshard_on_resume_whole_to_four_shards_and_four_to_two(tmp_p
         r = subprocess.run(_torchrun("--standalone", "--nproc-per-node", "4", *TRAIN, "--eval.problems", "0",
                                      "--train.steps", str(steps), "--parallel.fsdp", fsdp, "--out", str(run), *extra),
                            capture_output=True, text=True, timeout=300, env=ENV)
-        assert r.returncode == 0, r.stderr[:3000]  # the ranks' own report comes before torchrun's
+        _assert_ok(r)
 
     whole, resharded = tmp_path / "whole", tmp_path / "resharded"
     launch(whole, 10, "1")

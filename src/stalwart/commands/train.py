@@ -65,9 +65,18 @@ def parse_overrides(extra: list[str]) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import faulthandler
+
     from stalwart.faults import check_spec
     from stalwart.train.loop import TrainResult
 
+    # A fatal signal in native code (SIGSEGV, SIGABRT from a library's abort, SIGBUS) prints
+    # every thread's Python stack to stderr (a group's: logs/replica-R.log) before the process
+    # dies; a stderr that is no file (the command run inside another program) has none.
+    try:
+        faulthandler.enable(all_threads=True)
+    except (AttributeError, ValueError, OSError):  # io.UnsupportedOperation is both
+        pass
     check_spec()
 
     from stalwart.config import RESUMABLE_OVERRIDES, apply_overrides, read_run_config

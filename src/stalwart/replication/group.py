@@ -137,6 +137,9 @@ class LocalGroup:
     def set_step(self, step: int) -> None:
         pass
 
+    def finish(self) -> None:
+        pass
+
     def shutdown(self) -> None:
         pass
 
@@ -205,6 +208,11 @@ class RanksGroup(LocalGroup):
         out = [torch.empty_like(t) for _ in range(self.ranks)]
         self._dist.all_gather(out, t)
         return [int(v.item()) for v in out]
+
+    def finish(self) -> None:
+        """A run that ended well: every rank past its last collective (the export's gathers)
+        before any rank closes its connections in `shutdown`."""
+        self._dist.barrier()
 
     def shutdown(self) -> None:
         self._dist.destroy_process_group()
@@ -447,6 +455,11 @@ class TorchFTGroup:
         """Mark this group's state as bad: it is behind at the next quorum, so torchft heals
         it from a peer that is up to date."""
         self.set_step(max(self.manager.current_step() - 1, 0))
+
+    def finish(self) -> None:
+        """As RanksGroup.finish, among this group's ranks."""
+        if self._intra is not None:
+            self._intra.barrier()
 
     def shutdown(self) -> None:
         self.manager.shutdown(wait=False)

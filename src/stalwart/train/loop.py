@@ -117,6 +117,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
         if state.step == first_step:  # resumed a finished run: nothing trained, report its final state
             last = evaluate(cfg, job.model, job.tokenizer, job.info, sharded=state.sharding is not None)
         export = _export(job)  # sharded: collectives, before shutdown
+        group.finish()
     finally:
         group.shutdown()
 
