@@ -1,7 +1,7 @@
 """Memory, step time and cross-group bytes of sharding: data parallel, FSDP2 and FSDP2 + expert parallelism on 1, 2 and 4 ranks, against `stalwart plan`.
 
 One plain torchrun launch per layout (LAYOUTS: ranks, `--parallel.fsdp`, `--parallel.ep`)
-trains the smoke recipe widened to a DeepSeek-style MoE of about 60M parameters (MODEL
+trains the smoke recipe with the `small` preset's model, a DeepSeek-style MoE of 60.1M parameters (MODEL
 below: MLA, 16 routed experts of which 2 per token, one shared, MTP) in fp32 for --steps
 steps of 4 x 64 tokens per rank, checkpointing once at the end, no evaluation. Measured per
 rank:
@@ -55,11 +55,20 @@ from pathlib import Path
 LAYOUTS = {"1 rank": (1, 1, 1), "data parallel, 2 ranks": (2, 1, 1), "FSDP2, 2 ranks": (2, 2, 1),
            "FSDP2 + EP 2, 2 ranks": (2, 2, 2), "FSDP2, 4 ranks": (4, 4, 1),
            "FSDP2 + EP 2, 4 ranks": (4, 4, 2)}  # ranks, parallel.fsdp, parallel.ep
-MODEL = ["--model.hidden_size", "512", "--model.num_hidden_layers", "4", "--model.num_attention_heads", "8",
-         "--model.q_lora_rank", "128", "--model.kv_lora_rank", "128", "--model.qk_nope_head_dim", "64",
-         "--model.qk_rope_head_dim", "32", "--model.v_head_dim", "64", "--model.intermediate_size", "1536",
-         "--model.n_routed_experts", "16", "--model.moe_intermediate_size", "512", "--model.n_group", "4",
-         "--model.topk_group", "2"]
+def _small_preset_overrides() -> list[str]:
+    """The `small` preset's shape as overrides of the smoke recipe's model (which keeps its
+    own sequence length)."""
+    import dataclasses
+
+    from stalwart.model import preset
+    from stalwart.recipes import smoke
+
+    small, base = dataclasses.asdict(preset("small")), dataclasses.asdict(smoke().model)
+    return [arg for key in small if small[key] != base[key] and key != "max_position_embeddings"
+            for arg in (f"--model.{key}", str(small[key]))]
+
+
+MODEL = _small_preset_overrides()
 MIB = 1 << 20
 
 

@@ -31,6 +31,13 @@ def test_tiny_preset_is_between_one_and_five_million_parameters():
     assert counts["activated"] < counts["total"]
 
 
+def test_small_preset_is_between_50_and_100_million_parameters_and_keeps_deepseek_v3s_features():
+    cfg, counts = preset("small"), parameter_counts(preset("small"))
+    assert 50e6 <= counts["total"] + counts["mtp"] <= 100e6  # 60.1M: bench/sharding.py's model
+    assert cfg.attention == "mla" and cfg.q_lora_rank and cfg.n_routed_experts > cfg.num_experts_per_tok
+    assert cfg.n_shared_experts and cfg.num_nextn_predict_layers and cfg.n_group > 1
+
+
 @pytest.mark.parametrize("changes, field", [
     (dict(n_routed_experts=9, n_group=2), "n_group"),
     (dict(topk_group=3), "topk_group"),

@@ -195,6 +195,17 @@ def _tiny() -> ModelConfig:
     )
 
 
+def _small() -> ModelConfig:
+    # ~60M parameters, `tiny` widened (hidden 512, 16 routed experts, a 128-wide query and KV
+    # bottleneck): large enough that parameters and AdamW's state are most of a process's
+    # memory, small enough to train on 2 CPU cores; bench/sharding.py shards it.
+    return dataclasses.replace(
+        _tiny(), hidden_size=512, num_attention_heads=8, q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=64,
+        qk_rope_head_dim=32, v_head_dim=64, intermediate_size=1536, n_routed_experts=16, moe_intermediate_size=512,
+        n_group=4, topk_group=2,
+    )
+
+
 def _tiny_dense() -> ModelConfig:
     # The dense baseline: same width and depth as `tiny`, plain attention, no experts.
     return dataclasses.replace(
@@ -215,7 +226,7 @@ def _deepseek_v3() -> ModelConfig:
     )
 
 
-PRESETS = {"tiny": _tiny, "tiny-dense": _tiny_dense, "deepseek-v3": _deepseek_v3}
+PRESETS = {"tiny": _tiny, "tiny-dense": _tiny_dense, "small": _small, "deepseek-v3": _deepseek_v3}
 
 
 def preset(name: str) -> ModelConfig:
