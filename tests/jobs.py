@@ -169,3 +169,19 @@ def torchrun_rank(pid: int) -> int | None:
     except (FileNotFoundError, ProcessLookupError):
         return None
     return next((int(v[5:]) for v in environ if v.startswith(b"RANK=")), None)
+
+
+def foreign_tokenizer():
+    """Another project's byte-level BPE tokenizer (300 tokens): special tokens <unk>, <s>,
+    </s>, <pad> at ids 0-3, not stalwart's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from stalwart.data.tokenizer import default_corpus
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(default_corpus(), trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    return tok

@@ -11,6 +11,7 @@ from stalwart.errors import UserError
 from stalwart.export.hf import load_hf_folder, save_hf_folder
 from stalwart.generate import generate, sample_next
 from stalwart.model import DeepSeekForCausalLM, ModelConfig
+from jobs import foreign_tokenizer
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -107,14 +108,7 @@ def transformers_folder(folder, *, pad_in_config: bool) -> None:
     tokens <unk>, <s>, </s>, <pad> at ids 0-3 (not stalwart's), named in its
     tokenizer_config.json; config.json gives bos 1 and eos 2, and pad 3 or (`pad_in_config`
     False) none, so that the tokenizer's config must say it."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(default_corpus(), trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok = foreign_tokenizer()
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                          unk_token="<unk>").save_pretrained(folder)
     config = transformers.DeepseekV3Config(

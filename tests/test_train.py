@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from stalwart.checkpoint import list_checkpoints, verify_checkpoint
-from jobs import in_process
+from jobs import foreign_tokenizer, in_process
 
 pytestmark = pytest.mark.slow
 
@@ -79,16 +79,7 @@ def test_same_seed_gives_the_same_loss_curve_and_another_seed_does_not(reference
 def _foreign_tokenizer(folder: Path, *, declared: bool) -> None:
     """Another project's tokenizer: special tokens <unk>, <s>, </s>, <pad> at ids 0-3 (not
     stalwart's), named in a tokenizer_config.json beside it when `declared`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from stalwart.data.tokenizer import default_corpus
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(default_corpus(), trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok = foreign_tokenizer()
     folder.mkdir()
     tok.save(str(folder / "tokenizer.json"))
     if declared:
