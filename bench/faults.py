@@ -107,8 +107,7 @@ class TorchftDDP:
         self.run = run
         run.mkdir(parents=True)
         cfg = recipe("default")
-        prepare_tokenizer(cfg.data, run, reuse=False, docs=documents(cfg.data, "train"),
-                          vocab_size=cfg.model.vocab_size, max_length=cfg.model.max_position_embeddings)
+        prepare_tokenizer(cfg, run, reuse=False, docs=documents(cfg.data, "train"))
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from stalwart.config import apply_overrides
-from stalwart.data.loader import PackedLoader, TaskDocuments
+from stalwart.data.loader import PackedLoader, TaskDocuments, text_of
 from stalwart.data.tokenizer import train_tokenizer
 from stalwart.guards import NONFINITE, OK, ROLLBACK, SPIKE, Verdict
 from stalwart.train.exchange import StepExchange
@@ -89,7 +89,7 @@ def test_a_group_known_bad_contributes_only_its_flags():
 @pytest.fixture(scope="module")
 def tokenizer():
     docs = TaskDocuments("addition", "train", 0, 1, 3)
-    return train_tokenizer(("".join(docs.document(i)) for i in range(300)), 512)
+    return train_tokenizer((text_of(docs.document(i)) for i in range(300)), 512)
 
 
 def test_every_loader_position_restores_the_same_batches(tokenizer):

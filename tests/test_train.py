@@ -221,15 +221,30 @@ def test_corrupt_newest_checkpoint_is_reported_and_the_previous_one_used(referen
     assert curve(run) == curve(reference)
 
 
-def test_trains_on_user_text_and_jsonl_files(tmp_path):
+def test_trains_on_user_text_jsonl_parquet_and_chat_records(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     (tmp_path / "a.txt").write_text("\n\n".join(f"Paragraph {i} says hello to the world." for i in range(80)))
     (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": f"record {i}: ünïcode ✓"}) + "\n"
                                               for i in range(80)))
-    files = f"{tmp_path / 'a.txt'},{tmp_path / 'b.jsonl'}"
-    r = train(tmp_path / "run", "--data.task", "files", "--data.files", files, "--train.steps", "6")
+    pq.write_table(pa.table({"body": [f"row {i}" for i in range(80)]}), tmp_path / "c.parquet", row_group_size=16)
+    r = train(tmp_path / "run", "--data.task", "files", "--data.files", f"{tmp_path / 'a.txt'},{tmp_path / 'b.jsonl'}",
+              "--train.steps", "6")
     assert r.returncode == 0, r.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["eval_exact_match"] is None and summary["eval_loss"] is not None
+    # A chat dataset: conversations and prompt / completion pairs, trained on the answers.
+    chats = [{"messages": [{"role": "user", "content": f"{i}+1?"}, {"role": "assistant", "content": str(i + 1)}]}
+             for i in range(70)] + [{"prompt": f"{i}*2?", "completion": str(2 * i)} for i in range(70)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+    r = train(tmp_path / "chat", "--data.task", "files", "--data.files", str(tmp_path / "chat.jsonl"),
+              "--data.format", "chat", "--train.steps", "4")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "chat" / "summary.json").read_text())["eval_loss"] is not None
+    r = train(tmp_path / "parquet", "--data.task", "files", "--data.files", str(tmp_path / "c.parquet"),
+              "--data.field", "body", "--train.steps", "2", "--eval.batches", "0")
+    assert r.returncode == 0, r.stderr
 
 
 def one_line_error(r: subprocess.CompletedProcess) -> str:
@@ -252,12 +267,23 @@ def one_line_error(r: subprocess.CompletedProcess) -> str:
     (["--data.task", "multiplication", "--data.min_digits", "1", "--data.max_digits", "1"], "no eval problems"),
     (["--train.seed", "-1"], "train.seed must be in"),
     (["--data.files", "notes.txt"], "data.files is read only when data.task is 'files'"),
+    (["--data.format", "yaml"], "data.format must be one of text, chat"),
+    (["--data.format", "chat"], "data.format and data.field apply to data.task files"),
+    (["--data.task", "files", "--data.files", "tests/test_train.py"], "unknown format (expected .txt, .jsonl"),
     (["--model.initializer_range", "nan"], "model.initializer_range must be a finite number"),
 ])
 def test_bad_input_is_one_clear_line_and_exit_code_2(extra, words, tmp_path):
     line = one_line_error(in_process("train", "--out", str(tmp_path / "run"), *ARGS, *extra))
     assert words in line
     assert not (tmp_path / "run").exists()  # rejected before a run directory is made
+
+
+def test_a_data_field_that_does_not_exist_is_one_line_before_anything_is_written(tmp_path):
+    (tmp_path / "d.jsonl").write_text(json.dumps({"text": "hello"}) + "\n")
+    line = one_line_error(in_process("train", "--out", str(tmp_path / "run"), *ARGS, "--data.task", "files",
+                                     "--data.files", str(tmp_path / "d.jsonl"), "--data.field", "body"))
+    assert "d.jsonl:1: expected a JSON object with a string 'body' field" in line
+    assert not (tmp_path / "run").exists()
 
 
 def test_existing_run_needs_resume_and_resume_needs_a_run(reference, tmp_path):

@@ -24,13 +24,20 @@ from stalwart.model.config import validate as validate_model
 @dataclass(frozen=True)
 class DataConfig:
     task: str = "addition"  # a generated task (data/tasks.py), or "files" for data.files
-    files: tuple[str, ...] = ()  # .txt / .jsonl paths when task is "files"
+    # when task is "files": .txt, .jsonl, .parquet files, saved datasets, folders (data/files.py)
+    files: tuple[str, ...] = ()
+    format: str = "text"  # text: documents; chat: conversations, trained on the answers (data/chat.py)
+    field: str = ""  # the record field read: "" is text's "text", chat's "messages"
     min_digits: int = 3  # operand width, drawn in [min_digits, max_digits]
     max_digits: int = 3
     seq_len: int = 128
     seed: int = 0
     tokenizer_documents: int = 4000  # documents the BPE tokenizer is trained on
     tokenizer: str = ""  # a tokenizer.json (or a folder with one) to use instead of training one
+
+    @property
+    def record_field(self) -> str:
+        return self.field or ("messages" if self.format == "chat" else "text")
 
 
 @dataclass(frozen=True)
@@ -176,6 +183,20 @@ class ParallelConfig:
     ep: int = 1
 
 
+EXPORT_DTYPES = ("bf16", "fp32")
+DATA_FORMATS = ("text", "chat")
+TRACKERS = ("tensorboard", "wandb")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """The Hugging Face folder written at the end of training (RUN_DIR/export)."""
+    dtype: str = "bf16"  # bf16 (what serving engines load) or fp32; the router stays fp32 in both
+    # Above this, numbered files with model.safetensors.index.json: transformers' default
+    # max_shard_size (5GB, export/hf.py MAX_SHARD_BYTES).
+    max_shard_gb: float = 5.0
+
+
 @dataclass(frozen=True)
 class RunConfig:
     recipe: str = "default"
@@ -188,12 +209,16 @@ class RunConfig:
     replicas: ReplicasConfig = field(default_factory=ReplicasConfig)
     guards: GuardsConfig = field(default_factory=GuardsConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    # Where metrics go besides metrics.jsonl (`--track tensorboard,wandb`): optional sinks.
+    track: tuple[str, ...] = ()
     # `model.from`: a DeepSeek-V3-format folder whose config is the model's and whose weights
     # the run starts from (continued pre-training, fine-tuning); "": random initial weights.
     model_from: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         raw = dataclasses.asdict(self)
+        raw["track"] = list(self.track)  # a JSON list, as config.json holds it (from_dict wants one)
         source = raw.pop("model_from")
         if source:  # kept in the model section, under the key the command line names it by
             raw["model"]["from"] = source
@@ -216,6 +241,10 @@ class RunConfig:
                 continue
             if f.name == "recipe":
                 kwargs["recipe"] = raw["recipe"]
+            elif f.name == "track":
+                if not isinstance(raw["track"], list) or not all(isinstance(t, str) for t in raw["track"]):
+                    raise ConfigError(f"track must be a list of sink names, got {raw['track']!r}")
+                kwargs["track"] = tuple(raw["track"])
             elif f.name == "model":
                 if not isinstance(raw["model"], dict):
                     raise ConfigError("config section model must be an object")
@@ -242,11 +271,12 @@ RESUMABLE_OVERRIDES = ("train.steps", "train.log_every", "train.device", "train.
                          if f.name not in ("count", "ranks_per_group", "strategy", "fragments")),
                        *(f"guards.{f.name}" for f in dataclasses.fields(GuardsConfig)),
                        # any layout loads any checkpoint, whole or sharded (DCP reshards: checkpoint.py)
-                       *(f"parallel.{f.name}" for f in dataclasses.fields(ParallelConfig)))
+                       *(f"parallel.{f.name}" for f in dataclasses.fields(ParallelConfig)),
+                       *(f"export.{f.name}" for f in dataclasses.fields(ExportConfig)))
 
 SECTION_TYPES = {"data": DataConfig, "optim": OptimConfig, "train": TrainConfig, "eval": EvalConfig,
                  "checkpoint": CheckpointConfig, "replicas": ReplicasConfig, "guards": GuardsConfig,
-                 "parallel": ParallelConfig}
+                 "parallel": ParallelConfig, "export": ExportConfig}
 
 
 def _section(name: str, cls: type, raw: Any) -> Any:
@@ -354,6 +384,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(d.task in TASKS + ("files",), f"data.task must be one of {', '.join(TASKS + ('files',))}, got {d.task!r}")
     need(d.task != "files" or bool(d.files), "data.files must list at least one file when data.task is 'files'")
     need(d.task == "files" or not d.files, f"data.files is read only when data.task is 'files' (it is {d.task!r})")
+    need(d.format in DATA_FORMATS, f"data.format must be one of {', '.join(DATA_FORMATS)}, got {d.format!r}")
+    need(d.task == "files" or (d.format, d.field) == ("text", ""),
+         f"data.format and data.field apply to data.task files (it is {d.task!r})")
     need(1 <= d.min_digits <= d.max_digits <= 18, f"data.min_digits and data.max_digits must satisfy "
          f"1 <= min <= max <= 18, got {d.min_digits} and {d.max_digits}")
     need(2 <= d.seq_len <= cfg.model.max_position_embeddings,
@@ -439,6 +472,10 @@ def validate(cfg: RunConfig) -> RunConfig:
          "the ranks of each group)")
     need(e == 1 or not cfg.train.compile, f"parallel.ep {e} is not supported with train.compile (its token "
          "dispatch is not tested compiled): leave train.compile off")
+    need(cfg.export.dtype in EXPORT_DTYPES, f"export.dtype must be bf16 or fp32, got {cfg.export.dtype!r}")
+    need(cfg.export.max_shard_gb > 0, f"export.max_shard_gb must be > 0, got {cfg.export.max_shard_gb}")
+    unknown = [t for t in cfg.track if t not in TRACKERS]
+    need(not unknown, f"unknown tracking sink {', '.join(unknown)} (known: {', '.join(TRACKERS)})")
     need(g.spike_sigma >= 0, f"guards.spike_sigma must be >= 0, got {g.spike_sigma}")
     need(g.spike_window >= 2 and 2 <= g.spike_min_history <= g.spike_window,
          f"guards.spike_window and guards.spike_min_history must satisfy 2 <= min_history <= window, "

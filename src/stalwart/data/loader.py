@@ -1,7 +1,8 @@
 """Documents and the packed, resumable, shardable loader.
 
-A document is a (prompt, completion) pair of strings; the loss covers the completion and
-its eos, not the prompt (for plain text the prompt is empty). Documents are addressed by
+A document is a sequence of (prompt, answer) turns of strings: one for a generated problem
+or plain text (whose prompt is empty), one per assistant message for a conversation
+(data/chat.py). The loss covers each answer and the eos after it, not the prompts. Documents are addressed by
 an integer index, so the loader's whole position is three integers (`LOADER_STATE`): the
 documents read, the first document whose tokens are still carried, and how many tokens of
 those carried documents are already used. The carried tokens themselves are rebuilt from
@@ -10,19 +11,27 @@ the documents on load, so the position is small enough to travel in every replic
 
 Sharding: shard s of n takes documents s, s + n, s + 2n, ... of the stream, so ranks and
 replica groups see disjoint data without talking to each other.
+
+A finite corpus is read in a new order each epoch, drawn from the seed and the epoch: its
+blocks of SHUFFLE_BLOCK documents in a shuffled order (the short last block last), each
+block shuffled within. A corpus of up to 4096 documents is thus fully shuffled, a larger
+one is read a block at a time (data/files.py decodes a page of records at a time), and the
+order needs memory for one block and the block order, not for every document.
 """
 
 from __future__ import annotations
 
-import json
+import bisect
 import random
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import torch
 
+from stalwart.data.chat import record_turns
+from stalwart.data.files import PAGE, RecordFile, data_files, open_record_file
 from stalwart.data.tasks import make_problem
 from stalwart.data.tokenizer import EOS_ID
 from stalwart.errors import ConfigError, UserError
@@ -30,12 +39,19 @@ from stalwart.model import IGNORE_INDEX
 
 
 CHUNK = 64  # documents tokenised at a time
+SHUFFLE_BLOCK = 4096  # an epoch's order: blocks of this many documents shuffled, and shuffled within
+EVAL_EVERY = 64  # every 64th document of user files is held out
 LOADER_STATE = ("position", "start", "skip")  # the loader's whole state, in this order
 
 
 class Documents(Protocol):
     def __len__(self) -> int: ...  # 0 means unbounded
-    def document(self, index: int) -> tuple[str, str]: ...
+    def document(self, index: int) -> tuple[tuple[str, str], ...]: ...  # its (prompt, answer) turns
+
+
+def text_of(document: tuple[tuple[str, str], ...]) -> str:
+    """A document's whole text, its prompts and answers in order (what a tokenizer learns from)."""
+    return "".join(prompt + answer for prompt, answer in document)
 
 
 @dataclass(frozen=True)
@@ -51,52 +67,83 @@ class TaskDocuments:
     def __len__(self) -> int:
         return 0
 
-    def document(self, index: int) -> tuple[str, str]:
+    def document(self, index: int) -> tuple[tuple[str, str], ...]:
         p = make_problem(self.task, self.split, index, self.seed, self.min_digits, self.max_digits)
-        return p.prompt, p.solution
+        return ((p.prompt, p.solution),)
 
 
-class TextDocuments:
-    """User data: .txt files (one document per blank-line-separated paragraph) and .jsonl
-    files (one document per line, its `text` field). Every 64th document is held out for
-    the eval split; with fewer than 64 documents there is no eval split."""
+class FileDocuments:
+    """User data (data/files.py: .txt, .jsonl, .parquet, saved datasets), read a page at a
+    time. `format` "text": a record is a .txt paragraph, or the string in its `field`;
+    "chat": its `field` holds a list of messages, or it has prompt and completion strings
+    (data/chat.py). Every 64th record is held out for the eval split; with fewer than 64
+    records there is no eval split. A record that does not fit the format stops the run
+    with one line naming its file and line or row; each file's first page is checked now."""
 
-    def __init__(self, paths: Sequence[str], split: str) -> None:
-        docs: list[str] = []
-        for path in map(Path, paths):
-            try:
-                raw = path.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as e:
-                raise UserError(f"cannot read data file {path}: {getattr(e, 'strerror', None) or e}") from None
-            if path.suffix == ".jsonl":
-                for n, line in enumerate(raw.splitlines(), start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        text = json.loads(line)["text"]
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise UserError(f"{path}:{n}: expected a JSON object with a 'text' field") from None
-                    if not isinstance(text, str):
-                        raise UserError(f"{path}:{n}: 'text' must be a string")
-                    docs.append(text)
-            else:
-                docs += [p.strip() for p in raw.split("\n\n") if p.strip()]
-        if not docs:
+    def __init__(self, paths: Sequence[str], split: str, *, format: str = "text", field: str = "text") -> None:
+        self.format, self.field = format, field
+        self._pages: OrderedDict[tuple[int, int], list] = OrderedDict()  # the last pages decoded
+        self.files = [open_record_file(p) for p in data_files(paths)]
+        for f in self.files:
+            self._check(f)
+        self.bounds = [0]
+        for f in self.files:
+            self.bounds.append(self.bounds[-1] + len(f))
+        total = self.bounds[-1]
+        if not total:
             raise UserError(f"no documents in {', '.join(paths) or 'data.files (empty)'}")
-        held_out = [d for i, d in enumerate(docs) if i % 64 == 63]
-        self.docs = held_out if split == "eval" else [d for i, d in enumerate(docs) if i % 64 != 63]
+        self.eval = split == "eval"
+        self.size = total // EVAL_EVERY if self.eval else total - total // EVAL_EVERY
+
+    def _check(self, f: RecordFile) -> None:
+        """Refuse a file whose records cannot hold this format, and read only the columns used."""
+        if f.columns is None:
+            if f.path.suffix == ".txt" and self.format == "chat":
+                raise UserError(f"{f.path}: data.format chat reads .jsonl, .parquet or saved datasets, not .txt")
+            if len(f):
+                self._turns(f, 0)
+            return
+        wanted = [(self.field,)] + ([("prompt", "completion")] if self.format == "chat" else [])
+        for columns in wanted:
+            if set(columns) <= set(f.columns):
+                f.read = columns
+                return
+        raise UserError(f"data.field {self.field!r} is not a column of {f.path} (columns: {', '.join(f.columns)})")
 
     def __len__(self) -> int:
-        return len(self.docs)
+        return self.size
 
-    def document(self, index: int) -> tuple[str, str]:
-        return "", self.docs[index]
+    def _record(self, f: RecordFile, i: int):
+        key = (id(f), i // PAGE)
+        if key not in self._pages:
+            self._pages[key] = f.page(i // PAGE)
+            while len(self._pages) > 8:  # two shuffle blocks' worth
+                self._pages.popitem(last=False)
+        return self._pages[key][i % PAGE]
+
+    def _turns(self, f: RecordFile, i: int) -> tuple[tuple[str, str], ...]:
+        record = self._record(f, i)
+        if self.format == "chat":
+            try:
+                return record_turns(record, self.field)
+            except ValueError as e:
+                raise UserError(f"{f.where(i)}: {e}") from None
+        text = record if isinstance(record, str) else record.get(self.field) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            raise UserError(f"{f.where(i)}: expected a JSON object with a string {self.field!r} field (data.field)")
+        return (("", text),)
+
+    def document(self, index: int) -> tuple[tuple[str, str], ...]:
+        g = index * EVAL_EVERY + EVAL_EVERY - 1 if self.eval else index // (EVAL_EVERY - 1) * EVAL_EVERY + \
+            index % (EVAL_EVERY - 1)
+        n = bisect.bisect_right(self.bounds, g) - 1
+        return self._turns(self.files[n], g - self.bounds[n])
 
 
 class PackedLoader:
     """Concatenates tokenised documents (each followed by eos) and cuts (B, T) batches.
 
-    Finite corpora are read in a fresh seeded permutation each epoch. Documents are
+    Finite corpora are read in a fresh seeded order each epoch. Documents are
     tokenised 64 at a time (a chunk); the state is {"position": documents of this shard
     read, "start": the first document of the oldest chunk still carried, "skip": tokens of
     the carried chunks already cut into batches}.
@@ -115,7 +162,8 @@ class PackedLoader:
         self.carry_ids: list[int] = []  # tokens of the chunks from `start` on, minus `skip` used ones
         self.carry_mask: list[bool] = []
         self._chunk_lens: list[int] = []  # tokens of each carried chunk, oldest first
-        self._perm: tuple[int, list[int]] | None = None
+        self._blocks: tuple[int, list[int]] | None = None  # an epoch's block order
+        self._perm: tuple[tuple[int, int], list[int]] | None = None  # one block's order
 
     def _doc_index(self, position: int) -> int:
         n = len(self.docs)
@@ -123,21 +171,33 @@ class PackedLoader:
             return self.shard + position * self.num_shards
         per_shard = n // self.num_shards
         epoch, offset = divmod(position, per_shard)
-        if self._perm is None or self._perm[0] != epoch:
-            order = list(range(n))
+        return self._shuffled(epoch, self.shard + offset * self.num_shards)
+
+    def _shuffled(self, epoch: int, j: int) -> int:
+        """The document at place j of epoch `epoch`'s order (see the module docstring)."""
+        n = len(self.docs)
+        full = n // SHUFFLE_BLOCK
+        if self._blocks is None or self._blocks[0] != epoch:
+            order = list(range(full))
             random.Random(f"{self.seed}:{epoch}").shuffle(order)
-            self._perm = (epoch, order)
-        return self._perm[1][self.shard + offset * self.num_shards]
+            self._blocks = (epoch, order)
+        k, within = divmod(j, SHUFFLE_BLOCK)
+        block = self._blocks[1][k] if k < full else full
+        if self._perm is None or self._perm[0] != (epoch, block):
+            order = list(range(min(SHUFFLE_BLOCK, n - block * SHUFFLE_BLOCK)))
+            random.Random(f"{self.seed}:{epoch}:{block}").shuffle(order)
+            self._perm = ((epoch, block), order)
+        return block * SHUFFLE_BLOCK + self._perm[1][within]
 
     def _read_chunk(self) -> None:
-        prompts, completions = zip(*(self.docs.document(self._doc_index(self.position + i)) for i in range(CHUNK)))
+        turns = [t for i in range(CHUNK) for t in self.docs.document(self._doc_index(self.position + i))]
         self.position += CHUNK
-        enc_p = self.tok.encode_batch(list(prompts), add_special_tokens=False)
-        enc_c = self.tok.encode_batch(list(completions), add_special_tokens=False)
+        enc_p = self.tok.encode_batch([p for p, _ in turns], add_special_tokens=False)
+        enc_a = self.tok.encode_batch([a for _, a in turns], add_special_tokens=False)
         before = len(self.carry_ids)
-        for p, c in zip(enc_p, enc_c):
-            self.carry_ids += p.ids + c.ids + [self.eos_id]
-            self.carry_mask += [False] * len(p.ids) + [True] * (len(c.ids) + 1)
+        for p, a in zip(enc_p, enc_a):
+            self.carry_ids += p.ids + a.ids + [self.eos_id]
+            self.carry_mask += [False] * len(p.ids) + [True] * (len(a.ids) + 1)
         self._chunk_lens.append(len(self.carry_ids) - before)
 
     def _fill(self, need: int) -> None:

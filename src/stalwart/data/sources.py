@@ -4,10 +4,11 @@ supervisor (which prepares the tokenizer once, before any group starts)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from stalwart.data.loader import Documents, TaskDocuments, TextDocuments
+from stalwart.data.loader import Documents, FileDocuments, TaskDocuments, text_of
 from stalwart.data.tokenizer import (SPECIAL_TOKENS, TOKENIZER_FILE, declared_special_ids, load_tokenizer,
                                      save_tokenizer, train_tokenizer)
 from stalwart.errors import ConfigError
@@ -16,11 +17,12 @@ if TYPE_CHECKING:  # config.py imports data.tasks: take its section as a plain v
     from stalwart.config import DataConfig, RunConfig
 
 
+@functools.lru_cache(maxsize=4)
 def documents(data: DataConfig, split: str) -> Documents:
-    """The documents of one split: a generated task, or the user's files (read, and so
-    checked, now)."""
+    """The documents of one split: a generated task, or the user's files (opened, indexed
+    and their first records checked now; kept open for the next evaluation)."""
     if data.task == "files":
-        return TextDocuments(data.files, split)
+        return FileDocuments(data.files, split, format=data.format, field=data.record_field)
     return TaskDocuments(data.task, split, data.seed, data.min_digits, data.max_digits)
 
 
@@ -34,7 +36,7 @@ def prepare_tokenizer(cfg: RunConfig, directory: Path, *, reuse: bool, docs: Doc
         tok = load_tokenizer(data.tokenizer)
     else:
         n = min(data.tokenizer_documents, len(docs) or data.tokenizer_documents)
-        tok = train_tokenizer(("".join(docs.document(i)) for i in range(n)), model.vocab_size)
+        tok = train_tokenizer((text_of(docs.document(i)) for i in range(n)), model.vocab_size)
     save_tokenizer(tok, directory, model_max_length=model.max_position_embeddings, bos_id=model.bos_token_id,
                    eos_id=model.eos_token_id, pad_id=model.pad_token_id)
     return tok
