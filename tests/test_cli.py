@@ -114,3 +114,14 @@ def test_inconsistent_model_config_is_one_clear_line(change, words, exported_tin
     config.write_text(json.dumps({**json.loads(config.read_text()), **change}))
     for args in (["generate", str(tmp_path / "m"), "--prompt", "x"], ["model-info", str(tmp_path / "m")]):
         assert words in one_line_error(in_process(*args))
+
+
+def test_a_folder_of_another_architecture_is_one_clear_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama",
+                                                                 "architectures": ["LlamaForCausalLM"]}))
+    for args in (["generate", "llama", "--prompt", "x"], ["model-info", "llama"], ["verify", "--export", "llama"],
+                 ["export", "llama", "OUT"]):
+        assert "model_type 'llama', expected 'deepseek_v3'" in one_line_error(in_process(*args)), args
+    assert not (tmp_path / "OUT").exists()

@@ -12,9 +12,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from stalwart.data import chat
 from stalwart.data.tokenizer import default_corpus, train_tokenizer
 from stalwart.errors import ConfigError, ModelFileError, UserError
 from stalwart.export.hf import load_hf_folder, save_hf_folder, to_hf_state_dict
+from stalwart.generate import generate
 from stalwart.model import DeepSeekForCausalLM, ModelConfig
 
 transformers = pytest.importorskip("transformers")
@@ -117,6 +119,105 @@ def test_layout_on_disk_is_deepseeks(tokenizer, tmp_path):
         assert (tmp_path / "hf" / f).is_file()
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert tok.eos_token_id == raw["eos_token_id"] and tok.bos_token_id == raw["bos_token_id"]
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# The config.json keys that the serving engines' DeepSeek-V3 model code reads (every
+# `config.X` and `getattr(config, "X", ...)` of the main model and its MoE, attention and
+# MTP loading), each with what its value must be there. Read from
+#   vLLM:   vllm/model_executor/models/deepseek_v2.py (its DeepseekV3ForCausalLM is
+#           DeepseekV2ForCausalLM), vllm-project/vllm commit b863fe5bf4e19680572603b4e166faefc5725551;
+#   SGLang: python/sglang/srt/models/deepseek_v2.py, sgl-project/sglang commit
+#           3e4a39ee73308590c5c753108bdcb8d333f7f1c6.
+# Left out: keys only quantized checkpoints, DeepSeek-V3.2's indexer or Llama-4 scaling read.
+READ_BY_BOTH = {
+    "architectures": lambda v: v == ["DeepseekV3ForCausalLM"],  # vLLM's registry, SGLang's EntryClass
+    "hidden_size": _int, "intermediate_size": _int, "num_hidden_layers": _int, "num_attention_heads": _int,
+    "vocab_size": _int, "max_position_embeddings": _int, "rms_norm_eps": _number,
+    "q_lora_rank": lambda v: v is None or _int(v), "kv_lora_rank": _int, "qk_nope_head_dim": _int,
+    "qk_rope_head_dim": _int, "v_head_dim": _int,
+    "n_routed_experts": _int, "n_shared_experts": _int, "num_experts_per_tok": _int,
+    "moe_intermediate_size": _int, "first_k_dense_replace": _int, "moe_layer_freq": lambda v: v == 1,
+    "n_group": _int, "topk_group": _int, "routed_scaling_factor": _number,
+    "norm_topk_prob": lambda v: isinstance(v, bool),
+    "topk_method": lambda v: v == "noaux_tc",  # both make e_score_correction_bias only for noaux_tc
+    "hidden_act": lambda v: v == "silu",  # both refuse any other
+    "num_nextn_predict_layers": _int,  # the MTP layers to skip, or to load as the draft model
+}
+READ_BY_VLLM = {
+    "model_type": lambda v: v == "deepseek_v3",  # "deepseek" would make it plain attention
+    "num_key_value_heads": _int,
+    "scoring_func": lambda v: v == "sigmoid",  # its default is softmax
+    "rope_parameters": lambda v: isinstance(v, dict) and v.get("rope_type") in ("default", "yarn"),
+}
+READ_BY_SGLANG = {"rope_theta": _number, "pad_token_id": _int}
+# YaRN's numbers: vLLM reads them from rope_parameters, SGLang from rope_scaling.
+YARN_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
+# Present, either engine would take the folder for something else: DeepSeek-V3.2's sparse
+# attention (index_topk), a quantized checkpoint, Llama-4 attention scaling.
+ABSENT = ("index_topk", "quantization_config", "llama_4_scaling")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_the_config_carries_every_key_vllm_and_sglang_read(name, tokenizer, tmp_path):
+    cfg = config(**CONFIGS[name])
+    save_hf_folder(random_model(cfg), tokenizer, tmp_path / "hf", dtype=torch.bfloat16)
+    raw = json.loads((tmp_path / "hf" / "config.json").read_text())
+    for key, ok in {**READ_BY_BOTH, **READ_BY_VLLM, **READ_BY_SGLANG}.items():
+        assert key in raw and ok(raw[key]), (key, raw.get(key))
+    assert not [key for key in ABSENT if key in raw]
+    assert raw["torch_dtype"] == raw["dtype"] == "bfloat16"  # --dtype auto: transformers 4's key and 5's
+    if cfg.rope_scaling is None:
+        assert "rope_scaling" not in raw and raw["rope_parameters"]["rope_type"] == "default"
+    else:
+        assert raw["rope_scaling"]["type"] == raw["rope_parameters"]["rope_type"] == "yarn"
+        for key in YARN_KEYS:
+            assert _number(raw["rope_scaling"][key]) and raw["rope_scaling"][key] == raw["rope_parameters"][key], key
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == raw["eos_token_id"]  # where engines stop
+
+
+def test_the_exported_chat_template_renders_the_instruction_format_the_model_trains_on(tokenizer, tmp_path):
+    save_hf_folder(random_model(config(n_routed_experts=0)), tokenizer, tmp_path / "hf")
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    conversation = [{"role": "system", "content": "Answer with a number."},
+                    {"role": "user", "content": "What is 12+30?"}, {"role": "assistant", "content": "42"},
+                    {"role": "user", "content": "And 5+5?"}, {"role": "assistant", "content": "10"}]
+    turns = chat.turns(conversation)
+    rendered = tok.apply_chat_template(conversation, tokenize=False)
+    assert rendered == "".join(prompt + answer + tok.eos_token for prompt, answer in turns)
+    # What a chat endpoint sends for the next answer: the last user turn and "Assistant: ".
+    asking = tok.apply_chat_template(conversation[:4], tokenize=False, add_generation_prompt=True)
+    assert asking == turns[0][0] + turns[0][1] + tok.eos_token + turns[1][0]
+    assert asking.endswith(chat.prompt_text("And 5+5?"))
+    first = tok.apply_chat_template(conversation[1:2], tokenize=False, add_generation_prompt=True)
+    assert first == chat.prompt_text("What is 12+30?")
+
+
+def test_a_bf16_export_rounds_each_weight_once_and_transformers_generates_from_it_as_stalwart_does(
+        tokenizer, tmp_path):
+    model = random_model(config(**CONFIGS["mtp-two-shared-experts"]))
+    save_hf_folder(model, tokenizer, tmp_path / "hf", dtype=torch.bfloat16)
+    back, _ = load_hf_folder(tmp_path / "hf")  # upcast to fp32, exactly
+    kept = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")  # the router stays fp32
+    ours = back.state_dict()
+    for name, t in model.state_dict().items():
+        assert ours[name].dtype == torch.float32
+        assert torch.equal(ours[name], t if name.endswith(kept) else t.to(torch.bfloat16).float()), name
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    prompt = torch.randint(3, VOCAB, (1, 8), generator=torch.Generator().manual_seed(3))
+    expected = hf.generate(prompt, max_new_tokens=24, do_sample=False, eos_token_id=None,
+                           pad_token_id=2)[0, 8:].tolist()
+    assert generate(back, prompt.tolist(), max_new_tokens=24, eos_token_id=-1)[0] == expected
+    auto = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype="auto")
+    assert auto.dtype == torch.bfloat16  # the folder's own dtype, as engines' --dtype auto takes it
 
 
 def test_plain_attention_model_refuses_to_export(tokenizer, tmp_path):

@@ -194,11 +194,13 @@ def _expert_bytes(run: Path) -> int:
 def test_expert_parallelism_trains_as_data_parallelism_does_and_resumes_on_another_layout(tmp_path):
     # Two ranks, 20 steps: data parallel; experts split in two (EP 2); EP 2 with FSDP2. In
     # each, rank 1's expert gradient is NaN at step 5 (with EP: only the experts it holds,
-    # which no other rank sees): every rank must skip that step, as one process would.
+    # which no other rank sees): every rank must skip that step, as one process would. The
+    # exports are fp32, so that the gathered folder equals the last checkpoint (below).
     layouts = {"dp": ("1", "1"), "ep": ("1", "2"), "ep_fsdp": ("0", "2")}
     for name, (fsdp, ep) in layouts.items():
         r = subprocess.run(_torchrun("--standalone", "--nproc-per-node", "2", *TRAIN, "--train.steps", "20",
-                                     "--parallel.fsdp", fsdp, "--parallel.ep", ep, "--out", str(tmp_path / name)),
+                                     "--parallel.fsdp", fsdp, "--parallel.ep", ep, "--export.dtype", "fp32",
+                                     "--out", str(tmp_path / name)),
                            capture_output=True, text=True, timeout=240,
                            env={**ENV, "STALWART_INJECT": "nan-expert-grad@5:1"})
         _assert_ok(r)

@@ -24,12 +24,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from stalwart.export.hf import save_hf_folder
+    from stalwart.export.hf import TORCH_DTYPES, save_hf_folder
     from stalwart.model_source import open_model
 
     model, tokenizer = open_model(args.src, seed=args.seed)
-    out = save_hf_folder(model, tokenizer, args.out, dtype=getattr(torch, DTYPES[args.dtype]), replace=args.force)
+    out = save_hf_folder(model, tokenizer, args.out, dtype=TORCH_DTYPES[args.dtype], replace=args.force)
     print(f"exported {args.src} -> {out} ({DTYPES[args.dtype]})")
     return 0

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from stalwart.data.chat import CHAT_TEMPLATE
 from stalwart.errors import ConfigError, ModelFileError
 from stalwart.fsutil import atomic_write_bytes, atomic_write_json
 
@@ -83,7 +84,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
 def save_tokenizer(tok: Tokenizer, directory: Path, *, model_max_length: int = 4096, bos_id: int = BOS_ID,
                    eos_id: int = EOS_ID, pad_id: int = PAD_ID) -> None:
     """Write `tokenizer.json` and the config files `transformers.AutoTokenizer` reads, naming
-    the tokens at the model's bos, eos and pad ids.
+    the tokens at the model's bos, eos and pad ids, with the instruction format's chat
+    template (data/chat.py), so that a serving engine's chat endpoint builds the prompts the
+    model was fine-tuned on.
 
     `model_max_length` is only advisory for `transformers` (it warns past it); pass the
     model's `max_position_embeddings` when exporting.
@@ -102,6 +105,8 @@ def save_tokenizer(tok: Tokenizer, directory: Path, *, model_max_length: int = 4
         "add_eos_token": False,
         # Cleaning up would drop spaces before punctuation and break exact round trips.
         "clean_up_tokenization_spaces": False,
+        # What transformers' apply_chat_template and vLLM's / SGLang's chat endpoints render.
+        "chat_template": CHAT_TEMPLATE,
     }
     atomic_write_bytes(directory / TOKENIZER_FILE, tok.to_str(pretty=True).encode())
     atomic_write_json(directory / "tokenizer_config.json", tokenizer_config)

@@ -1,9 +1,12 @@
 """Hugging Face model folders: the state-dict adapter between stalwart and `deepseek_v3`.
 
 A folder holds config.json (`model_type: deepseek_v3`, every field transformers and the
-serving engines read), model.safetensors with transformers' weight names (above 5 GB,
+serving engines read: tests/test_export_hf.py lists vLLM's and SGLang's),
+generation_config.json, model.safetensors with transformers' weight names (above 5 GB,
 numbered files and model.safetensors.index.json, as transformers shards them), and the
-tokenizer files. Differences from our in-memory layout, and nothing else:
+tokenizer files with the instruction format's chat template. docs/serving.md says how
+transformers, vLLM and SGLang serve it. Differences from our in-memory layout, and nothing
+else:
 
 - routed experts are stacked (E, out, in) in memory and one tensor per expert on disk,
   `mlp.experts.{e}.{gate,up,down}_proj.weight`, as DeepSeek's release stores them;
@@ -37,6 +40,8 @@ from stalwart.model import DeepSeekForCausalLM, ModelConfig, RopeScaling
 
 WEIGHTS_FILE = "model.safetensors"
 MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size
+# The names `export.dtype` and `stalwart export --dtype` take, as torch dtypes.
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CONFIG_FILE = "config.json"
 # Fields of ours that deepseek_v3 has no name for; kept so that a re-import trains the same.
 TRAINING_FIELDS = ("bias_update_speed", "seq_aux_loss_alpha", "mtp_loss_weight")
@@ -89,7 +94,9 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str,
         "bos_token_id": cfg.bos_token_id,
         "eos_token_id": cfg.eos_token_id,
         "pad_token_id": cfg.pad_token_id,
+        # transformers 4 and the engines built on it read torch_dtype, transformers 5 dtype.
         "torch_dtype": str(dtype).removeprefix("torch."),
+        "dtype": str(dtype).removeprefix("torch."),
         "stalwart": {name: getattr(cfg, name) for name in TRAINING_FIELDS},
     }
     if dense:  # transformers reads the layer kind from first_k_dense_replace alone
@@ -386,8 +393,12 @@ def folder_config(path: Path, tokenizer: Any) -> ModelConfig:
 
 def load_hf_folder(path: Path) -> tuple[DeepSeekForCausalLM, Any]:
     """Load an HF deepseek_v3 folder (ours or transformers', with its own tokenizer) into our
-    model, on CPU, fp32."""
+    model, on CPU, in fp32 whatever the folder's dtype: upcasting a bf16 or fp16 folder is
+    exact, so `generate` computes with exactly the weights the folder holds (in fp32, which
+    every CPU kernel supports), and `verify --export` takes it as its reference for a device
+    copy in the dtype under test."""
     path = Path(path)
+    read_hf_config(path)  # a folder of another architecture is named as such, whatever else it lacks
     tokenizer = load_tokenizer(path)
     cfg = folder_config(path, tokenizer)
     model = DeepSeekForCausalLM(cfg, device="meta")  # the file's tensors become the weights: one copy

@@ -57,7 +57,8 @@ def verify(info: DeviceInfo, dtype: str, model_spec: str = "tiny", steps: int = 
 def verify_export(folder: Path, info: DeviceInfo, dtype: str, prompts: list[str] | None = None,
                   max_new_tokens: int = 24) -> list[Check]:
     """An exported Hugging Face folder on the device in `dtype` against fp32 on the CPU:
-    logits on the prompts, and greedy generations token by token."""
+    logits on the prompts, and greedy generations token by token. Both sides start from the
+    folder's weights (a bf16 export's upcast exactly), so fp32 on the device must match."""
     from stalwart.data.tokenizer import decode, encode
     from stalwart.export.hf import load_hf_folder
     from stalwart.generate import generate
