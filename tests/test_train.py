@@ -60,6 +60,8 @@ def test_train_writes_the_run_directory_contract(reference):
     assert events.count("checkpoint") == 6 and "export" in events
     assert [p.name for p in list_checkpoints(reference / "checkpoints")] == ["step-000030", "step-000025"]
     assert (reference / "export" / "model.safetensors").is_file()
+    exported = json.loads((reference / "export" / "config.json").read_text())
+    assert exported["torch_dtype"] == "bfloat16"  # export.dtype's default: what serving engines load
 
 
 def test_generate_runs_on_the_run_directory(reference):
@@ -90,11 +92,13 @@ def _foreign_tokenizer(folder: Path, *, declared: bool) -> None:
 def test_a_run_with_its_own_tokenizer_and_checkpoint_folder_generates_from_its_run_directory(tmp_path):
     # --data.tokenizer trains on another project's tokenizer (its special ids become the
     # model's), with the checkpoints in another folder: `generate RUN_DIR` finds them there
-    # and continues as the exported model does.
+    # and continues as the exported model does. The export is fp32 (the checkpoint's weights
+    # bit for bit, so the generations are equal) and in files of at most 400 kB.
     _foreign_tokenizer(tmp_path / "tok", declared=True)
     run = tmp_path / "run"
     r = train(run, "--train.steps", "5", "--data.tokenizer", str(tmp_path / "tok"),
-              "--checkpoint.dir", str(tmp_path / "elsewhere"))
+              "--checkpoint.dir", str(tmp_path / "elsewhere"), "--export.dtype", "fp32",
+              "--export.max_shard_gb", "0.0004")
     assert r.returncode == 0, r.stderr
     model = json.loads((run / "config.json").read_text())["model"]
     assert (model["bos_token_id"], model["eos_token_id"], model["pad_token_id"]) == (1, 2, 3)
@@ -103,6 +107,8 @@ def test_a_run_with_its_own_tokenizer_and_checkpoint_folder_generates_from_its_r
     assert Tokenizer.from_file(str(run / "tokenizer.json")).to_str() == \
         Tokenizer.from_file(str(tmp_path / "tok" / "tokenizer.json")).to_str()
     assert not (run / "checkpoints").exists() and list_checkpoints(tmp_path / "elsewhere")
+    index = json.loads((run / "export" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) >= 3 and not (run / "export" / "model.safetensors").exists()
     generated = {}
     for source in (run, run / "export"):
         g = subprocess.run([sys.executable, "-m", "stalwart", "generate", str(source), "--prompt", "123+456=",

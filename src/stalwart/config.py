@@ -29,9 +29,9 @@ class DataConfig:
     format: str = "text"  # text: documents; chat: conversations, trained on the answers (data/chat.py)
     field: str = ""  # the record field read: "" is text's "text", chat's "messages"
     min_digits: int = 3  # operand width, drawn in [min_digits, max_digits]
-    max_digits: int = 3
-    seq_len: int = 128
-    seed: int = 0
+    max_digits: int = 3  # see min_digits
+    seq_len: int = 128  # tokens per training sequence
+    seed: int = 0  # the generated problems' and the epoch order's seed
     tokenizer_documents: int = 4000  # documents the BPE tokenizer is trained on
     tokenizer: str = ""  # a tokenizer.json (or a folder with one) to use instead of training one
 
@@ -42,26 +42,26 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 3e-3
+    lr: float = 3e-3  # peak AdamW learning rate, after warmup
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 30
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    warmup_steps: int = 30  # linear warmup from 0 to lr
+    weight_decay: float = 0.1  # AdamW weight decay, on matrices only (not norms or the router)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    eps: float = 1e-8  # AdamW epsilon
     grad_clip: float = 1.0  # 0 disables clipping
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 500
-    batch_size: int = 32
-    grad_accum: int = 1
-    seed: int = 0
+    steps: int = 500  # optimizer steps of the run
+    batch_size: int = 32  # sequences per step and data shard
+    grad_accum: int = 1  # micro-batches accumulated per step
+    seed: int = 0  # the initial weights and every other random draw of training
     device: str = "auto"  # auto, cpu, cuda[:N], npu[:N], xpu[:N], mps
     dtype: str = "auto"  # auto (bf16 autocast where the device has it, else fp32), fp32, bf16
     compile: bool = False  # torch.compile the model
-    log_every: int = 10
+    log_every: int = 10  # steps between progress lines (metrics.jsonl has every step)
     # Data provenance: each metrics record lists the loader position ("position:start:skip")
     # of every data shard whose batch the step trained, so that a run can be audited for
     # batches trained twice or skipped.
@@ -78,7 +78,7 @@ class EvalConfig:
 @dataclass(frozen=True)
 class CheckpointConfig:
     every: int = 100  # steps between checkpoints (and at the end)
-    keep: int = 3
+    keep: int = 3  # checkpoints kept (the newest)
     # > 0: checkpoint at the Young/Daly interval sqrt(2 * C * MTBF) - C, with C the measured
     # cost of the last checkpoint; `every` is then only the interval until C is known.
     mtbf_s: float = 0.0
@@ -138,19 +138,17 @@ class ReplicasConfig:
     # inner_steps auto: a round's time budget in seconds (streaming: of all fragments'
     # rounds together), so that groups of different speeds arrive at the sync together.
     round_s: float = 10.0
-    outer_lr: float = 0.7
-    outer_momentum: float = 0.9
+    outer_lr: float = 0.7  # DiLoCo's outer Nesterov learning rate
+    outer_momentum: float = 0.9  # DiLoCo's outer Nesterov momentum
     compression: str = "none"  # none, int8, int4, int2: the outer gradient on the wire (compress.py)
     error_feedback: bool = False  # carry what compression lost into the next round
     # streaming (Streaming DiLoCo, Douillard et al. 2025): the model in `fragments` fragments,
     # strided across depth; one fragment's outer step every inner_steps / fragments steps,
     # its exchange overlapped by `overlap_steps` inner steps (tau) and the result mixed in
     # as mixing x local + (1 - mixing) x global (alpha).
-    fragments: int = 2
-    overlap_steps: int = 1
-    mixing: float = 0.5
-
-
+    fragments: int = 2  # streaming: fragments of the model, strided across depth
+    overlap_steps: int = 1  # streaming: inner steps an exchange overlaps (tau)
+    mixing: float = 0.5  # streaming: weight of the local fragment in the merge (alpha)
 @dataclass(frozen=True)
 class GuardsConfig:
     """guards.py: what makes a step or a replica bad."""
@@ -158,7 +156,7 @@ class GuardsConfig:
     spike_window: int = 128  # accepted steps in the rolling window (OLMo-core: 128)
     spike_min_history: int = 50  # accepted steps before spikes are judged (early training is noisy)
     rollback_spikes: int = 3  # this many spikes within rollback_window steps roll back; 0: never
-    rollback_window: int = 50
+    rollback_window: int = 50  # see rollback_spikes
     fingerprint_every: int = 10  # steps between cross-replica fingerprint checks; 0: never
     straggler_factor: float = 2.0  # compute time above factor x median is slow; 0: no tracking
     straggler_patience: int = 20  # consecutive slow steps before a group is reported
@@ -322,8 +320,9 @@ def read_run_config(path: Path) -> RunConfig:
         raise UserError(f"cannot read {path}: {e}") from None
 
 
-def apply_overrides(cfg: RunConfig, overrides: dict[str, str]) -> RunConfig:
-    """Apply {"section.key": "text"} overrides; names and types are checked. `model.from`
+def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    """Apply {"section.key": value} overrides, each the command line's text (parsed as the
+    field's type) or a typed value (a config file's); names and types are checked. `model.from`
     FOLDER comes first (kept as an absolute path): the folder's model config (with the special
     ids of its tokenizer, or of data.tokenizer's when given) replaces the recipe's, its
     tokenizer is the run's unless data.tokenizer is given, and the other model.* overrides
@@ -351,7 +350,7 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, str]) -> RunConfig:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         if key not in fields:
             raise ConfigError(f"unknown config key {name} (known in {section}: {', '.join(fields)})")
-        raw[section][key] = parse_value(name, fields[key].type, text)
+        raw[section][key] = parse_value(name, fields[key].type, text) if isinstance(text, str) else text
     result = RunConfig.from_dict(raw)
     if folder is not None:
         _check_fits(result.model, folder, result.model_from)

@@ -9,7 +9,9 @@ checked by their own section.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
+import re
 from typing import Any
 
 from stalwart.errors import ConfigError
@@ -48,3 +50,24 @@ def check_fields(prefix: str, cls: type, values: dict[str, Any]) -> None:
 def field_values(obj: Any) -> dict[str, Any]:
     """A dataclass instance's fields, one level deep (nested dataclasses stay objects)."""
     return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+
+
+_FIELD = re.compile(r"^    (\w+): [^=#]+(?:=[^#]*)?(?:#\s*(.*))?$")
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """One line of help for each field of a config dataclass, from the comments in its
+    source (the one place they are written): the field's own trailing comment, else the
+    first sentence of the comment lines just above it. A field without either is absent."""
+    helps: dict[str, str] = {}
+    above: list[str] = []
+    for line in inspect.getsource(cls).splitlines():
+        text = line.strip()
+        if text.startswith("#"):
+            above.append(text.lstrip("#").strip())
+            continue
+        match = _FIELD.match(line)
+        if match and (match[2] or above):
+            helps[match[1]] = match[2] or re.split(r"(?<!\bal)\.\s", " ".join(above))[0].rstrip(".")
+        above = []
+    return helps

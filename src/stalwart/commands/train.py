@@ -3,13 +3,14 @@
 With no arguments it runs the default job; --section.key VALUE overrides any recipe field.
 --replicas N supervises N replica groups under a Lighthouse on loopback; --lighthouse URL
 joins groups on several machines to an existing one, and --replica-id makes this process one
-group of such a job (what the supervisor launches). The summary of a finished run is printed
-here too.
+group of such a job (what the supervisor launches). --track sends the metrics to TensorBoard
+or wandb too (stalwart/run/tracking.py). The summary of a finished run is printed here too.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -21,12 +22,16 @@ from stalwart.errors import EXIT_USAGE, UserError
 from stalwart.run.rundir import checkpoints_dir
 
 HELP = "train a model (no arguments: the default job, about 5 minutes on 2 CPU cores)"
-DESCRIPTION = ("Train from a recipe; override any field with --section.key VALUE "
-               "(sections: model, data, optim, train, eval, checkpoint, replicas, guards, parallel).")
+SECTIONS = ("model", "data", "optim", "train", "eval", "checkpoint", "replicas", "guards", "parallel", "export")
+DESCRIPTION = (f"Train from a recipe and an optional --config FILE (TOML); override any field with --section.key "
+               f"VALUE. Sections: {', '.join(SECTIONS)}. `stalwart config show` lists every key with its type, "
+               "default and help.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", help="default (the default), dense-baseline, multiplication, smoke")
+    p.add_argument("--config", metavar="FILE", help="a TOML file of settings (`stalwart config show` lists every "
+                                                    "key); --section.key overrides apply on top")
     p.add_argument("--out", help="run directory (default: runs/RECIPE-TIMESTAMP)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last good checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -42,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--groups", metavar="IDS", help="with --lighthouse: supervise only these groups (e.g. 0,1)")
     p.add_argument("--host", default="127.0.0.1",
                    help="the address peers reach this machine's groups at (default 127.0.0.1)")
+    p.add_argument("--track", metavar="SINKS",
+                   help="also send the metrics to tensorboard (RUN_DIR/tensorboard) and/or wandb (offline unless "
+                        "WANDB_MODE says otherwise), comma-separated; none: stop a resumed run's tracking")
 
 
 def parse_overrides(extra: list[str]) -> dict[str, str]:
@@ -79,12 +87,18 @@ def run(args: argparse.Namespace) -> int:
         pass
     check_spec()
 
-    from stalwart.config import RESUMABLE_OVERRIDES, apply_overrides, read_run_config
+    from stalwart.config import RESUMABLE_OVERRIDES, apply_overrides, read_run_config, validate
+    from stalwart.config_file import read_config_file
     from stalwart.data.sources import with_tokenizer
     from stalwart.recipes import recipe
+    from stalwart.run.tracking import require_sinks
     from stalwart.train.loop import train
 
-    overrides = parse_overrides(args.overrides)
+    given = read_config_file(args.config) if args.config else None
+    overrides = {**(given.settings if given else {}), **parse_overrides(args.overrides)}
+    args.recipe = args.recipe or (given.recipe if given else None)
+    if args.track is None and given is not None and given.track is not None:
+        args.track = ",".join(given.track) or "none"
     if args.standby:
         if not (args.lighthouse and args.out) or args.replica_id is not None:
             raise UserError("--standby needs --lighthouse URL and --out RUN_DIR, and no --replica-id")
@@ -117,6 +131,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         cfg = recipe(args.recipe or "default")
     cfg = apply_overrides(cfg, overrides)
+    if args.track is not None:  # a resumed run may change its sinks: metrics.jsonl is the record
+        if args.replica_id is not None:
+            raise UserError("--track is for a run's one tracking process (alone, rank 0, or the supervisor "
+                            "with --replicas or --groups): a group process (--replica-id) does not track")
+        cfg = validate(dataclasses.replace(cfg, track=_sinks(args.track)))
+    if args.replica_id is None:  # who tracks: this process, or the supervisor it is; never a group's
+        require_sinks(cfg.track)
     if not args.resume:  # a resumed run keeps the special ids it was started with
         cfg = with_tokenizer(cfg, set(overrides))
     if launch is not None and (cfg.replicas.count > 1 or args.lighthouse):
@@ -262,6 +283,12 @@ def _lighthouse_url(text: str) -> str:
     return url
 
 
+def _sinks(text: str) -> tuple[str, ...]:
+    """--track "tensorboard,wandb" -> ("tensorboard", "wandb"); "none" -> () (validate names them)."""
+    names = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    return () if names == ("none",) else names
+
+
 def _group_list(text: str, count: int) -> list[int]:
     try:
         groups = sorted({int(part) for part in text.split(",") if part.strip()})
@@ -282,7 +309,9 @@ def print_train_summary(out, result, checkpoint_dir: str = "") -> None:
     if s["tokens_per_s"]:
         lines.append(f"throughput: {s['tokens_per_s']:,.0f} tokens/s on {s['device']} ({s['dtype']}), "
                      f"{s['steps']} steps in {s['wall_s']:.0f}s")
-    lines.append(f"files: {out}/metrics.jsonl, {out}/summary.json, checkpoints in {checkpoints_dir(out, checkpoint_dir)}"
+    report = f", {out}/report.md" if (Path(out) / "report.md").exists() else ""
+    lines.append(f"files: {out}/metrics.jsonl, {out}/summary.json{report}, checkpoints in "
+                 f"{checkpoints_dir(out, checkpoint_dir)}"
                  + (f", Hugging Face export in {s['export']}" if s["export"] else ""))
     if result.samples:
         prompt, generated, ok = result.samples[0]

@@ -29,44 +29,43 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    vocab_size: int = 512
-    hidden_size: int = 128
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
+    vocab_size: int = 512  # embedding rows; at least the tokenizer's size
+    hidden_size: int = 128  # the residual stream's width
+    num_hidden_layers: int = 4  # decoder layers (MTP layers not counted)
+    num_attention_heads: int = 4  # attention heads per layer
     # "mla": DeepSeek's multi-head latent attention; "mha": plain attention for baselines.
     attention: str = "mla"
     q_lora_rank: int | None = None  # None: a full-rank query projection
-    kv_lora_rank: int = 64
-    qk_nope_head_dim: int = 32
-    qk_rope_head_dim: int = 16
-    v_head_dim: int = 32
+    kv_lora_rank: int = 64  # MLA: the compressed key-value latent's width
+    qk_nope_head_dim: int = 32  # MLA: per-head query/key width without rotary position
+    qk_rope_head_dim: int = 16  # MLA: per-head query/key width with rotary position (even)
+    v_head_dim: int = 32  # per-head value width
     intermediate_size: int = 384  # dense FFN width
     # Mixture of experts; n_routed_experts == 0 makes every layer dense.
     n_routed_experts: int = 8
-    n_shared_experts: int = 1
-    num_experts_per_tok: int = 2
-    moe_intermediate_size: int = 96
-    n_group: int = 1
-    topk_group: int = 1
-    routed_scaling_factor: float = 1.0
-    norm_topk_prob: bool = True
-    first_k_dense_replace: int = 1
+    n_shared_experts: int = 1  # experts every token goes through
+    num_experts_per_tok: int = 2  # routed experts chosen per token (top-k)
+    moe_intermediate_size: int = 96  # one expert's FFN width
+    n_group: int = 1  # expert groups for node-limited routing (V3: 8)
+    topk_group: int = 1  # groups a token's experts may come from (V3: 4)
+    routed_scaling_factor: float = 1.0  # scale of the routed experts' output (V3: 2.5)
+    norm_topk_prob: bool = True  # normalise the chosen experts' weights to sum to 1
+    first_k_dense_replace: int = 1  # the first k layers are dense, the rest MoE
     # Aux-loss-free balancing (DeepSeek-V3 sec. 2.1.2): bias step gamma per update.
-    bias_update_speed: float = 0.001
+    bias_update_speed: float = 0.001  # gamma: the routing bias's step per update
     # Complementary sequence-wise balance loss weight alpha (V3 uses 0.0001).
-    seq_aux_loss_alpha: float = 0.0001
+    seq_aux_loss_alpha: float = 0.0001  # alpha of the sequence-wise balance loss
     # Multi-token prediction: number of extra depths (V3: 1) and loss weight lambda.
-    num_nextn_predict_layers: int = 0
-    mtp_loss_weight: float = 0.3
-    max_position_embeddings: int = 512
-    rope_theta: float = 10000.0
-    rope_scaling: RopeScaling | None = None
-    rms_norm_eps: float = 1e-6
-    initializer_range: float = 0.02
-    bos_token_id: int = 0
-    eos_token_id: int = 1
-    pad_token_id: int = 2
-
+    num_nextn_predict_layers: int = 0  # MTP depths (V3: 1); 0: none
+    mtp_loss_weight: float = 0.3  # MTP loss weight lambda
+    max_position_embeddings: int = 512  # the longest sequence the model is built for
+    rope_theta: float = 10000.0  # rotary position base
+    rope_scaling: RopeScaling | None = None  # YaRN context extension (a table), or none
+    rms_norm_eps: float = 1e-6  # RMSNorm epsilon
+    initializer_range: float = 0.02  # std of the normal initial weights
+    bos_token_id: int = 0  # the tokenizer's beginning-of-sequence id
+    eos_token_id: int = 1  # ends every document and stops generation
+    pad_token_id: int = 2  # the padding id of batched generation
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim

@@ -1,6 +1,7 @@
 """The supervisor of `stalwart train --replicas N`: one process that runs the Lighthouse
 (or uses the one given), spawns one process per replica group, restarts a group that
-crashes or hangs, shows the job's progress, and writes the job's summary. The contract
+crashes or hangs, shows the job's progress, feeds the job's tracking sinks (--track: from
+the groups' metrics.jsonl records), and writes the job's summary and report. The contract
 with the groups (exit codes, liveness, the supervisor watch) is replication/protocol.py.
 
 - A restarted group starts from the latest checkpoint and heals from a live peer at its
@@ -54,7 +55,9 @@ from stalwart.replication.protocol import (EXIT_EXCLUDED, EXIT_NONFINITE, EXIT_O
 from stalwart.replication.transport import SECRET_ENV
 from stalwart.run.goodput import goodput_report
 from stalwart.run.progress import Progress
-from stalwart.run.rundir import RunDir
+from stalwart.run.report import write_report_after_training
+from stalwart.run.rundir import JsonlTail, RunDir
+from stalwart.run.tracking import Tracker
 
 POLL_S = 0.1
 MAX_BACKOFF_S = 8.0
@@ -241,7 +244,8 @@ def supervise(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, secret: s
     # Slurm and friends stop a job with SIGTERM: end the groups too, not orphan them.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     progress = Progress(cfg.train.steps, first_step, quiet=quiet, log_every=cfg.train.log_every)
-    tail = _MetricsTail(run.metrics_path)
+    tail = JsonlTail(run.metrics_path)
+    tracker = Tracker(run, cfg.track, config=cfg.to_dict(), first_step=first_step, quiet=quiet)  # the job's one
     shown = first_step
     r = cfg.replicas
     stop: Exception | None = None
@@ -274,7 +278,9 @@ def supervise(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, secret: s
                 for g in procs.values():
                     stop = stop or _watch_group(run, cfg, g, now, spawn)
                 stop = stop or _failing_the_same_way_at_start(run, procs)
+                tracker.poll()
     finally:
+        tracker.close()
         spare.stop()
         for g in procs.values():
             if g.proc is not None:
@@ -301,6 +307,7 @@ def supervise(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, secret: s
     run.write_summary(summary)
     run.event("job_end", ok=True, wall_s=round(wall, 3), ettr=summary["ettr"], steps_lost=summary["steps_lost"],
               mean_recover_s=summary["mean_recover_s"], restarts=summary["restarts"])
+    write_report_after_training(run)
     return summary
 
 
@@ -446,28 +453,3 @@ def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-class _MetricsTail:
-    """New complete lines of metrics.jsonl since the last read."""
-
-    def __init__(self, path: Path) -> None:
-        self.path, self.offset = path, path.stat().st_size if path.exists() else 0
-
-    def read(self) -> list[dict[str, Any]]:
-        import json
-
-        if not self.path.exists():
-            return []
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            data = f.read()
-        end = data.rfind(b"\n") + 1
-        self.offset += end
-        records = []
-        for line in data[:end].splitlines():
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                continue
-        return records

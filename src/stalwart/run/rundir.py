@@ -98,6 +98,31 @@ class RunDir:
             _rewrite(self.events_path, self.read_events())
 
 
+class JsonlTail:
+    """The complete lines appended to a JSONL file since the last `read` (a partial last line
+    waits for its end). Starts at the file's end as it is now: what a follower has not seen."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset = path, path.stat().st_size if path.exists() else 0
+
+    def read(self) -> list[dict[str, Any]]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        end = data.rfind(b"\n") + 1
+        self.offset += end
+        records = []
+        for line in data[:end].splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue  # a line a killed process left partial
+        return records
+
+
 def _rewrite(path: Path, records: list[dict[str, Any]]) -> None:
     atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in records).encode())
 

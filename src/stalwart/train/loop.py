@@ -2,7 +2,7 @@
 
     setup (train/setup.py) -> per step: quorum (and heal) -> integrity checks that are due
     (train/recovery.py) -> one step with one outcome (train/step.py) -> what the outcome
-    does (recovery.py) -> after a commit: metrics, evaluation -> at the end: export, summary
+    does (recovery.py) -> after a commit: metrics, evaluation -> at the end: export, summary, report
 
 A step whose collective failed keeps its forward and backward: after the next quorum it
 is exchanged again among whoever is in it, unless this group's weights were replaced in
@@ -31,13 +31,15 @@ from stalwart.data.loader import PackedLoader
 from stalwart.data.sources import documents
 from stalwart.data.tasks import make_problem
 from stalwart.device import DeviceInfo
-from stalwart.export.hf import save_hf_folder
+from stalwart.export.hf import TORCH_DTYPES, save_hf_folder
 from stalwart.faults import corrupt_global, corrupt_weights, inject
 from stalwart.guards import NONFINITE
 from stalwart.model import DeepSeekForCausalLM
 from stalwart.replication.protocol import supervised
 from stalwart.run.goodput import bytes_report, goodput_report, groups_of_run
 from stalwart.run.progress import Progress
+from stalwart.run.report import write_report_after_training
+from stalwart.run.tracking import Tracker
 from stalwart.train.evaluate import EvalResult, eval_loss, exact_match
 from stalwart.train.outer import Rounds
 from stalwart.train.recovery import Recovery
@@ -69,12 +71,16 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
     slowed = False
     kept: Computed | None = None  # a step whose exchange failed, sent again at the next quorum
     rounds = Rounds(job, recovery) if state.outer is not None else None
+    # The sinks follow metrics.jsonl: this process's (a replica group's supervisor has them).
+    tracker = Tracker(run, cfg.track if run.writer and not job.replicated else (), config=cfg.to_dict(),
+                      first_step=state.step, quiet=quiet)
     job.model.train()
     try:
         with progress:
             while True:
                 inject("kill", state.step + 1)
                 run.beat()
+                tracker.poll()
                 if rounds is not None and rounds.due:  # DiLoCo: the round's quorum and outer step
                     before = state.outer.synced["step"]
                     synced = rounds.sync()
@@ -119,6 +125,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
         export = _export(job)  # sharded: collectives, before shutdown
         group.finish()
     finally:
+        tracker.close()
         group.shutdown()
 
     if not group.is_lowest:  # one group (the lowest live one) exports and reports
@@ -126,6 +133,8 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
     summary = _summary(job, export, last, record, wall=time.perf_counter() - started, started_at=started_at,
                        tokens_per_s=round((state.tokens_seen - first_tokens) / step_time, 1) if step_time else None)
     run.write_summary(summary)
+    if run.writer and not supervised():  # the supervisor reports on its groups' run
+        write_report_after_training(run)
     return TrainResult(summary, last.samples)
 
 
@@ -163,9 +172,11 @@ def _report_quorum(job: Job, result: StepResult, members: tuple[int, ...]) -> tu
 
 
 def _export(job: Job) -> Path | None:
-    """The final model as a Hugging Face folder, written by the lowest group's rank 0. A
-    sharded model is gathered file by file as it is written: every rank of each group takes
-    part (a collective, before the groups shut down); no rank holds the whole model."""
+    """The final model as a Hugging Face folder, written by the lowest group's rank 0, in
+    `export.dtype` (bf16 by default: what serving engines load; the router stays fp32) and in
+    files of at most `export.max_shard_gb`. A sharded model is gathered file by file as it is
+    written: every rank of each group takes part (a collective, before the groups shut
+    down); no rank holds the whole model."""
     cfg, run, sharding = job.cfg, job.run, job.state.sharding
     writer = job.group.is_lowest and run.writer
     if cfg.model.attention != "mla":
@@ -174,10 +185,11 @@ def _export(job: Job) -> Path | None:
         return None
     if sharding is None and not writer:
         return None
-    export = save_hf_folder(job.model, job.tokenizer, run.export, replace=True, writer=writer,
+    export = save_hf_folder(job.model, job.tokenizer, run.export, dtype=TORCH_DTYPES[cfg.export.dtype], replace=True,
+                            max_shard_bytes=int(cfg.export.max_shard_gb * 1e9), writer=writer,
                             gather=None if sharding is None else sharding.full)
     if writer:
-        run.event("export", path=str(export))
+        run.event("export", path=str(export), dtype=cfg.export.dtype)
     return export
 
 
