@@ -34,7 +34,7 @@ from rich.table import Table
 from stalwart.data.tokenizer import default_corpus, encode
 from stalwart.device import DeviceInfo, resolve_device, synchronize
 from stalwart.export.hf import load_hf_folder, save_hf_folder
-from stalwart.generate import generate
+from stalwart.sampling import generate
 from stalwart.model import ModelConfig
 from stalwart.model_source import random_model
 

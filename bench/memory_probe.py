@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import stalwart.train.loop as loop
+import stalwart.training.loop as loop
 from stalwart.cli import main
 from stalwart.parallel.fsdp import local_part
 

@@ -136,7 +136,7 @@ def exact_match_of(export: Path, seed: int, problems: int = 200) -> float:
     from stalwart.config import DataConfig
     from stalwart.data.tasks import make_problem
     from stalwart.export.hf import load_hf_folder
-    from stalwart.train.evaluate import exact_match
+    from stalwart.training.evaluate import exact_match
 
     model, tokenizer = load_hf_folder(export)
     d = DataConfig()

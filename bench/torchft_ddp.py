@@ -36,7 +36,7 @@ from stalwart.data.sources import documents
 from stalwart.data.tokenizer import load_tokenizer
 from stalwart.model import DeepSeekForCausalLM
 from stalwart.recipes import recipe
-from stalwart.train.optim import build_optimizer
+from stalwart.training.optim import build_optimizer
 
 
 def main() -> None:

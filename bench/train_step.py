@@ -11,7 +11,7 @@ A. ours vs transformers: our `DeepSeekForCausalLM` (seed 0) exported with `save_
    on both sides; the first batch's losses are compared), backward, clip_grad_norm 1.0, AdamW
    from `build_optimizer` (foreach=False), zero_grad. 3 warm-up steps each, then --steps steps
    per side in turns, --rounds rounds; median tokens/s of each.
-B. bookkeeping: `stalwart.train.loop.train` (metrics.jsonl, loss and grad-norm reads, router
+B. bookkeeping: `stalwart.training.loop.train` (metrics.jsonl, loss and grad-norm reads, router
    biases, checkpoints every --checkpoint-every steps; no evaluation) against a bare loop with
    the same model, optimizer, loader and lr schedule doing only forward, backward, clip, step,
    zero_grad; tokens/s between the ends of steps --from-step and --loop-steps. The two run back
@@ -48,8 +48,8 @@ from stalwart.export.hf import save_hf_folder
 from stalwart.model import DeepSeekForCausalLM
 from stalwart.recipes import recipe
 from stalwart.data.sources import documents
-from stalwart.train.loop import train
-from stalwart.train.optim import build_optimizer, lr_at
+from stalwart.training.loop import train
+from stalwart.training.optim import build_optimizer, lr_at
 from stalwart.run.rundir import RunDir
 
 WARMUP_STEPS = 3  # part A: allocator, kernel choice and transformers' lazy setup, per side

@@ -48,8 +48,10 @@ def exported_tiny(tmp_path_factory):
     return folder
 
 
-def test_export_then_generate_from_the_folder(exported_tiny):
+def test_export_then_generate_from_the_folder(exported_tiny, tmp_path):
     assert json.loads((exported_tiny / "config.json").read_text())["model_type"] == "deepseek_v3"
+    written = json.loads(in_process("export", "tiny", str(tmp_path / "bf16"), "--dtype", "bf16", "--json").stdout)
+    assert written["dtype"] == "bfloat16" and "model.safetensors" in written["files"] and written["bytes"] > 0
     r = stalwart("generate", str(exported_tiny), "--prompt", "12+34=", "--max-new-tokens", "8")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("12+34=")

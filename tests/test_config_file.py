@@ -44,10 +44,11 @@ def test_a_file_sets_the_same_keys_as_overrides_and_overrides_apply_on_top(tmp_p
 def test_train_runs_from_a_file_with_overrides_on_top(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "run.toml").write_text('recipe = "smoke"\n[train]\nsteps = 50\n[eval]\nproblems = 0\n')
-    r = in_process("train", "--config", "run.toml", "--out", "run", "--train.steps", "2", "--quiet")
+    r = in_process("train", "--config", "run.toml", "--out", "run", "--train.steps", "2", "--json")
     assert r.returncode == 0, r.stderr
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["recipe"] == "smoke" and saved["train"]["steps"] == 2 and saved["eval"]["problems"] == 0
+    assert json.loads(r.stdout) == json.loads((tmp_path / "run" / "summary.json").read_text())  # --json
 
 
 @pytest.mark.parametrize("text, words", [

@@ -1,4 +1,4 @@
-"""DiLoCo and Streaming DiLoCo replica groups (train/outer.py) as real jobs: a supervisor, a Lighthouse, one
+"""DiLoCo and Streaming DiLoCo replica groups (training/outer.py) as real jobs: a supervisor, a Lighthouse, one
 process per group, gloo. The groups agree bit for bit after every outer step and send a
 small fraction of DDP's bytes; a group killed during the outer exchange costs the survivor
 none of its inner work, and the restarted group heals to the global state and contributes

@@ -16,7 +16,7 @@ from stalwart.data import chat
 from stalwart.data.tokenizer import default_corpus, train_tokenizer
 from stalwart.errors import ConfigError, ModelFileError, UserError
 from stalwart.export.hf import load_hf_folder, save_hf_folder, to_hf_state_dict
-from stalwart.generate import generate
+from stalwart.sampling import generate
 from stalwart.model import DeepSeekForCausalLM, ModelConfig
 
 transformers = pytest.importorskip("transformers")

@@ -9,7 +9,7 @@ import torch
 from stalwart.data.tokenizer import default_corpus, train_tokenizer
 from stalwart.errors import UserError
 from stalwart.export.hf import load_hf_folder, save_hf_folder
-from stalwart.generate import generate, sample_next
+from stalwart.sampling import generate, sample_next
 from stalwart.model import DeepSeekForCausalLM, ModelConfig
 from jobs import foreign_tokenizer
 
@@ -90,7 +90,7 @@ def test_bad_temperature_is_a_user_error_and_a_tiny_one_is_greedy(tmp_path):
 def test_generation_without_stopping_early_gives_the_same_result():
     import torch
 
-    from stalwart.generate import generate
+    from stalwart.sampling import generate
     from stalwart.model import DeepSeekForCausalLM
     from stalwart.recipes import recipe
 

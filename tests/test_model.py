@@ -186,7 +186,7 @@ def test_same_seed_same_initialisation():
 
 
 def test_a_model_built_on_meta_holds_nothing_and_materializes_one_whole_tensor_at_a_time_as_a_built_one():
-    # What a sharded rank does (train/setup.py): the model on the meta device, then its
+    # What a sharded rank does (training/setup.py): the model on the meta device, then its
     # weights drawn whole one at a time and handed to `place`, which keeps its part (here
     # all of it; the shards' own are checked by the multi-rank tests against one process).
     torch.manual_seed(7)

@@ -1,4 +1,4 @@
-"""The outer step of DiLoCo and Streaming DiLoCo (train/outer.py) in one process: the
+"""The outer step of DiLoCo and Streaming DiLoCo (training/outer.py) in one process: the
 fragments partition the model strided across depth, and one round's outer step moves
 exactly its fragment of G by Nesterov SGD on the token-weighted mean pseudo-gradient and
 mixes it into the local weights."""
@@ -14,7 +14,7 @@ from stalwart.model import DeepSeekForCausalLM
 from stalwart.recipes import recipe
 from stalwart.compress import chunk_ranges, exchange_sent, wire_bytes
 from stalwart.replication.group import Gather
-from stalwart.train.outer import Exchange, OuterState, fragment_of
+from stalwart.training.outer import Exchange, OuterState, fragment_of
 
 POSITION = {"position": 0, "start": 0, "skip": 0}
 

@@ -17,11 +17,11 @@ from stalwart.config import apply_overrides
 from stalwart.data.loader import PackedLoader, TaskDocuments, text_of
 from stalwart.data.tokenizer import train_tokenizer
 from stalwart.guards import NONFINITE, OK, ROLLBACK, SPIKE, Verdict
-from stalwart.train.exchange import StepExchange
+from stalwart.training.exchange import StepExchange
 from stalwart.recipes import recipe
 from stalwart.replication.group import LocalGroup
-from stalwart.train.setup import setup
-from stalwart.train.step import COMMITTED, CORRUPT, FAILED, ROLLED_BACK, SKIPPED, outcome_of, train_step
+from stalwart.training.setup import setup
+from stalwart.training.step import COMMITTED, CORRUPT, FAILED, ROLLED_BACK, SKIPPED, outcome_of, train_step
 
 GOOD, SPIKED, BACK, NAN = Verdict(OK), Verdict(SPIKE, "s"), Verdict(ROLLBACK, "r"), Verdict(NONFINITE, "n")
 

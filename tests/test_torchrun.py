@@ -169,7 +169,7 @@ def _moments(run: Path) -> dict[int, dict[str, torch.Tensor]]:
     if not latest.sharded:
         return state["optimizer"]["state"]
     from stalwart.model import DeepSeekForCausalLM
-    from stalwart.train.optim import build_optimizer
+    from stalwart.training.optim import build_optimizer
 
     cfg = RunConfig.from_dict(json.loads((run / "config.json").read_text()))
     params = [p for group in build_optimizer(DeepSeekForCausalLM(cfg.model), cfg.optim).param_groups

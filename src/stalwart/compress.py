@@ -95,7 +95,7 @@ def exchange_sent(numel: int, compression: str, participants: int) -> int:
     aside). Two participants or fewer: a ring all-gather of every payload, (participants - 1)
     payloads. More: a reduce-scatter (participant k receives range k of every payload and
     reduces it) then a ring all-gather of the reduced ranges, compressed the same way: about
-    2 (participants - 1) / participants payloads, as a ring all-reduce. train/outer.py counts
+    2 (participants - 1) / participants payloads, as a ring all-reduce. training/outer.py counts
     its exchanges with it (for participant 0), and the planner models them with it."""
     if participants <= 2:
         return (participants - 1) * wire_bytes(numel, compression)

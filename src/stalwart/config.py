@@ -130,7 +130,7 @@ class ReplicasConfig:
     # A group that committed this many steps since its last restart has its restart budget
     # (max_restarts) refilled: a fault a day for a month is not a crash loop.
     restart_refill_steps: int = 500
-    # How the groups combine their work (train/outer.py): ddp sums gradients every step;
+    # How the groups combine their work (training/outer.py): ddp sums gradients every step;
     # diloco trains inner_steps local AdamW steps, then takes one outer Nesterov step on the
     # groups' averaged pseudo-gradient (Douillard et al. 2023: lr 0.7, momentum 0.9).
     strategy: str = "ddp"

@@ -21,6 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--seed", type=_seed, default=0, help="initialisation seed when SRC is a preset")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--json", action="store_true", help="print what was written as one JSON object")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,5 +30,12 @@ def run(args: argparse.Namespace) -> int:
 
     model, tokenizer = open_model(args.src, seed=args.seed)
     out = save_hf_folder(model, tokenizer, args.out, dtype=TORCH_DTYPES[args.dtype], replace=args.force)
-    print(f"exported {args.src} -> {out} ({DTYPES[args.dtype]})")
+    if args.json:
+        import json
+
+        files = sorted(p.name for p in out.iterdir())
+        print(json.dumps({"source": args.src, "out": str(out), "dtype": DTYPES[args.dtype], "files": files,
+                          "bytes": sum((out / f).stat().st_size for f in files)}))
+    else:
+        print(f"exported {args.src} -> {out} ({DTYPES[args.dtype]})")
     return 0

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from stalwart.api import load
     from stalwart.data.chat import prompt_text
     from stalwart.data.tokenizer import decode, encode
-    from stalwart.generate import generate
+    from stalwart.sampling import generate
 
     model = load(args.model, device=args.device)
     text = prompt_text(args.prompt) if args.chat else args.prompt

@@ -10,7 +10,6 @@ or wandb too (stalwart/run/tracking.py). The summary of a finished run is printe
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time
@@ -35,6 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="run directory (default: runs/RECIPE-TIMESTAMP)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last good checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--json", action="store_true", help="print the run's summary (summary.json) as JSON on stdout")
     p.add_argument("--replicas", type=int, metavar="N",
                    help="replica groups on torchft (replicas.count): a Lighthouse on loopback and one process "
                         "per group, restarted when it crashes or hangs")
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     import faulthandler
 
     from stalwart.faults import check_spec
-    from stalwart.train.loop import TrainResult
+    from stalwart.training.loop import TrainResult
 
     # A fatal signal in native code (SIGSEGV, SIGABRT from a library's abort, SIGBUS) prints
     # every thread's Python stack to stderr (a group's: logs/replica-R.log) before the process
@@ -87,18 +87,18 @@ def run(args: argparse.Namespace) -> int:
         pass
     check_spec()
 
-    from stalwart.config import RESUMABLE_OVERRIDES, apply_overrides, read_run_config, validate
+    from stalwart.api import check_out, run_config
     from stalwart.config_file import read_config_file
-    from stalwart.data.sources import with_tokenizer
-    from stalwart.recipes import recipe
     from stalwart.run.tracking import require_sinks
-    from stalwart.train.loop import train
+    from stalwart.training.loop import train
 
     given = read_config_file(args.config) if args.config else None
     overrides = {**(given.settings if given else {}), **parse_overrides(args.overrides)}
-    args.recipe = args.recipe or (given.recipe if given else None)
-    if args.track is None and given is not None and given.track is not None:
-        args.track = ",".join(given.track) or "none"
+    recipe_name = args.recipe or (given.recipe if given else None)
+    if args.track is not None and args.replica_id is not None:
+        raise UserError("--track is for a run's one tracking process (alone, rank 0, or the supervisor "
+                        "with --replicas or --groups): a group process (--replica-id) does not track")
+    track = _sinks(args.track) if args.track is not None else given.track if given else None
     if args.standby:
         if not (args.lighthouse and args.out) or args.replica_id is not None:
             raise UserError("--standby needs --lighthouse URL and --out RUN_DIR, and no --replica-id")
@@ -116,39 +116,17 @@ def run(args: argparse.Namespace) -> int:
     restarted = launch is not None and launch.restarted
     if joining or restarted:  # a (re)started group, or torchrun's restart, continues the run's own config
         args.resume = True
-    if args.resume:
-        if not args.out:
-            raise UserError("--resume needs --out RUN_DIR")
-        cfg = read_run_config(Path(args.out) / "config.json")
-        if args.recipe and args.recipe != cfg.recipe:  # a restart's command line names the run's own
-            raise UserError(f"--resume continues the run's own config (recipe {cfg.recipe}); --recipe does not apply")
-        # A fixed key given again with the run's own value (a launch script's --replicas N) is no change.
-        fixed = sorted(k for k in set(overrides) - set(RESUMABLE_OVERRIDES)
-                       if apply_overrides(cfg, {k: overrides[k]}) != cfg)
-        if fixed:
-            raise UserError(f"--resume cannot change {', '.join(fixed)} (it may change: "
-                            f"{', '.join(RESUMABLE_OVERRIDES)})")
-    else:
-        cfg = recipe(args.recipe or "default")
-    cfg = apply_overrides(cfg, overrides)
-    if args.track is not None:  # a resumed run may change its sinks: metrics.jsonl is the record
-        if args.replica_id is not None:
-            raise UserError("--track is for a run's one tracking process (alone, rank 0, or the supervisor "
-                            "with --replicas or --groups): a group process (--replica-id) does not track")
-        cfg = validate(dataclasses.replace(cfg, track=_sinks(args.track)))
+    if args.resume and not args.out:
+        raise UserError("--resume needs --out RUN_DIR")
+    cfg = run_config(recipe_name, overrides, resume_from=Path(args.out) if args.resume else None, track=track)
     if args.replica_id is None:  # who tracks: this process, or the supervisor it is; never a group's
         require_sinks(cfg.track)
-    if not args.resume:  # a resumed run keeps the special ids it was started with
-        cfg = with_tokenizer(cfg, set(overrides))
     if launch is not None and (cfg.replicas.count > 1 or args.lighthouse):
         raise UserError("replica groups start their own ranks (replicas.ranks_per_group): run --replicas or "
                         "--lighthouse without torchrun, or torchrun without them for one data-parallel job")
     started = time.time() if launch is None else launch.started  # every rank names the same folder
     out = Path(args.out or f"runs/{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(started))}")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a run directory")
-    if not args.resume and (out / "config.json").exists():
-        raise UserError(f"{out} already holds a run: pass --resume to continue it, or another --out")
+    check_out(out, resume=args.resume)
     if args.replica_id is not None:
         if not 0 <= args.replica_id < cfg.replicas.count:
             raise UserError(f"--replica-id {args.replica_id} is not in 0..{cfg.replicas.count - 1} "
@@ -166,13 +144,22 @@ def run(args: argparse.Namespace) -> int:
         summary = supervise(cfg, out, resume=args.resume, quiet=args.quiet, groups=groups, host=args.host,
                             secret=secret.hex() if secret else new_job_secret(),
                             lighthouse=_lighthouse_url(args.lighthouse) if args.lighthouse else None)
-        if not args.quiet:
-            print_train_summary(out, TrainResult(summary), cfg.checkpoint.dir)
+        _report(args, out, TrainResult(summary), cfg.checkpoint.dir)
         return 0
     result = train(cfg, out, resume=args.resume, quiet=args.quiet)
-    if not args.quiet and "eval_loss" in result.summary:  # rank 0 of a torchrun launch reports
-        print_train_summary(out, result, cfg.checkpoint.dir)
+    if "eval_loss" in result.summary:  # rank 0 of a torchrun launch reports
+        _report(args, out, result, cfg.checkpoint.dir)
     return 0
+
+
+def _report(args: argparse.Namespace, out: Path, result, checkpoint_dir: str) -> None:
+    """The finished run's summary: as JSON on stdout (--json), else in words unless --quiet."""
+    if args.json:
+        import json
+
+        print(json.dumps(result.summary, indent=2))
+    elif not args.quiet:
+        print_train_summary(out, result, checkpoint_dir)
 
 
 @dataclass
@@ -218,8 +205,8 @@ def _train_group(cfg, out, args: argparse.Namespace) -> int:
     from stalwart.replication import protocol
     from stalwart.replication.group import HealTorn, LighthouseLost
     from stalwart.replication.transport import SECRET_ENV, job_secret
-    from stalwart.train.loop import Replica, train
-    from stalwart.train.recovery import Excluded, NonFiniteAfterHeal, Partitioned, Stalled
+    from stalwart.training.loop import Replica, train
+    from stalwart.training.recovery import Excluded, NonFiniteAfterHeal, Partitioned, Stalled
 
     lighthouse = _lighthouse_url(args.lighthouse)
     secret = job_secret()
@@ -247,7 +234,7 @@ def _standby(logs: Path) -> int | None:
     import torchft.manager  # noqa: F401 (what a group's start imports: the cost a restart saves)
     import torchft.process_group  # noqa: F401
 
-    import stalwart.train.loop  # noqa: F401
+    import stalwart.training.loop  # noqa: F401
     from stalwart.replication.protocol import await_assignment
 
     return await_assignment(logs)

@@ -7,7 +7,7 @@ an integer index, so the loader's whole position is three integers (`LOADER_STAT
 documents read, the first document whose tokens are still carried, and how many tokens of
 those carried documents are already used. The carried tokens themselves are rebuilt from
 the documents on load, so the position is small enough to travel in every replicated step
-(train/exchange.py) and restores the exact same batches.
+(training/exchange.py) and restores the exact same batches.
 
 Sharding: shard s of n takes documents s, s + n, s + 2n, ... of the stream, so ranks and
 replica groups see disjoint data without talking to each other.

@@ -11,7 +11,7 @@ copies). Parameters stay fp32; with a bf16 compute dtype they are gathered in bf
 gradients reduced in fp32 (`MixedPrecisionPolicy`), except the MoE router's, which is
 sharded on its own and computes in fp32 as it does without sharding (near-ties flip in
 bf16). The backward pass reduce-scatters the gradients itself, averaged over every rank,
-so the step's exchange carries only its statistics (train/exchange.py). With expert
+so the step's exchange carries only its statistics (training/exchange.py). With expert
 parallelism the experts' weights are left out of FSDP: they are split already, and
 their gradients are reduced by `ExpertParallel.reduce_gradients`.
 

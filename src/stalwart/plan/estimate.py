@@ -250,7 +250,7 @@ def _memory(spec: RunSpec, lay: _Layout) -> dict:
     gathered = _gathered(spec, element)
     # Replica groups: after the backward pass (its activations and gathered layers freed), the
     # step's exchange packs what crosses groups (the gradients, or with FSDP the shards) into
-    # one fp32 buffer beside them (train/exchange.py).
+    # one fp32 buffer beside them (training/exchange.py).
     exchange = GRAD_BYTES * held if p.strategy == "replicas" else 0.0
     return {"state": state, "activations": activations, "gathered": gathered, "exchange": exchange,
             "peak": state + max(activations + gathered, exchange), "checkpoint": state - GRAD_BYTES * held}

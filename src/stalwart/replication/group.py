@@ -160,7 +160,7 @@ class RanksGroup(LocalGroup):
     step, so a step's only outcomes are commit or a guard's skip, and nobody heals (there
     is no peer group to heal from). A rank's own non-finite values go into the sum as they
     are, so that every rank sees the non-finite sum and skips the step, as one process
-    would (train/exchange.py). Constructing one waits for every rank (the first also
+    would (training/exchange.py). Constructing one waits for every rank (the first also
     creates torch.distributed's process group from torchrun's environment)."""
 
     heals = False

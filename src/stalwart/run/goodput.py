@@ -7,7 +7,7 @@
   steps later undone by a rollback (every group's) or discarded by a heal (a group found
   corrupt: its steps since its state was last known good). A dead group adds nothing, so
   two dead groups of three show as a third of the time. A step sent again after its
-  collective failed (train/step.py) counts its forward and backward once, plus the
+  collective failed (training/step.py) counts its forward and backward once, plus the
   exchange that committed it: the failed exchange and the quorum after it are waiting.
 - `token_goodput`: tokens of the committed steps that stayed committed, divided by what the
   job would have trained at full strength (the median tokens/s of its steps with every

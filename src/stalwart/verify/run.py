@@ -61,7 +61,7 @@ def verify_export(folder: Path, info: DeviceInfo, dtype: str, prompts: list[str]
     folder's weights (a bf16 export's upcast exactly), so fp32 on the device must match."""
     from stalwart.data.tokenizer import decode, encode
     from stalwart.export.hf import load_hf_folder
-    from stalwart.generate import generate
+    from stalwart.sampling import generate
 
     reference, tokenizer = load_hf_folder(folder)
     reference = reference.float().eval()

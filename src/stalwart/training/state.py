@@ -3,7 +3,7 @@ receives from a peer, and what the silent-corruption check fingerprints.
 
 The data ledger (`shards`) is the position of every data shard of the job as of the last
 step whose exchange succeeded: each replicated step carries every contributing rank's
-loader position (train/exchange.py), and every group records all of them. A group that
+loader position (training/exchange.py), and every group records all of them. A group that
 heals, restarts or resumes takes its own shard's position from the ledger, never a peer's
 loader: no batch is trained twice and none is skipped (docs/design.md, "Data").
 """
@@ -24,7 +24,7 @@ from stalwart.model_source import load_model_state
 from stalwart.parallel.fsdp import Sharding, local_tensors
 
 if TYPE_CHECKING:
-    from stalwart.train.outer import OuterState
+    from stalwart.training.outer import OuterState
 
 
 class TrainState:
@@ -47,7 +47,7 @@ class TrainState:
         # Raised before any in-place change of what a heal serves (a committed step, a load),
         # so that the heal server never signs a stream that overlapped one (replication/transport.py).
         self.changes = 0
-        self.outer: OuterState | None = None  # DiLoCo's global state (train/outer.py)
+        self.outer: OuterState | None = None  # DiLoCo's global state (training/outer.py)
 
     def state_dict(self, *, heal: bool = False) -> dict[str, Any]:
         """With DiLoCo, the global state of the last outer step, never this group's mid-round

@@ -1,4 +1,4 @@
-"""What each step outcome does (train/step.py), and the integrity checks between steps.
+"""What each step outcome does (training/step.py), and the integrity checks between steps.
 
     committed  stragglers observed (and excluded when configured)
     failed     reported; replicas.max_failed_steps in a row while others hold the quorum
@@ -32,8 +32,8 @@ from stalwart.device import rng_state
 from stalwart.errors import TrainingStopped
 from stalwart.guards import NONFINITE, REBASED, StragglerTracker, odd_ones_out
 from stalwart.run.goodput import CheckpointClock
-from stalwart.train.setup import Job
-from stalwart.train.step import COMMITTED, CORRUPT, FAILED, ROLLED_BACK, SKIPPED, StepResult
+from stalwart.training.setup import Job
+from stalwart.training.step import COMMITTED, CORRUPT, FAILED, ROLLED_BACK, SKIPPED, StepResult
 
 
 class Excluded(Exception):

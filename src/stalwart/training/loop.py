@@ -1,7 +1,7 @@
 """The training loop: what `stalwart train` runs in each process. Orchestration only:
 
-    setup (train/setup.py) -> per step: quorum (and heal) -> integrity checks that are due
-    (train/recovery.py) -> one step with one outcome (train/step.py) -> what the outcome
+    setup (training/setup.py) -> per step: quorum (and heal) -> integrity checks that are due
+    (training/recovery.py) -> one step with one outcome (training/step.py) -> what the outcome
     does (recovery.py) -> after a commit: metrics, evaluation -> at the end: export, summary, report
 
 A step whose collective failed keeps its forward and backward: after the next quorum it
@@ -40,11 +40,11 @@ from stalwart.run.goodput import bytes_report, goodput_report, groups_of_run
 from stalwart.run.progress import Progress
 from stalwart.run.report import write_report_after_training
 from stalwart.run.tracking import Tracker
-from stalwart.train.evaluate import EvalResult, eval_loss, exact_match
-from stalwart.train.outer import Rounds
-from stalwart.train.recovery import Recovery
-from stalwart.train.setup import Job, Replica, setup
-from stalwart.train.step import COMMITTED, Computed, StepResult, slow_fault, train_step
+from stalwart.training.evaluate import EvalResult, eval_loss, exact_match
+from stalwart.training.outer import Rounds
+from stalwart.training.recovery import Recovery
+from stalwart.training.setup import Job, Replica, setup
+from stalwart.training.step import COMMITTED, Computed, StepResult, slow_fault, train_step
 
 __all__ = ["Replica", "TrainResult", "train", "evaluate"]
 

@@ -37,8 +37,8 @@ from stalwart.replication.group import (AGENT_FILE, LocalGroup, RanksGroup, Torc
                                        join_ranks, torchrun_agent)
 from stalwart.replication.protocol import start_together
 from stalwart.run.rundir import RunDir
-from stalwart.train.optim import build_optimizer
-from stalwart.train.state import TrainState
+from stalwart.training.optim import build_optimizer
+from stalwart.training.state import TrainState
 
 
 @dataclass
@@ -181,7 +181,7 @@ def setup(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, replica: Repl
               group, autocast, compute_dtype, quiet, launch,
               params=[p for p in model.parameters() if p.requires_grad], moe_layers=model.moe_layers())
     if replica is not None and cfg.replicas.strategy != "ddp":
-        from stalwart.train.outer import OuterState
+        from stalwart.training.outer import OuterState
 
         state.outer = OuterState(model, cfg.replicas)
     _restore(job, resume=resume, replicated=replica is not None)
@@ -192,7 +192,7 @@ def setup(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, replica: Repl
             # What a heal overwrites in place: the live tensors (DiLoCo's heal is a snapshot).
             heal_targets=(lambda: state.state_dict(heal=True)) if state.outer is None else None,
             changes=(lambda: state.changes) if state.outer is None else None, device=info.device,
-            # DiLoCo: one more than the outer steps once there was one (train/outer.py), so
+            # DiLoCo: one more than the outer steps once there was one (training/outer.py), so
             # that a group restarted from a checkpoint counts as a live group would.
             step=state.step if state.outer is None else state.outer.rounds + 1 if state.outer.rounds else 0,
             secret=replica.secret, max_state_bytes=_max_state_bytes(state), backend=info.backend,
@@ -235,7 +235,7 @@ def _start_from_folder(job: Job) -> None:
     sharding = job.state.sharding
     load_folder_weights(job.model, Path(job.cfg.model_from), **({"place": sharding.place} if sharding else {}))
     if job.state.outer is not None:
-        from stalwart.train.outer import OuterState
+        from stalwart.training.outer import OuterState
 
         job.state.outer = OuterState(job.model, job.cfg.replicas)
 

@@ -7,7 +7,7 @@
 One collective per step instead of one per statistic; and because every replica then holds
 the same numbers, every guard reaches the same verdict.
 
-Which gradients go in is the caller's choice (train/step.py): every parameter's, summed
+Which gradients go in is the caller's choice (training/step.py): every parameter's, summed
 over every rank, in a job that is not sharded; none of FSDP2's in a plain torchrun launch,
 whose backward pass reduced them already. In a sharded replica group the first `across`
 parameters are this rank's shards (FSDP2's, and the experts' under expert parallelism),
@@ -19,9 +19,9 @@ of them or none (`every_rank`).
 A rank whose own loss or gradients are not finite (a device producing NaN, NaN weights or
 optimizer state) in a job of replica groups contributes nothing but its flags: its gradients, losses and expert loads
 are left out of the sum, so the healthy participants still commit and the bad group heals
-from them (train/step.py). Each contributing rank writes its loader position into its
+from them (training/step.py). Each contributing rank writes its loader position into its
 shard's slot (integers split into two exactly representable float32 halves), which is how
-every group keeps the job's data ledger (train/state.py). The lowest group's checkpoint
+every group keeps the job's data ledger (training/state.py). The lowest group's checkpoint
 clock sets "checkpoint due", so that every group agrees on which steps are checkpointed
 (the check before a checkpoint is a collective: all must take part).
 

@@ -1,6 +1,6 @@
 """Evaluation: loss on held-out batches, and exact match of generated final answers.
 
-Generation uses the model's KV cache (stalwart.generate), greedy, with prompts grouped by
+Generation uses the model's KV cache (stalwart.sampling), greedy, with prompts grouped by
 token length so that each group decodes as one batch.
 """
 
@@ -15,7 +15,7 @@ import torch
 from stalwart.data.loader import PackedLoader
 from stalwart.data.tasks import Problem, is_correct
 from stalwart.data.tokenizer import decode, encode
-from stalwart.generate import generate
+from stalwart.sampling import generate
 from stalwart.model import DeepSeekForCausalLM
 
 

@@ -6,7 +6,7 @@ A round, on every group:
 
     start   the global state G: the weights and MoE routing biases of the last outer steps
     inner   AdamW steps on its own data shard, with no quorum and no collective
-            (train/step.py with a LocalGroup)
+            (training/step.py with a LocalGroup)
     sync    a quorum (a group that is behind, a restarted one, heals here: to G, the outer
             optimizer and the data ledger, never to a peer's mid-round weights, and it
             contributes nothing to the round it joins); then the exchange of every
@@ -70,11 +70,11 @@ from stalwart.faults import inject
 from stalwart.guards import fingerprint, odd_ones_out
 from stalwart.parallel.fsdp import Sharding, local_part
 from stalwart.replication.group import Gather, HealTorn, group_rank
-from stalwart.train.recovery import NonFiniteAfterHeal, Partitioned
+from stalwart.training.recovery import NonFiniteAfterHeal, Partitioned
 
 if TYPE_CHECKING:
-    from stalwart.train.recovery import Recovery
-    from stalwart.train.setup import Job
+    from stalwart.training.recovery import Recovery
+    from stalwart.training.setup import Job
 
 # A payload's header, int64 each: the group's (norm: the float64 bits of the norm of its whole
 # pseudo-gradient, over all its ranks' shards), then RANK_FIELDS for each of its ranks.

@@ -30,10 +30,10 @@ from stalwart.faults import corrupt_gradients, inject
 from stalwart.guards import NONFINITE, OK, ROLLBACK, Verdict
 from stalwart.parallel.experts import clip_gradients
 from stalwart.replication.group import LocalGroup, group_rank
-from stalwart.train.exchange import step_exchange
-from stalwart.train.optim import lr_at
-from stalwart.train.setup import Job
-from stalwart.train.state import TrainState
+from stalwart.training.exchange import step_exchange
+from stalwart.training.optim import lr_at
+from stalwart.training.setup import Job
+from stalwart.training.state import TrainState
 
 COMMITTED, FAILED, SKIPPED, ROLLED_BACK, CORRUPT = "committed", "failed", "skipped", "rollback", "corrupt"
 INNER_GROUP = LocalGroup()  # a DiLoCo inner step's view: nobody else takes part
@@ -119,7 +119,7 @@ def train_step(job: Job, step: int, *, slowed: bool = False, checkpoint_due: boo
     A kept step's `step_s` is its compute plus this exchange: the failed exchange's wait is
     not work. `inner`: a DiLoCo inner step, this group's alone (among its own ranks, as a
     plain torchrun launch's step), whose batch the data ledger records only with the outer
-    step (train/outer.py)."""
+    step (training/outer.py)."""
     cfg, state = job.cfg, job.state
     group = (job.ranks or INNER_GROUP) if inner else job.group
     across_groups = job.replicated and not inner
