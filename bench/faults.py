@@ -101,13 +101,13 @@ class Stalwart:
 
 class TorchftDDP:
     def __init__(self, run: Path, fault: str) -> None:
-        from stalwart.data.sources import documents, prepare_tokenizer
+        from stalwart.data.sources import prepare_tokenizer
         from stalwart.recipes import recipe
 
         self.run = run
         run.mkdir(parents=True)
         cfg = recipe("default")
-        prepare_tokenizer(cfg, run, reuse=False, docs=documents(cfg.data, "train"))
+        prepare_tokenizer(cfg, run, reuse=False)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]

@@ -1,6 +1,6 @@
 """Greedy generation speed of stalwart against transformers, on the same deepseek_v3 folder.
 
-What it measures: wall-clock tokens/s of `stalwart.generate.generate` (MLA latent KV cache,
+What it measures: wall-clock tokens/s of `stalwart.sampling.generate` (MLA latent KV cache,
 absorbed decode) and of transformers' `DeepseekV3ForCausalLM.generate` (latent cache too, but
 keys and values re-expanded from it at each step), both fp32, greedy, exactly --new-tokens new tokens per prompt (eos ignored), on
 --batch equal-length prompts of --prompt-len tokens. Each side is warmed up once, then the

@@ -41,6 +41,12 @@ def test_a_file_sets_the_same_keys_as_overrides_and_overrides_apply_on_top(tmp_p
         "data.seq_len": "32", "model.rope_scaling": '{"factor": 4.0, "original_max_position_embeddings": 128}'})
 
 
+def test_none_resets_an_optional_key_and_track_reads_as_the_flag_does(tmp_path):
+    (tmp_path / "run.toml").write_text('track = ["none"]\n[model]\nq_lora_rank = "none"\n')
+    given = read_config_file(tmp_path / "run.toml")
+    assert given.track == () and apply_overrides(recipe("default"), given.settings).model.q_lora_rank is None
+
+
 def test_train_runs_from_a_file_with_overrides_on_top(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "run.toml").write_text('recipe = "smoke"\n[train]\nsteps = 50\n[eval]\nproblems = 0\n')
@@ -58,7 +64,10 @@ def test_train_runs_from_a_file_with_overrides_on_top(tmp_path, monkeypatch):
     ('[model]\nfrom = 3\n', "run.toml:2: model.from must be a string, got 3"),
     ('track = "tensorboard"\n', "run.toml:1: track must be a list of strings"),
     ('[train]\nsteps = \n', "run.toml: not valid TOML: "),
-    ('[train]\nsteps = 0\n', "train.steps must be in 1..999999, got 0"),
+    ('[train]\nsteps = 0\n', "run.toml:2: train.steps must be in 1..999999, got 0"),
+    ('\n[data]\nformat = "chatt"\n', "run.toml:3: data.format must be one of text, chat"),
+    ('recipe = "nope"\n', "run.toml:1: unknown recipe 'nope'"),
+    ('track = ["tensorbord"]\n', "run.toml:1: unknown tracking sink tensorbord"),
 ])
 def test_a_bad_key_or_type_in_a_file_names_the_file_the_key_and_the_line(text, words, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

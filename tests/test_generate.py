@@ -11,7 +11,7 @@ from stalwart.errors import UserError
 from stalwart.export.hf import load_hf_folder, save_hf_folder
 from stalwart.sampling import generate, sample_next
 from stalwart.model import DeepSeekForCausalLM, ModelConfig
-from jobs import foreign_tokenizer
+from jobs import foreign_tokenizer, in_process
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -143,6 +143,11 @@ def test_a_folder_transformers_wrote_with_its_own_tokenizer_generates_as_transfo
     info = subprocess.run([sys.executable, "-m", "stalwart", "model-info", str(tmp_path / "hf"), "--json"],
                           capture_output=True, text=True, timeout=120)
     assert info.returncode == 0, info.stderr
+    if pad_in_config:  # `verify --export` takes the same folder, its tokenizer included
+        checked = in_process("verify", "--export", str(tmp_path / "hf"), "--device", "cpu", "--json")
+        assert checked.returncode == 0, checked.stderr
+        checks = json.loads(checked.stdout)["checks"]
+        assert checks and all(c["passed"] for c in checks)
     # Exported again, the folder names its own special tokens at the config's ids.
     save_hf_folder(model, tokenizer, tmp_path / "again")
     saved = json.loads((tmp_path / "again" / "tokenizer_config.json").read_text())

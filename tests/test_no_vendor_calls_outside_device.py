@@ -37,11 +37,11 @@ def test_no_accelerator_specific_call_outside_device_module():
 
 def test_checker_catches_a_vendor_call_and_skips_the_allowed_file(tmp_path):
     package = tmp_path / "stalwart"
-    (package / "train").mkdir(parents=True)
-    (package / "train" / "loop.py").write_text("import torch\n\ntorch.cuda.synchronize()\n")
+    (package / "training").mkdir(parents=True)
+    (package / "training" / "loop.py").write_text("import torch\n\ntorch.cuda.synchronize()\n")
     (package / "device.py").write_text("torch.cuda.synchronize()\n")
     (package / "clean.py").write_text("x = torch.device('cpu')\n")
 
     hits = find_vendor_calls(package, {(package / "device.py").resolve()})
 
-    assert hits == ["stalwart/train/loop.py:3: torch.cuda.synchronize()"]
+    assert hits == ["stalwart/training/loop.py:3: torch.cuda.synchronize()"]

@@ -288,7 +288,7 @@ def test_a_data_field_that_does_not_exist_is_one_line_before_anything_is_written
     (tmp_path / "d.jsonl").write_text(json.dumps({"text": "hello"}) + "\n")
     line = one_line_error(in_process("train", "--out", str(tmp_path / "run"), *ARGS, "--data.task", "files",
                                      "--data.files", str(tmp_path / "d.jsonl"), "--data.field", "body"))
-    assert "d.jsonl:1: expected a JSON object with a string 'body' field" in line
+    assert "d.jsonl:1: expected a record with a string 'body' field" in line
     assert not (tmp_path / "run").exists()
 
 

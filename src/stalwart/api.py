@@ -15,11 +15,12 @@ command would print.
 from __future__ import annotations
 
 import dataclasses
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stalwart.errors import UserError
+from stalwart.errors import ConfigError, UserError
 
 if TYPE_CHECKING:
     from stalwart.config import RunConfig
@@ -79,8 +80,11 @@ def run_on_this_machine(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool)
     from stalwart.replication.supervisor import supervise
     from stalwart.replication.transport import job_secret, new_job_secret
 
-    secret = job_secret()
-    return supervise(cfg, out, resume=resume, quiet=quiet, secret=secret.hex() if secret else new_job_secret())
+    secret, previous = job_secret(), signal.getsignal(signal.SIGTERM)
+    try:
+        return supervise(cfg, out, resume=resume, quiet=quiet, secret=secret.hex() if secret else new_job_secret())
+    finally:  # the supervisor ends its groups on SIGTERM; the caller's handler comes back
+        signal.signal(signal.SIGTERM, previous)
 
 
 def train(config: RunConfig | str | Path | None = None, *, out: str | Path, resume: bool = False,
@@ -94,7 +98,7 @@ def train(config: RunConfig | str | Path | None = None, *, out: str | Path, resu
     from stalwart.config_file import read_config_file
 
     settings: dict[str, Any] = {}
-    start, track = config, None
+    start, track, given = config, None, None
     if isinstance(config, Path) or isinstance(config, str) and config.endswith(".toml"):
         given = read_config_file(config)
         settings, start, track = dict(given.settings), given.recipe, given.track
@@ -103,7 +107,10 @@ def train(config: RunConfig | str | Path | None = None, *, out: str | Path, resu
             raise UserError(f"stalwart.train({section}=...) takes a dict of keys, got {type(body).__name__}")
         settings.update({f"{section}.{k}": tuple(v) if isinstance(v, list) else v for k, v in body.items()})
     out = Path(out)
-    cfg = run_config(start, settings, resume_from=out if resume else None, track=track)
+    try:
+        cfg = run_config(start, settings, resume_from=out if resume else None, track=track)
+    except ConfigError as e:
+        raise given.locate(e, {f"{s}.{k}" for s, body in sections.items() for k in body}) if given else e from None
     check_out(out, resume=resume)
     return run_on_this_machine(cfg, out, resume=resume, quiet=quiet)
 

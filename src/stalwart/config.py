@@ -55,7 +55,7 @@ class OptimConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 500  # optimizer steps of the run
-    batch_size: int = 32  # sequences per step and data shard
+    batch_size: int = 32  # sequences per micro-batch and data shard (a step trains grad_accum of them)
     grad_accum: int = 1  # micro-batches accumulated per step
     seed: int = 0  # the initial weights and every other random draw of training
     device: str = "auto"  # auto, cpu, cuda[:N], npu[:N], xpu[:N], mps
@@ -133,8 +133,8 @@ class ReplicasConfig:
     # How the groups combine their work (training/outer.py): ddp sums gradients every step;
     # diloco trains inner_steps local AdamW steps, then takes one outer Nesterov step on the
     # groups' averaged pseudo-gradient (Douillard et al. 2023: lr 0.7, momentum 0.9).
-    strategy: str = "ddp"
-    inner_steps: int | str = 50  # or auto: each group trains as many steps as fit in round_s
+    strategy: str = "ddp"  # ddp: gradients summed every step; diloco, streaming: an outer step per round
+    inner_steps: int | str = 50  # diloco, streaming: inner steps per round; auto: as many as fit in round_s
     # inner_steps auto: a round's time budget in seconds (streaming: of all fragments'
     # rounds together), so that groups of different speeds arrive at the sync together.
     round_s: float = 10.0
@@ -181,6 +181,26 @@ class ParallelConfig:
     ep: int = 1
 
 
+RL_LOSSES = ("grpo", "dr_grpo", "dapo")
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    """`stalwart rl` (rl/): GRPO on the task's verifiable rewards; train.steps counts RL steps."""
+    start: str = ""  # the model it starts from (--from): a run directory or a model folder, absolute
+    group_size: int = 8  # G completions sampled per prompt
+    prompts: int = 8  # prompts per step
+    max_new_tokens: int = 64  # the longest completion
+    temperature: float = 1.0  # of the sampler
+    loss: str = "grpo"  # grpo, dr_grpo or dapo (rl/objective.py)
+    clip_low: float = 0.2  # the ratio is clipped to [1 - clip_low, 1 + clip_high]
+    clip_high: float = 0.2  # (DAPO's clip-higher: 0.28)
+    kl_coef: float = 0.0  # weight of the KL penalty to the starting model; 0: none, no reference kept
+    updates: int = 1  # optimizer steps on each batch of rollouts
+    format_reward: float = 0.1  # reward for ending with a final answer ("so N"), right or not
+    pass_k: int = 8  # pass@k measured before and after, on the eval problems
+
+
 EXPORT_DTYPES = ("bf16", "fp32")
 DATA_FORMATS = ("text", "chat")
 TRACKERS = ("tensorboard", "wandb")
@@ -208,6 +228,7 @@ class RunConfig:
     guards: GuardsConfig = field(default_factory=GuardsConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
     # Where metrics go besides metrics.jsonl (`--track tensorboard,wandb`): optional sinks.
     track: tuple[str, ...] = ()
     # `model.from`: a DeepSeek-V3-format folder whose config is the model's and whose weights
@@ -274,7 +295,7 @@ RESUMABLE_OVERRIDES = ("train.steps", "train.log_every", "train.device", "train.
 
 SECTION_TYPES = {"data": DataConfig, "optim": OptimConfig, "train": TrainConfig, "eval": EvalConfig,
                  "checkpoint": CheckpointConfig, "replicas": ReplicasConfig, "guards": GuardsConfig,
-                 "parallel": ParallelConfig, "export": ExportConfig}
+                 "parallel": ParallelConfig, "export": ExportConfig, "rl": RLConfig}
 
 
 def _section(name: str, cls: type, raw: Any) -> Any:
@@ -471,6 +492,15 @@ def validate(cfg: RunConfig) -> RunConfig:
          "the ranks of each group)")
     need(e == 1 or not cfg.train.compile, f"parallel.ep {e} is not supported with train.compile (its token "
          "dispatch is not tested compiled): leave train.compile off")
+    rl = cfg.rl
+    need(rl.group_size >= 2, f"rl.group_size must be >= 2 (advantages are relative to the group), got {rl.group_size}")
+    need(rl.prompts >= 1 and rl.updates >= 1 and rl.max_new_tokens >= 1 and rl.pass_k >= 1,
+         "rl.prompts, rl.updates, rl.max_new_tokens and rl.pass_k must be >= 1")
+    need(rl.loss in RL_LOSSES, f"rl.loss must be one of {', '.join(RL_LOSSES)}, got {rl.loss!r}")
+    need(rl.temperature > 0, f"rl.temperature must be > 0, got {rl.temperature}")
+    need(0 <= rl.clip_low < 1 and rl.clip_high >= 0, f"rl.clip_low must be in [0, 1) and rl.clip_high >= 0, "
+         f"got {rl.clip_low} and {rl.clip_high}")
+    need(rl.kl_coef >= 0 and rl.format_reward >= 0, "rl.kl_coef and rl.format_reward must be >= 0")
     need(cfg.export.dtype in EXPORT_DTYPES, f"export.dtype must be bf16 or fp32, got {cfg.export.dtype!r}")
     need(cfg.export.max_shard_gb > 0, f"export.max_shard_gb must be > 0, got {cfg.export.max_shard_gb}")
     unknown = [t for t in cfg.track if t not in TRACKERS]

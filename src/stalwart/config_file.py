@@ -4,9 +4,9 @@ The file has the sections and keys of the command-line overrides (`[train]` `ste
 is `--train.steps 500`), plus two top-level keys: `recipe`, the recipe it starts from
 (`--recipe` wins), and `track`, a list of sinks (`--track` wins). Overrides on the command
 line apply on top of the file. Paths in the file are taken as the command line takes them,
-from the working directory. Every key and type is checked before anything is written; a
-bad one is named with the file and its line (`run.toml:4: train.steps must be an integer,
-got 'five'`).
+from the working directory; TOML has no null, so an optional key takes "none". Every key,
+type and value is checked before anything is written; a bad one is named with the file and
+its line (`run.toml:4: train.steps must be an integer, got 'five'`).
 
     recipe = "smoke"
     [train]
@@ -41,6 +41,20 @@ class ConfigFile:
     settings: dict[str, Any]  # {"train.steps": 200, "model.from": "folder", ...}
     recipe: str | None
     track: tuple[str, ...] | None
+    lines: dict[str, int]  # where each key is, by dotted name
+
+    def locate(self, error: ConfigError, overridden: set[str]) -> ConfigError:
+        """`error` (a value refused once the whole config is put together) with the file
+        and the line of the key it names first, when the file set that key and the command
+        line did not."""
+        mine = [k for k in (*self.settings, *(k for k in TOP_LEVEL if k in self.lines)) if k not in overridden]
+        found = [(m.start(), k) for k in mine
+                 if (m := re.search(rf"(?<![\w.]){re.escape(k)}(?![\w.])|{'tracking sink' if k == 'track' else '^$'}",
+                                    str(error)))]
+        if not found:
+            return error
+        line = self.lines.get(min(found)[1])
+        return ConfigError(f"{self.path}:{line}: {error}" if line else f"{self.path}: {error}")
 
 
 def _key_lines(text: str) -> dict[str, int]:
@@ -67,7 +81,7 @@ def read_config_file(path: str | Path) -> ConfigFile:
     ConfigError line naming the file (and the line, where there is one)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
         raw = tomllib.loads(text)
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read config file {path}: {getattr(e, 'strerror', None) or e}") from None
@@ -95,10 +109,14 @@ def read_config_file(path: str | Path) -> ConfigFile:
             name = f"{section}.{key}"
             if key not in known:
                 raise fail(name, f"unknown config key {name} (known in {section}: {', '.join(known)})")
+            if known[key].endswith(" | None") and value == "none":
+                value = None
             try:
                 check_value(name, known[key], value)
             except ConfigError as e:
                 raise fail(name, str(e)) from None
             settings[name] = tuple(value) if isinstance(value, list) else value
     track = raw.get("track")
-    return ConfigFile(path, settings, raw.get("recipe"), tuple(track) if track is not None else None)
+    if track is not None:  # as --track takes it: each sink once, ["none"] for none
+        track = tuple(t for t in dict.fromkeys(track) if t != "none")
+    return ConfigFile(path, settings, raw.get("recipe"), track, lines)

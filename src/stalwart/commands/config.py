@@ -40,16 +40,16 @@ def rows(cfg) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from stalwart.config import apply_overrides
+    from stalwart.api import run_config
     from stalwart.config_file import read_config_file
-    from stalwart.recipes import recipe
+    from stalwart.errors import ConfigError
 
     given = read_config_file(args.config) if args.config else None
-    cfg = recipe(args.recipe or (given.recipe if given else None) or "default")
-    if given is not None:
-        cfg = apply_overrides(cfg, given.settings)
-        if given.track is not None:
-            cfg = dataclasses.replace(cfg, track=given.track)
+    try:  # what `stalwart train` with these arguments would run
+        cfg = run_config(args.recipe or (given.recipe if given else None), given.settings if given else {},
+                         track=given.track if given else None)
+    except ConfigError as e:
+        raise given.locate(e, {"recipe"} if args.recipe else set()) if given else e from None
     table = rows(cfg)
     if args.json:
         print(json.dumps(table, indent=2, default=list))

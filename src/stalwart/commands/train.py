@@ -17,11 +17,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from stalwart.errors import EXIT_USAGE, UserError
+from stalwart.errors import EXIT_USAGE, ConfigError, UserError
 from stalwart.run.rundir import checkpoints_dir
 
 HELP = "train a model (no arguments: the default job, about 5 minutes on 2 CPU cores)"
-SECTIONS = ("model", "data", "optim", "train", "eval", "checkpoint", "replicas", "guards", "parallel", "export")
+SECTIONS = ("model", "data", "optim", "train", "eval", "checkpoint", "replicas", "guards", "parallel", "export",
+            "rl")
 DESCRIPTION = (f"Train from a recipe and an optional --config FILE (TOML); override any field with --section.key "
                f"VALUE. Sections: {', '.join(SECTIONS)}. `stalwart config show` lists every key with its type, "
                "default and help.")
@@ -93,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
     from stalwart.training.loop import train
 
     given = read_config_file(args.config) if args.config else None
-    overrides = {**(given.settings if given else {}), **parse_overrides(args.overrides)}
+    typed = parse_overrides(args.overrides)  # the command line's, on top of the file's
+    overrides = {**(given.settings if given else {}), **typed}
     recipe_name = args.recipe or (given.recipe if given else None)
     if args.track is not None and args.replica_id is not None:
         raise UserError("--track is for a run's one tracking process (alone, rank 0, or the supervisor "
@@ -106,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         if args.replica_id is None:
             return 0
     if args.replicas is not None:
-        overrides["replicas.count"] = str(args.replicas)
+        overrides["replicas.count"] = typed["replicas.count"] = str(args.replicas)
     if args.replica_id is not None and not args.lighthouse:
         raise UserError("--replica-id needs --lighthouse URL")
     if args.replica_id is not None and args.groups:
@@ -118,7 +120,10 @@ def run(args: argparse.Namespace) -> int:
         args.resume = True
     if args.resume and not args.out:
         raise UserError("--resume needs --out RUN_DIR")
-    cfg = run_config(recipe_name, overrides, resume_from=Path(args.out) if args.resume else None, track=track)
+    try:
+        cfg = run_config(recipe_name, overrides, resume_from=Path(args.out) if args.resume else None, track=track)
+    except ConfigError as e:
+        raise given.locate(e, set(typed) | ({"recipe"} if args.recipe else set())) if given else e from None
     if args.replica_id is None:  # who tracks: this process, or the supervisor it is; never a group's
         require_sinks(cfg.track)
     if launch is not None and (cfg.replicas.count > 1 or args.lighthouse):

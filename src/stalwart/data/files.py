@@ -11,16 +11,22 @@ Formats, by what a path is:
   DatasetDict's `train` split), memory-mapped with pyarrow: the `datasets` package is not
   needed to read it;
 - any other folder: every .txt, .jsonl, .parquet and .arrow file under it, in path order
-  (a dataset repository's layout, data/train-00000-of-00004.parquet ...).
+  (a dataset repository's layout, data/train-00000-of-00004.parquet ...), except those of
+  another split (a test, validation, eval or dev folder or file-name prefix) and README,
+  LICENSE and requirements files.
 
-What is held in memory: the byte offsets of each line of text files (16 bytes a line), one
-parquet row group or page of records per file being read, and the Arrow files' maps.
+What is held in memory: 24 bytes per record of a text file (its byte offsets and line
+number), the row groups of the one parquet file being read (`Corpus.release`), the Arrow
+files' maps. A corpus is opened and indexed once per process and shared by the train and
+eval splits; it is opened again when a file's size or modification time changes.
 """
 
 from __future__ import annotations
 
 import bisect
+import functools
 import json
+import re
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -31,6 +37,7 @@ import numpy as np
 from stalwart.errors import UserError
 
 PAGE = 1024  # records decoded together
+MAX_RECORD_BYTES = 64 << 20  # a longer line or paragraph is a file that was not split into documents
 SUFFIXES = (".txt", ".jsonl", ".parquet", ".arrow")
 _WHITESPACE = np.zeros(256, dtype=bool)
 _WHITESPACE[[9, 10, 11, 12, 13, 32]] = True
@@ -47,31 +54,36 @@ def _pyarrow(path: Path):
 
 
 class RecordFile:
-    """One file's records: `len()` of them, `page(p)` the records PAGE*p ... as Python values,
-    `where(i)` the record's place for an error message ("a.jsonl:12")."""
+    """One file's records: `len()` of them, `page(p, columns)` the records PAGE*p ... as
+    Python values (a table's: those columns only), `where(i)` the record's place for an
+    error message ("a.jsonl:12"), `release()` what it holds beyond its index."""
 
     path: Path
-    columns: tuple[str, ...] | None = None  # a table's column names (None: free-form records)
+    columns: dict[str, str] | None = None  # a table's column names and types (None: free-form records)
 
     def __len__(self) -> int: ...
-    def page(self, p: int) -> list[Any]: ...
+    def page(self, p: int, columns: tuple[str, ...] = ()) -> list[Any]: ...
     def where(self, i: int) -> str: ...
+
+    def release(self) -> None:
+        pass
 
 
 def _whole_lines(path: Path, block: int) -> Iterator[tuple[int, bytes]]:
-    """(offset, bytes) of `path` in blocks of about `block` bytes that end at a line end."""
-    offset, carry = 0, b""
+    """(offset, bytes) of `path` in blocks of about `block` bytes that end at a line end
+    (a line longer than a block comes whole, in one)."""
+    offset, pending = 0, []  # the chunks since the last newline
     with open(path, "rb") as f:
         while chunk := f.read(block):
-            data = carry + chunk
-            cut = data.rfind(b"\n") + 1
-            if cut:
-                yield offset, data[:cut]
-                offset, carry = offset + cut, data[cut:]
-            else:
-                carry = data
-    if carry:
-        yield offset, carry + b"\n"  # a last line without a newline
+            cut = chunk.rfind(b"\n") + 1
+            if not cut:
+                pending.append(chunk)
+                continue
+            data = b"".join(pending) + chunk[:cut]
+            yield offset, data
+            offset, pending = offset + len(data), [chunk[cut:]]
+    if any(pending):
+        yield offset, b"".join(pending) + b"\n"  # a last line without a newline
 
 
 def _non_blank_lines(path: Path, block: int = 1 << 20) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -104,6 +116,11 @@ class _TextLines(RecordFile):
             last = np.concatenate((first[1:], [True])) if len(numbers) else first
             starts, ends, numbers = starts[first], ends[last], numbers[first]
         self.starts, self.ends, self.numbers = starts, ends, numbers
+        sizes = ends - starts
+        if len(sizes) and sizes.max() > MAX_RECORD_BYTES:
+            big = int(sizes.argmax())
+            raise UserError(f"{self.where(big)}: a record of {sizes[big] / 2**20:.0f} MiB, above the "
+                            f"{MAX_RECORD_BYTES >> 20} MiB a document may have (blank lines separate .txt documents)")
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -111,7 +128,7 @@ class _TextLines(RecordFile):
     def where(self, i: int) -> str:
         return f"{self.path}:{int(self.numbers[i])}"
 
-    def page(self, p: int) -> list[Any]:
+    def page(self, p: int, columns: tuple[str, ...] = ()) -> list[Any]:
         lo, hi = p * PAGE, min((p + 1) * PAGE, len(self))
         with open(self.path, "rb") as f:
             f.seek(int(self.starts[lo]))
@@ -121,7 +138,7 @@ class _TextLines(RecordFile):
         for i in range(lo, hi):
             piece = raw[int(self.starts[i]) - base:int(self.ends[i]) - base]
             try:
-                text = piece.decode("utf-8").strip()
+                text = piece.decode("utf-8").removeprefix("\ufeff").strip().replace("\r\n", "\n")
             except UnicodeDecodeError:
                 raise UserError(f"{self.where(i)}: not UTF-8 text") from None
             if self.path.suffix == ".jsonl":
@@ -142,10 +159,9 @@ class _Parquet(RecordFile):
         except (OSError, pa.ArrowException) as e:
             raise UserError(f"cannot read data file {path}: {e}") from None
         meta = self.file.metadata
-        self.columns = tuple(self.file.schema_arrow.names)
+        self.columns = {f.name: str(f.type) for f in self.file.schema_arrow}
         self.bounds = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
-        self.read: tuple[str, ...] = self.columns
-        self._groups: OrderedDict[int, Any] = OrderedDict()
+        self._groups: OrderedDict[tuple[int, tuple[str, ...]], Any] = OrderedDict()
 
     def __len__(self) -> int:
         return int(self.bounds[-1])
@@ -153,20 +169,23 @@ class _Parquet(RecordFile):
     def where(self, i: int) -> str:
         return f"{self.path} row {i}"
 
-    def _group(self, g: int):
-        if g not in self._groups:
-            self._groups[g] = self.file.read_row_group(g, columns=list(self.read))
+    def _group(self, g: int, columns: tuple[str, ...]):
+        if (g, columns) not in self._groups:
+            self._groups[(g, columns)] = self.file.read_row_group(g, columns=list(columns))
             while len(self._groups) > 2:
                 self._groups.popitem(last=False)
-        return self._groups[g]
+        return self._groups[(g, columns)]
 
-    def page(self, p: int) -> list[Any]:
+    def release(self) -> None:
+        self._groups.clear()
+
+    def page(self, p: int, columns: tuple[str, ...] = ()) -> list[Any]:
         lo, hi = p * PAGE, min((p + 1) * PAGE, len(self))
         out: list[Any] = []
         while lo < hi:
             g = bisect.bisect_right(self.bounds, lo) - 1
             first, stop = int(self.bounds[g]), min(hi, int(self.bounds[g + 1]))
-            out += self._group(g).slice(lo - first, stop - lo).to_pylist()
+            out += self._group(g, columns).slice(lo - first, stop - lo).to_pylist()
             lo = stop
         return out
 
@@ -181,8 +200,7 @@ class _Arrow(RecordFile):
             self.table = pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
         except (OSError, pa.ArrowException) as e:
             raise UserError(f"cannot read data file {path}: {e}") from None
-        self.columns = tuple(self.table.column_names)
-        self.read: tuple[str, ...] = self.columns
+        self.columns = {f.name: str(f.type) for f in self.table.schema}
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -190,9 +208,8 @@ class _Arrow(RecordFile):
     def where(self, i: int) -> str:
         return f"{self.path} row {i}"
 
-    def page(self, p: int) -> list[Any]:
-        lo = p * PAGE
-        return self.table.select(list(self.read)).slice(lo, PAGE).to_pylist()
+    def page(self, p: int, columns: tuple[str, ...] = ()) -> list[Any]:
+        return self.table.select(list(columns)).slice(p * PAGE, PAGE).to_pylist()
 
 
 def _saved_dataset(folder: Path) -> list[Path]:
@@ -208,6 +225,15 @@ def _saved_dataset(folder: Path) -> list[Path]:
         raise UserError(f"{folder}/state.json is not a saved dataset's state") from None
 
 
+_OTHER_SPLIT = re.compile(r"^(test|testing|validation|valid|val|eval|dev)([-_.]|$)", re.I)
+_NOT_DATA = re.compile(r"^(readme|license|licence|requirements|changelog)\b", re.I)
+
+
+def _other_split(relative: Path) -> bool:
+    """Whether a file found in a data folder belongs to another split than train, or is no data."""
+    return any(_OTHER_SPLIT.match(part) for part in relative.parts) or bool(_NOT_DATA.match(relative.name))
+
+
 def data_files(paths: Sequence[str]) -> list[Path]:
     """Every file the paths name, folders expanded (see the module docstring)."""
     out: list[Path] = []
@@ -215,7 +241,8 @@ def data_files(paths: Sequence[str]) -> list[Path]:
         if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
             out += _saved_dataset(path)
         elif path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file())
+            found = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file()
+                           and not _other_split(p.relative_to(path)))
             if not found:
                 raise UserError(f"data folder {path} has no {', '.join(SUFFIXES)} files")
             out += found
@@ -234,3 +261,45 @@ def open_record_file(path: Path) -> RecordFile:
     if path.suffix == ".arrow":
         return _Arrow(path)
     raise UserError(f"data file {path}: unknown format (expected {', '.join(SUFFIXES)})")
+
+
+class Corpus:
+    """The records of a list of paths, in order: each file opened and indexed once."""
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        self.files = [open_record_file(p) for p in data_files(paths)]
+        self.bounds = [0]
+        for f in self.files:
+            self.bounds.append(self.bounds[-1] + len(f))
+        self._reading: RecordFile | None = None
+
+    def __len__(self) -> int:
+        return self.bounds[-1]
+
+    def locate(self, g: int) -> tuple[RecordFile, int]:
+        """The file of record g and its index there; the file read before gives back its row groups."""
+        n = bisect.bisect_right(self.bounds, g) - 1
+        f = self.files[n]
+        if self._reading is not None and self._reading is not f:
+            self._reading.release()
+        self._reading = f
+        return f, g - self.bounds[n]
+
+
+def _identity(paths: Sequence[str]) -> tuple:
+    """What names a corpus: each data file's resolved path, size and modification time."""
+    out = []
+    for f in data_files(paths):
+        stat = f.stat()
+        out.append((str(f.resolve()), stat.st_size, stat.st_mtime_ns))
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=2)
+def _corpus(identity: tuple, paths: tuple[str, ...]) -> Corpus:
+    return Corpus(paths)
+
+
+def open_corpus(paths: Sequence[str]) -> Corpus:
+    """The corpus of `paths`, shared by every caller while its files are unchanged."""
+    return _corpus(_identity(paths), tuple(paths))

@@ -21,7 +21,6 @@ order needs memory for one block and the block order, not for every document.
 
 from __future__ import annotations
 
-import bisect
 import random
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -31,7 +30,7 @@ from typing import Protocol
 import torch
 
 from stalwart.data.chat import record_turns
-from stalwart.data.files import PAGE, RecordFile, data_files, open_record_file
+from stalwart.data.files import PAGE, RecordFile, open_corpus
 from stalwart.data.tasks import make_problem
 from stalwart.data.tokenizer import EOS_ID
 from stalwart.errors import ConfigError, UserError
@@ -78,51 +77,53 @@ class FileDocuments:
     "chat": its `field` holds a list of messages, or it has prompt and completion strings
     (data/chat.py). Every 64th record is held out for the eval split; with fewer than 64
     records there is no eval split. A record that does not fit the format stops the run
-    with one line naming its file and line or row; each file's first page is checked now."""
+    with one line naming its file and line or row; each file's first page (a table's
+    columns) is checked now."""
 
     def __init__(self, paths: Sequence[str], split: str, *, format: str = "text", field: str = "text") -> None:
         self.format, self.field = format, field
         self._pages: OrderedDict[tuple[int, int], list] = OrderedDict()  # the last pages decoded
-        self.files = [open_record_file(p) for p in data_files(paths)]
-        for f in self.files:
-            self._check(f)
-        self.bounds = [0]
-        for f in self.files:
-            self.bounds.append(self.bounds[-1] + len(f))
-        total = self.bounds[-1]
+        self.corpus = open_corpus(paths)
+        self._columns = {id(f): self._check(f) for f in self.corpus.files}
+        total = len(self.corpus)
         if not total:
             raise UserError(f"no documents in {', '.join(paths) or 'data.files (empty)'}")
         self.eval = split == "eval"
         self.size = total // EVAL_EVERY if self.eval else total - total // EVAL_EVERY
 
-    def _check(self, f: RecordFile) -> None:
-        """Refuse a file whose records cannot hold this format, and read only the columns used."""
+    def _check(self, f: RecordFile) -> tuple[str, ...]:
+        """The columns of `f` this format reads (none for free-form records, whose first
+        record is checked); a file that cannot hold the format is refused."""
         if f.columns is None:
             if f.path.suffix == ".txt" and self.format == "chat":
                 raise UserError(f"{f.path}: data.format chat reads .jsonl, .parquet or saved datasets, not .txt")
             if len(f):
-                self._turns(f, 0)
-            return
-        wanted = [(self.field,)] + ([("prompt", "completion")] if self.format == "chat" else [])
-        for columns in wanted:
-            if set(columns) <= set(f.columns):
-                f.read = columns
-                return
+                self._turns(f, 0, ())
+            return ()
+        strings = ("string", "large_string")
+        if self.format == "text" and f.columns.get(self.field) in strings:
+            return (self.field,)
+        if self.format == "chat" and self.field in f.columns:
+            return (self.field,)
+        if self.format == "chat" and f.columns.get("prompt") in strings and f.columns.get("completion") in strings:
+            return ("prompt", "completion")
+        if self.field in f.columns:
+            raise UserError(f"data.field {self.field!r} of {f.path} holds {f.columns[self.field]}, not text")
         raise UserError(f"data.field {self.field!r} is not a column of {f.path} (columns: {', '.join(f.columns)})")
 
     def __len__(self) -> int:
         return self.size
 
-    def _record(self, f: RecordFile, i: int):
+    def _record(self, f: RecordFile, i: int, columns: tuple[str, ...]):
         key = (id(f), i // PAGE)
         if key not in self._pages:
-            self._pages[key] = f.page(i // PAGE)
+            self._pages[key] = f.page(i // PAGE, columns)
             while len(self._pages) > 8:  # two shuffle blocks' worth
                 self._pages.popitem(last=False)
         return self._pages[key][i % PAGE]
 
-    def _turns(self, f: RecordFile, i: int) -> tuple[tuple[str, str], ...]:
-        record = self._record(f, i)
+    def _turns(self, f: RecordFile, i: int, columns: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+        record = self._record(f, i, columns)
         if self.format == "chat":
             try:
                 return record_turns(record, self.field)
@@ -130,14 +131,14 @@ class FileDocuments:
                 raise UserError(f"{f.where(i)}: {e}") from None
         text = record if isinstance(record, str) else record.get(self.field) if isinstance(record, dict) else None
         if not isinstance(text, str):
-            raise UserError(f"{f.where(i)}: expected a JSON object with a string {self.field!r} field (data.field)")
+            raise UserError(f"{f.where(i)}: expected a record with a string {self.field!r} field (data.field)")
         return (("", text),)
 
     def document(self, index: int) -> tuple[tuple[str, str], ...]:
         g = index * EVAL_EVERY + EVAL_EVERY - 1 if self.eval else index // (EVAL_EVERY - 1) * EVAL_EVERY + \
             index % (EVAL_EVERY - 1)
-        n = bisect.bisect_right(self.bounds, g) - 1
-        return self._turns(self.files[n], g - self.bounds[n])
+        f, i = self.corpus.locate(g)
+        return self._turns(f, i, self._columns[id(f)])
 
 
 class PackedLoader:
@@ -171,7 +172,8 @@ class PackedLoader:
             return self.shard + position * self.num_shards
         per_shard = n // self.num_shards
         epoch, offset = divmod(position, per_shard)
-        return self._shuffled(epoch, self.shard + offset * self.num_shards)
+        # The n % num_shards places no shard reads move on each epoch, so none is left out for good.
+        return self._shuffled(epoch, (self.shard + offset * self.num_shards + epoch * (n % self.num_shards)) % n)
 
     def _shuffled(self, epoch: int, j: int) -> int:
         """The document at place j of epoch `epoch`'s order (see the module docstring)."""

@@ -4,7 +4,6 @@ supervisor (which prepares the tokenizer once, before any group starts)."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,24 +16,26 @@ if TYPE_CHECKING:  # config.py imports data.tasks: take its section as a plain v
     from stalwart.config import DataConfig, RunConfig
 
 
-@functools.lru_cache(maxsize=4)
 def documents(data: DataConfig, split: str) -> Documents:
-    """The documents of one split: a generated task, or the user's files (opened, indexed
-    and their first records checked now; kept open for the next evaluation)."""
+    """The documents of one split: a generated task, or the user's files (opened and indexed
+    once for both splits while they are unchanged, data/files.py; their first records
+    checked now)."""
     if data.task == "files":
         return FileDocuments(data.files, split, format=data.format, field=data.record_field)
     return TaskDocuments(data.task, split, data.seed, data.min_digits, data.max_digits)
 
 
-def prepare_tokenizer(cfg: RunConfig, directory: Path, *, reuse: bool, docs: Documents):
+def prepare_tokenizer(cfg: RunConfig, directory: Path, *, reuse: bool, docs: Documents | None = None):
     """The run's tokenizer, saved in `directory`: the one already there when `reuse` (a
-    resumed run), else `data.tokenizer`, else one trained on the first documents."""
+    resumed run), else `data.tokenizer`, else one trained on the first documents (`docs`,
+    by default the train split's, opened only then)."""
     if reuse and (directory / TOKENIZER_FILE).exists():
         return load_tokenizer(directory)
     data, model = cfg.data, cfg.model
     if data.tokenizer:
         tok = load_tokenizer(data.tokenizer)
     else:
+        docs = documents(data, "train") if docs is None else docs
         n = min(data.tokenizer_documents, len(docs) or data.tokenizer_documents)
         tok = train_tokenizer((text_of(docs.document(i)) for i in range(n)), model.vocab_size)
     save_tokenizer(tok, directory, model_max_length=model.max_position_embeddings, bos_id=model.bos_token_id,

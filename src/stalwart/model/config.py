@@ -35,14 +35,14 @@ class ModelConfig:
     num_attention_heads: int = 4  # attention heads per layer
     # "mla": DeepSeek's multi-head latent attention; "mha": plain attention for baselines.
     attention: str = "mla"
-    q_lora_rank: int | None = None  # None: a full-rank query projection
+    q_lora_rank: int | None = None  # the low-rank query's width (V3: 1536); none: a full-rank query projection
     kv_lora_rank: int = 64  # MLA: the compressed key-value latent's width
     qk_nope_head_dim: int = 32  # MLA: per-head query/key width without rotary position
     qk_rope_head_dim: int = 16  # MLA: per-head query/key width with rotary position (even)
     v_head_dim: int = 32  # per-head value width
     intermediate_size: int = 384  # dense FFN width
     # Mixture of experts; n_routed_experts == 0 makes every layer dense.
-    n_routed_experts: int = 8
+    n_routed_experts: int = 8  # routed experts per MoE layer; 0: every layer dense
     n_shared_experts: int = 1  # experts every token goes through
     num_experts_per_tok: int = 2  # routed experts chosen per token (top-k)
     moe_intermediate_size: int = 96  # one expert's FFN width

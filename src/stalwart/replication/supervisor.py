@@ -45,7 +45,7 @@ from typing import Any
 
 from stalwart import checkpoint as ckpt
 from stalwart.config import RunConfig
-from stalwart.data.sources import documents, prepare_tokenizer
+from stalwart.data.sources import prepare_tokenizer
 from stalwart.errors import EXIT_USAGE, TrainingStopped, UserError
 from stalwart.faults import INJECT_ENV
 from stalwart.replication.protocol import (EXIT_EXCLUDED, EXIT_NONFINITE, EXIT_ORPHANED, EXIT_PARTITIONED,
@@ -189,7 +189,7 @@ def supervise(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, secret: s
     run = RunDir(out, checkpoints=cfg.checkpoint.dir)
     run.create()
     run.write_config(cfg.to_json())
-    prepare_tokenizer(cfg, run.path, reuse=resume, docs=documents(cfg.data, "train"))
+    prepare_tokenizer(cfg, run.path, reuse=resume)
     started_at, started = time.time(), time.monotonic()
     first_step = 0
     if resume:
