@@ -153,3 +153,21 @@ def test_a_folder_transformers_wrote_with_its_own_tokenizer_generates_as_transfo
     saved = json.loads((tmp_path / "again" / "tokenizer_config.json").read_text())
     assert (saved["bos_token"], saved["eos_token"], saved["pad_token"]) == ("<s>", "</s>", "<pad>")
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "again").eos_token_id == 2
+
+
+def test_samples_of_a_prompt_share_its_prefill_and_report_the_samplers_log_probabilities():
+    from stalwart.recipes import recipe
+
+    torch.manual_seed(0)
+    model = DeepSeekForCausalLM(recipe("smoke").model)
+    prompts = [[5, 6, 7], [8, 9, 10]]
+    assert generate(model, prompts, max_new_tokens=6, samples=3) == \
+        generate(model, [prompts[0]] * 3 + [prompts[1]] * 3, max_new_tokens=6)
+    logprobs = []
+    outs = generate(model, prompts, max_new_tokens=5, temperature=1.0, seed=4, samples=2, logprobs=logprobs)
+    assert len(outs) == len(logprobs) == 4
+    row = torch.tensor([prompts[1] + outs[3]])
+    with torch.no_grad():
+        full = model(row[:, :-1]).logits.log_softmax(-1)[0, len(prompts[1]) - 1:]
+    expected = full.gather(-1, row[0, len(prompts[1]):, None]).squeeze(-1)
+    assert torch.allclose(torch.tensor(logprobs[3]), expected, atol=1e-5)

@@ -14,16 +14,16 @@ import os
 import sys
 from typing import NoReturn
 
-from stalwart.commands import config, doctor, export, generate, lighthouse, model_info, report, train, verify
+from stalwart.commands import config, doctor, export, generate, lighthouse, model_info, report, rl, train, verify
 from stalwart.errors import EXIT_STOPPED, EXIT_USAGE, TrainingStopped, UserError
 from stalwart.plan import command as plan
 
 # (name, module) in the order `stalwart --help` lists them. Only `train` takes the
 # --section.key VALUE overrides that argparse leaves over.
-COMMANDS = (("train", train), ("lighthouse", lighthouse), ("verify", verify), ("plan", plan),
+COMMANDS = (("train", train), ("rl", rl), ("lighthouse", lighthouse), ("verify", verify), ("plan", plan),
             ("doctor", doctor), ("model-info", model_info), ("export", export), ("generate", generate),
             ("report", report), ("config", config))
-ACCEPTS_OVERRIDES = {"train"}
+ACCEPTS_OVERRIDES = {"train", "rl"}
 
 
 class _Parser(argparse.ArgumentParser):

@@ -39,15 +39,21 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
 @torch.inference_mode()
 def generate(model: DeepSeekForCausalLM, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-             eos_token_id: int | None = None, stop_early: bool = True) -> list[list[int]]:
+             eos_token_id: int | None = None, stop_early: bool = True, samples: int = 1,
+             logprobs: list[list[float]] | None = None) -> list[list[int]]:
     """Continue equal-length prompts; returns only the new tokens of each, cut after eos.
-    `stop_early` False: always max_new_tokens forward passes, even when every prompt has
-    ended (the same result), so that ranks whose forward passes are collectives (FSDP2)
-    take as many whatever each one generates."""
+    `samples` > 1: that many continuations of each prompt, in a row (prompt 0's first), from
+    one prefill of the prompt. `stop_early` False: always max_new_tokens forward passes, even
+    when every prompt has ended (the same result), so that ranks whose forward passes are
+    collectives (FSDP2) take as many whatever each one generates. `logprobs`, a list, receives
+    each row's log-probability (at temperature 1) of every token it returns, as the sampler
+    computed it (decode with the cache)."""
     if not prompts or len({len(p) for p in prompts}) != 1 or not prompts[0]:
         raise UserError("generate needs one or more non-empty prompts of equal token length")
     if max_new_tokens < 0:
         raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if samples < 1:
+        raise UserError(f"samples must be >= 1, got {samples}")
     if not 0 < top_p <= 1:
         raise UserError(f"top_p must be in (0, 1], got {top_p}")
     if not (math.isfinite(temperature) and temperature >= 0):
@@ -67,12 +73,19 @@ def generate(model: DeepSeekForCausalLM, prompts: Sequence[Sequence[int]], *, ma
     model.eval()
     cache = KVCache(cfg.num_hidden_layers, total)
     ids = torch.tensor([list(p) for p in prompts], dtype=torch.long, device=device)
-    out = torch.empty(len(prompts), 0, dtype=torch.long, device=device)
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    rows = len(prompts) * samples
+    out = torch.empty(rows, 0, dtype=torch.long, device=device)
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    picked: list[torch.Tensor] = []
     try:
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             logits = model(ids, cache=cache).logits[:, -1]
+            if step == 0 and samples > 1:  # the prompts' one prefill, shared by their samples
+                cache.repeat(samples)
+                logits = logits.repeat_interleave(samples, dim=0)
             ids = sample_next(logits, temperature, top_p, generator)
+            if logprobs is not None:
+                picked.append(logits.float().log_softmax(-1).gather(-1, ids[:, None]).squeeze(-1))
             out = torch.cat([out, ids[:, None]], dim=1)
             done |= ids == eos
             if stop_early and bool(done.all()):
@@ -83,4 +96,7 @@ def generate(model: DeepSeekForCausalLM, prompts: Sequence[Sequence[int]], *, ma
     result = []
     for row in out.tolist():
         result.append(row[: row.index(eos) + 1] if eos in row else row)
+    if logprobs is not None:
+        table = torch.stack(picked, dim=1).tolist() if picked else [[] for _ in result]
+        logprobs.extend(values[:len(row)] for values, row in zip(table, result))
     return result

@@ -116,6 +116,11 @@ class KVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors)
 
+    def repeat(self, n: int) -> None:
+        """Each row n times in a row (a prefilled prompt for n samples of it)."""
+        for layer in self.layers:
+            layer.tensors = [t.repeat_interleave(n, dim=0) for t in layer.tensors]
+
 
 def _causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
     """Boolean mask (q_len, k_len): query i (at absolute k_len - q_len + i) sees keys <= itself."""

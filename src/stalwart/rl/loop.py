@@ -1,0 +1,256 @@
+"""`stalwart rl`: GRPO with verifiable rewards on a trained model, in one process.
+
+Each step draws `rl.prompts` problems of the task's train split (problem numbers step x P
+...: a pure function of the step), samples `rl.group_size` completions of each from one
+prefill of its prompt (sampling.generate, seeded by train.seed and the step), scores them
+(exact match of the final answer, plus `rl.format_reward` for giving one), and takes
+`rl.updates` optimizer steps on the clipped objective (rl/objective.py) with the
+log-probabilities of the policy that sampled as the ratio's denominator.
+
+A checkpoint holds the weights, AdamW's state and the step; everything a step does is drawn
+from the step's number, so a run resumed from a checkpoint repeats the uninterrupted run's
+steps exactly (tested: the same rewards and losses, step for step).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stalwart.checkpoint import load_latest, save_checkpoint
+from stalwart.config import RunConfig
+from stalwart.data.tasks import Problem, extract_answer, is_correct, make_problem
+from stalwart.data.tokenizer import decode, encode, save_tokenizer
+from stalwart.errors import UserError
+from stalwart.export.hf import TORCH_DTYPES, save_hf_folder
+from stalwart.model import DeepSeekForCausalLM
+from stalwart.model_source import load_model_state, open_model
+from stalwart.rl.objective import group_advantages, informative, policy_loss
+from stalwart.run.rundir import RunDir
+from stalwart.sampling import generate
+from stalwart.training.evaluate import exact_match
+from stalwart.training.optim import build_optimizer, lr_at
+
+
+@dataclass
+class Rollouts:
+    """One step's samples: P problems x G completions, in a row per problem."""
+
+    problems: list[Problem]
+    prompt_ids: list[list[int]]  # per completion
+    completion_ids: list[list[int]]
+    sampler_logprobs: list[list[float]]
+    rewards: torch.Tensor  # (P, G)
+    correct: torch.Tensor  # (P, G) bool
+
+
+def step_seed(seed: int, step: int) -> int:
+    return zlib.crc32(f"rl:{seed}:{step}".encode())
+
+
+def reward(problem: Problem, text: str, format_weight: float) -> tuple[float, bool]:
+    """Exact match of the final answer (1 or 0), plus `format_weight` for giving one at all."""
+    ok = is_correct(problem, text)
+    return float(ok) + format_weight * (extract_answer(text) is not None), ok
+
+
+def sample(cfg: RunConfig, model: DeepSeekForCausalLM, tokenizer, problems: list[Problem], seed: int) -> Rollouts:
+    """G completions of each problem, prompts of one length generated together."""
+    rl, G = cfg.rl, cfg.rl.group_size
+    completions: list[list[int] | None] = [None] * (len(problems) * G)
+    logprobs: list[list[float] | None] = [None] * len(completions)
+    prompts = [encode(tokenizer, p.prompt) for p in problems]
+    for length in sorted({len(ids) for ids in prompts}):
+        rows = [i for i, ids in enumerate(prompts) if len(ids) == length]
+        got: list[list[float]] = []
+        outs = generate(model, [prompts[i] for i in rows], max_new_tokens=rl.max_new_tokens,
+                        temperature=rl.temperature, seed=seed + length, samples=G, logprobs=got)
+        for k, (out, lp) in enumerate(zip(outs, got)):
+            completions[rows[k // G] * G + k % G], logprobs[rows[k // G] * G + k % G] = out, lp
+    scored = [reward(problems[i // G], decode(tokenizer, c), rl.format_reward) for i, c in enumerate(completions)]
+    rewards = torch.tensor([r for r, _ in scored]).view(len(problems), G)
+    correct = torch.tensor([ok for _, ok in scored]).view(len(problems), G)
+    return Rollouts(problems, [prompts[i // G] for i in range(len(completions))], completions, logprobs, rewards,
+                    correct)
+
+
+def completion_logprobs(model: DeepSeekForCausalLM, r: Rollouts, pad_id: int) -> tuple[torch.Tensor, ...]:
+    """(log-probabilities, entropies, mask), each (N, T): the model's, for every completion
+    token, from one forward of the padded prompt + completion rows."""
+    device = next(model.parameters()).device
+    T = max(len(c) for c in r.completion_ids)
+    L = len(r.prompt_ids[0]) if len({len(p) for p in r.prompt_ids}) == 1 else max(len(p) for p in r.prompt_ids)
+    rows = torch.full((len(r.completion_ids), L + T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(r.completion_ids), T, dtype=torch.bool)
+    starts = []
+    for i, (p, c) in enumerate(zip(r.prompt_ids, r.completion_ids)):
+        rows[i, L - len(p):L] = torch.tensor(p)  # prompts right-aligned: completions start at L
+        rows[i, L:L + len(c)] = torch.tensor(c)
+        mask[i, :len(c)] = True
+        starts.append(L - len(p))
+    rows = rows.to(device)
+    logits = model(rows[:, :-1]).logits[:, L - 1:].float()  # position L - 1 predicts completion token 0
+    logp_all = logits.log_softmax(-1)
+    logp = logp_all.gather(-1, rows[:, L:, None]).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy, mask.to(device)
+
+
+def update(cfg: RunConfig, model, optimizer, r: Rollouts, reference: DeepSeekForCausalLM | None, lr: float,
+           pad_id: int) -> dict[str, float]:
+    """rl.updates optimizer steps on one batch of rollouts; the metrics of the first."""
+    rl = cfg.rl
+    advantages = group_advantages(r.rewards, rl.loss)
+    keep = informative(r.rewards)[:, None].expand_as(r.rewards).reshape(-1) if rl.loss == "dapo" else \
+        torch.ones(r.rewards.numel(), dtype=torch.bool)
+    device = next(model.parameters()).device
+    advantages = advantages.reshape(-1).to(device)
+    with torch.no_grad():
+        old, _, mask = completion_logprobs(model, r, pad_id)
+        ref = completion_logprobs(reference, r, pad_id)[0] if reference is not None else None
+    sampler = torch.zeros_like(old)
+    for i, lp in enumerate(r.sampler_logprobs):
+        sampler[i, :len(lp)] = torch.tensor(lp)
+    gap = float(((sampler - old).abs() * mask).sum() / mask.sum().clamp(min=1))
+    mask = mask & keep.to(device)[:, None]
+    first: dict[str, float] = {}
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    for u in range(rl.updates):
+        logp, entropy, _ = completion_logprobs(model, r, pad_id)
+        out = policy_loss(logp, old, advantages, mask, loss=rl.loss, clip_low=rl.clip_low, clip_high=rl.clip_high,
+                          ref_logp=ref, kl_coef=rl.kl_coef, max_len=rl.max_new_tokens)
+        optimizer.zero_grad(set_to_none=True)
+        if mask.any():
+            out.loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
+            optimizer.step()
+        else:
+            norm = torch.tensor(0.0)
+        if u == 0:
+            tokens = mask.sum().clamp(min=1)
+            first = {"loss": round(out.loss.item(), 6), "grad_norm": round(float(norm), 6),
+                     "clip_fraction": round(out.clip_fraction, 6), "kl": round(out.kl, 6),
+                     "entropy": round(float((entropy.detach() * mask).sum() / tokens), 6),
+                     "sampler_logprob_gap": round(gap, 6)}
+    return first
+
+
+def pass_at_k(cfg: RunConfig, model, tokenizer, problems: list[Problem], seed: int) -> float | None:
+    """The share of problems with a correct answer among k samples at the sampler's temperature."""
+    if not problems:
+        return None
+    k_cfg = RunConfig.from_dict({**cfg.to_dict(), "rl": {**cfg.to_dict()["rl"], "group_size": max(cfg.rl.pass_k, 2)}})
+    r = sample(k_cfg, model, tokenizer, problems, seed)
+    return round(float(r.correct[:, :cfg.rl.pass_k].any(dim=1).float().mean()), 4)
+
+
+def eval_problems(cfg: RunConfig) -> list[Problem]:
+    d = cfg.data
+    return [make_problem(d.task, "eval", i, d.seed, d.min_digits, d.max_digits) for i in range(cfg.eval.problems)]
+
+
+def evaluate(cfg: RunConfig, model, tokenizer) -> dict[str, Any]:
+    problems = eval_problems(cfg)
+    accuracy, _ = exact_match(model, tokenizer, problems)
+    return {"eval_exact_match": accuracy,
+            f"pass_at_{cfg.rl.pass_k}": pass_at_k(cfg, model, tokenizer, problems, seed=cfg.train.seed + 1)}
+
+
+def train_rl(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
+    """The whole RL run; its summary (also RUN_DIR/summary.json)."""
+    run = RunDir(out, checkpoints=cfg.checkpoint.dir)
+    run.create()
+    run.write_config(cfg.to_json())
+    model, tokenizer = open_model(cfg.rl.start)
+    if tokenizer.get_vocab_size() > model.cfg.vocab_size:
+        raise UserError(f"{cfg.rl.start}: its tokenizer has more tokens than its model's vocabulary")
+    save_tokenizer(tokenizer, run.path, model_max_length=model.cfg.max_position_embeddings,
+                   bos_id=model.cfg.bos_token_id, eos_id=model.cfg.eos_token_id, pad_id=model.cfg.pad_token_id)
+    reference = None
+    if cfg.rl.kl_coef:
+        reference = open_model(cfg.rl.start)[0].eval().requires_grad_(False)
+    optimizer = build_optimizer(model, cfg.optim)
+    step, started = 0, time.perf_counter()
+    latest = load_latest(run.checkpoints) if resume else None
+    summary: dict[str, Any] = run.read_summary() if latest else {}
+    if latest is not None:
+        load_model_state(model, latest.model_state, latest.path)
+        optimizer.load_state_dict(latest.train_state["optimizer"])
+        step = int(latest.train_state["step"])
+        before = latest.train_state["before"]
+        run.truncate_metrics(step)
+        run.event("resume", step=step)
+    else:
+        run.event("start", mode="rl", start=cfg.rl.start)
+        before = evaluate(cfg, model.eval(), tokenizer)
+        run.event("eval", step=0, **before)
+    model.train()
+    d, P = cfg.data, cfg.rl.prompts
+    while step < cfg.train.steps:
+        t0 = time.perf_counter()
+        problems = [make_problem(d.task, "train", step * P + i, d.seed, d.min_digits, d.max_digits) for i in range(P)]
+        r = sample(cfg, model, tokenizer, problems, step_seed(cfg.train.seed, step))
+        t1 = time.perf_counter()
+        metrics = update(cfg, model, optimizer, r, reference, lr_at(step + 1, cfg.train.steps, cfg.optim),
+                         model.cfg.pad_token_id)
+        t2 = time.perf_counter()
+        step += 1
+        record = {"step": step, "reward_mean": round(float(r.rewards.mean()), 6),
+                  "reward_std": round(float(r.rewards.std()), 6), "accuracy": round(float(r.correct.float().mean()), 6),
+                  "zero_variance_groups": round(1 - float(informative(r.rewards).float().mean()), 6),
+                  "completion_length": round(sum(map(len, r.completion_ids)) / len(r.completion_ids), 3),
+                  **metrics, "generation_s": round(t1 - t0, 4), "update_s": round(t2 - t1, 4),
+                  "lr": lr_at(step, cfg.train.steps, cfg.optim)}
+        run.append_metrics(record)
+        if not quiet and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
+            print(f"rl step {step}/{cfg.train.steps}  reward {record['reward_mean']:.3f}  accuracy "
+                  f"{record['accuracy']:.1%}  loss {record['loss']:.4f}  {t2 - t0:.2f}s", file=sys.stderr, flush=True)
+        if step % cfg.checkpoint.every == 0 or step == cfg.train.steps:
+            save_checkpoint(run.checkpoints, step, model.state_dict(),
+                            {"step": step, "optimizer": optimizer.state_dict(), "before": before},
+                            keep=cfg.checkpoint.keep)
+            run.event("checkpoint", step=step)
+    after = evaluate(cfg, model.eval(), tokenizer)
+    run.event("eval", step=step, **after)
+    export = save_hf_folder(model, tokenizer, run.export, dtype=TORCH_DTYPES[cfg.export.dtype], replace=True)
+    summary = {"steps": step, "wall_s": round(time.perf_counter() - started, 3),
+               **{f"{k}_before": v for k, v in before.items()}, **after, "export": str(export),
+               "loss": cfg.rl.loss, "group_size": cfg.rl.group_size}
+    run.write_summary(summary)
+    return summary
+
+
+def rl_config(source: str, settings: dict[str, Any]) -> RunConfig:
+    """The default RL run on the model at `source`, with `settings` ({"section.key": text}) on
+    top: the held-out harder split (4-digit addition, one column more than the main job
+    learns), a constant learning rate, 200 steps of 8 prompts x 8 samples."""
+    import dataclasses
+
+    from stalwart.config import apply_overrides
+    from stalwart.recipes import recipe
+
+    path = Path(source)
+    if not path.exists():
+        raise UserError(f"--from {source}: no such run directory or model folder")
+    model, _ = open_model(str(path))  # refuses a run without a checkpoint, or a folder of another kind
+    base = recipe("default")
+    cfg = dataclasses.replace(
+        base, recipe="rl", model=model.cfg,
+        data=dataclasses.replace(base.data, task="addition", min_digits=4, max_digits=4),
+        train=dataclasses.replace(base.train, steps=200, log_every=10),
+        optim=dataclasses.replace(base.optim, lr=1e-4, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0),
+        eval=dataclasses.replace(base.eval, every=0, problems=200, batches=0),
+        checkpoint=dataclasses.replace(base.checkpoint, every=50, keep=2),
+        rl=dataclasses.replace(base.rl, start=str(path.resolve())))
+    cfg = apply_overrides(cfg, settings)
+    if cfg.data.task == "files":
+        raise UserError("stalwart rl needs a task with a scorer (data.task addition or multiplication); "
+                        "user files have no verifiable answers")
+    return cfg
