@@ -13,7 +13,7 @@ import time
 import traceback
 from pathlib import Path
 
-FAST = ["--recipe", "smoke", "--quiet", "--guards.fingerprint_every", "5", "--replicas.timeout_s", "3",
+FAST = ["--recipe", "smoke", "--quiet", "--train.report", "false", "--guards.fingerprint_every", "5", "--replicas.timeout_s", "3",
         "--replicas.heartbeat_timeout_s", "1", "--eval.problems", "0"]
 
 

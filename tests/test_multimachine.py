@@ -42,7 +42,7 @@ def _train_on_two_hosts(hosts: Hosts, tmp_path, *args: str) -> None:
     procs = []
     try:
         time.sleep(0.5)  # the lighthouse binds before the first group asks for a quorum
-        common = ["train", "--recipe", "smoke", "--quiet", "--replicas", "2", "--lighthouse", f"http://{ip_a}:29510",
+        common = ["train", "--recipe", "smoke", "--quiet", "--train.report", "false", "--replicas", "2", "--lighthouse", f"http://{ip_a}:29510",
                   "--eval.problems", "0", "--replicas.min_replicas", "2", *args]
         procs = [_in(hosts, 0, *common, "--groups", "0", "--host", ip_a, "--out", str(tmp_path / "host-a")),
                  _in(hosts, 1, *common, "--replica-id", "1", "--host", ip_b, "--out", str(tmp_path / "host-b"))]
@@ -89,7 +89,7 @@ def test_a_link_down_for_20s_costs_no_group_its_process_and_the_cut_off_group_he
         # Enough steps that host A, training alone at about 30 steps/s through the outage, is
         # still training when the link is back (with 800 it had finished, and B had no one to
         # heal from).
-        common = ["train", "--recipe", "smoke", "--quiet", "--replicas", "2", "--train.steps", "1200",
+        common = ["train", "--recipe", "smoke", "--quiet", "--train.report", "false", "--replicas", "2", "--train.steps", "1200",
                   "--lighthouse", f"http://{ip_a}:29510", "--eval.problems", "0", "--replicas.timeout_s", "3",
                   "--replicas.quorum_timeout_s", "3", "--replicas.heartbeat_timeout_s", "1"]
         procs = [_in(two_hosts, 0, *common, "--groups", "0", "--host", ip_a, "--out", str(tmp_path / "host-a")),
@@ -134,7 +134,7 @@ def test_a_partition_between_diloco_groups_that_still_reach_the_lighthouse_ends_
         procs = []
         try:
             time.sleep(0.5)
-            common = ["train", "--recipe", "smoke", "--quiet", "--replicas", "2", "--train.steps", "300",
+            common = ["train", "--recipe", "smoke", "--quiet", "--train.report", "false", "--replicas", "2", "--train.steps", "300",
                       "--checkpoint.every", "300", "--lighthouse", f"http://{ip_c}:29510", "--eval.problems", "0",
                       "--replicas.strategy", "diloco", "--replicas.inner_steps", "5", "--replicas.timeout_s", "3",
                       "--replicas.quorum_timeout_s", "3", "--replicas.heartbeat_timeout_s", "1",

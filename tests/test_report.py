@@ -45,7 +45,8 @@ def tracked(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def replicated(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("replicated") / "run"
-    r = job(out, "--replicas", "2", "--train.steps", "24", "--track", "tensorboard", inject="kill@8:1")
+    r = job(out, "--replicas", "2", "--train.steps", "24", "--track", "tensorboard", "--train.report", "true",
+            inject="kill@8:1")
     assert r.returncode == 0, r.stderr
     return out
 

@@ -21,7 +21,7 @@ from stalwart.config import RunConfig
 
 pytestmark = pytest.mark.slow
 
-TRAIN = ["-m", "stalwart", "train", "--recipe", "smoke", "--quiet", "--train.steps", "30", "--checkpoint.every",
+TRAIN = ["-m", "stalwart", "train", "--recipe", "smoke", "--quiet", "--train.report", "false", "--train.steps", "30", "--checkpoint.every",
          "10", "--train.trace_data", "true", "--eval.problems", "4"]  # generation in step under FSDP2
 # OMP_NUM_THREADS: torchrun sets it only with several ranks per node. The store apart: a
 # restart must not read the attempt before's addresses (commands/train.py).

@@ -19,7 +19,7 @@ from jobs import foreign_tokenizer, in_process
 pytestmark = pytest.mark.slow
 
 # The smoke recipe with 30 steps, checkpoints every 5 (keep 2).
-ARGS = ["--recipe", "smoke", "--train.steps", "30", "--quiet"]
+ARGS = ["--recipe", "smoke", "--train.steps", "30", "--quiet", "--train.report", "false"]
 
 
 def train(out: Path, *extra: str, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:

@@ -66,6 +66,7 @@ class TrainConfig:
     # of every data shard whose batch the step trained, so that a run can be audited for
     # batches trained twice or skipped.
     trace_data: bool = False
+    report: bool = True  # write report.png and report.md at the end (`stalwart report` draws them any time)
 
 
 @dataclass(frozen=True)
@@ -284,6 +285,7 @@ MAX_STEPS = 999_999  # checkpoint folders are step-NNNNNN
 # replicas.count and replicas.ranks_per_group fix the data shards (the data ledger has one
 # position per shard), so a resumed run keeps them.
 RESUMABLE_OVERRIDES = ("train.steps", "train.log_every", "train.device", "train.compile", "train.trace_data",
+                       "train.report",
                        "eval.every", "eval.problems", "eval.batches", "checkpoint.every", "checkpoint.keep",
                        "checkpoint.mtbf_s", "checkpoint.dir",
                        *(f"replicas.{f.name}" for f in dataclasses.fields(ReplicasConfig)

@@ -307,7 +307,8 @@ def supervise(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, secret: s
     run.write_summary(summary)
     run.event("job_end", ok=True, wall_s=round(wall, 3), ettr=summary["ettr"], steps_lost=summary["steps_lost"],
               mean_recover_s=summary["mean_recover_s"], restarts=summary["restarts"])
-    write_report_after_training(run)
+    if cfg.train.report:
+        write_report_after_training(run)
     return summary
 
 

@@ -133,7 +133,7 @@ def train(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = Fals
     summary = _summary(job, export, last, record, wall=time.perf_counter() - started, started_at=started_at,
                        tokens_per_s=round((state.tokens_seen - first_tokens) / step_time, 1) if step_time else None)
     run.write_summary(summary)
-    if run.writer and not supervised():  # the supervisor reports on its groups' run
+    if run.writer and not supervised() and job.cfg.train.report:  # the supervisor reports on its groups' run
         write_report_after_training(run)
     return TrainResult(summary, last.samples)
 
