@@ -44,6 +44,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_now(code: int) -> NoReturn:
+    """End a finished torchrun rank without the interpreter's teardown: its files are written
+    and closed and its process groups destroyed, but native threads left in the libraries
+    (gloo's, the store's) now and then abort the process in their destructors (seen: SIGABRT
+    "terminate called without an active exception", then SIGSEGV), which torchrun reports as
+    a failed launch."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -54,7 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     # lines a step, gigabytes over a long run. Warnings and errors only, unless asked for.
     os.environ.setdefault("RUST_LOG", "warn")
     try:
-        return args.func(args)
+        code = args.func(args)
+        if code == 0 and "TORCHELASTIC_RUN_ID" in os.environ:
+            _exit_now(code)
+        return code
     except UserError as e:
         print(f"stalwart {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE

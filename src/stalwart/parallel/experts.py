@@ -34,9 +34,9 @@ import math
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from stalwart.model.moe import RoutedExperts, run_grouped
+from stalwart.parallel import is_dtensor
 
 EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
 
@@ -63,6 +63,7 @@ class ExpertParallel:
 
     def __init__(self, model: torch.nn.Module, *, ranks: int, ep: int, device: torch.device) -> None:
         from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
         self.ep = ep
         if ep == ranks:
@@ -134,7 +135,7 @@ def clip_gradients(params: list[torch.Tensor], max_norm: float) -> float:
     by_mesh: dict[object, list[torch.Tensor]] = {}
     for p in params:
         if p.grad is not None:
-            by_mesh.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p)
+            by_mesh.setdefault(p.grad.device_mesh if is_dtensor(p.grad) else None, []).append(p)
     if len(by_mesh) <= 1:
         return whole_value(torch.nn.utils.clip_grad_norm_(params, max_norm))
     total = math.sqrt(sum(whole_value(torch.nn.utils.get_total_norm([p.grad for p in group])) ** 2

@@ -30,12 +30,14 @@ and `from_part` makes them its own without any collective.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
-
+from stalwart.parallel import is_dtensor
 from stalwart.parallel.experts import ExpertParallel
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 
 class Sharding:
@@ -92,7 +94,7 @@ class Sharding:
         """Copy into `param` what this rank holds of `whole`, the same on every rank (the
         initial weights, `DeepSeekForCausalLM.materialize`): cut where `whole` is (the CPU),
         with no communication, so that only this rank's part reaches its device."""
-        if isinstance(param, DTensor):
+        if is_dtensor(param):
             whole = _cut(whole, param.device_mesh, param.placements)
         local_part(param).copy_(whole)
 
@@ -100,7 +102,9 @@ class Sharding:
     def local(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """A whole tensor as `like` holds it: this rank's shard when `like` is sharded (a
         collective: rank 0's tensor is scattered)."""
-        if isinstance(like, DTensor):
+        if is_dtensor(like):
+            from torch.distributed.tensor import distribute_tensor
+
             return distribute_tensor(whole.to(like.device, like.dtype), like.device_mesh, like.placements)
         return whole
 
@@ -113,11 +117,11 @@ class Sharding:
     @staticmethod
     def from_part(part: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """This rank's shard as the sharded tensor `like` is (no communication)."""
-        if not isinstance(like, DTensor):
+        if not is_dtensor(like):
             return part
         if part.shape != like.to_local().shape:
             raise ValueError(f"a shard of shape {tuple(part.shape)} where this rank holds {tuple(like.to_local().shape)}")
-        return DTensor.from_local(part.to(like.device, like.dtype), like.device_mesh, like.placements,
+        return type(like).from_local(part.to(like.device, like.dtype), like.device_mesh, like.placements,
                                   run_check=False, shape=like.shape, stride=like.stride())
 
     def model_state(self, model: torch.nn.Module, given: dict[str, torch.Tensor], *,
@@ -144,6 +148,8 @@ def _cut(whole: torch.Tensor, mesh: Any, placements: tuple) -> torch.Tensor:
     """This rank's part of `whole` as a DTensor with `placements` on `mesh` holds it: Shard
     dimensions split as torch.chunk splits them (as DTensor and FSDP2 do, an empty part past
     the last chunk), Replicate ones kept whole."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
     if not all(type(p) in (Shard, Replicate) for p in placements):  # any other: DTensor's own cut
         return distribute_tensor(whole, mesh, placements, src_data_rank=None).to_local()
     coordinate = mesh.get_coordinate()
@@ -157,7 +163,7 @@ def _cut(whole: torch.Tensor, mesh: Any, placements: tuple) -> torch.Tensor:
 
 def _map_sharded(value: Any, fn: Callable[[DTensor], Any]) -> Any:
     """`value` (a tensor, or dicts and lists of them) with fn(t) for every sharded tensor t."""
-    if isinstance(value, DTensor):
+    if is_dtensor(value):
         return fn(value)
     if isinstance(value, dict):
         return {k: _map_sharded(v, fn) for k, v in value.items()}
@@ -168,13 +174,13 @@ def _map_sharded(value: Any, fn: Callable[[DTensor], Any]) -> Any:
 
 def whole_value(t: torch.Tensor) -> float:
     """A scalar tensor's value (a sharded gradient's norm is a DTensor)."""
-    return float(t.full_tensor() if isinstance(t, DTensor) else t)
+    return float(t.full_tensor() if is_dtensor(t) else t)
 
 
 def local_part(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of a tensor: its shard when sharded (a view: writing to it writes the
     shard), else the tensor itself."""
-    return t.to_local() if isinstance(t, DTensor) else t
+    return t.to_local() if is_dtensor(t) else t
 
 
 def local_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

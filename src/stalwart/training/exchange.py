@@ -37,9 +37,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from stalwart.data.loader import LOADER_STATE
+from stalwart.parallel import is_dtensor
 from stalwart.parallel.fsdp import local_part
 
 _HALF = 1 << 24  # float32 holds every integer below 2**24 exactly
@@ -102,7 +102,7 @@ class StepExchange:
             mean = self.buffer[offset:offset + n] / (groups if i < self.across else contributors)
             if flag <= 0:
                 p.grad = None
-            elif isinstance(p, DTensor):
+            elif is_dtensor(p):
                 if p.grad is None:  # no gradient on this group, some on another
                     p.grad = torch.zeros_like(p)
                 shard = local_part(p.grad)
