@@ -150,3 +150,20 @@ def test_a_run_directory_without_a_trained_model_is_one_clear_line(tmp_path):
     assert r.returncode == 2 and "has no good checkpoint yet" in r.stderr, r.stderr
     r = in_process("rl", "--out", str(tmp_path / "rl"))
     assert r.returncode == 2 and "--from RUN_DIR|FOLDER is required" in r.stderr
+
+
+def test_the_trainer_scores_what_the_sampler_sampled_whatever_the_prompt_lengths(trained):
+    from stalwart.data.tasks import make_problem
+    from stalwart.model_source import open_model
+    from stalwart.rl.loop import completion_logprobs, rl_config, sample
+
+    cfg = rl_config(str(trained), {"rl.group_size": "3", "rl.max_new_tokens": "12", "data.min_digits": "1",
+                                   "data.max_digits": "3"})
+    model, tokenizer = open_model(str(trained))
+    problems = [make_problem("addition", "train", i, 0, width, width) for i in range(4) for width in (1, 3)]
+    r = sample(cfg, model, tokenizer, problems, seed=1)
+    assert len({len(p) for p in r.prompt_ids}) > 1  # "7+3=" beside "047+365="
+    with torch.no_grad():
+        logp, _, mask = completion_logprobs(model, r, model.cfg.pad_token_id)
+    for i, lp in enumerate(r.sampler_logprobs):
+        assert mask[i].sum() == len(lp) and torch.allclose(logp[i, :len(lp)], torch.tensor(lp), atol=1e-4)

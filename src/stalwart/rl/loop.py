@@ -82,23 +82,27 @@ def sample(cfg: RunConfig, model: DeepSeekForCausalLM, tokenizer, problems: list
 
 def completion_logprobs(model: DeepSeekForCausalLM, r: Rollouts, pad_id: int) -> tuple[torch.Tensor, ...]:
     """(log-probabilities, entropies, mask), each (N, T): the model's, for every completion
-    token, from one forward of the padded prompt + completion rows."""
+    token, from one forward per prompt length of the prompt + completion rows (completions
+    padded after their end, where the mask is False; prompts never padded, so that every row
+    sees what the sampler saw)."""
     device = next(model.parameters()).device
-    T = max(len(c) for c in r.completion_ids)
-    L = len(r.prompt_ids[0]) if len({len(p) for p in r.prompt_ids}) == 1 else max(len(p) for p in r.prompt_ids)
-    rows = torch.full((len(r.completion_ids), L + T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(r.completion_ids), T, dtype=torch.bool)
-    starts = []
-    for i, (p, c) in enumerate(zip(r.prompt_ids, r.completion_ids)):
-        rows[i, L - len(p):L] = torch.tensor(p)  # prompts right-aligned: completions start at L
-        rows[i, L:L + len(c)] = torch.tensor(c)
+    N, T = len(r.completion_ids), max(len(c) for c in r.completion_ids)
+    logp, entropy = torch.zeros(N, T, device=device), torch.zeros(N, T, device=device)
+    mask = torch.zeros(N, T, dtype=torch.bool)
+    for i, c in enumerate(r.completion_ids):
         mask[i, :len(c)] = True
-        starts.append(L - len(p))
-    rows = rows.to(device)
-    logits = model(rows[:, :-1]).logits[:, L - 1:].float()  # position L - 1 predicts completion token 0
-    logp_all = logits.log_softmax(-1)
-    logp = logp_all.gather(-1, rows[:, L:, None]).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    for L in sorted({len(p) for p in r.prompt_ids}):
+        index = [i for i, p in enumerate(r.prompt_ids) if len(p) == L]
+        rows = torch.full((len(index), L + T), pad_id, dtype=torch.long)
+        for k, i in enumerate(index):
+            rows[k, :L] = torch.tensor(r.prompt_ids[i])
+            rows[k, L:L + len(r.completion_ids[i])] = torch.tensor(r.completion_ids[i])
+        rows = rows.to(device)
+        logits = model(rows[:, :-1]).logits[:, L - 1:].float()  # position L - 1 predicts completion token 0
+        logp_all = logits.log_softmax(-1)
+        picked = torch.tensor(index, device=device)
+        logp = logp.index_put((picked,), logp_all.gather(-1, rows[:, L:, None]).squeeze(-1))
+        entropy = entropy.index_put((picked,), -(logp_all.exp() * logp_all).sum(-1))
     return logp, entropy, mask.to(device)
 
 
@@ -186,6 +190,7 @@ def train_rl(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = F
         step = int(latest.train_state["step"])
         before = latest.train_state["before"]
         run.truncate_metrics(step)
+        run.repair_events()
         run.event("resume", step=step)
     else:
         run.event("start", mode="rl", start=cfg.rl.start)
