@@ -67,7 +67,7 @@ def test_train_runs_from_a_file_with_overrides_on_top(tmp_path, monkeypatch):
     ('[train]\nsteps = 0\n', "run.toml:2: train.steps must be in 1..999999, got 0"),
     ('\n[data]\nformat = "chatt"\n', "run.toml:3: data.format must be one of text, chat"),
     ('recipe = "nope"\n', "run.toml:1: unknown recipe 'nope'"),
-    ('track = ["tensorbord"]\n', "run.toml:1: unknown tracking sink tensorbord"),
+    ('track = ["tensorbord"]\n', "run.toml:1: track: unknown tracking sink tensorbord"),
 ])
 def test_a_bad_key_or_type_in_a_file_names_the_file_the_key_and_the_line(text, words, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -506,7 +506,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(cfg.export.dtype in EXPORT_DTYPES, f"export.dtype must be bf16 or fp32, got {cfg.export.dtype!r}")
     need(cfg.export.max_shard_gb > 0, f"export.max_shard_gb must be > 0, got {cfg.export.max_shard_gb}")
     unknown = [t for t in cfg.track if t not in TRACKERS]
-    need(not unknown, f"unknown tracking sink {', '.join(unknown)} (known: {', '.join(TRACKERS)})")
+    need(not unknown, f"track: unknown tracking sink {', '.join(unknown)} (known: {', '.join(TRACKERS)})")
     need(g.spike_sigma >= 0, f"guards.spike_sigma must be >= 0, got {g.spike_sigma}")
     need(g.spike_window >= 2 and 2 <= g.spike_min_history <= g.spike_window,
          f"guards.spike_window and guards.spike_min_history must satisfy 2 <= min_history <= window, "

@@ -49,8 +49,7 @@ class ConfigFile:
         line did not."""
         mine = [k for k in (*self.settings, *(k for k in TOP_LEVEL if k in self.lines)) if k not in overridden]
         found = [(m.start(), k) for k in mine
-                 if (m := re.search(rf"(?<![\w.]){re.escape(k)}(?![\w.])|{'tracking sink' if k == 'track' else '^$'}",
-                                    str(error)))]
+                 if (m := re.search(rf"(?<![\w.]){re.escape(k)}(?![\w.])", str(error)))]
         if not found:
             return error
         line = self.lines.get(min(found)[1])

@@ -150,7 +150,14 @@ class _TextLines(RecordFile):
         return out
 
 
-class _Parquet(RecordFile):
+class _Table(RecordFile):
+    """A file of rows with named columns (parquet, Arrow): a record is a row's dict."""
+
+    def where(self, i: int) -> str:
+        return f"{self.path} row {i}"
+
+
+class _Parquet(_Table):
     def __init__(self, path: Path) -> None:
         pa = _pyarrow(path)
         self.path = path
@@ -165,9 +172,6 @@ class _Parquet(RecordFile):
 
     def __len__(self) -> int:
         return int(self.bounds[-1])
-
-    def where(self, i: int) -> str:
-        return f"{self.path} row {i}"
 
     def _group(self, g: int, columns: tuple[str, ...]):
         if (g, columns) not in self._groups:
@@ -190,7 +194,7 @@ class _Parquet(RecordFile):
         return out
 
 
-class _Arrow(RecordFile):
+class _Arrow(_Table):
     """An Arrow IPC stream file as `datasets` writes it, memory-mapped."""
 
     def __init__(self, path: Path) -> None:
@@ -204,9 +208,6 @@ class _Arrow(RecordFile):
 
     def __len__(self) -> int:
         return self.table.num_rows
-
-    def where(self, i: int) -> str:
-        return f"{self.path} row {i}"
 
     def page(self, p: int, columns: tuple[str, ...] = ()) -> list[Any]:
         return self.table.select(list(columns)).slice(p * PAGE, PAGE).to_pylist()

@@ -14,6 +14,7 @@ steps exactly (tested: the same rewards and losses, step for step).
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 import zlib
@@ -42,7 +43,6 @@ from stalwart.training.optim import build_optimizer, lr_at
 class Rollouts:
     """One step's samples: P problems x G completions, in a row per problem."""
 
-    problems: list[Problem]
     prompt_ids: list[list[int]]  # per completion
     completion_ids: list[list[int]]
     sampler_logprobs: list[list[float]]
@@ -76,7 +76,7 @@ def sample(cfg: RunConfig, model: DeepSeekForCausalLM, tokenizer, problems: list
     scored = [reward(problems[i // G], decode(tokenizer, c), rl.format_reward) for i, c in enumerate(completions)]
     rewards = torch.tensor([r for r, _ in scored]).view(len(problems), G)
     correct = torch.tensor([ok for _, ok in scored]).view(len(problems), G)
-    return Rollouts(problems, [prompts[i // G] for i in range(len(completions))], completions, logprobs, rewards,
+    return Rollouts([prompts[i // G] for i in range(len(completions))], completions, logprobs, rewards,
                     correct)
 
 
@@ -150,9 +150,9 @@ def pass_at_k(cfg: RunConfig, model, tokenizer, problems: list[Problem], seed: i
     """The share of problems with a correct answer among k samples at the sampler's temperature."""
     if not problems:
         return None
-    k_cfg = RunConfig.from_dict({**cfg.to_dict(), "rl": {**cfg.to_dict()["rl"], "group_size": max(cfg.rl.pass_k, 2)}})
-    r = sample(k_cfg, model, tokenizer, problems, seed)
-    return round(float(r.correct[:, :cfg.rl.pass_k].any(dim=1).float().mean()), 4)
+    k_samples = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, group_size=cfg.rl.pass_k))
+    r = sample(k_samples, model, tokenizer, problems, seed)
+    return round(float(r.correct.any(dim=1).float().mean()), 4)
 
 
 def eval_problems(cfg: RunConfig) -> list[Problem]:
@@ -236,8 +236,6 @@ def rl_config(source: str, settings: dict[str, Any]) -> RunConfig:
     """The default RL run on the model at `source`, with `settings` ({"section.key": text}) on
     top: the held-out harder split (4-digit addition, one column more than the main job
     learns), a constant learning rate, 200 steps of 8 prompts x 8 samples."""
-    import dataclasses
-
     from stalwart.config import apply_overrides
     from stalwart.recipes import recipe
 
