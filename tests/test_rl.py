@@ -113,8 +113,11 @@ def test_the_reward_rises_and_a_killed_run_repeats_the_uninterrupted_one(trained
     assert last > first + 0.02, (first, last)
     assert summary["pass_at_8"] > summary["pass_at_8_before"]
     assert {"eval_exact_match_before", "eval_exact_match", "pass_at_8_before", "pass_at_8"} <= set(summary)
+    report = (ref / "report.md").read_text()  # the run's report, with the RL rows and panels
+    assert (ref / "report.png").stat().st_size > 10_000 and "| reward |" in report and "| pass@8 |" in report
     for key in ("reward_std", "accuracy", "zero_variance_groups", "completion_length", "entropy", "kl",
-                "clip_fraction", "generation_s", "update_s", "sampler_logprob_gap"):
+                "clip_fraction", "generation_s", "scoring_s", "update_s", "sampler_logprob_gap", "routing_mismatch",
+                "routing_mismatch_last"):
         assert key in curve[0], key
     # Killed from outside at no step of its choosing, then resumed: the same curve, step for step.
     run = tmp_path / "killed"
@@ -164,6 +167,21 @@ def test_the_trainer_scores_what_the_sampler_sampled_whatever_the_prompt_lengths
     r = sample(cfg, model, tokenizer, problems, seed=1)
     assert len({len(p) for p in r.prompt_ids}) > 1  # "7+3=" beside "047+365="
     with torch.no_grad():
-        logp, _, mask = completion_logprobs(model, r, model.cfg.pad_token_id)
+        scores = completion_logprobs(model, r, model.cfg.pad_token_id)
     for i, lp in enumerate(r.sampler_logprobs):
-        assert mask[i].sum() == len(lp) and torch.allclose(logp[i, :len(lp)], torch.tensor(lp), atol=1e-4)
+        assert scores.mask[i].sum() == len(lp)
+        assert torch.allclose(scores.logp[i, :len(lp)], torch.tensor(lp), atol=1e-4)
+    assert scores.routing_mismatch == 0  # the same weights route the same, cache or none
+
+    # The routing bias decides which experts compute and never how much they count: moved
+    # far, it changes every choice it can, and replaying the sampled routing gives back the
+    # sampler's log-probabilities exactly, which scoring with the new routing does not.
+    for moe in model.moe_layers():
+        moe.gate.e_score_correction_bias.copy_(torch.linspace(1, -1, moe.cfg.n_routed_experts))
+    with torch.no_grad():
+        rerouted = completion_logprobs(model, r, model.cfg.pad_token_id)
+        replayed = completion_logprobs(model, r, model.cfg.pad_token_id, replay=True)
+    assert rerouted.routing_mismatch > 0.2 and replayed.routing_mismatch == rerouted.routing_mismatch
+    scored = scores.mask
+    assert torch.equal(replayed.logp[scored], scores.logp[scored])
+    assert not torch.allclose(rerouted.logp[scored], scores.logp[scored], atol=1e-2)

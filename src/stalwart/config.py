@@ -200,6 +200,7 @@ class RLConfig:
     updates: int = 1  # optimizer steps on each batch of rollouts
     format_reward: float = 0.1  # reward for ending with a final answer ("so N"), right or not
     pass_k: int = 8  # pass@k measured before and after, on the eval problems
+    routing_replay: bool = False  # score completions with the experts the sampler chose (rl/routing.py)
 
 
 EXPORT_DTYPES = ("bf16", "fp32")

@@ -12,9 +12,15 @@ contiguous slice: a Python loop over experts, never over tokens. A decode step, 
 a few pairs, gathers each pair's expert weights and runs three batched matmuls instead.
 With expert parallelism (parallel/experts.py) the experts' weights are split over ranks
 and `RoutedExperts.parallel` sends each pair to the rank that holds its expert.
+
+A `RoutingTape` on a layer (DeepSeekForCausalLM.routing_tape) records the experts its
+router picks in every forward and, when given a choice to replay, routes to those experts
+instead: RL scores a completion with the routing it was sampled with (rl/routing.py).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -50,11 +56,22 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size, dtype=torch.float32))
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (N, hidden) -> (weights (N, k), expert ids (N, k), sigmoid scores (N, E))."""
+    def forward(self, x: torch.Tensor, replay: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (N, hidden) -> (weights (N, k), expert ids (N, k), sigmoid scores (N, E)).
+        `replay` (N, k): route to these experts instead of the ones the scores choose."""
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        idx = self.choose(scores) if replay is None else replay
+        weights = scores.gather(1, idx)
+        if self.cfg.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * self.cfg.routed_scaling_factor, idx, scores
+
+    def choose(self, scores: torch.Tensor) -> torch.Tensor:
+        """The experts (N, k) that sigmoid scores (N, E) choose: the top k of scores + bias
+        inside the topk_group best groups."""
         cfg = self.cfg
         E, G = cfg.n_routed_experts, cfg.n_group
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()
         for_choice = scores + self.e_score_correction_bias
         if G > 1:
             group_scores = for_choice.view(-1, G, E // G).topk(2, dim=-1)[0].sum(-1)
@@ -62,11 +79,17 @@ class Router(nn.Module):
             keep.scatter_(1, group_scores.topk(cfg.topk_group, dim=-1, sorted=False)[1], True)
             keep = keep.unsqueeze(-1).expand(-1, G, E // G).reshape(-1, E)
             for_choice = for_choice.masked_fill(~keep, float("-inf"))
-        idx = for_choice.topk(cfg.num_experts_per_tok, dim=-1, sorted=False)[1]
-        weights = scores.gather(1, idx)
-        if cfg.norm_topk_prob:
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        return weights * cfg.routed_scaling_factor, idx, scores
+        return for_choice.topk(cfg.num_experts_per_tok, dim=-1, sorted=False)[1]
+
+
+@dataclass
+class RoutingTape:
+    """One MoE layer's routing, forward by forward: `chosen` gets the experts (N, k) its
+    router chose in each forward (whether or not they were replayed); while `replay` is
+    set (N, k), the layer routes to those experts instead, weighted by its own scores."""
+
+    chosen: list[torch.Tensor] = field(default_factory=list)
+    replay: torch.Tensor | None = None
 
 
 class RoutedExperts(nn.Module):
@@ -136,12 +159,16 @@ class MoE(nn.Module):
         # Tokens routed to each expert since the last bias update (not saved: it is a
         # per-step statistic; the bias it produces is saved with the weights).
         self.register_buffer("expert_load", torch.zeros(cfg.n_routed_experts), persistent=False)
+        self.tape: RoutingTape | None = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Returns the output and, in training, the sequence-wise balance loss (else None)."""
         B, T, H = x.shape
         flat = x.reshape(-1, H)
-        weights, idx, scores = self.gate(flat)
+        tape = self.tape
+        weights, idx, scores = self.gate(flat, None if tape is None else tape.replay)
+        if tape is not None:
+            tape.chosen.append(idx.detach() if tape.replay is None else self.gate.choose(scores.detach()))
         y = self.experts(flat, weights, idx).view(B, T, H)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)

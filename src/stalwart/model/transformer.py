@@ -8,7 +8,8 @@ devices, replicas or checkpoints.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,7 @@ from torch import nn
 
 from stalwart.model.attention import KVCache, RMSNorm, build_attention, rope_cos_sin, rope_inv_freq
 from stalwart.model.config import ModelConfig
-from stalwart.model.moe import MoE, DenseMLP
+from stalwart.model.moe import DenseMLP, MoE, RoutingTape
 
 IGNORE_INDEX = -100
 
@@ -129,6 +130,19 @@ class DeepSeekForCausalLM(nn.Module):
 
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
+
+    @contextmanager
+    def routing_tape(self) -> Iterator[list[RoutingTape]]:
+        """A tape on each MoE layer of the main stack, in depth order, for the duration."""
+        layers = [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]
+        tapes = [RoutingTape() for _ in layers]
+        for moe, tape in zip(layers, tapes):
+            moe.tape = tape
+        try:
+            yield tapes
+        finally:
+            for moe in layers:
+                moe.tape = None
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> CausalLMOutput:

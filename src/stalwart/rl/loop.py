@@ -33,6 +33,9 @@ from stalwart.export.hf import TORCH_DTYPES, save_hf_folder
 from stalwart.model import DeepSeekForCausalLM
 from stalwart.model_source import load_model_state, open_model
 from stalwart.rl.objective import group_advantages, informative, policy_loss
+from stalwart.rl.routing import mismatch, sampled_routing
+from stalwart.rl.routing import replay as replay_routing
+from stalwart.run.report import write_report_after_training
 from stalwart.run.rundir import RunDir
 from stalwart.sampling import generate
 from stalwart.training.evaluate import exact_match
@@ -46,6 +49,7 @@ class Rollouts:
     prompt_ids: list[list[int]]  # per completion
     completion_ids: list[list[int]]
     sampler_logprobs: list[list[float]]
+    routing: list[torch.Tensor] | None  # per completion, the sampler's experts (rl/routing.py)
     rewards: torch.Tensor  # (P, G)
     correct: torch.Tensor  # (P, G) bool
 
@@ -60,37 +64,58 @@ def reward(problem: Problem, text: str, format_weight: float) -> tuple[float, bo
     return float(ok) + format_weight * (extract_answer(text) is not None), ok
 
 
-def sample(cfg: RunConfig, model: DeepSeekForCausalLM, tokenizer, problems: list[Problem], seed: int) -> Rollouts:
-    """G completions of each problem, prompts of one length generated together."""
-    rl, G = cfg.rl, cfg.rl.group_size
-    completions: list[list[int] | None] = [None] * (len(problems) * G)
-    logprobs: list[list[float] | None] = [None] * len(completions)
+def sample(cfg: RunConfig, model: DeepSeekForCausalLM, tokenizer, problems: list[Problem], seed: int,
+           samples: int | None = None) -> Rollouts:
+    """`samples` (rl.group_size by default) completions of each problem, scored; prompts of
+    one length are generated together, from one prefill each."""
+    rl, G = cfg.rl, samples or cfg.rl.group_size
+    n = len(problems) * G
+    completions: list[list[int]] = [[] for _ in range(n)]
+    logprobs: list[list[float]] = [[] for _ in range(n)]
+    routing: list[torch.Tensor] | None = [torch.empty(0)] * n
     prompts = [encode(tokenizer, p.prompt) for p in problems]
     for length in sorted({len(ids) for ids in prompts}):
         rows = [i for i, ids in enumerate(prompts) if len(ids) == length]
         got: list[list[float]] = []
-        outs = generate(model, [prompts[i] for i in rows], max_new_tokens=rl.max_new_tokens,
-                        temperature=rl.temperature, seed=seed + length, samples=G, logprobs=got)
+        with model.routing_tape() as tapes:
+            outs = generate(model, [prompts[i] for i in rows], max_new_tokens=rl.max_new_tokens,
+                            temperature=rl.temperature, seed=seed + length, samples=G, logprobs=got)
+        experts = sampled_routing(tapes, length, G)
         for k, (out, lp) in enumerate(zip(outs, got)):
-            completions[rows[k // G] * G + k % G], logprobs[rows[k // G] * G + k % G] = out, lp
+            row = rows[k // G] * G + k % G
+            completions[row], logprobs[row] = out, lp
+            if experts is None:
+                routing = None
+            elif routing is not None:
+                routing[row] = experts[k]
     scored = [reward(problems[i // G], decode(tokenizer, c), rl.format_reward) for i, c in enumerate(completions)]
     rewards = torch.tensor([r for r, _ in scored]).view(len(problems), G)
     correct = torch.tensor([ok for _, ok in scored]).view(len(problems), G)
-    return Rollouts([prompts[i // G] for i in range(len(completions))], completions, logprobs, rewards,
-                    correct)
+    return Rollouts([prompts[i // G] for i in range(n)], completions, logprobs, routing, rewards, correct)
 
 
-def completion_logprobs(model: DeepSeekForCausalLM, r: Rollouts, pad_id: int) -> tuple[torch.Tensor, ...]:
-    """(log-probabilities, entropies, mask), each (N, T): the model's, for every completion
-    token, from one forward per prompt length of the prompt + completion rows (completions
-    padded after their end, where the mask is False; prompts never padded, so that every row
-    sees what the sampler saw)."""
+@dataclass
+class Scores:
+    """The model's view of a batch of rollouts, each (N, T) per completion token."""
+
+    logp: torch.Tensor
+    entropy: torch.Tensor
+    mask: torch.Tensor  # False past a completion's end
+    routing_mismatch: float | None  # share of expert choices unlike the sampler's (rl/routing.py)
+
+
+def completion_logprobs(model: DeepSeekForCausalLM, r: Rollouts, pad_id: int, replay: bool = False) -> Scores:
+    """The model's log-probabilities and entropies of every completion token, from one
+    forward per prompt length of the prompt + completion rows (completions padded after
+    their end; prompts never padded, so that every row sees what the sampler saw). `replay`:
+    with the experts the sampler chose (rl/routing.py)."""
     device = next(model.parameters()).device
     N, T = len(r.completion_ids), max(len(c) for c in r.completion_ids)
     logp, entropy = torch.zeros(N, T, device=device), torch.zeros(N, T, device=device)
     mask = torch.zeros(N, T, dtype=torch.bool)
     for i, c in enumerate(r.completion_ids):
         mask[i, :len(c)] = True
+    differ = compared = 0
     for L in sorted({len(p) for p in r.prompt_ids}):
         index = [i for i, p in enumerate(r.prompt_ids) if len(p) == L]
         rows = torch.full((len(index), L + T), pad_id, dtype=torch.long)
@@ -98,60 +123,107 @@ def completion_logprobs(model: DeepSeekForCausalLM, r: Rollouts, pad_id: int) ->
             rows[k, :L] = torch.tensor(r.prompt_ids[i])
             rows[k, L:L + len(r.completion_ids[i])] = torch.tensor(r.completion_ids[i])
         rows = rows.to(device)
-        logits = model(rows[:, :-1]).logits[:, L - 1:].float()  # position L - 1 predicts completion token 0
+        sampled = None
+        if r.routing is not None:
+            sampled = replay_routing([r.routing[i] for i in index], L + T - 1, model.cfg.num_experts_per_tok)
+        with model.routing_tape() as tapes:
+            for layer, tape in enumerate(tapes):
+                tape.replay = sampled[layer].to(device) if replay and sampled is not None else None
+            logits = model(rows[:, :-1]).logits[:, L - 1:].float()  # position L - 1 predicts completion token 0
+        if sampled is not None:  # compared where a scored token is predicted: L - 1 onwards, within its completion
+            scored_positions = torch.zeros(len(index), L + T - 1, dtype=torch.bool)
+            scored_positions[:, L - 1:] = mask[index]
+            d, n = mismatch(sampled, torch.stack([t.chosen[0] for t in tapes]).cpu(), scored_positions.reshape(-1),
+                            model.cfg.n_routed_experts)
+            differ, compared = differ + int(d), compared + int(n)
         logp_all = logits.log_softmax(-1)
         picked = torch.tensor(index, device=device)
         logp = logp.index_put((picked,), logp_all.gather(-1, rows[:, L:, None]).squeeze(-1))
         entropy = entropy.index_put((picked,), -(logp_all.exp() * logp_all).sum(-1))
-    return logp, entropy, mask.to(device)
+    return Scores(logp, entropy, mask.to(device), differ / compared if compared else None)
 
 
-def update(cfg: RunConfig, model, optimizer, r: Rollouts, reference: DeepSeekForCausalLM | None, lr: float,
-           pad_id: int) -> dict[str, float]:
-    """rl.updates optimizer steps on one batch of rollouts; the metrics of the first."""
+@dataclass
+class Batch:
+    """Rollouts made ready for the update: advantages, the tokens that count, the
+    log-probabilities of the reference and (with more than one update) of the policy that
+    sampled; with one update, the first forward gives those, detached."""
+
+    rollouts: Rollouts
+    advantages: torch.Tensor  # (N,)
+    keep: torch.Tensor  # (N,) completions that count (dapo leaves out groups of equal rewards)
+    old: Scores | None
+    ref_logp: torch.Tensor | None
+
+
+def score(cfg: RunConfig, model, r: Rollouts, reference: DeepSeekForCausalLM | None, pad_id: int) -> Batch:
+    """The update's fixed inputs: the group advantages and, with no gradient, the
+    reference's log-probabilities and (rl.updates > 1) the sampling policy's, scored as the
+    update scores (with the same routing choice)."""
     rl = cfg.rl
-    advantages = group_advantages(r.rewards, rl.loss)
+    device = next(model.parameters()).device
+    advantages = group_advantages(r.rewards, rl.loss).reshape(-1).to(device)
     keep = informative(r.rewards)[:, None].expand_as(r.rewards).reshape(-1) if rl.loss == "dapo" else \
         torch.ones(r.rewards.numel(), dtype=torch.bool)
-    device = next(model.parameters()).device
-    advantages = advantages.reshape(-1).to(device)
     with torch.no_grad():
-        old, _, mask = completion_logprobs(model, r, pad_id)
-        ref = completion_logprobs(reference, r, pad_id)[0] if reference is not None else None
-    sampler = torch.zeros_like(old)
+        old = completion_logprobs(model, r, pad_id, replay=rl.routing_replay) if rl.updates > 1 else None
+        ref = completion_logprobs(reference, r, pad_id, replay=rl.routing_replay).logp if reference else None
+    return Batch(r, advantages, keep.to(device), old, ref)
+
+
+def policy_metrics(scores: Scores, r: Rollouts) -> dict[str, float]:
+    """The sampling policy as the trainer sees it: entropy, and how far its log-probabilities
+    and routing are from the sampler's for the same tokens."""
+    sampler = torch.zeros_like(scores.logp)
     for i, lp in enumerate(r.sampler_logprobs):
         sampler[i, :len(lp)] = torch.tensor(lp)
-    gap = float(((sampler - old).abs() * mask).sum() / mask.sum().clamp(min=1))
-    mask = mask & keep.to(device)[:, None]
-    first: dict[str, float] = {}
+    logp, mask = scores.logp.detach(), scores.mask
+    tokens = mask.sum().clamp(min=1)
+    metrics = {"sampler_logprob_gap": round(float(((sampler - logp).abs() * mask).sum() / tokens), 6),
+               "entropy": round(float((scores.entropy.detach() * mask).sum() / tokens), 6)}
+    if scores.routing_mismatch is not None:
+        metrics["routing_mismatch"] = round(scores.routing_mismatch, 6)
+    return metrics
+
+
+def update(cfg: RunConfig, model, optimizer, batch: Batch, lr: float, pad_id: int) -> dict[str, float]:
+    """rl.updates optimizer steps on one batch; the objective's metrics at the first and, for
+    the clipping and the routing, also at the last (after updates - 1 steps the policy has
+    moved)."""
+    rl, r = cfg.rl, batch.rollouts
+    metrics = policy_metrics(batch.old, r) if batch.old is not None else {}
+    old_logp = batch.old.logp if batch.old is not None else None
     for group in optimizer.param_groups:
         group["lr"] = lr
     for u in range(rl.updates):
-        logp, entropy, _ = completion_logprobs(model, r, pad_id)
-        out = policy_loss(logp, old, advantages, mask, loss=rl.loss, clip_low=rl.clip_low, clip_high=rl.clip_high,
-                          ref_logp=ref, kl_coef=rl.kl_coef, max_len=rl.max_new_tokens)
+        scores = completion_logprobs(model, r, pad_id, replay=rl.routing_replay)
+        if old_logp is None:  # one update: the policy that sampled is the one being updated
+            old_logp, metrics = scores.logp.detach(), policy_metrics(scores, r)
+        mask = scores.mask & batch.keep[:, None]
+        out = policy_loss(scores.logp, old_logp, batch.advantages, mask, loss=rl.loss, clip_low=rl.clip_low,
+                          clip_high=rl.clip_high, ref_logp=batch.ref_logp, kl_coef=rl.kl_coef,
+                          max_len=rl.max_new_tokens)
         optimizer.zero_grad(set_to_none=True)
+        norm = torch.tensor(0.0)
         if mask.any():
             out.loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
             optimizer.step()
-        else:
-            norm = torch.tensor(0.0)
         if u == 0:
-            tokens = mask.sum().clamp(min=1)
-            first = {"loss": round(out.loss.item(), 6), "grad_norm": round(float(norm), 6),
-                     "clip_fraction": round(out.clip_fraction, 6), "kl": round(out.kl, 6),
-                     "entropy": round(float((entropy.detach() * mask).sum() / tokens), 6),
-                     "sampler_logprob_gap": round(gap, 6)}
-    return first
+            metrics |= {"loss": round(out.loss.item(), 6), "grad_norm": round(float(norm), 6),
+                        "clip_fraction": round(out.clip_fraction, 6), "kl": round(out.kl, 6)}
+        if u == rl.updates - 1:
+            metrics["clip_fraction_last"] = round(out.clip_fraction, 6)
+            if scores.routing_mismatch is not None:
+                metrics["routing_mismatch_last"] = round(scores.routing_mismatch, 6)
+    return metrics
 
 
 def pass_at_k(cfg: RunConfig, model, tokenizer, problems: list[Problem], seed: int) -> float | None:
     """The share of problems with a correct answer among k samples at the sampler's temperature."""
     if not problems:
         return None
-    k_samples = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, group_size=cfg.rl.pass_k))
-    r = sample(k_samples, model, tokenizer, problems, seed)
+    r = sample(cfg, model, tokenizer, problems, seed, samples=cfg.rl.pass_k)
     return round(float(r.correct.any(dim=1).float().mean()), 4)
 
 
@@ -203,20 +275,23 @@ def train_rl(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = F
         problems = [make_problem(d.task, "train", step * P + i, d.seed, d.min_digits, d.max_digits) for i in range(P)]
         r = sample(cfg, model, tokenizer, problems, step_seed(cfg.train.seed, step))
         t1 = time.perf_counter()
-        metrics = update(cfg, model, optimizer, r, reference, lr_at(step + 1, cfg.train.steps, cfg.optim),
-                         model.cfg.pad_token_id)
+        batch = score(cfg, model, r, reference, model.cfg.pad_token_id)
         t2 = time.perf_counter()
+        metrics = update(cfg, model, optimizer, batch, lr_at(step + 1, cfg.train.steps, cfg.optim),
+                         model.cfg.pad_token_id)
+        t3 = time.perf_counter()
         step += 1
-        record = {"step": step, "reward_mean": round(float(r.rewards.mean()), 6),
+        record = {"step": step, "time": round(time.time(), 3), "reward_mean": round(float(r.rewards.mean()), 6),
                   "reward_std": round(float(r.rewards.std()), 6), "accuracy": round(float(r.correct.float().mean()), 6),
                   "zero_variance_groups": round(1 - float(informative(r.rewards).float().mean()), 6),
                   "completion_length": round(sum(map(len, r.completion_ids)) / len(r.completion_ids), 3),
-                  **metrics, "generation_s": round(t1 - t0, 4), "update_s": round(t2 - t1, 4),
+                  **metrics, "generation_s": round(t1 - t0, 4), "scoring_s": round(t2 - t1, 4),
+                  "update_s": round(t3 - t2, 4),
                   "lr": lr_at(step, cfg.train.steps, cfg.optim)}
         run.append_metrics(record)
         if not quiet and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
             print(f"rl step {step}/{cfg.train.steps}  reward {record['reward_mean']:.3f}  accuracy "
-                  f"{record['accuracy']:.1%}  loss {record['loss']:.4f}  {t2 - t0:.2f}s", file=sys.stderr, flush=True)
+                  f"{record['accuracy']:.1%}  loss {record['loss']:.4f}  {t3 - t0:.2f}s", file=sys.stderr, flush=True)
         if step % cfg.checkpoint.every == 0 or step == cfg.train.steps:
             save_checkpoint(run.checkpoints, step, model.state_dict(),
                             {"step": step, "optimizer": optimizer.state_dict(), "before": before},
@@ -229,6 +304,8 @@ def train_rl(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = F
                **{f"{k}_before": v for k, v in before.items()}, **after, "export": str(export),
                "loss": cfg.rl.loss, "group_size": cfg.rl.group_size}
     run.write_summary(summary)
+    if cfg.train.report:
+        write_report_after_training(run)
     return summary
 
 

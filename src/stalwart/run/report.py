@@ -14,6 +14,13 @@ Lighthouse), heals (green) and rollbacks (orange), each at its step (or the last
 committed before it). A line breaks where its group was out of the job, and a step redone
 after a rollback starts a new segment, drawn over the one it replaced.
 
+An RL run (`stalwart rl`, records with a reward) gets its own nine panels instead: the
+reward (mean and standard deviation over samples), the samples' accuracy with the eval
+exact match and pass@k before and after, the share of groups with zero reward variance,
+completion length, entropy, KL to the reference, the clip fraction, the routing mismatch and
+sampler-trainer log-probability gap (rl/routing.py), and each step's time split into
+generation, scoring and update.
+
 Cost, measured on 2 shared CPU cores with matplotlib's import: 0.5 s for a run of a few
 hundred steps, 1.7 s for 100,000 steps and 200 markers (each line thinned to MAX_POINTS).
 """
@@ -141,11 +148,17 @@ def write_report_after_training(run: RunDir) -> None:
         print(f"warning: no report written ({line}); try: stalwart report {run.path}", file=sys.stderr, flush=True)
 
 
+def is_rl(data: RunRecords) -> bool:
+    return any("reward_mean" in r for r in data.steps)
+
+
 def draw(data: RunRecords, found: list[Marker]) -> bytes:
-    """The six panels as PNG bytes (matplotlib's Agg renderer, no pyplot state)."""
+    """The six panels (an RL run: nine) as PNG bytes (matplotlib's Agg renderer, no pyplot state)."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
+    if is_rl(data):
+        return _draw_rl(data, found)
     fig = Figure(figsize=(15, 8.5), layout="constrained")
     axes = fig.subplots(2, 3, sharex=True).flatten()
     fig.suptitle(f"{data.path.resolve().name}: {data.steps[-1]['step']} steps")
@@ -168,6 +181,75 @@ def draw(data: RunRecords, found: list[Marker]) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)
     return buffer.getvalue()
+
+
+# RL panels after the reward and the accuracy: (title, [(metric, label), ...]).
+RL_PANELS = (("groups with zero reward variance", [("zero_variance_groups", "share")]),
+             ("completion length (tokens)", [("completion_length", "mean")]),
+             ("entropy (nats per token)", [("entropy", "sampling policy")]),
+             ("KL to the reference (k3)", [("kl", "first update")]),
+             ("clip fraction", [("clip_fraction", "first update"), ("clip_fraction_last", "last update")]),
+             ("routing and log-probability mismatch", [("routing_mismatch", "experts unlike the sampler's"),
+                                                       ("routing_mismatch_last", "the same after the updates"),
+                                                       ("sampler_logprob_gap", "|sampler - trainer| log-prob")]))
+RL_TIMES = (("generation_s", "generation"), ("scoring_s", "scoring"), ("update_s", "update"))
+
+
+def _draw_rl(data: RunRecords, found: list[Marker]) -> bytes:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(15, 11), layout="constrained")
+    axes = fig.subplots(3, 3, sharex=True).flatten()
+    fig.suptitle(f"{data.path.resolve().name}: {data.steps[-1]['step']} RL steps")
+    steps = data.steps
+    axes[0].set_title("reward (mean and std over samples)")
+    points = [(r["step"], r["reward_mean"], r.get("reward_std", 0)) for r in steps if _number(r.get("reward_mean"))]
+    x, mean, std = zip(*points)
+    axes[0].plot(x, mean, linewidth=1)
+    axes[0].fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
+    _plot_keys(axes[1], data, "exact match", [("accuracy", "samples")])
+    for key, style in (("eval_exact_match", "o-"), (_pass_key(data), "s--")):
+        evals = [(e["step"], e[key]) for e in data.evals if key and _number(e.get(key))]
+        if evals:
+            axes[1].plot(*zip(*evals), style, markersize=4, linewidth=1, label=f"eval {key.replace('_', ' ')}")
+    axes[1].legend(fontsize=8, loc="upper left")
+    axes[1].set_ylim(-0.02, 1.02)
+    for ax, (title, keys) in zip(axes[2:8], RL_PANELS):
+        _plot_keys(ax, data, title, keys)
+    ax = axes[8]
+    ax.set_title("time per step (s)")
+    timed = [r for r in steps if all(_number(r.get(k)) for k, _ in RL_TIMES)]
+    if timed:
+        ax.stackplot([r["step"] for r in timed], *([r[k] for r in timed] for k, _ in RL_TIMES),
+                     labels=[label for _, label in RL_TIMES], alpha=0.8)
+        ax.legend(fontsize=8, loc="upper left")
+    else:
+        _not_recorded(ax)
+    for ax in axes:
+        _mark(ax, found)
+    for ax in axes[6:]:
+        ax.set_xlabel("RL step")
+    _marker_legend(axes[0], found)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    return buffer.getvalue()
+
+
+def _pass_key(data: RunRecords) -> str | None:
+    return next((k for e in data.evals for k in e if k.startswith("pass_at_")), None)
+
+
+def _plot_keys(ax, data: RunRecords, title: str, keys: list[tuple[str, str]]) -> None:
+    """One line per metric, over the steps of a single process."""
+    ax.set_title(title)
+    for key, label in keys:
+        points = [(r["step"], r[key]) for r in data.steps if _number(r.get(key))]
+        for j, segment in enumerate(_segments(points)):
+            ax.plot(*zip(*segment), color=f"C{keys.index((key, label))}", linewidth=1, label=None if j else label)
+    if not ax.has_data():
+        _not_recorded(ax)
+    elif len(keys) > 1:
+        ax.legend(fontsize=8, loc="upper right")
 
 
 def _plot_loss(ax, data: RunRecords) -> None:
@@ -275,12 +357,12 @@ def summary_markdown(data: RunRecords, found: list[Marker]) -> str:
     last = max(r["step"] for r in steps)
     of = f" of {data.configured_steps}" if data.configured_steps else ""
     best = min(steps, key=lambda r: r["loss"])
-    rows = [("steps", f"{last}{of}"),
-            ("tokens", f"{s.get('tokens') or steps[-1].get('tokens', 0):,}"),
+    tokens = s.get("tokens") or steps[-1].get("tokens", 0)
+    rows = [("steps", f"{last}{of}"), *([("tokens", f"{tokens:,}")] if tokens else []),
             ("wall time", _wall_time(data)),
             ("train loss", f"{steps[0]['loss']:.4f} at step {steps[0]['step']}, final {steps[-1]['loss']:.4f}, "
                            f"best {best['loss']:.4f} at step {best['step']}")]
-    rows += _eval_rows(data)
+    rows += _eval_rows(data) + (_rl_rows(data) if is_rl(data) else [])
     rates = [r["tokens_per_s"] for r in steps if _number(r.get("tokens_per_s"))]
     if rates:
         rows.append(("tokens/s", f"{statistics.median(rates):,.0f} (median of steps)"))
@@ -314,6 +396,25 @@ def _eval_rows(data: RunRecords) -> list[tuple[str, str]]:
         best = max(matches, key=lambda e: e["eval_exact_match"])
         rows.append(("eval exact match", f"final {matches[-1]['eval_exact_match']:.1%} at step "
                                          f"{matches[-1]['step']}, best {best['eval_exact_match']:.1%}"))
+    return rows
+
+
+def _rl_rows(data: RunRecords) -> list[tuple[str, str]]:
+    """The reward over the first and the last tenth of the steps, pass@k before and after,
+    and where the time went."""
+    steps = [r for r in data.steps if _number(r.get("reward_mean"))]
+    tenth = max(1, len(steps) // 10)
+    first, last = (statistics.fmean(r["reward_mean"] for r in part) for part in (steps[:tenth], steps[-tenth:]))
+    rows = [("reward", f"{first:.3f} over the first {tenth} steps, {last:.3f} over the last {tenth}")]
+    key = _pass_key(data)
+    passes = [e for e in data.evals if key and _number(e.get(key))]
+    if passes:
+        rows.append((key.replace("_", " ").replace("pass at ", "pass@"),
+                     " then ".join(f"{e[key]:.1%} at step {e['step']}" for e in passes)))
+    totals = {label: sum(r.get(k, 0) for r in steps if _number(r.get(k))) for k, label in RL_TIMES}
+    spent = sum(totals.values())
+    if spent:
+        rows.append(("time split", ", ".join(f"{label} {t / spent:.0%}" for label, t in totals.items())))
     return rows
 
 
