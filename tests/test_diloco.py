@@ -288,15 +288,15 @@ def test_sharded_groups_take_the_outer_step_on_their_shards_as_whole_groups_do(t
     # model. Uncompressed, both are the same outer steps up to fp32 sums' order, for half the
     # bytes a rank: the losses agree to 1e-7 through the first round, then the sums' order moves
     # them apart, more with each outer step (measured: at most 1e-4 relative by step 40, against
-    # RELATIVE below).
+    # RELATIVE below, for 40 steps; this run has 20).
     runs = {"sharded": ["--parallel.fsdp", "0", "--parallel.ep", "2"], "whole": ["--parallel.fsdp", "1", "--parallel.ep", "1"]}
     for name, layout in runs.items():
-        r = job(tmp_path / name, *SHARDED, "--train.steps", "40", *layout, timeout=240)
+        r = job(tmp_path / name, *SHARDED, "--train.steps", "20", *layout, timeout=240)
         assert r.returncode == 0, r.stderr[-2000:]
     sharded, whole = tmp_path / "sharded", tmp_path / "whole"
     for run in (sharded, whole):
         outer = _outer_records(run, 0)
-        assert [m["round"] for m in outer if m["outer"]] == [1, 2, 3, 4]
+        assert [m["round"] for m in outer if m["outer"]] == [1, 2]
         assert all(m["contributors"] == [0, 1] and m["tokens"] == 4 * TOKENS * m["step"] for m in outer if m["outer"])
         finish = {(e["replica"], e["rank"]): e["fingerprint"] for e in events(run, "finish")}
         assert sorted(finish) == [(0, 0), (0, 1), (1, 0), (1, 1)] and len(set(finish.values())) == 1
@@ -305,25 +305,25 @@ def test_sharded_groups_take_the_outer_step_on_their_shards_as_whole_groups_do(t
     assert all(0.45 < a / b < 0.55 for a, b in zip(per_rank["sharded"], per_rank["whole"])), per_rank
     losses = {run.name: {(m["replica"], m["step"]): m["loss"] for m in jsonl(run / "metrics.jsonl") if "loss" in m}
               for run in (sharded, whole)}
-    assert len(losses["sharded"]) == 80 and losses["sharded"].keys() == losses["whole"].keys()
+    assert len(losses["sharded"]) == 40 and losses["sharded"].keys() == losses["whole"].keys()
     first_round = {k: v for k, v in losses["whole"].items() if k[1] <= 10}
     assert _max_relative(losses["sharded"], first_round) < 1e-6  # measured: 1e-7
     assert _max_relative(losses["sharded"], losses["whole"]) < RELATIVE
 
-    # Resumed at step 40 on the other layout: the sharded checkpoint (G, AdamW's moments and
+    # Resumed at step 20 on the other layout: the sharded checkpoint (G, AdamW's moments and
     # the outer momentum, each rank's shards) whole, the whole one sharded; against the whole
-    # run resumed as it was. To step 60: round 5's outer step (step 50) uses the momentum.
+    # run resumed as it was. To step 30: round 3's outer step uses the momentum.
     shutil.copytree(whole, tmp_path / "whole_again")
     for name, layout in (("sharded", runs["whole"]), ("whole", runs["sharded"]), ("whole_again", runs["whole"])):
-        r = job(tmp_path / name, *SHARDED, "--train.steps", "60", *layout, "--resume", timeout=240)
+        r = job(tmp_path / name, *SHARDED, "--train.steps", "30", *layout, "--resume", timeout=240)
         assert r.returncode == 0, r.stderr[-2000:]
         assert [e["step"] for e in events(tmp_path / name, "resume") if e["rank"] == 0 and e["checkpoint"]][-2:] \
-            == [40, 40], name  # both groups
+            == [20, 20], name  # both groups
     resumed = {name: {(m["replica"], m["step"]): m["loss"] for m in jsonl(tmp_path / name / "metrics.jsonl")
-                      if "loss" in m and m["step"] > 40} for name in (*runs, "whole_again")}
-    assert len(resumed["whole_again"]) == 40
+                      if "loss" in m and m["step"] > 20} for name in (*runs, "whole_again")}
+    assert len(resumed["whole_again"]) == 20
     # The whole run's state resumed sharded trains as it does whole (measured: 1.4e-7); the
-    # sharded run's, already RELATIVE apart at step 40, drifts on (measured: 6.5e-4 by step 60).
+    # sharded run's, up to RELATIVE apart at step 20, drifts on (measured: 6.5e-4 from 40 to 60 steps).
     for name in runs:
         assert resumed[name].keys() == resumed["whole_again"].keys()
     assert _max_relative(resumed["whole"], resumed["whole_again"]) < 1e-5
@@ -344,10 +344,12 @@ def test_a_rank_of_a_sharded_streaming_group_killed_heals_shard_by_shard(tmp_pat
     # No checkpoint to restart from (a restart from one that is as new as the others' G
     # needs no heal: the resumes are tested above), so its group heals at its first quorum:
     # rank i from rank i of group 0, half a state each, and contributes from the next round.
+    # 240 steps: the restarted group healed at about step 145 (its torchrun restart takes
+    # some 11 s here), and must then take part in at least two outer steps.
     run = tmp_path / "run"
     proc = start_job(run, *SHARDED, "--replicas.strategy", "streaming", "--replicas.fragments", "2",
                      "--replicas.compression", "int8", "--replicas.error_feedback", "true", "--parallel.ep", "2",
-                     "--train.steps", "300", "--checkpoint.every", "1000")
+                     "--train.steps", "240", "--checkpoint.every", "1000")
     killed, err = kill_rank_once_all_train(run, proc, groups=2, replica=1, rank=1, timeout=300)
     assert proc.returncode == 0, err[-2000:]
     (exit_,) = events(run, "group_exit")
@@ -362,4 +364,4 @@ def test_a_rank_of_a_sharded_streaming_group_killed_heals_shard_by_shard(tmp_pat
     assert sorted(finish) == [(0, 0), (0, 1), (1, 0), (1, 1)] and len(set(finish.values())) == 1
     outer = [m for m in _outer_records(run, 1) if m["outer"] and m["time"] > heal["time"]]
     assert outer and all(m["contributors"] == [0, 1] for m in outer[1:])
-    assert outer[-1]["step"] == 300
+    assert outer[-1]["step"] == 240

@@ -208,11 +208,13 @@ def _draw_rl(data: RunRecords, found: list[Marker]) -> bytes:
     axes[0].plot(x, mean, linewidth=1)
     axes[0].fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
     _plot_keys(axes[1], data, "exact match", [("accuracy", "samples")])
-    for key, style in (("eval_exact_match", "o-"), (_pass_key(data), "s--")):
+    pass_key = _pass_key(data)
+    for key, style, label in (("eval_exact_match", "o-", "eval, greedy"),
+                              (pass_key, "s--", f"eval, pass@{(pass_key or '_').rsplit('_', 1)[-1]}")):
         evals = [(e["step"], e[key]) for e in data.evals if key and _number(e.get(key))]
         if evals:
-            axes[1].plot(*zip(*evals), style, markersize=4, linewidth=1, label=f"eval {key.replace('_', ' ')}")
-    axes[1].legend(fontsize=8, loc="upper left")
+            axes[1].plot(*zip(*evals), style, markersize=4, linewidth=1, label=label)
+    axes[1].legend(fontsize=8, loc="lower left")
     axes[1].set_ylim(-0.02, 1.02)
     for ax, (title, keys) in zip(axes[2:8], RL_PANELS):
         _plot_keys(ax, data, title, keys)
