@@ -165,13 +165,16 @@ class MultiHeadLatentAttention(nn.Module):
         w_kv_b = self.kv_b_proj.weight.view(self.n_heads, dn + dv, r)
         if T == 1 and cache is not None:
             # Absorbed decode: q_nope W_UK attends to the latent directly; values come out in
-            # latent space and go through W_UV once, per head.
-            # (plain matmuls that broadcast over batch: einsum's planning costs more than the math here)
-            q_latent = q_nope @ w_kv_b[:, :dn]  # (B, h, 1, r)
-            scores = (q_latent @ latent.unsqueeze(1).transpose(-1, -2)
-                      + q_rope @ k_rope.unsqueeze(1).transpose(-1, -2)) * self.scale
+            # latent space and go through W_UV once, per head. Batched matmuls over heads (the
+            # per-head weights) or over rows (the cache), so that no operand is expanded: a
+            # broadcasting matmul copied the whole cache once per head, every step (measured:
+            # a third of a 64-row decode step's time).
+            q_latent = torch.bmm(q_nope.squeeze(2).transpose(0, 1), w_kv_b[:, :dn]).transpose(0, 1)  # (B, h, r)
+            scores = (torch.bmm(q_latent, latent.transpose(1, 2))
+                      + torch.bmm(q_rope.squeeze(2), k_rope.transpose(1, 2))) * self.scale  # (B, h, S)
             probs = scores.float().softmax(-1).to(q.dtype)
-            out = (probs @ latent.unsqueeze(1)) @ w_kv_b[:, dn:].transpose(-1, -2)  # (B, h, 1, dv)
+            context = torch.bmm(probs, latent).transpose(0, 1)  # (h, B, r)
+            out = torch.bmm(context, w_kv_b[:, dn:].transpose(1, 2)).transpose(0, 1).unsqueeze(2)  # (B, h, 1, dv)
         else:
             S = latent.shape[1]
             kv = self.kv_b_proj(latent).view(B, S, self.n_heads, dn + dv).transpose(1, 2)
