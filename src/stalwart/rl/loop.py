@@ -99,19 +99,21 @@ class Scores:
     """The model's view of a batch of rollouts, each (N, T) per completion token."""
 
     logp: torch.Tensor
-    entropy: torch.Tensor
+    entropy: torch.Tensor | None  # when asked for (a metric: no gradient)
     mask: torch.Tensor  # False past a completion's end
     routing_mismatch: float | None  # share of expert choices unlike the sampler's (rl/routing.py)
 
 
-def completion_logprobs(model: DeepSeekForCausalLM, r: Rollouts, pad_id: int, replay: bool = False) -> Scores:
-    """The model's log-probabilities and entropies of every completion token, from one
-    forward per prompt length of the prompt + completion rows (completions padded after
-    their end; prompts never padded, so that every row sees what the sampler saw). `replay`:
-    with the experts the sampler chose (rl/routing.py)."""
+def completion_logprobs(model: DeepSeekForCausalLM, r: Rollouts, pad_id: int, replay: bool = False,
+                        entropy: bool = False) -> Scores:
+    """The model's log-probabilities (and with `entropy`, its entropies) of every completion
+    token, from one forward per prompt length of the prompt + completion rows (completions
+    padded after their end; prompts never padded, so that every row sees what the sampler
+    saw). `replay`: with the experts the sampler chose (rl/routing.py)."""
     device = next(model.parameters()).device
     N, T = len(r.completion_ids), max(len(c) for c in r.completion_ids)
-    logp, entropy = torch.zeros(N, T, device=device), torch.zeros(N, T, device=device)
+    logp = torch.zeros(N, T, device=device)
+    entropies = torch.zeros(N, T, device=device) if entropy else None
     mask = torch.zeros(N, T, dtype=torch.bool)
     for i, c in enumerate(r.completion_ids):
         mask[i, :len(c)] = True
@@ -139,8 +141,10 @@ def completion_logprobs(model: DeepSeekForCausalLM, r: Rollouts, pad_id: int, re
         logp_all = logits.log_softmax(-1)
         picked = torch.tensor(index, device=device)
         logp = logp.index_put((picked,), logp_all.gather(-1, rows[:, L:, None]).squeeze(-1))
-        entropy = entropy.index_put((picked,), -(logp_all.exp() * logp_all).sum(-1))
-    return Scores(logp, entropy, mask.to(device), differ / compared if compared else None)
+        if entropies is not None:
+            with torch.no_grad():
+                entropies = entropies.index_put((picked,), -(logp_all.exp() * logp_all).sum(-1))
+    return Scores(logp, entropies, mask.to(device), differ / compared if compared else None)
 
 
 @dataclass
@@ -166,7 +170,8 @@ def score(cfg: RunConfig, model, r: Rollouts, reference: DeepSeekForCausalLM | N
     keep = informative(r.rewards)[:, None].expand_as(r.rewards).reshape(-1) if rl.loss == "dapo" else \
         torch.ones(r.rewards.numel(), dtype=torch.bool)
     with torch.no_grad():
-        old = completion_logprobs(model, r, pad_id, replay=rl.routing_replay) if rl.updates > 1 else None
+        old = completion_logprobs(model, r, pad_id, replay=rl.routing_replay, entropy=True) if rl.updates > 1 \
+            else None
         ref = completion_logprobs(reference, r, pad_id, replay=rl.routing_replay).logp if reference else None
     return Batch(r, advantages, keep.to(device), old, ref)
 
@@ -180,7 +185,7 @@ def policy_metrics(scores: Scores, r: Rollouts) -> dict[str, float]:
     logp, mask = scores.logp.detach(), scores.mask
     tokens = mask.sum().clamp(min=1)
     metrics = {"sampler_logprob_gap": round(float(((sampler - logp).abs() * mask).sum() / tokens), 6),
-               "entropy": round(float((scores.entropy.detach() * mask).sum() / tokens), 6)}
+               "entropy": round(float((scores.entropy * mask).sum() / tokens), 6)}
     if scores.routing_mismatch is not None:
         metrics["routing_mismatch"] = round(scores.routing_mismatch, 6)
     return metrics
@@ -196,7 +201,7 @@ def update(cfg: RunConfig, model, optimizer, batch: Batch, lr: float, pad_id: in
     for group in optimizer.param_groups:
         group["lr"] = lr
     for u in range(rl.updates):
-        scores = completion_logprobs(model, r, pad_id, replay=rl.routing_replay)
+        scores = completion_logprobs(model, r, pad_id, replay=rl.routing_replay, entropy=old_logp is None)
         if old_logp is None:  # one update: the policy that sampled is the one being updated
             old_logp, metrics = scores.logp.detach(), policy_metrics(scores, r)
         mask = scores.mask & batch.keep[:, None]
