@@ -200,6 +200,9 @@ def check_mappable(cfg: RunConfig) -> None:
                         "(optim.warmup_steps 0 and optim.min_lr_ratio 1, `stalwart rl`'s default)")
     if rl.routing_replay:
         raise UserError("TRL has no routing replay: leave rl.routing_replay off")
+    if rl.updates != 1:  # TRL's num_iterations reuses a generation for that many of its max_steps
+        raise UserError("the benchmark compares one update per batch of rollouts (rl.updates 1): TRL counts "
+                        "each of num_iterations as a step, so the two would do different work per step")
     if rl.temperature <= 0:
         raise UserError("GRPO samples: rl.temperature must be > 0")
 

@@ -116,8 +116,7 @@ def test_the_reward_rises_and_a_killed_run_repeats_the_uninterrupted_one(trained
     report = (ref / "report.md").read_text()  # the run's report, with the RL rows and panels
     assert (ref / "report.png").stat().st_size > 10_000 and "| reward |" in report and "| pass@8 |" in report
     for key in ("reward_std", "accuracy", "zero_variance_groups", "completion_length", "entropy", "kl",
-                "clip_fraction", "generation_s", "scoring_s", "update_s", "sampler_logprob_gap", "routing_mismatch",
-                "routing_mismatch_last"):
+                "clip_fraction", "generation_s", "scoring_s", "update_s", "sampler_logprob_gap", "routing_mismatch"):
         assert key in curve[0], key
     # Killed from outside at no step of its choosing, then resumed: the same curve, step for step.
     run = tmp_path / "killed"
@@ -133,6 +132,20 @@ def test_the_reward_rises_and_a_killed_run_repeats_the_uninterrupted_one(trained
     assert r.returncode == 0, r.stderr
     assert [(m["step"], m["reward_mean"], m["loss"]) for m in metrics(run)] == \
         [(m["step"], m["reward_mean"], m["loss"]) for m in curve]
+
+
+def test_several_updates_with_routing_replay_score_the_sampling_policy_first(trained, tmp_path):
+    # Two updates per batch, routed as sampled: the first update's ratio is exactly 1 (the
+    # sampling policy's log-probabilities were scored before it, with the same routing), the
+    # last has moved; the mismatch is logged before and after.
+    r = in_process("rl", "--from", str(trained), "--out", str(tmp_path / "rl"), *RL, "--train.steps", "3",
+                   "--rl.updates", "2", "--rl.routing_replay", "true", "--optim.lr", "1e-2", "--eval.problems", "4",
+                   "--train.report", "false", "--quiet")
+    assert r.returncode == 0, r.stderr
+    curve = metrics(tmp_path / "rl")
+    assert [m["step"] for m in curve] == [1, 2, 3]
+    assert all(m["clip_fraction"] == 0 and m["routing_mismatch"] == 0 for m in curve)
+    assert any(m["clip_fraction_last"] > 0 for m in curve) and all("routing_mismatch_last" in m for m in curve)
 
 
 @pytest.mark.parametrize("extra, words", [

@@ -45,11 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _exit_now(code: int) -> NoReturn:
-    """End a finished torchrun rank without the interpreter's teardown: its files are written
-    and closed and its process groups destroyed, but native threads left in the libraries
-    (gloo's, the store's) now and then abort the process in their destructors (seen: SIGABRT
-    "terminate called without an active exception", then SIGSEGV), which torchrun reports as
-    a failed launch."""
+    """End a torchrun rank, finished or stopped by an error it has reported, without the
+    interpreter's teardown: its files are written and closed, but native threads left in the
+    libraries (gloo's, the store's) now and then abort the process in their destructors
+    (seen: SIGABRT "terminate called without an active exception", then SIGSEGV, after a
+    clean finish and after a one-line error), which torchrun reports instead of the rank's
+    own exit code."""
     import logging
 
     logging.shutdown()
@@ -67,11 +68,16 @@ def main(argv: list[str] | None = None) -> int:
     # torchft's Rust side (Lighthouse, Manager server) logs every quorum at INFO: several
     # lines a step, gigabytes over a long run. Warnings and errors only, unless asked for.
     os.environ.setdefault("RUST_LOG", "warn")
+    code = _run(args)
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        _exit_now(code)
+    return code
+
+
+def _run(args) -> int:
+    """The command's exit code; a user error, a stop or an interrupt is its one line."""
     try:
-        code = args.func(args)
-        if code == 0 and "TORCHELASTIC_RUN_ID" in os.environ:
-            _exit_now(code)
-        return code
+        return args.func(args)
     except UserError as e:
         print(f"stalwart {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -135,9 +135,8 @@ def completion_logprobs(model: DeepSeekForCausalLM, r: Rollouts, pad_id: int, re
         if sampled is not None:  # compared where a scored token is predicted: L - 1 onwards, within its completion
             scored_positions = torch.zeros(len(index), L + T - 1, dtype=torch.bool)
             scored_positions[:, L - 1:] = mask[index]
-            d, n = mismatch(sampled, torch.stack([t.chosen[0] for t in tapes]).cpu(), scored_positions.reshape(-1),
-                            model.cfg.n_routed_experts)
-            differ, compared = differ + int(d), compared + int(n)
+            d, n = mismatch(sampled, torch.stack([t.chosen[0] for t in tapes]).cpu(), scored_positions.reshape(-1))
+            differ, compared = differ + d, compared + n
         logp_all = logits.log_softmax(-1)
         picked = torch.tensor(index, device=device)
         logp = logp.index_put((picked,), logp_all.gather(-1, rows[:, L:, None]).squeeze(-1))
@@ -192,9 +191,9 @@ def policy_metrics(scores: Scores, r: Rollouts) -> dict[str, float]:
 
 
 def update(cfg: RunConfig, model, optimizer, batch: Batch, lr: float, pad_id: int) -> dict[str, float]:
-    """rl.updates optimizer steps on one batch; the objective's metrics at the first and, for
-    the clipping and the routing, also at the last (after updates - 1 steps the policy has
-    moved)."""
+    """rl.updates optimizer steps on one batch; the objective's metrics at the first and, with
+    more than one, the clipping and the routing also at the last (after updates - 1 steps
+    the policy has moved)."""
     rl, r = cfg.rl, batch.rollouts
     metrics = policy_metrics(batch.old, r) if batch.old is not None else {}
     old_logp = batch.old.logp if batch.old is not None else None
@@ -217,7 +216,7 @@ def update(cfg: RunConfig, model, optimizer, batch: Batch, lr: float, pad_id: in
         if u == 0:
             metrics |= {"loss": round(out.loss.item(), 6), "grad_norm": round(float(norm), 6),
                         "clip_fraction": round(out.clip_fraction, 6), "kl": round(out.kl, 6)}
-        if u == rl.updates - 1:
+        if u == rl.updates - 1 and u > 0:
             metrics["clip_fraction_last"] = round(out.clip_fraction, 6)
             if scores.routing_mismatch is not None:
                 metrics["routing_mismatch_last"] = round(scores.routing_mismatch, 6)
@@ -260,7 +259,6 @@ def train_rl(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = F
     optimizer = build_optimizer(model, cfg.optim)
     step, started = 0, time.perf_counter()
     latest = load_latest(run.checkpoints) if resume else None
-    summary: dict[str, Any] = run.read_summary() if latest else {}
     if latest is not None:
         load_model_state(model, latest.model_state, latest.path)
         optimizer.load_state_dict(latest.train_state["optimizer"])
@@ -268,9 +266,10 @@ def train_rl(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = F
         before = latest.train_state["before"]
         run.truncate_metrics(step)
         run.repair_events()
+    run.event("start", mode="rl", start=cfg.rl.start)  # every launch, as a training process's
+    if latest is not None:
         run.event("resume", step=step)
     else:
-        run.event("start", mode="rl", start=cfg.rl.start)
         before = evaluate(cfg, model.eval(), tokenizer)
         run.event("eval", step=0, **before)
     model.train()

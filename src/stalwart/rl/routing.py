@@ -17,7 +17,6 @@ p (the prompt's, then the completion's but its last), whose output predicts toke
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from stalwart.model.moe import RoutingTape
 
@@ -49,12 +48,11 @@ def replay(routing: list[torch.Tensor], positions: int, k: int) -> torch.Tensor:
     return out.transpose(0, 1).reshape(layers, len(routing) * positions, k)
 
 
-def mismatch(sampled: torch.Tensor, scored: torch.Tensor, scored_positions: torch.Tensor, experts: int) -> torch.Tensor:
+def mismatch(sampled: torch.Tensor, scored: torch.Tensor, scored_positions: torch.Tensor) -> tuple[int, int]:
     """(expert choices that differ, choices compared) between the sampler's and the
     trainer's routing, both (layers, rows x positions, k), over the positions where
-    `scored_positions` (rows x positions,) is True: the positions a scored token depends on."""
-    a = F.one_hot(sampled[:, scored_positions], experts).sum(-2)
-    b = F.one_hot(scored[:, scored_positions], experts).sum(-2)
-    same = (a * b).sum()
-    total = torch.tensor(sampled[:, scored_positions].numel())
-    return total - same, total
+    `scored_positions` (rows x positions,) is True: those whose output predicts a scored
+    token. A choice differs when the trainer's expert is not among the sampler's k."""
+    a, b = sampled[:, scored_positions], scored[:, scored_positions]
+    kept = (b[..., :, None] == a[..., None, :]).any(-1)  # (layers, positions, k): k x k, not k x experts
+    return int(kept.numel() - kept.sum()), kept.numel()

@@ -190,7 +190,7 @@ RL_PANELS = (("groups with zero reward variance", [("zero_variance_groups", "sha
              ("KL to the reference (k3)", [("kl", "first update")]),
              ("clip fraction", [("clip_fraction", "first update"), ("clip_fraction_last", "last update")]),
              ("routing and log-probability mismatch", [("routing_mismatch", "experts unlike the sampler's"),
-                                                       ("routing_mismatch_last", "the same after the updates"),
+                                                       ("routing_mismatch_last", "the same at the last update"),
                                                        ("sampler_logprob_gap", "|sampler - trainer| log-prob")]))
 RL_TIMES = (("generation_s", "generation"), ("scoring_s", "scoring"), ("update_s", "update"))
 
@@ -220,10 +220,10 @@ def _draw_rl(data: RunRecords, found: list[Marker]) -> bytes:
         _plot_keys(ax, data, title, keys)
     ax = axes[8]
     ax.set_title("time per step (s)")
-    timed = [r for r in steps if all(_number(r.get(k)) for k, _ in RL_TIMES)]
-    if timed:
-        ax.stackplot([r["step"] for r in timed], *([r[k] for r in timed] for k, _ in RL_TIMES),
-                     labels=[label for _, label in RL_TIMES], alpha=0.8)
+    present = [(k, label) for k, label in RL_TIMES if any(_number(r.get(k)) for r in steps)]  # older runs lack some
+    if present:
+        ax.stackplot([r["step"] for r in steps], *([r.get(k) or 0 for r in steps] for k, _ in present),
+                     labels=[label for _, label in present], alpha=0.8)
         ax.legend(fontsize=8, loc="upper left")
     else:
         _not_recorded(ax)
@@ -361,9 +361,12 @@ def summary_markdown(data: RunRecords, found: list[Marker]) -> str:
     best = min(steps, key=lambda r: r["loss"])
     tokens = s.get("tokens") or steps[-1].get("tokens", 0)
     rows = [("steps", f"{last}{of}"), *([("tokens", f"{tokens:,}")] if tokens else []),
-            ("wall time", _wall_time(data)),
-            ("train loss", f"{steps[0]['loss']:.4f} at step {steps[0]['step']}, final {steps[-1]['loss']:.4f}, "
-                           f"best {best['loss']:.4f} at step {best['step']}")]
+            ("wall time", _wall_time(data))]
+    if is_rl(data):  # a policy loss: its lowest value means nothing
+        rows.append(("policy loss", f"{steps[0]['loss']:.4f} at step {steps[0]['step']}, final {steps[-1]['loss']:.4f}"))
+    else:
+        rows.append(("train loss", f"{steps[0]['loss']:.4f} at step {steps[0]['step']}, final "
+                                   f"{steps[-1]['loss']:.4f}, best {best['loss']:.4f} at step {best['step']}"))
     rows += _eval_rows(data) + (_rl_rows(data) if is_rl(data) else [])
     rates = [r["tokens_per_s"] for r in steps if _number(r.get("tokens_per_s"))]
     if rates:
@@ -413,7 +416,8 @@ def _rl_rows(data: RunRecords) -> list[tuple[str, str]]:
     if passes:
         rows.append((key.replace("_", " ").replace("pass at ", "pass@"),
                      " then ".join(f"{e[key]:.1%} at step {e['step']}" for e in passes)))
-    totals = {label: sum(r.get(k, 0) for r in steps if _number(r.get(k))) for k, label in RL_TIMES}
+    totals = {label: sum(r[k] for r in steps if _number(r.get(k))) for k, label in RL_TIMES
+              if any(_number(r.get(k)) for r in steps)}
     spent = sum(totals.values())
     if spent:
         rows.append(("time split", ", ".join(f"{label} {t / spent:.0%}" for label, t in totals.items())))
