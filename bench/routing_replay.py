@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = p.parse_known_args(argv)
     try:
         settings = parse_overrides(extra)
+        if args.updates < 2:
+            raise UserError(f"--updates must be at least 2 (the routing moves between updates), got {args.updates}")
         if not args.source.exists():
             raise UserError(f"--from {args.source}: no such run directory or model folder")
         torch.set_num_threads(args.threads)
