@@ -272,7 +272,10 @@ def train_rl(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = F
     else:
         before = evaluate(cfg, model.eval(), tokenizer)
         run.event("eval", step=0, **before)
-    model.train()
+    # Eval mode throughout, gradients and all: the model's training mode only counts the
+    # experts' loads and adds the balance loss (model/moe.py), and RL keeps the routing bias
+    # as the start left it and has no balance loss.
+    model.eval()
     d, P = cfg.data, cfg.rl.prompts
     while step < cfg.train.steps:
         t0 = time.perf_counter()
