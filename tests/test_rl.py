@@ -66,6 +66,65 @@ def test_the_gradient_moves_probability_towards_positive_advantages():
     assert logp.grad[0, 0] < 0 < logp.grad[1, 0]  # descending raises the first, lowers the second
 
 
+@pytest.mark.parametrize("loss", ["grpo", "dr_grpo", "dapo"])
+def test_shares_weighted_as_the_objective_says_add_up_to_the_whole_batch(loss):
+    # A step cut into shares (rl/shares.py): sum(weight x loss) / sum(weight) over the shares
+    # is the whole batch's loss, for each variant, and so are the clip fraction and the KL.
+    g = torch.Generator().manual_seed(0)
+    logp = torch.randn(6, 5, generator=g) - 2
+    old, ref = logp + 0.3 * torch.randn(6, 5, generator=g), logp + 0.1 * torch.randn(6, 5, generator=g)
+    advantages, mask = torch.randn(6, generator=g), torch.rand(6, 5, generator=g) > 0.3
+    mask[:, 0] = True
+    kwargs = dict(loss=loss, max_len=5, kl_coef=0.05)
+    whole = policy_loss(logp, old, advantages, mask, ref_logp=ref, **kwargs)
+    parts = [policy_loss(logp[a:b], old[a:b], advantages[a:b], mask[a:b], ref_logp=ref[a:b], **kwargs)
+             for a, b in ((0, 2), (2, 6))]
+    weight = sum(part.weight for part in parts)
+    assert sum(part.loss.item() * part.weight for part in parts) / weight == pytest.approx(whole.loss.item(), rel=1e-6)
+    tokens = sum(part.tokens for part in parts)
+    assert sum(part.clipped for part in parts) / tokens == pytest.approx(whole.clip_fraction) and whole.clip_fraction > 0
+    assert sum(part.kl_sum for part in parts) / tokens == pytest.approx(whole.kl) and whole.kl > 0
+
+
+def test_the_exchange_gives_the_same_update_whoever_computed_each_share():
+    from stalwart.rl.shares import ShareExchange, share_bounds, shares_of
+
+    params = [torch.zeros(3, requires_grad=True), torch.zeros(2, requires_grad=True)]
+    g = torch.Generator().manual_seed(1)
+    grads = {0: [torch.randn(3, generator=g), None], 1: [torch.tensor([-0.0, 1.5, 2.0]), torch.randn(2, generator=g)],
+             2: [torch.randn(3, generator=g), None]}
+
+    def put(exchange, share, replica):
+        for p, grad in zip(params, grads[share]):
+            p.grad = grad
+        exchange.put(share, {"weight": float(share + 1), "weighted_loss": 0.1 * share}, share * 2,
+                     {"reward": torch.tensor([share, share + 0.5])}, replica=replica)
+
+    alone = ShareExchange(params, 3, 6)  # one group computed every share
+    for share in range(3):
+        put(alone, share, 0)
+    parts = []  # three groups, one share each, summed as the all-reduce sums them
+    for share in (2, 0, 1):
+        parts.append(ShareExchange(params, 3, 6))
+        put(parts[-1], share, share)
+    together = ShareExchange(params, 3, 6)
+    together.buffer = parts[0].buffer + parts[1].buffer + parts[2].buffer
+    updates = []
+    for exchange in (alone, together):
+        assert exchange.unclaimed() == []
+        exchange.set_gradients()
+        updates.append([p.grad.clone() for p in params])
+        assert exchange.sums()["weight"] == 6 and exchange.slots("reward").tolist() == [0, 0.5, 1, 1.5, 2, 2.5]
+    assert all(torch.equal(a, b) and a.view(-1)[0].item() == b.view(-1)[0].item() for a, b in zip(*updates))
+    assert torch.equal(updates[0][1], grads[1][1] / 6)  # only share 1 had a gradient for it
+    assert alone.computed_by() == [0, 0, 0] and together.computed_by() == [0, 1, 2]
+    twice = ShareExchange(params, 3, 6)
+    twice.buffer = parts[0].buffer + parts[1].buffer + parts[1].buffer  # share 0 twice, share 1 never
+    assert twice.unclaimed() == [0, 1]
+    assert [shares_of(p, 2, 3) for p in range(2)] == [[0, 2], [1]]
+    assert [list(share_bounds(8, 3, s)) for s in range(3)] == [[0, 1], [2, 3, 4], [5, 6, 7]]
+
+
 # `stalwart rl` end to end, on a small model trained here first.
 
 import json  # noqa: E402
@@ -152,6 +211,9 @@ def test_several_updates_with_routing_replay_score_the_sampling_policy_first(tra
     (["--rl.group_size", "1"], "rl.group_size must be >= 2"),
     (["--data.task", "files", "--data.files", "x.txt"], "needs a task with a scorer"),
     (["--rl.loss", "ppo"], "rl.loss must be one of grpo, dr_grpo, dapo"),
+    (["--replicas", "9"], "rl.prompts 8 must be at least replicas.count 9"),
+    (["--replicas", "2", "--replicas.ranks_per_group", "2"], "replica groups of one rank each"),
+    (["--replica-id", "0"], "--replica-id needs --lighthouse URL and --out RUN_DIR"),
 ])
 def test_bad_input_is_one_clear_line(trained, tmp_path, extra, words):
     r = in_process("rl", "--from", str(trained), "--out", str(tmp_path / "rl"), *extra)
@@ -198,3 +260,67 @@ def test_the_trainer_scores_what_the_sampler_sampled_whatever_the_prompt_lengths
     scored = scores.mask
     assert torch.equal(replayed.logp[scored], scores.logp[scored])
     assert not torch.allclose(rerouted.logp[scored], scores.logp[scored], atol=1e-2)
+
+
+REPLICAS = [*RL, "--train.steps", "80", "--replicas", "3", "--replicas.timeout_s", "3",
+            "--replicas.heartbeat_timeout_s", "1", "--checkpoint.every", "4", "--train.report", "false", "--quiet"]
+
+
+def by_step(run) -> dict[int, set]:
+    """{step: the distinct (reward, loss, grad norm, shares' groups) its groups recorded}."""
+    steps: dict[int, set] = {}
+    for m in metrics(run):
+        steps.setdefault(m["step"], set()).add((m["reward_mean"], m["loss"], m["grad_norm"]))
+    return steps
+
+
+@pytest.mark.slow
+def test_replica_groups_killed_anywhere_repeat_the_uninterrupted_curve(trained, tmp_path):
+    # Three groups, each computing its share of every step's prompts. Uninterrupted first.
+    ref = tmp_path / "ref"
+    r = stalwart("rl", "--from", str(trained), "--out", str(ref), *REPLICAS, "--json")
+    assert r.returncode == 0, r.stderr
+    reference = by_step(ref)
+    assert sorted(reference) == list(range(1, 81)) and all(len(v) == 1 for v in reference.values())
+    assert all(m["shares"] == [0, 1, 2] and m["participants"] == 3 for m in metrics(ref))
+
+    # Then killed: group 1 while it samples step 4, group 2 while it scores step 34, group 0
+    # (the checkpoint writer) in the update of step 64 (each restarted group is back and
+    # healed before the next kill); group 1 again from outside at no step of its choosing;
+    # then the supervisor (its groups follow it), and the run resumed.
+    run = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "STALWART_INJECT": "kill-in-generation@4:1,kill-in-scoring@34:2,kill-in-update@64:0"}
+    proc = subprocess.Popen([sys.executable, "-m", "stalwart", "rl", "--from", str(trained), "--out", str(run),
+                             *REPLICAS], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        def wait_for_step(step: int) -> None:
+            deadline = time.monotonic() + 120
+            while not ((run / "metrics.jsonl").exists() and any(m["step"] >= step for m in metrics(run))):
+                assert time.monotonic() < deadline and proc.poll() is None, f"no step {step}"
+                time.sleep(0.02)
+
+        wait_for_step(70)
+        time.sleep(0.05 + 0.1 * (os.getpid() % 7) / 7)  # somewhere inside a step
+        pid = [e["pid"] for e in map(json.loads, (run / "events.jsonl").read_text().splitlines())
+               if e["event"] == "group_start" and e["replica"] == 1][-1]
+        os.kill(pid, signal.SIGKILL)
+        wait_for_step(74)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    time.sleep(2.5)  # the groups notice their supervisor is gone within a second or two
+    r = stalwart("rl", "--out", str(run), "--resume", "--json")
+    assert r.returncode == 0, r.stderr
+    assert by_step(run) == reference
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    exits = [(e["replica"], e["signal"]) for e in events if e["event"] == "group_exit"]
+    assert [replica for replica, _ in exits[:4]] == [1, 2, 0, 1] and {s for _, s in exits} == {"SIGKILL"}, exits
+    healed = [e["replica"] for e in events if e["event"] == "heal" and e["step"] > 0]
+    assert healed[:3] == [1, 2, 0], healed  # each restarted group healed from its peers
+    # The lost shares were computed again by the survivors: some step has a share of a group
+    # that was not its own.
+    assert any(m["shares"] != [0, 1, 2] for m in metrics(run))
+    summary = json.loads(r.stdout)
+    assert summary["steps"] == 80 and summary["restarts"] == 0  # the resumed job's own

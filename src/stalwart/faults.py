@@ -17,7 +17,9 @@ so the loss is NaN from then on, until the group is healed); `nan-device@N` make
 gradient of this process NaN from step N on (a device that keeps producing NaN); `slow@N`
 makes every step from N on three times slower (a straggling device); `flip-bit-global@N`
 flips the bit `flip-bit` flips, but in DiLoCo's global weights G, which a group holds from
-one outer step to the next. Faults fire in a launch's first attempt only: a torchrun
+one outer step to the next. In `stalwart rl`, `kill-in-generation@N`, `kill-in-scoring@N`
+and `kill-in-update@N` SIGKILL a process after it sampled its first share of step N, after
+it scored it, and after its first update's backward pass, before the exchange. Faults fire in a launch's first attempt only: a torchrun
 restart (TORCHELASTIC_RESTART_COUNT > 0) has none, as the supervisor's restarts have none.
 
 `grad-level@N` multiplies every gradient by 10 from step N on: the gradient norm settles at a
@@ -53,7 +55,7 @@ from stalwart.errors import ConfigError
 
 INJECT_ENV = "STALWART_INJECT"
 POINTS = ("kill", "kill-in-exchange", "kill-in-reduce", "kill-in-checkpoint", "nan-grad", "nan-expert-grad",
-          "nan-device", "spike", "grad-level", "flip-bit", "flip-bit-global", "nan-weight", "slow")
+          "nan-device", "spike", "grad-level", "flip-bit", "flip-bit-global", "nan-weight", "slow", "kill-in-generation", "kill-in-scoring", "kill-in-update")
 _replica: int | None = None
 _fired: set[tuple[str, int]] = set()  # each fault fires once per process, even if its step is retried
 _nan_device = False  # `nan-device`, once fired, lasts

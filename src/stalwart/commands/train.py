@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         groups = _group_list(args.groups, cfg.replicas.count) if args.groups else None
         summary = supervise(cfg, out, resume=args.resume, quiet=args.quiet, groups=groups, host=args.host,
                             secret=secret.hex() if secret else new_job_secret(),
-                            lighthouse=_lighthouse_url(args.lighthouse) if args.lighthouse else None)
+                            lighthouse=lighthouse_url(args.lighthouse) if args.lighthouse else None)
         _report(args, out, TrainResult(summary), cfg.checkpoint.dir)
         return 0
     result = train(cfg, out, resume=args.resume, quiet=args.quiet)
@@ -213,7 +213,7 @@ def _train_group(cfg, out, args: argparse.Namespace) -> int:
     from stalwart.training.loop import Replica, train
     from stalwart.training.recovery import Excluded, NonFiniteAfterHeal, Partitioned, Stalled
 
-    lighthouse = _lighthouse_url(args.lighthouse)
+    lighthouse = lighthouse_url(args.lighthouse)
     secret = job_secret()
     if secret is None:
         raise UserError(f"{SECRET_ENV} is not set: every group of a job needs the job's secret (the supervisor "
@@ -223,13 +223,13 @@ def _train_group(cfg, out, args: argparse.Namespace) -> int:
         train(cfg, out, resume=args.resume, quiet=args.quiet,
               replica=Replica(args.replica_id, lighthouse, args.host, secret))
     except Excluded as e:
-        return _group_exit(e, protocol.EXIT_EXCLUDED, "leaving the job (guards.exclude_stragglers)")
+        return group_exit(e, protocol.EXIT_EXCLUDED, "leaving the job (guards.exclude_stragglers)")
     except NonFiniteAfterHeal as e:
-        return _group_exit(e, protocol.EXIT_NONFINITE, "asking for a restart")
+        return group_exit(e, protocol.EXIT_NONFINITE, "asking for a restart")
     except (Partitioned, LighthouseLost, HealTorn) as e:
-        return _group_exit(e, protocol.EXIT_PARTITIONED, "leaving the job to rejoin later")
+        return group_exit(e, protocol.EXIT_PARTITIONED, "leaving the job to rejoin later")
     except Stalled as e:
-        return _group_exit(e, protocol.EXIT_STALLED, "stopping the job")
+        return group_exit(e, protocol.EXIT_STALLED, "stopping the job")
     return 0
 
 
@@ -262,12 +262,12 @@ def _relay_exit(train_group: Callable[[], int], logs: Path, replica: int) -> int
     return code
 
 
-def _group_exit(error: Exception, code: int, what: str) -> int:
-    print(f"stalwart train: {error}; {what}", file=sys.stderr, flush=True)
+def group_exit(error: Exception, code: int, what: str, command: str = "train") -> int:
+    print(f"stalwart {command}: {error}; {what}", file=sys.stderr, flush=True)
     return code
 
 
-def _lighthouse_url(text: str) -> str:
+def lighthouse_url(text: str) -> str:
     url = text if "://" in text else f"http://{text}"
     host, _, port = url.split("://", 1)[1].rpartition(":")
     if not host or not port.isdigit():

@@ -1,7 +1,8 @@
-"""The supervisor of `stalwart train --replicas N`: one process that runs the Lighthouse
-(or uses the one given), spawns one process per replica group, restarts a group that
-crashes or hangs, shows the job's progress, feeds the job's tracking sinks (--track: from
-the groups' metrics.jsonl records), and writes the job's summary and report. The contract
+"""The supervisor of `stalwart train --replicas N` and `stalwart rl --replicas N`: one
+process that runs the Lighthouse (or uses the one given), spawns one process per replica
+group, restarts a group that crashes or hangs, shows the job's progress, feeds the job's
+tracking sinks (--track: from the groups' metrics.jsonl records), and writes the job's
+summary and report. The contract
 with the groups (exit codes, liveness, the supervisor watch) is replication/protocol.py.
 
 - A restarted group starts from the latest checkpoint and heals from a live peer at its
@@ -39,6 +40,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,7 @@ LIGHTHOUSE_START_S = 30.0
 SPARE_DELAY_S = 10.0  # after the job's start or a spare's use: not while groups start or heal
 START_FAILURES = 3  # launches of every group crashing the same way before the first commit: the job stops
 NO_OUTPUT = "no output"
+OWN_LINE = re.compile(r"^stalwart (train|rl): ")
 EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)(: |$)")
 MAX_SPARE_DEATHS = 3  # spares that die unused, in a row, before restarts go back to new processes
 
@@ -185,11 +188,17 @@ class LighthouseProcess:
 
 
 def supervise(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, secret: str, lighthouse: str | None = None,
-              groups: list[int] | None = None, host: str = "127.0.0.1") -> dict[str, Any]:
+              groups: list[int] | None = None, host: str = "127.0.0.1", command: str = "train",
+              prepare: Callable[[RunDir], None] | None = None) -> dict[str, Any]:
+    """Run the job's groups, each `stalwart COMMAND --replica-id R` (train, or rl); `prepare`
+    does what the run needs once before they start (train: the tokenizer)."""
     run = RunDir(out, checkpoints=cfg.checkpoint.dir)
     run.create()
     run.write_config(cfg.to_json())
-    prepare_tokenizer(cfg, run.path, reuse=resume)
+    if prepare is None:
+        prepare_tokenizer(cfg, run.path, reuse=resume)
+    else:
+        prepare(run)
     started_at, started = time.time(), time.monotonic()
     first_step = 0
     if resume:
@@ -215,11 +224,12 @@ def supervise(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, secret: s
     if cfg.replicas.ranks_per_group > 1:  # torchrun starts the group's ranks; we restart the group as a whole
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                      str(cfg.replicas.ranks_per_group), "--max-restarts", "0"]
-    train_args = [*launcher, "-m", "stalwart", "train", "--out", str(run.path), "--quiet", "--lighthouse", lighthouse,
+    train_args = [*launcher, "-m", "stalwart", command, "--out", str(run.path), "--quiet", "--lighthouse", lighthouse,
                   "--host", host]
     # Injected faults fire in a group's first process only: its restart (or the spare) runs clean.
     restart_env = {k: v for k, v in env.items() if k != INJECT_ENV}
-    spare = WarmSpare(run, train_args, restart_env, enabled=cfg.replicas.warm_spare and cfg.replicas.ranks_per_group == 1)
+    spare = WarmSpare(run, train_args, restart_env,
+                      enabled=cfg.replicas.warm_spare and cfg.replicas.ranks_per_group == 1 and command == "train")
 
     def spawn(g: GroupProcess) -> None:
         exit_path(run.logs, g.replica).unlink(missing_ok=True)  # only this launch's ranks leave one
@@ -297,7 +307,7 @@ def supervise(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, secret: s
         errors = sorted(e for g in procs.values() for e in g.start_errors)
         why = f" (the last before its first step: {errors[-1][1]})" if errors else ""
         raise UserError(f"every replica group failed{why}; see {run.path}/logs and events.jsonl, and continue "
-                        f"with stalwart train --resume --out {run.path}")
+                        f"with stalwart {command} --resume --out {run.path}")
     summary = run.read_summary()
     summary.update(goodput_report(run.read_metrics(), run.read_events(), wall_s=wall, groups=len(groups),
                                   job_groups=cfg.replicas.count, since=started_at,
@@ -424,7 +434,7 @@ def _log_path(run: RunDir, replica: int) -> Path:
 
 def _last_error_line(log: Path, offset: int = 0) -> str:
     """What the launch that wrote `log` from `offset` on said last: its own one-line error
-    (`stalwart train: error: ...`), else the last exception line of a traceback (torchrun
+    (`stalwart train: error: ...`, or rl's), else the last exception line of a traceback (torchrun
     prints its banner after it), else its last line."""
     try:
         with open(log, "rb") as f:
@@ -432,10 +442,10 @@ def _last_error_line(log: Path, offset: int = 0) -> str:
             lines = [line for line in f.read().decode(errors="replace").splitlines() if line.strip()]
     except FileNotFoundError:
         return NO_OUTPUT
-    errors = [line for line in lines if line.startswith("stalwart train: ")]
+    errors = [line for line in lines if OWN_LINE.match(line)]
     raised = [line for line in lines if EXCEPTION_LINE.match(line)]
     line = (errors or raised or lines or [NO_OUTPUT])[-1]
-    return line.removeprefix("stalwart train: ").removeprefix("error: ")[:300]
+    return OWN_LINE.sub("", line, count=1).removeprefix("error: ")[:300]
 
 
 def _wait_for_port(bind: str, timeout: float) -> None:

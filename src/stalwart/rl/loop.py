@@ -1,45 +1,57 @@
-"""`stalwart rl`: GRPO with verifiable rewards on a trained model, in one process.
+"""`stalwart rl`: GRPO with verifiable rewards on a trained model, in one process or as
+replica groups (docs/design.md, "RL on replica groups").
 
-Each step draws `rl.prompts` problems of the task's train split (problem numbers step x P
-...: a pure function of the step), samples `rl.group_size` completions of each from one
-prefill of its prompt (sampling.generate, seeded by train.seed and the step), scores them
-(exact match of the final answer, plus `rl.format_reward` for giving one), and takes
-`rl.updates` optimizer steps on the clipped objective (rl/objective.py) with the
-log-probabilities of the policy that sampled as the ratio's denominator.
+Each step draws `rl.prompts` problems of the task's train split (problem numbers (step - 1)
+x P ...: a pure function of the step), cut into `replicas.count` shares (rl/shares.py).
+Each share samples `rl.group_size` completions of each of its problems from one prefill of
+its prompt (sampling.generate, seeded by train.seed, the step and the share), scores them
+(exact match of the final answer, plus `rl.format_reward` for giving one), and differentiates
+the clipped objective (rl/objective.py) with the log-probabilities of the policy that
+sampled as the ratio's denominator; the shares' gradients are added in share order and
+`rl.updates` optimizer steps taken. A group computes its quorum's part of the shares; when a
+group dies, the survivors compute its shares again, from the same weights and seeds.
 
 A checkpoint holds the weights, AdamW's state and the step; everything a step does is drawn
-from the step's number, so a run resumed from a checkpoint repeats the uninterrupted run's
-steps exactly (tested: the same rewards and losses, step for step).
+from the step's number, so a run resumed from a checkpoint, or one whose groups died and
+were healed, repeats the uninterrupted run's steps exactly (tested: the same rewards and
+losses, step for step).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import sys
 import time
-import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from stalwart.checkpoint import load_latest, save_checkpoint
+from stalwart.checkpoint import load_latest, remove_partial, save_checkpoint
 from stalwart.config import RunConfig
 from stalwart.data.tasks import Problem, extract_answer, is_correct, make_problem
 from stalwart.data.tokenizer import decode, encode, save_tokenizer
-from stalwart.errors import UserError
+from stalwart.errors import UserError, first_line
 from stalwart.export.hf import TORCH_DTYPES, save_hf_folder
+from stalwart.faults import arm_signal_faults, inject, set_replica
 from stalwart.model import DeepSeekForCausalLM
 from stalwart.model_source import load_model_state, open_model
 from stalwart.rl.objective import group_advantages, informative, policy_loss
 from stalwart.rl.routing import mismatch, sampled_routing
 from stalwart.rl.routing import replay as replay_routing
+from stalwart.rl.shares import ShareExchange, share_bounds, share_seed, shares_of
+from stalwart.replication.group import LocalGroup
+from stalwart.replication.protocol import supervised
 from stalwart.run.report import write_report_after_training
 from stalwart.run.rundir import RunDir
 from stalwart.sampling import generate
 from stalwart.training.evaluate import exact_match
 from stalwart.training.optim import build_optimizer, lr_at
+from stalwart.training.recovery import Partitioned
+from stalwart.training.setup import Replica
 
 
 @dataclass
@@ -52,10 +64,6 @@ class Rollouts:
     routing: list[torch.Tensor] | None  # per completion, the sampler's experts (rl/routing.py)
     rewards: torch.Tensor  # (P, G)
     correct: torch.Tensor  # (P, G) bool
-
-
-def step_seed(seed: int, step: int) -> int:
-    return zlib.crc32(f"rl:{seed}:{step}".encode())
 
 
 def reward(problem: Problem, text: str, format_weight: float) -> tuple[float, bool]:
@@ -101,7 +109,12 @@ class Scores:
     logp: torch.Tensor
     entropy: torch.Tensor | None  # when asked for (a metric: no gradient)
     mask: torch.Tensor  # False past a completion's end
-    routing_mismatch: float | None  # share of expert choices unlike the sampler's (rl/routing.py)
+    routing_differ: int  # expert choices unlike the sampler's (rl/routing.py) ...
+    routing_compared: int  # ... of so many (0: no routing was recorded)
+
+    @property
+    def routing_mismatch(self) -> float | None:
+        return self.routing_differ / self.routing_compared if self.routing_compared else None
 
 
 def completion_logprobs(model: DeepSeekForCausalLM, r: Rollouts, pad_id: int, replay: bool = False,
@@ -143,7 +156,7 @@ def completion_logprobs(model: DeepSeekForCausalLM, r: Rollouts, pad_id: int, re
         if entropies is not None:
             with torch.no_grad():
                 entropies = entropies.index_put((picked,), -(logp_all.exp() * logp_all).sum(-1))
-    return Scores(logp, entropies, mask.to(device), differ / compared if compared else None)
+    return Scores(logp, entropies, mask.to(device), differ, compared)
 
 
 @dataclass
@@ -175,52 +188,208 @@ def score(cfg: RunConfig, model, r: Rollouts, reference: DeepSeekForCausalLM | N
     return Batch(r, advantages, keep.to(device), old, ref)
 
 
-def policy_metrics(scores: Scores, r: Rollouts) -> dict[str, float]:
+@dataclass
+class Share:
+    """One share of a step (rl/shares.py), sampled and scored by this group."""
+
+    step: int
+    number: int
+    first: int  # its first completion's place in the step
+    batch: Batch
+    generation_s: float
+    scoring_s: float
+
+
+def make_share(cfg: RunConfig, model, tokenizer, reference, step: int, share: int) -> Share:
+    d, rl = cfg.data, cfg.rl
+    numbers = share_bounds(rl.prompts, cfg.replicas.count, share)
+    problems = [make_problem(d.task, "train", (step - 1) * rl.prompts + i, d.seed, d.min_digits, d.max_digits)
+                for i in numbers]
+    t0 = time.perf_counter()
+    r = sample(cfg, model, tokenizer, problems, share_seed(cfg.train.seed, step, share))
+    inject("kill-in-generation", step)
+    t1 = time.perf_counter()
+    batch = score(cfg, model, r, reference, model.cfg.pad_token_id)
+    inject("kill-in-scoring", step)
+    return Share(step, share, numbers.start * rl.group_size, batch, t1 - t0, time.perf_counter() - t1)
+
+
+def policy_sums(scores: Scores, r: Rollouts) -> dict[str, float]:
     """The sampling policy as the trainer sees it: entropy, and how far its log-probabilities
-    and routing are from the sampler's for the same tokens."""
+    and routing are from the sampler's for the same tokens (sums over the share's tokens)."""
     sampler = torch.zeros_like(scores.logp)
     for i, lp in enumerate(r.sampler_logprobs):
         sampler[i, :len(lp)] = torch.tensor(lp)
     logp, mask = scores.logp.detach(), scores.mask
-    tokens = mask.sum().clamp(min=1)
-    metrics = {"sampler_logprob_gap": round(float(((sampler - logp).abs() * mask).sum() / tokens), 6),
-               "entropy": round(float((scores.entropy * mask).sum() / tokens), 6)}
-    if scores.routing_mismatch is not None:
-        metrics["routing_mismatch"] = round(scores.routing_mismatch, 6)
-    return metrics
+    return {"policy_entropy": float((scores.entropy * mask).sum()), "policy_tokens": float(mask.sum()),
+            "policy_gap": float(((sampler - logp).abs() * mask).sum()),
+            "policy_routing_differ": scores.routing_differ, "policy_routing_compared": scores.routing_compared}
 
 
-def update(cfg: RunConfig, model, optimizer, batch: Batch, lr: float, pad_id: int) -> dict[str, float]:
-    """rl.updates optimizer steps on one batch; the objective's metrics at the first and, with
-    more than one, the clipping and the routing also at the last (after updates - 1 steps
-    the policy has moved)."""
-    rl, r = cfg.rl, batch.rollouts
-    metrics = policy_metrics(batch.old, r) if batch.old is not None else {}
-    old_logp = batch.old.logp if batch.old is not None else None
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+def share_gradient(cfg: RunConfig, model, share: Share, update: int, pad_id: int) -> dict[str, float]:
+    """The share's objective at `update` (0, 1, ...): its weighted loss's gradient in the
+    parameters' .grad (none if no token counts), and its sums (rl/shares.py)."""
+    rl, batch = cfg.rl, share.batch
+    r = batch.rollouts
+    first = batch.old is None and update == 0  # one update: this forward is the sampling policy's
+    scores = completion_logprobs(model, r, pad_id, replay=rl.routing_replay, entropy=first)
+    old_logp = batch.old.logp if batch.old is not None else scores.logp.detach()
+    mask = scores.mask & batch.keep[:, None]
+    out = policy_loss(scores.logp, old_logp, batch.advantages, mask, loss=rl.loss, clip_low=rl.clip_low,
+                      clip_high=rl.clip_high, ref_logp=batch.ref_logp, kl_coef=rl.kl_coef, max_len=rl.max_new_tokens)
+    model.zero_grad(set_to_none=True)
+    if out.weight > 0 and mask.any():
+        (out.loss * out.weight).backward()
+    sums = {"weight": out.weight if mask.any() else 0.0, "weighted_loss": out.loss.item() * out.weight,
+            "clipped": out.clipped, "kl": out.kl_sum, "tokens": out.tokens,
+            "routing_differ": scores.routing_differ, "routing_compared": scores.routing_compared}
+    if update == 0:
+        sums |= policy_sums(batch.old if batch.old is not None else scores, r)
+    return sums
+
+
+class RLState:
+    """What a checkpoint holds and a healing peer receives: the weights, AdamW's state and
+    the committed steps. `changes` goes up before the served tensors change in place."""
+
+    def __init__(self, model: DeepSeekForCausalLM, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.optimizer, self.step, self.changes = model, optimizer, 0, 0
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any], where: Path = Path("peer")) -> None:
+        self.changes += 1
+        load_model_state(self.model, state["model"], where)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+
+    def snapshot(self) -> dict[str, Any]:
+        """A copy to go back to (a step of several updates whose exchange failed midway)."""
+        return copy.deepcopy({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()})
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        self.changes += 1
+        self.model.load_state_dict(snapshot["model"])
+        self.optimizer.load_state_dict(copy.deepcopy(snapshot["optimizer"]))
+
+
+@dataclass
+class StepResult:
+    committed: bool
+    record: dict[str, Any] | None = None
+    error: str | None = None
+    skipped: bool = False  # committed without an update: the shares' gradients were not finite
+
+
+def rl_step(cfg: RunConfig, state: RLState, group, tokenizer, reference, cached: dict[int, Share],
+            tick: Callable[[], None]) -> StepResult:
+    """One attempt at the next step, after its quorum: this group's shares (those `cached`
+    from a failed attempt at the same step are reused: the weights are still those they were
+    made with), rl.updates exchanges of every share's gradient, the commit vote, the update.
+    The last update is applied only once the vote said yes; with several, the earlier ones
+    are undone if the step fails after them."""
+    model, rl, R = state.model, cfg.rl, cfg.replicas.count
+    step, pad_id = state.step + 1, model.cfg.pad_token_id
+    t0 = time.perf_counter()
+    mine = shares_of(group.participant, group.participants, R)
+    reused = sum(cached[s].generation_s + cached[s].scoring_s for s in mine if s in cached)
+    for s in mine:
+        if s not in cached:
+            cached[s] = make_share(cfg, model, tokenizer, reference, step, s)
+            tick()
+    t1 = time.perf_counter()
+    lr = lr_at(step, cfg.train.steps, cfg.optim)
+    for param_group in state.optimizer.param_groups:
+        param_group["lr"] = lr
+    snapshot = state.snapshot() if rl.updates > 1 and group.heals else None
+    exchanges: list[ShareExchange] = []
+    applied, apply_last, grad_norm, skipped = 0, False, 0.0, False
+
+    def failed(error: str) -> StepResult:
+        if applied:
+            state.restore(snapshot)
+        return StepResult(False, error=error)
+
     for u in range(rl.updates):
-        scores = completion_logprobs(model, r, pad_id, replay=rl.routing_replay, entropy=old_logp is None)
-        if old_logp is None:  # one update: the policy that sampled is the one being updated
-            old_logp, metrics = scores.logp.detach(), policy_metrics(scores, r)
-        mask = scores.mask & batch.keep[:, None]
-        out = policy_loss(scores.logp, old_logp, batch.advantages, mask, loss=rl.loss, clip_low=rl.clip_low,
-                          clip_high=rl.clip_high, ref_logp=batch.ref_logp, kl_coef=rl.kl_coef,
-                          max_len=rl.max_new_tokens)
-        optimizer.zero_grad(set_to_none=True)
-        norm = torch.tensor(0.0)
-        if mask.any():
-            out.loss.backward()
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
-            optimizer.step()
-        if u == 0:
-            metrics |= {"loss": round(out.loss.item(), 6), "grad_norm": round(float(norm), 6),
-                        "clip_fraction": round(out.clip_fraction, 6), "kl": round(out.kl, 6)}
-        if u == rl.updates - 1 and u > 0:
-            metrics["clip_fraction_last"] = round(out.clip_fraction, 6)
-            if scores.routing_mismatch is not None:
-                metrics["routing_mismatch_last"] = round(scores.routing_mismatch, 6)
-    return metrics
+        exchange = ShareExchange(state.params, R, rl.prompts * rl.group_size)
+        for s in mine:
+            r = cached[s].batch.rollouts
+            exchange.put(s, share_gradient(cfg, model, cached[s], u, pad_id), cached[s].first,
+                         {"reward": r.rewards.reshape(-1), "correct": r.correct.reshape(-1),
+                          "length": torch.tensor([len(c) for c in r.completion_ids])}, replica=group.replica)
+            inject("kill-in-update", step)
+            tick()
+        model.zero_grad(set_to_none=True)
+        if not group.allreduce_sum(exchange.buffer):
+            error = first_line(group.error())
+            group.should_commit(False, error)
+            return failed(error)
+        if exchange.unclaimed():
+            error = f"shares {exchange.unclaimed()} of step {step} did not have exactly one contributor"
+            group.should_commit(False, error)
+            return failed(error)
+        exchanges.append(exchange)
+        if not exchange.finite():  # every group sees the same sums: all skip alike
+            skipped = True
+            break
+        if exchange.sums()["weight"] <= 0:  # no token counts (dapo: every group's rewards equal)
+            break
+        exchange.set_gradients()
+        norm = float(torch.nn.utils.clip_grad_norm_(state.params, cfg.optim.grad_clip or float("inf")))
+        grad_norm = norm if u == 0 else grad_norm
+        if u == rl.updates - 1:
+            apply_last = True
+            break
+        state.changes += 1
+        state.optimizer.step()
+        applied += 1
+        model.zero_grad(set_to_none=True)
+    if not group.should_commit(True):
+        return failed(first_line(group.error()))
+    if apply_last:
+        state.changes += 1
+        state.optimizer.step()
+    model.zero_grad(set_to_none=True)
+    state.step = step
+    record = step_record(cfg, exchanges, grad_norm=grad_norm, lr=lr, seconds=time.perf_counter() - t0 + reused,
+                         times={"generation_s": sum(cached[s].generation_s for s in mine),
+                                "scoring_s": sum(cached[s].scoring_s for s in mine),
+                                "update_s": time.perf_counter() - t1}, participants=group.participants)
+    return StepResult(True, record, skipped=skipped)
+
+
+def step_record(cfg: RunConfig, exchanges: list[ShareExchange], *, grad_norm: float, lr: float, seconds: float,
+                times: dict[str, float], participants: int) -> dict[str, Any]:
+    """A committed step's metrics, from what every group holds alike (the exchanges' sums),
+    and this group's own times."""
+    rl = cfg.rl
+    first, last = exchanges[0], exchanges[-1]
+    sums = first.sums()
+    rewards, correct, lengths = (first.slots(name) for name in ("reward", "correct", "length"))
+    tokens = sums["tokens"]
+    record = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+              "accuracy": float(correct.mean()),
+              "zero_variance_groups": 1 - float(informative(rewards.view(rl.prompts, rl.group_size)).float().mean()),
+              "completion_length": float(lengths.mean()),
+              "sampler_logprob_gap": sums["policy_gap"] / max(sums["policy_tokens"], 1.0),
+              "entropy": sums["policy_entropy"] / max(sums["policy_tokens"], 1.0)}
+    if sums["policy_routing_compared"]:
+        record["routing_mismatch"] = sums["policy_routing_differ"] / sums["policy_routing_compared"]
+    record |= {"loss": sums["weighted_loss"] / sums["weight"] if sums["weight"] else 0.0, "grad_norm": grad_norm,
+               "clip_fraction": sums["clipped"] / max(tokens, 1.0), "kl": sums["kl"] / max(tokens, 1.0)}
+    if rl.updates > 1 and len(exchanges) > 1:
+        end = last.sums()
+        record["clip_fraction_last"] = end["clipped"] / max(end["tokens"], 1.0)
+        if end["routing_compared"]:
+            record["routing_mismatch_last"] = end["routing_differ"] / end["routing_compared"]
+    record = {k: round(v, 6) for k, v in record.items()}
+    record["completion_length"] = round(record["completion_length"], 3)
+    completion_tokens = float(lengths.sum())
+    return {**record, **{k: round(v, 4) for k, v in times.items()}, "lr": lr, "step_s": round(seconds, 4),
+            "tokens_per_s": round(completion_tokens / seconds, 1) if seconds > 0 else None,
+            "participants": participants, "shares": first.computed_by()}
 
 
 def pass_at_k(cfg: RunConfig, model, tokenizer, problems: list[Problem], seed: int) -> float | None:
@@ -243,77 +412,132 @@ def evaluate(cfg: RunConfig, model, tokenizer) -> dict[str, Any]:
             f"pass_at_{cfg.rl.pass_k}": pass_at_k(cfg, model, tokenizer, problems, seed=cfg.train.seed + 1)}
 
 
-def train_rl(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
-    """The whole RL run; its summary (also RUN_DIR/summary.json)."""
-    run = RunDir(out, checkpoints=cfg.checkpoint.dir)
-    run.create()
-    run.write_config(cfg.to_json())
-    model, tokenizer = open_model(cfg.rl.start)
+def prepare_run(cfg: RunConfig, run: RunDir, model: DeepSeekForCausalLM | None = None, tokenizer=None) -> None:
+    """What a run needs before its first step, done once by the job's first process (a
+    single run's, or the supervisor of replica groups): the start model's tokenizer in the
+    run directory, and its evaluation before RL (the step-0 `eval` event, which the summary
+    reads)."""
+    if model is None:
+        model, tokenizer = open_model(cfg.rl.start)
     if tokenizer.get_vocab_size() > model.cfg.vocab_size:
         raise UserError(f"{cfg.rl.start}: its tokenizer has more tokens than its model's vocabulary")
     save_tokenizer(tokenizer, run.path, model_max_length=model.cfg.max_position_embeddings,
                    bos_id=model.cfg.bos_token_id, eos_id=model.cfg.eos_token_id, pad_id=model.cfg.pad_token_id)
-    reference = None
-    if cfg.rl.kl_coef:
-        reference = open_model(cfg.rl.start)[0].eval().requires_grad_(False)
-    optimizer = build_optimizer(model, cfg.optim)
-    step, started = 0, time.perf_counter()
+    if before_rl(run) is None:
+        run.event("eval", step=0, **evaluate(cfg, model.eval(), tokenizer))
+
+
+def before_rl(run: RunDir) -> dict[str, Any] | None:
+    """The start model's evaluation, from the run's step-0 `eval` event."""
+    found = [e for e in run.read_events() if e["event"] == "eval" and e.get("step") == 0]
+    return None if not found else {k: v for k, v in found[-1].items() if k not in ("time", "event", "step", "replica")}
+
+
+def train_rl(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = False,
+             replica: Replica | None = None) -> dict[str, Any]:
+    """The whole RL run, or (`replica`) one replica group's part of it; its summary (also
+    RUN_DIR/summary.json, written by the lowest group)."""
+    run = RunDir(out, replica=None if replica is None else replica.replica, checkpoints=cfg.checkpoint.dir)
+    run.create()
+    set_replica(None if replica is None else replica.replica)  # faults' `:R`
+    arm_signal_faults()
+    model, tokenizer = open_model(cfg.rl.start)
+    if replica is None:  # a supervisor prepares its groups' run
+        run.write_config(cfg.to_json())
+        prepare_run(cfg, run, model, tokenizer)
+    reference = open_model(cfg.rl.start)[0].eval().requires_grad_(False) if cfg.rl.kl_coef else None
+    state = RLState(model, build_optimizer(model, cfg.optim))
+    started = time.perf_counter()
     latest = load_latest(run.checkpoints) if resume else None
     if latest is not None:
-        load_model_state(model, latest.model_state, latest.path)
-        optimizer.load_state_dict(latest.train_state["optimizer"])
-        step = int(latest.train_state["step"])
-        before = latest.train_state["before"]
-        run.truncate_metrics(step)
+        state.load_state_dict({"model": latest.model_state, **latest.train_state}, latest.path)
+    if replica is None and resume:
+        run.truncate_metrics(state.step)
         run.repair_events()
-    run.event("start", mode="rl", start=cfg.rl.start)  # every launch, as a training process's
+    run.event("start", mode="rl", start=cfg.rl.start, step=state.step)  # every launch, as a training process's
     if latest is not None:
-        run.event("resume", step=step)
-    else:
-        before = evaluate(cfg, model.eval(), tokenizer)
-        run.event("eval", step=0, **before)
+        run.event("resume", step=state.step)
+    group = LocalGroup() if replica is None else _replica_group(cfg, replica, state, run)
     # Eval mode throughout, gradients and all: the model's training mode only counts the
     # experts' loads and adds the balance loss (model/moe.py), and RL keeps the routing bias
     # as the start left it and has no balance loss.
     model.eval()
-    d, P = cfg.data, cfg.rl.prompts
-    while step < cfg.train.steps:
-        t0 = time.perf_counter()
-        problems = [make_problem(d.task, "train", step * P + i, d.seed, d.min_digits, d.max_digits) for i in range(P)]
-        r = sample(cfg, model, tokenizer, problems, step_seed(cfg.train.seed, step))
-        t1 = time.perf_counter()
-        batch = score(cfg, model, r, reference, model.cfg.pad_token_id)
-        t2 = time.perf_counter()
-        metrics = update(cfg, model, optimizer, batch, lr_at(step + 1, cfg.train.steps, cfg.optim),
-                         model.cfg.pad_token_id)
-        t3 = time.perf_counter()
-        step += 1
-        record = {"step": step, "time": round(time.time(), 3), "reward_mean": round(float(r.rewards.mean()), 6),
-                  "reward_std": round(float(r.rewards.std()), 6), "accuracy": round(float(r.correct.float().mean()), 6),
-                  "zero_variance_groups": round(1 - float(informative(r.rewards).float().mean()), 6),
-                  "completion_length": round(sum(map(len, r.completion_ids)) / len(r.completion_ids), 3),
-                  **metrics, "generation_s": round(t1 - t0, 4), "scoring_s": round(t2 - t1, 4),
-                  "update_s": round(t3 - t2, 4),
-                  "lr": lr_at(step, cfg.train.steps, cfg.optim)}
-        run.append_metrics(record)
-        if not quiet and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
-            print(f"rl step {step}/{cfg.train.steps}  reward {record['reward_mean']:.3f}  accuracy "
-                  f"{record['accuracy']:.1%}  loss {record['loss']:.4f}  {t3 - t0:.2f}s", file=sys.stderr, flush=True)
-        if step % cfg.checkpoint.every == 0 or step == cfg.train.steps:
-            save_checkpoint(run.checkpoints, step, model.state_dict(),
-                            {"step": step, "optimizer": optimizer.state_dict(), "before": before},
-                            keep=cfg.checkpoint.keep)
-            run.event("checkpoint", step=step)
+    cached: dict[int, Share] = {}  # this group's shares of the step being attempted
+    failed_in_row = 0
+    try:
+        while True:
+            run.beat()
+            _join_quorum(group, run, state)
+            if state.step >= cfg.train.steps:
+                break
+            if not cached or group.healed or next(iter(cached.values())).step != state.step + 1:
+                cached = {}
+            result = rl_step(cfg, state, group, tokenizer, reference, cached, tick=run.beat)
+            if not result.committed:
+                failed_in_row += 1
+                run.event("step_failed", step=state.step + 1, participants=group.participants, error=result.error)
+                if failed_in_row >= cfg.replicas.max_failed_steps and group.participant != 0:
+                    raise Partitioned(f"{failed_in_row} steps in a row failed (replicas.max_failed_steps "
+                                      f"{cfg.replicas.max_failed_steps}); last: {result.error}")
+                continue
+            failed_in_row, cached = 0, {}
+            step, record = state.step, result.record
+            if result.skipped:
+                run.event("step_skipped", step=step, guard="nonfinite", reason="the shares' gradients are not finite")
+            run.append_metrics({"step": step, "time": round(time.time(), 3), **record})
+            if not quiet and run.writer and replica is None and (step % cfg.train.log_every == 0
+                                                                 or step == cfg.train.steps):
+                print(f"rl step {step}/{cfg.train.steps}  reward {record['reward_mean']:.3f}  accuracy "
+                      f"{record['accuracy']:.1%}  loss {record['loss']:.4f}  {record['step_s']:.2f}s",
+                      file=sys.stderr, flush=True)
+            if group.is_lowest and (step % cfg.checkpoint.every == 0 or step == cfg.train.steps):
+                if replica is not None:  # a writer that died mid-save left its folder
+                    remove_partial(run.checkpoints, dead_writers_only=True)
+                save_checkpoint(run.checkpoints, step, model.state_dict(),
+                                {"step": step, "optimizer": state.optimizer.state_dict()}, keep=cfg.checkpoint.keep)
+                run.event("checkpoint", step=step)
+        group.finish()
+    finally:
+        group.shutdown()
+    if not group.is_lowest:  # the lowest live group evaluates, exports and summarises
+        return {"steps": state.step}
     after = evaluate(cfg, model.eval(), tokenizer)
-    run.event("eval", step=step, **after)
+    run.event("eval", step=state.step, **after)
     export = save_hf_folder(model, tokenizer, run.export, dtype=TORCH_DTYPES[cfg.export.dtype], replace=True)
-    summary = {"steps": step, "wall_s": round(time.perf_counter() - started, 3),
+    before = before_rl(run) or {}
+    summary = {"steps": state.step, "wall_s": round(time.perf_counter() - started, 3),
                **{f"{k}_before": v for k, v in before.items()}, **after, "export": str(export),
                "loss": cfg.rl.loss, "group_size": cfg.rl.group_size}
     run.write_summary(summary)
-    if cfg.train.report:
+    if cfg.train.report and not supervised():  # a supervisor reports on its groups' run
         write_report_after_training(run)
     return summary
+
+
+def _join_quorum(group, run: RunDir, state: RLState) -> None:
+    """The step's quorum; a `heal` event when this group received a peer's state."""
+    t0 = time.perf_counter()
+    group.start_step()
+    if group.healed:
+        run.event("heal", step=state.step, seconds=round(time.perf_counter() - t0, 3), bytes=group.healed_bytes)
+
+
+def _replica_group(cfg: RunConfig, replica: Replica, state: RLState, run: RunDir):
+    """This process as one replica group under torchft: a heal brings a peer's weights,
+    AdamW state and step (replication/group.py)."""
+    from stalwart.replication.group import TorchFTGroup
+    from stalwart.replication.protocol import start_together
+
+    weights = sum(t.numel() * t.element_size() for t in state.model.state_dict().values())
+    moments = 2 * sum(p.numel() * p.element_size() for p in state.params)
+    group = TorchFTGroup(
+        cfg.replicas, replica=replica.replica, lighthouse=replica.lighthouse, host=replica.host,
+        state_dict=state.state_dict, load_state_dict=state.load_state_dict, changes=lambda: state.changes,
+        step=state.step, secret=replica.secret, max_state_bytes=(weights + moments) * 5 // 4 + (16 << 20),
+        torchft_log=run.logs / f"replica-{replica.replica}.torchft.log",
+        on_quorum_retry=lambda error, waited: run.beat())
+    start_together(run.logs, replica.replica)
+    return group
 
 
 def rl_config(source: str, settings: dict[str, Any]) -> RunConfig:
@@ -337,7 +561,18 @@ def rl_config(source: str, settings: dict[str, Any]) -> RunConfig:
         checkpoint=dataclasses.replace(base.checkpoint, every=50, keep=2),
         rl=dataclasses.replace(base.rl, start=str(path.resolve())))
     cfg = apply_overrides(cfg, settings)
+    check_rl_config(cfg)
+    return cfg
+
+
+def check_rl_config(cfg: RunConfig) -> None:
+    """What an RL run cannot do, as one line (the rest is config.py's)."""
     if cfg.data.task == "files":
         raise UserError("stalwart rl needs a task with a scorer (data.task addition or multiplication); "
                         "user files have no verifiable answers")
-    return cfg
+    if cfg.rl.prompts < cfg.replicas.count:
+        raise UserError(f"rl.prompts {cfg.rl.prompts} must be at least replicas.count {cfg.replicas.count}: "
+                        "each replica group's share of a step holds at least one prompt")
+    if cfg.replicas.ranks_per_group != 1 or cfg.replicas.strategy != "ddp":
+        raise UserError("stalwart rl runs replica groups of one rank each, exchanging every step "
+                        "(replicas.ranks_per_group 1, replicas.strategy ddp)")

@@ -51,9 +51,22 @@ def k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Objective:
+    """The loss, and the sums its metrics come from: a batch cut into shares (rl/shares.py)
+    adds them up share by share, `weight * loss` included, and divides once."""
+
     loss: torch.Tensor  # the scalar to minimise
-    clip_fraction: float  # share of completion tokens whose ratio was clipped
-    kl: float  # mean k3 over completion tokens (0 without a reference)
+    weight: float  # what `loss` averages over: completions (grpo, dr_grpo) or tokens (dapo)
+    clipped: float  # completion tokens whose ratio was clipped
+    kl_sum: float  # k3 summed over completion tokens (0 without a reference)
+    tokens: float  # completion tokens that count
+
+    @property
+    def clip_fraction(self) -> float:
+        return self.clipped / max(self.tokens, 1.0)
+
+    @property
+    def kl(self) -> float:
+        return self.kl_sum / max(self.tokens, 1.0)
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
@@ -72,12 +85,13 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     if ref_logp is not None and kl_coef:
         kl = k3(logp, ref_logp)
         per_token = per_token + kl_coef * kl
-    tokens = mask.sum().clamp(min=1)
+    tokens = float(mask.sum())
     if loss == "grpo":
         value = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
     elif loss == "dr_grpo":
         value = (per_token * mask).sum() / (logp.shape[0] * (max_len or logp.shape[1]))
     else:
-        value = (per_token * mask).sum() / tokens
+        value = (per_token * mask).sum() / max(tokens, 1.0)
     was_clipped = (clipped < unclipped).to(logp.dtype)  # min took the clipped term
-    return Objective(value, float((was_clipped * mask).sum() / tokens), float((kl.detach() * mask).sum() / tokens))
+    return Objective(value, tokens if loss == "dapo" else float(logp.shape[0]), float((was_clipped * mask).sum()),
+                     float((kl.detach() * mask).sum()), tokens)

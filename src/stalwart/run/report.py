@@ -28,6 +28,7 @@ hundred steps, 1.7 s for 100,000 steps and 200 markers (each line thinned to MAX
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import functools
 import io
 import json
@@ -72,6 +73,13 @@ class RunRecords:
         for r in self.steps:
             groups.setdefault(r.get("replica"), []).append(r)
         return dict(sorted(groups.items(), key=lambda item: -1 if item[0] is None else item[0]))
+
+
+    def one_record_per_step(self) -> RunRecords:
+        """These records with one per step, the last written: an RL step's metrics are the
+        job's, alike in every group's record (rl/shares.py), but for the writer's own times."""
+        last = {r["step"]: r for r in self.steps}
+        return dataclasses.replace(self, steps=sorted(last.values(), key=lambda r: r.get("time", 0)))
 
 
 @dataclass
@@ -198,6 +206,7 @@ RL_TIMES = (("generation_s", "generation"), ("scoring_s", "scoring"), ("update_s
 def _draw_rl(data: RunRecords, found: list[Marker]) -> bytes:
     from matplotlib.figure import Figure
 
+    data = data.one_record_per_step()
     fig = Figure(figsize=(15, 11), layout="constrained")
     axes = fig.subplots(3, 3, sharex=True).flatten()
     fig.suptitle(f"{data.path.resolve().name}: {data.steps[-1]['step']} RL steps")
@@ -406,8 +415,8 @@ def _eval_rows(data: RunRecords) -> list[tuple[str, str]]:
 
 def _rl_rows(data: RunRecords) -> list[tuple[str, str]]:
     """The reward over the first and the last tenth of the steps, pass@k before and after,
-    and where the time went."""
-    steps = [r for r in data.steps if _number(r.get("reward_mean"))]
+    and where the time went (every group's)."""
+    steps = [r for r in data.one_record_per_step().steps if _number(r.get("reward_mean"))]
     tenth = max(1, len(steps) // 10)
     first, last = (statistics.fmean(r["reward_mean"] for r in part) for part in (steps[:tenth], steps[-tenth:]))
     rows = [("reward", f"{first:.3f} over the first {tenth} steps, {last:.3f} over the last {tenth}")]
@@ -416,8 +425,8 @@ def _rl_rows(data: RunRecords) -> list[tuple[str, str]]:
     if passes:
         rows.append((key.replace("_", " ").replace("pass at ", "pass@"),
                      " then ".join(f"{e[key]:.1%} at step {e['step']}" for e in passes)))
-    totals = {label: sum(r[k] for r in steps if _number(r.get(k))) for k, label in RL_TIMES
-              if any(_number(r.get(k)) for r in steps)}
+    totals = {label: sum(r[k] for r in data.steps if _number(r.get(k))) for k, label in RL_TIMES
+              if any(_number(r.get(k)) for r in data.steps)}
     spent = sum(totals.values())
     if spent:
         rows.append(("time split", ", ".join(f"{label} {t / spent:.0%}" for label, t in totals.items())))
