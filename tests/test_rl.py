@@ -262,21 +262,21 @@ def test_the_trainer_scores_what_the_sampler_sampled_whatever_the_prompt_lengths
     assert not torch.allclose(rerouted.logp[scored], scores.logp[scored], atol=1e-2)
 
 
-REPLICAS = [*RL, "--train.steps", "80", "--replicas", "3", "--replicas.timeout_s", "3",
+REPLICAS = [*RL, "--train.steps", "80", "--rl.updates", "2", "--replicas", "3", "--replicas.timeout_s", "3",
             "--replicas.heartbeat_timeout_s", "1", "--checkpoint.every", "4", "--train.report", "false", "--quiet"]
 
 
 def by_step(run) -> dict[int, set]:
-    """{step: the distinct (reward, loss, grad norm, shares' groups) its groups recorded}."""
+    """{step: the distinct (reward, loss, grad norm) its groups recorded}."""
     steps: dict[int, set] = {}
     for m in metrics(run):
-        steps.setdefault(m["step"], set()).add((m["reward_mean"], m["loss"], m["grad_norm"]))
+        steps.setdefault(m["step"], set()).add((m["reward_mean"], m["loss"], m["grad_norm"], m["clip_fraction_last"]))
     return steps
 
 
 @pytest.mark.slow
 def test_replica_groups_killed_anywhere_repeat_the_uninterrupted_curve(trained, tmp_path):
-    # Three groups, each computing its share of every step's prompts. Uninterrupted first.
+    # Three groups, each computing its share of every step's prompts, two updates per step.
     ref = tmp_path / "ref"
     r = stalwart("rl", "--from", str(trained), "--out", str(ref), *REPLICAS, "--json")
     assert r.returncode == 0, r.stderr
@@ -285,27 +285,33 @@ def test_replica_groups_killed_anywhere_repeat_the_uninterrupted_curve(trained, 
     assert all(m["shares"] == [0, 1, 2] and m["participants"] == 3 for m in metrics(ref))
 
     # Then killed: group 1 while it samples step 4, group 2 while it scores step 34, group 0
-    # (the checkpoint writer) in the update of step 64 (each restarted group is back and
-    # healed before the next kill); group 1 again from outside at no step of its choosing;
-    # then the supervisor (its groups follow it), and the run resumed.
+    # (the checkpoint writer) in the second update of step 64, its first applied (each
+    # restarted group is back and healed before the next kill); the Lighthouse once all
+    # three train again; group 1 again from outside at no step of its choosing; then the
+    # supervisor (its groups follow it), and the run resumed.
     run = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "STALWART_INJECT": "kill-in-generation@4:1,kill-in-scoring@34:2,kill-in-update@64:0"}
     proc = subprocess.Popen([sys.executable, "-m", "stalwart", "rl", "--from", str(trained), "--out", str(run),
                              *REPLICAS], env=env, stderr=subprocess.PIPE, text=True)
-    try:
-        def wait_for_step(step: int) -> None:
-            deadline = time.monotonic() + 120
-            while not ((run / "metrics.jsonl").exists() and any(m["step"] >= step for m in metrics(run))):
-                assert time.monotonic() < deadline and proc.poll() is None, f"no step {step}"
-                time.sleep(0.02)
 
-        wait_for_step(70)
+    def events() -> list[dict]:
+        return [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+
+    def wait_until(what: str, done) -> None:
+        deadline = time.monotonic() + 120
+        while not ((run / "metrics.jsonl").exists() and done(metrics(run))):
+            assert time.monotonic() < deadline and proc.poll() is None, f"not within 120 s: {what}"
+            time.sleep(0.02)
+
+    try:
+        wait_until("three groups after the first kill", lambda ms: any(m["step"] > 10 and m["participants"] == 3
+                                                                        for m in ms))
+        os.kill([e["pid"] for e in events() if e["event"] == "lighthouse_start"][-1], signal.SIGKILL)
+        wait_until("step 70", lambda ms: any(m["step"] >= 70 for m in ms))
         time.sleep(0.05 + 0.1 * (os.getpid() % 7) / 7)  # somewhere inside a step
-        pid = [e["pid"] for e in map(json.loads, (run / "events.jsonl").read_text().splitlines())
-               if e["event"] == "group_start" and e["replica"] == 1][-1]
-        os.kill(pid, signal.SIGKILL)
-        wait_for_step(74)
+        os.kill([e["pid"] for e in events() if e["event"] == "group_start" and e["replica"] == 1][-1], signal.SIGKILL)
+        wait_until("step 74", lambda ms: any(m["step"] >= 74 for m in ms))
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -314,11 +320,12 @@ def test_replica_groups_killed_anywhere_repeat_the_uninterrupted_curve(trained, 
     r = stalwart("rl", "--out", str(run), "--resume", "--json")
     assert r.returncode == 0, r.stderr
     assert by_step(run) == reference
-    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
-    exits = [(e["replica"], e["signal"]) for e in events if e["event"] == "group_exit"]
+    seen = events()
+    exits = [(e["replica"], e["signal"]) for e in seen if e["event"] == "group_exit"]
     assert [replica for replica, _ in exits[:4]] == [1, 2, 0, 1] and {s for _, s in exits} == {"SIGKILL"}, exits
-    healed = [e["replica"] for e in events if e["event"] == "heal" and e["step"] > 0]
+    healed = [e["replica"] for e in seen if e["event"] == "heal" and e["step"] > 0]
     assert healed[:3] == [1, 2, 0], healed  # each restarted group healed from its peers
+    assert sum(e["event"] == "lighthouse_exit" for e in seen) == 1 and any(e["event"] == "lighthouse_back" for e in seen)
     # The lost shares were computed again by the survivors: some step has a share of a group
     # that was not its own.
     assert any(m["shares"] != [0, 1, 2] for m in metrics(run))

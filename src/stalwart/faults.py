@@ -19,7 +19,8 @@ makes every step from N on three times slower (a straggling device); `flip-bit-g
 flips the bit `flip-bit` flips, but in DiLoCo's global weights G, which a group holds from
 one outer step to the next. In `stalwart rl`, `kill-in-generation@N`, `kill-in-scoring@N`
 and `kill-in-update@N` SIGKILL a process after it sampled its first share of step N, after
-it scored it, and after its first update's backward pass, before the exchange. Faults fire in a launch's first attempt only: a torchrun
+it scored it, and after the backward pass of its first share at the last update, before
+the exchange (with several updates, after the earlier ones were applied). Faults fire in a launch's first attempt only: a torchrun
 restart (TORCHELASTIC_RESTART_COUNT > 0) has none, as the supervisor's restarts have none.
 
 `grad-level@N` multiplies every gradient by 10 from step N on: the gradient norm settles at a

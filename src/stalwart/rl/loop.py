@@ -51,7 +51,7 @@ from stalwart.sampling import generate
 from stalwart.training.evaluate import exact_match
 from stalwart.training.optim import build_optimizer, lr_at
 from stalwart.training.recovery import Partitioned
-from stalwart.training.setup import Replica
+from stalwart.training.setup import Replica, report_quorum_retry
 
 
 @dataclass
@@ -319,7 +319,8 @@ def rl_step(cfg: RunConfig, state: RLState, group, tokenizer, reference, cached:
             exchange.put(s, share_gradient(cfg, model, cached[s], u, pad_id), cached[s].first,
                          {"reward": r.rewards.reshape(-1), "correct": r.correct.reshape(-1),
                           "length": torch.tensor([len(c) for c in r.completion_ids])}, replica=group.replica)
-            inject("kill-in-update", step)
+            if u == rl.updates - 1:
+                inject("kill-in-update", step)
             tick()
         model.zero_grad(set_to_none=True)
         if not group.allreduce_sum(exchange.buffer):
@@ -535,7 +536,8 @@ def _replica_group(cfg: RunConfig, replica: Replica, state: RLState, run: RunDir
         state_dict=state.state_dict, load_state_dict=state.load_state_dict, changes=lambda: state.changes,
         step=state.step, secret=replica.secret, max_state_bytes=(weights + moments) * 5 // 4 + (16 << 20),
         torchft_log=run.logs / f"replica-{replica.replica}.torchft.log",
-        on_quorum_retry=lambda error, waited: run.beat())
+        on_quorum_retry=lambda error, waited: report_quorum_retry(run, state.step, cfg.replicas.lighthouse_grace_s,
+                                                                  error, waited))
     start_together(run.logs, replica.replica)
     return group
 

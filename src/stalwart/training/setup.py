@@ -197,7 +197,8 @@ def setup(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, replica: Repl
             step=state.step if state.outer is None else state.outer.rounds + 1 if state.outer.rounds else 0,
             secret=replica.secret, max_state_bytes=_max_state_bytes(state), backend=info.backend,
             torchft_log=run.logs / f"replica-{replica.replica}-rank-{rank}.torchft.log",
-            on_quorum_retry=lambda error, waited: _quorum_retry(job, error, waited))
+            on_quorum_retry=lambda error, waited: report_quorum_retry(run, state.step, cfg.replicas.lighthouse_grace_s,
+                                                                      error, waited))
         start_together(run.logs, replica.replica)
     # What this process holds of the parameters (sharded: its shards; AdamW adds twice as much).
     held = sum(t.numel() * t.element_size() for t in local_tensors(list(model.parameters())))
@@ -267,10 +268,11 @@ def _max_state_bytes(state: TrainState) -> int:
     return (weights + moments) * 5 // 4 + (16 << 20)
 
 
-def _quorum_retry(job: Job, error: BaseException | None, waited: float) -> None:
-    job.run.beat()  # waiting for the Lighthouse is not a hang
+def report_quorum_retry(run: RunDir, step: int, grace_s: float, error: BaseException | None, waited: float) -> None:
+    """A group's wait for the Lighthouse (TorchFTGroup's on_quorum_retry): a beat, and the
+    `quorum_retry` and `lighthouse_back` events the fault table reads."""
+    run.beat()  # waiting for the Lighthouse is not a hang
     if error is None:
-        job.run.event("lighthouse_back", step=job.state.step, waited_s=round(waited, 3))
+        run.event("lighthouse_back", step=step, waited_s=round(waited, 3))
     elif waited == 0.0:
-        job.run.event("quorum_retry", step=job.state.step, grace_s=job.cfg.replicas.lighthouse_grace_s,
-                      error=str(error).splitlines()[0][:200])
+        run.event("quorum_retry", step=step, grace_s=grace_s, error=str(error).splitlines()[0][:200])
