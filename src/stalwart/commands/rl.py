@@ -103,8 +103,9 @@ def _group(args: argparse.Namespace, settings: dict[str, str]) -> int:
     from stalwart.replication import protocol
     from stalwart.replication.group import HealTorn, LighthouseLost
     from stalwart.replication.transport import SECRET_ENV, job_secret
-    from stalwart.rl.loop import check_rl_config, rl_config, train_rl
-    from stalwart.training.recovery import Partitioned
+    from stalwart.rl.loop import check_rl_config, prepare_run, rl_config, train_rl
+    from stalwart.run.rundir import RunDir
+    from stalwart.training.recovery import NonFiniteAfterHeal, Partitioned, Stalled
     from stalwart.training.setup import Replica
 
     out = Path(args.out)
@@ -122,9 +123,19 @@ def _group(args: argparse.Namespace, settings: dict[str, str]) -> int:
         raise UserError(f"{SECRET_ENV} is not set: every group of a job needs the job's secret (the supervisor "
                         "sets it; on several machines export the same 64 hex digits everywhere)")
     protocol.watch_supervisor(lambda: os._exit(protocol.EXIT_ORPHANED))
+    resume = config.exists()
+    if not resume:  # no supervisor prepared the run: this machine's first group does
+        run = RunDir(out)
+        run.create()
+        run.write_config(cfg.to_json())
+        prepare_run(cfg, run)
     try:
-        train_rl(cfg, out, resume=config.exists(), quiet=True,
+        train_rl(cfg, out, resume=resume, quiet=True,
                  replica=Replica(args.replica_id, lighthouse_url(args.lighthouse), args.host, secret))
+    except Stalled as e:
+        return group_exit(e, protocol.EXIT_STALLED, "stopping the job", command="rl")
+    except NonFiniteAfterHeal as e:
+        return group_exit(e, protocol.EXIT_NONFINITE, "asking for a restart", command="rl")
     except (Partitioned, LighthouseLost, HealTorn) as e:
         return group_exit(e, protocol.EXIT_PARTITIONED, "leaving the job to rejoin later", command="rl")
     return 0

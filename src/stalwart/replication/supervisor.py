@@ -309,6 +309,10 @@ def supervise(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, secret: s
         raise UserError(f"every replica group failed{why}; see {run.path}/logs and events.jsonl, and continue "
                         f"with stalwart {command} --resume --out {run.path}")
     summary = run.read_summary()
+    if not summary:  # the group that finished last died before its summary, and was not restarted
+        run.event("job_end", ok=False, wall_s=round(wall, 3), reason="no group wrote the summary")
+        raise TrainingStopped(f"the groups finished but none wrote {run.summary_path.name} (see {run.path}/logs); "
+                              f"continue with stalwart {command} --resume --out {run.path}")
     summary.update(goodput_report(run.read_metrics(), run.read_events(), wall_s=wall, groups=len(groups),
                                   job_groups=cfg.replicas.count, since=started_at,
                                   local_steps=cfg.replicas.strategy != "ddp"))

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,9 @@ from stalwart.data.tasks import Problem, extract_answer, is_correct, make_proble
 from stalwart.data.tokenizer import decode, encode, save_tokenizer
 from stalwart.errors import UserError, first_line
 from stalwart.export.hf import TORCH_DTYPES, save_hf_folder
-from stalwart.faults import arm_signal_faults, inject, set_replica
+from stalwart.fsutil import writer_alive, writer_tag
+from stalwart.faults import arm_signal_faults, corrupt_gradients, corrupt_weights, inject, set_replica
+from stalwart.guards import fingerprint, odd_ones_out
 from stalwart.model import DeepSeekForCausalLM
 from stalwart.model_source import load_model_state, open_model
 from stalwart.rl.objective import group_advantages, informative, policy_loss
@@ -50,8 +54,12 @@ from stalwart.run.rundir import RunDir
 from stalwart.sampling import generate
 from stalwart.training.evaluate import exact_match
 from stalwart.training.optim import build_optimizer, lr_at
-from stalwart.training.recovery import Partitioned
+from stalwart.training.recovery import NonFiniteAfterHeal, Partitioned, Stalled
 from stalwart.training.setup import Replica, report_quorum_retry
+
+
+PASS_BATCH = 32  # problems sampled together for pass@k
+FINAL_CLAIM = "final.claim"  # in RUN_DIR/logs: the group that evaluates and exports (its writer_tag)
 
 
 @dataclass
@@ -274,13 +282,23 @@ class RLState:
         self.model.load_state_dict(snapshot["model"])
         self.optimizer.load_state_dict(copy.deepcopy(snapshot["optimizer"]))
 
+    def fingerprint(self) -> int:
+        """Of the weights and AdamW's state (guards.fingerprint)."""
+        tensors = list(self.model.state_dict().values())
+        for per_param in self.optimizer.state_dict()["state"].values():
+            tensors += [v for v in per_param.values() if isinstance(v, torch.Tensor)]
+        return fingerprint(tensors)
+
 
 @dataclass
 class StepResult:
     committed: bool
     record: dict[str, Any] | None = None
     error: str | None = None
-    skipped: bool = False  # committed without an update: the shares' gradients were not finite
+    skipped: int | None = None  # committed after so many updates: the next one's gradients were not finite
+    odd: list[int] = field(default_factory=list)  # groups whose fingerprint is outside the majority
+    nonfinite: list[int] = field(default_factory=list)  # groups whose own values were not finite
+    rollback: bool = False  # fingerprints differ with no majority: every group goes back to its checkpoint
 
 
 def rl_step(cfg: RunConfig, state: RLState, group, tokenizer, reference, cached: dict[int, Share],
@@ -304,8 +322,10 @@ def rl_step(cfg: RunConfig, state: RLState, group, tokenizer, reference, cached:
     for param_group in state.optimizer.param_groups:
         param_group["lr"] = lr
     snapshot = state.snapshot() if rl.updates > 1 and group.heals else None
-    exchanges: list[ShareExchange] = []
-    applied, apply_last, grad_norm, skipped = 0, False, 0.0, False
+    every = cfg.guards.fingerprint_every
+    check = group.heals and bool(every and step % every == 0 or checkpoint_due(cfg, step))
+    first = last = None  # the first and the last finite update's exchanges make the record
+    applied, apply_last, grad_norm, skipped = 0, False, 0.0, None
 
     def failed(error: str) -> StepResult:
         if applied:
@@ -314,11 +334,18 @@ def rl_step(cfg: RunConfig, state: RLState, group, tokenizer, reference, cached:
 
     for u in range(rl.updates):
         exchange = ShareExchange(state.params, R, rl.prompts * rl.group_size)
+        if check and u == 0:  # the state the step starts from, before a checkpoint among others
+            exchange.put_fingerprint(group.replica, state.fingerprint())
         for s in mine:
             r = cached[s].batch.rollouts
-            exchange.put(s, share_gradient(cfg, model, cached[s], u, pad_id), cached[s].first,
-                         {"reward": r.rewards.reshape(-1), "correct": r.correct.reshape(-1),
-                          "length": torch.tensor([len(c) for c in r.completion_ids])}, replica=group.replica)
+            sums = share_gradient(cfg, model, cached[s], u, pad_id)
+            corrupt_gradients(step, state.params)  # `nan-grad`, `nan-device` (faults.py)
+            if group.heals and not _finite(sums, state.params):  # a peer's state can replace this group's
+                exchange.put_nonfinite(group.replica)
+                break
+            exchange.put(s, sums, cached[s].first, {"reward": r.rewards.reshape(-1), "correct": r.correct.reshape(-1),
+                                                    "length": torch.tensor([len(c) for c in r.completion_ids])},
+                         replica=group.replica)
             if u == rl.updates - 1:
                 inject("kill-in-update", step)
             tick()
@@ -327,14 +354,30 @@ def rl_step(cfg: RunConfig, state: RLState, group, tokenizer, reference, cached:
             error = first_line(group.error())
             group.should_commit(False, error)
             return failed(error)
+        bad = exchange.nonfinite_groups()
+        if bad and len(bad) < group.participants:  # the others' values are fine: the bad ones heal
+            error = f"the own values of groups {bad} are not finite"
+            group.should_commit(False, error)
+            return replace(failed(error), nonfinite=bad)
+        if bad:  # nobody's are: every group skips the step alike
+            skipped = applied
+            break
         if exchange.unclaimed():
             error = f"shares {exchange.unclaimed()} of step {step} did not have exactly one contributor"
             group.should_commit(False, error)
             return failed(error)
-        exchanges.append(exchange)
+        if u == 0 and check:
+            odd, majority = odd_ones_out(exchange.fingerprints())
+            if odd:
+                error = f"fingerprints of groups {odd} differ from the majority's" if majority else \
+                    "the groups' fingerprints differ with no majority"
+                group.should_commit(False, error)
+                return StepResult(False, error=error, odd=odd if majority else [], rollback=not majority)
+        first = first or exchange
         if not exchange.finite():  # every group sees the same sums: all skip alike
-            skipped = True
+            skipped = applied
             break
+        last = exchange
         if exchange.sums()["weight"] <= 0:  # no token counts (dapo: every group's rewards equal)
             break
         exchange.set_gradients()
@@ -354,19 +397,30 @@ def rl_step(cfg: RunConfig, state: RLState, group, tokenizer, reference, cached:
         state.optimizer.step()
     model.zero_grad(set_to_none=True)
     state.step = step
-    record = step_record(cfg, exchanges, grad_norm=grad_norm, lr=lr, seconds=time.perf_counter() - t0 + reused,
+    seconds = time.perf_counter() - t0 + reused
+    if first is None:  # every group's own values were not finite: nothing to report but the skip
+        return StepResult(True, {"lr": lr, "step_s": round(seconds, 4), "participants": group.participants},
+                          skipped=0)
+    record = step_record(cfg, first, last or first, grad_norm=grad_norm, lr=lr, seconds=seconds,
                          times={"generation_s": sum(cached[s].generation_s for s in mine),
                                 "scoring_s": sum(cached[s].scoring_s for s in mine),
                                 "update_s": time.perf_counter() - t1}, participants=group.participants)
+    fingerprints = first.fingerprints()
+    if fingerprints:  # alike in every group (else the step failed): the state the step started from
+        record["fingerprint"] = f"{next(iter(fingerprints.values())):016x}"
     return StepResult(True, record, skipped=skipped)
 
 
-def step_record(cfg: RunConfig, exchanges: list[ShareExchange], *, grad_norm: float, lr: float, seconds: float,
-                times: dict[str, float], participants: int) -> dict[str, Any]:
-    """A committed step's metrics, from what every group holds alike (the exchanges' sums),
-    and this group's own times."""
+def _finite(sums: dict[str, float], params: list[torch.Tensor]) -> bool:
+    return all(math.isfinite(v) for v in sums.values()) and \
+        all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+
+
+def step_record(cfg: RunConfig, first: ShareExchange, last: ShareExchange, *, grad_norm: float, lr: float,
+                seconds: float, times: dict[str, float], participants: int) -> dict[str, Any]:
+    """A committed step's metrics, from what every group holds alike (the first and the
+    last update's exchanges), and this group's own times."""
     rl = cfg.rl
-    first, last = exchanges[0], exchanges[-1]
     sums = first.sums()
     rewards, correct, lengths = (first.slots(name) for name in ("reward", "correct", "length"))
     tokens = sums["tokens"]
@@ -380,12 +434,12 @@ def step_record(cfg: RunConfig, exchanges: list[ShareExchange], *, grad_norm: fl
         record["routing_mismatch"] = sums["policy_routing_differ"] / sums["policy_routing_compared"]
     record |= {"loss": sums["weighted_loss"] / sums["weight"] if sums["weight"] else 0.0, "grad_norm": grad_norm,
                "clip_fraction": sums["clipped"] / max(tokens, 1.0), "kl": sums["kl"] / max(tokens, 1.0)}
-    if rl.updates > 1 and len(exchanges) > 1:
+    if rl.updates > 1 and last is not first:
         end = last.sums()
         record["clip_fraction_last"] = end["clipped"] / max(end["tokens"], 1.0)
         if end["routing_compared"]:
             record["routing_mismatch_last"] = end["routing_differ"] / end["routing_compared"]
-    record = {k: round(v, 6) for k, v in record.items()}
+    record = {k: round(v, 6) if math.isfinite(v) else None for k, v in record.items()}
     record["completion_length"] = round(record["completion_length"], 3)
     completion_tokens = float(lengths.sum())
     return {**record, **{k: round(v, 4) for k, v in times.items()}, "lr": lr, "step_s": round(seconds, 4),
@@ -393,12 +447,18 @@ def step_record(cfg: RunConfig, exchanges: list[ShareExchange], *, grad_norm: fl
             "participants": participants, "shares": first.computed_by()}
 
 
-def pass_at_k(cfg: RunConfig, model, tokenizer, problems: list[Problem], seed: int) -> float | None:
-    """The share of problems with a correct answer among k samples at the sampler's temperature."""
+def pass_at_k(cfg: RunConfig, model, tokenizer, problems: list[Problem], seed: int,
+              tick: Callable[[], None] = lambda: None) -> float | None:
+    """The share of problems with a correct answer among k samples at the sampler's
+    temperature (sampled PASS_BATCH problems at a time, `tick` after each)."""
     if not problems:
         return None
-    r = sample(cfg, model, tokenizer, problems, seed, samples=cfg.rl.pass_k)
-    return round(float(r.correct.any(dim=1).float().mean()), 4)
+    solved = 0
+    for start in range(0, len(problems), PASS_BATCH):
+        r = sample(cfg, model, tokenizer, problems[start:start + PASS_BATCH], seed + start, samples=cfg.rl.pass_k)
+        solved += int(r.correct.any(dim=1).sum())
+        tick()
+    return round(solved / len(problems), 4)
 
 
 def eval_problems(cfg: RunConfig) -> list[Problem]:
@@ -406,11 +466,13 @@ def eval_problems(cfg: RunConfig) -> list[Problem]:
     return [make_problem(d.task, "eval", i, d.seed, d.min_digits, d.max_digits) for i in range(cfg.eval.problems)]
 
 
-def evaluate(cfg: RunConfig, model, tokenizer) -> dict[str, Any]:
+def evaluate(cfg: RunConfig, model, tokenizer, tick: Callable[[], None] = lambda: None) -> dict[str, Any]:
+    """Greedy exact match and pass@k on the eval split; `tick` between batches (a group's
+    liveness beat: a long evaluation is not a hang)."""
     problems = eval_problems(cfg)
-    accuracy, _ = exact_match(model, tokenizer, problems)
+    accuracy, _ = exact_match(model, tokenizer, problems, tick=tick)
     return {"eval_exact_match": accuracy,
-            f"pass_at_{cfg.rl.pass_k}": pass_at_k(cfg, model, tokenizer, problems, seed=cfg.train.seed + 1)}
+            f"pass_at_{cfg.rl.pass_k}": pass_at_k(cfg, model, tokenizer, problems, seed=cfg.train.seed + 1, tick=tick)}
 
 
 def prepare_run(cfg: RunConfig, run: RunDir, model: DeepSeekForCausalLM | None = None, tokenizer=None) -> None:
@@ -426,6 +488,7 @@ def prepare_run(cfg: RunConfig, run: RunDir, model: DeepSeekForCausalLM | None =
                    bos_id=model.cfg.bos_token_id, eos_id=model.cfg.eos_token_id, pad_id=model.cfg.pad_token_id)
     if before_rl(run) is None:
         run.event("eval", step=0, **evaluate(cfg, model.eval(), tokenizer))
+    (run.logs / FINAL_CLAIM).unlink(missing_ok=True)  # a finished run's, resumed
 
 
 def before_rl(run: RunDir) -> dict[str, Any] | None:
@@ -464,12 +527,12 @@ def train_rl(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = F
     # as the start left it and has no balance loss.
     model.eval()
     cached: dict[int, Share] = {}  # this group's shares of the step being attempted
-    failed_in_row = 0
+    failed_in_row = skipped_in_row = 0
     try:
-        while True:
+        while state.step < cfg.train.steps:  # no quorum after the last step: each group ends on its own
             run.beat()
             _join_quorum(group, run, state)
-            if state.step >= cfg.train.steps:
+            if state.step >= cfg.train.steps:  # healed to the end
                 break
             if not cached or group.healed or next(iter(cached.values())).step != state.step + 1:
                 cached = {}
@@ -477,32 +540,40 @@ def train_rl(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = F
             if not result.committed:
                 failed_in_row += 1
                 run.event("step_failed", step=state.step + 1, participants=group.participants, error=result.error)
+                _after_failure(cfg, run, state, group, result)
                 if failed_in_row >= cfg.replicas.max_failed_steps and group.participant != 0:
                     raise Partitioned(f"{failed_in_row} steps in a row failed (replicas.max_failed_steps "
                                       f"{cfg.replicas.max_failed_steps}); last: {result.error}")
                 continue
             failed_in_row, cached = 0, {}
             step, record = state.step, result.record
-            if result.skipped:
-                run.event("step_skipped", step=step, guard="nonfinite", reason="the shares' gradients are not finite")
+            skipped_in_row = skipped_in_row + 1 if result.skipped is not None else 0
+            if result.skipped is not None:
+                run.event("step_skipped", step=step, guard="nonfinite",
+                          reason=f"the shares' gradients are not finite at update {result.skipped + 1}: the step "
+                                 f"commits with {result.skipped} update(s)")
+                if skipped_in_row >= 3 * cfg.guards.max_uncommitted_steps:  # never spin
+                    raise Stalled(f"{skipped_in_row} steps in a row had gradients that are not finite in every "
+                                  "group (3 x guards.max_uncommitted_steps)")
             run.append_metrics({"step": step, "time": round(time.time(), 3), **record})
-            if not quiet and run.writer and replica is None and (step % cfg.train.log_every == 0
-                                                                 or step == cfg.train.steps):
+            if not quiet and replica is None and "reward_mean" in record and (step % cfg.train.log_every == 0
+                                                                               or step == cfg.train.steps):
                 print(f"rl step {step}/{cfg.train.steps}  reward {record['reward_mean']:.3f}  accuracy "
-                      f"{record['accuracy']:.1%}  loss {record['loss']:.4f}  {record['step_s']:.2f}s",
+                      f"{record['accuracy']:.1%}  loss {record['loss']}  {record['step_s']:.2f}s",
                       file=sys.stderr, flush=True)
-            if group.is_lowest and (step % cfg.checkpoint.every == 0 or step == cfg.train.steps):
+            if group.is_lowest and checkpoint_due(cfg, step):
                 if replica is not None:  # a writer that died mid-save left its folder
                     remove_partial(run.checkpoints, dead_writers_only=True)
                 save_checkpoint(run.checkpoints, step, model.state_dict(),
                                 {"step": step, "optimizer": state.optimizer.state_dict()}, keep=cfg.checkpoint.keep)
                 run.event("checkpoint", step=step)
+            corrupt_weights(step, state.params)  # `flip-bit`, `nan-weight` (faults.py)
         group.finish()
     finally:
         group.shutdown()
-    if not group.is_lowest:  # the lowest live group evaluates, exports and summarises
+    if replica is not None and not _claim_final(run):  # one group evaluates, exports and summarises
         return {"steps": state.step}
-    after = evaluate(cfg, model.eval(), tokenizer)
+    after = evaluate(cfg, model.eval(), tokenizer, tick=run.beat)
     run.event("eval", step=state.step, **after)
     export = save_hf_folder(model, tokenizer, run.export, dtype=TORCH_DTYPES[cfg.export.dtype], replace=True)
     before = before_rl(run) or {}
@@ -513,6 +584,56 @@ def train_rl(cfg: RunConfig, out: Path, *, resume: bool = False, quiet: bool = F
     if cfg.train.report and not supervised():  # a supervisor reports on its groups' run
         write_report_after_training(run)
     return summary
+
+
+def checkpoint_due(cfg: RunConfig, step: int) -> bool:
+    """Every group's own answer (a fixed clock): whether `step` is checkpointed."""
+    return step % cfg.checkpoint.every == 0 or step == cfg.train.steps
+
+
+def _after_failure(cfg: RunConfig, run: RunDir, state: RLState, group, result: StepResult) -> None:
+    """A step whose fingerprints differed: a group outside the majority heals at the next
+    quorum; with no majority, every group goes back to the newest checkpoint (written when
+    the fingerprints last agreed: they are compared before each)."""
+    if group.replica in result.nonfinite:
+        run.event("step_corrupt", step=state.step + 1, cause="nonfinite", reason="own loss or gradients not finite",
+                  healed_before=group.healed)
+        if group.healed:  # healed at this step's quorum and not finite again: the device, not the state
+            raise NonFiniteAfterHeal(f"own values not finite at step {state.step + 1}, right after a heal")
+        group.force_heal()
+    if result.odd:
+        if group.is_lowest:
+            run.event("sdc_detected", step=state.step + 1, replicas=result.odd, resolved=True)
+        if group.replica in result.odd:
+            group.force_heal()
+    if not result.rollback:
+        return
+    latest = load_latest(run.checkpoints)
+    if latest is None:
+        raise Stalled("the groups' fingerprints differ with no majority, and there is no checkpoint to go back to")
+    before = state.step
+    state.load_state_dict({"model": latest.model_state, **latest.train_state}, latest.path)
+    group.set_step(state.step)
+    if group.is_lowest:
+        run.event("rollback", from_step=before, to_step=state.step, reason=result.error)
+
+
+def _claim_final(run: RunDir) -> bool:
+    """Whether this group evaluates and exports the finished run: the first to claim it,
+    or one that finds the claimant dead (it died mid-export; its restart comes here again)."""
+    claim = run.logs / FINAL_CLAIM
+    for _ in range(2):
+        try:
+            fd = os.open(claim, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            if writer_alive(claim.read_text().strip()) is not False:
+                return False
+            claim.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(writer_tag())
+        return True
+    return False
 
 
 def _join_quorum(group, run: RunDir, state: RLState) -> None:
@@ -561,6 +682,8 @@ def rl_config(source: str, settings: dict[str, Any]) -> RunConfig:
         optim=dataclasses.replace(base.optim, lr=1e-4, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0),
         eval=dataclasses.replace(base.eval, every=0, problems=200, batches=0),
         checkpoint=dataclasses.replace(base.checkpoint, every=50, keep=2),
+        # A step's exchange waits for the slowest group's sampling: 60 s, not training's 5 s.
+        replicas=dataclasses.replace(base.replicas, timeout_s=60.0),
         rl=dataclasses.replace(base.rl, start=str(path.resolve())))
     cfg = apply_overrides(cfg, settings)
     check_rl_config(cfg)

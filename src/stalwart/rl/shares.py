@@ -12,7 +12,9 @@ with the same seed, and so gives the same completions.
 The buffer has a region per share for what overlaps between shares (its gradients, their
 has-gradient flags, its sums) and a slot per completion for what does not (reward,
 correctness, length); each has exactly one contributor, counted in a slot per share (and
-named in another: the replica group that computed it).
+named in another: the replica group that computed it). Slots per replica group carry,
+at the steps that check them, the fingerprint of the group's weights and AdamW state, and
+whether the group's own values were not finite (it then sends none of its shares).
 The sum over the participants is therefore exact (x + 0 is x), and every group then adds
 the shares' regions in share order: the update is bit-identical whoever computed which
 share. The price: the buffer holds R gradients.
@@ -29,6 +31,7 @@ import torch
 SUMS = ("weight", "weighted_loss", "clipped", "kl", "tokens", "routing_differ", "routing_compared",
         "policy_entropy", "policy_gap", "policy_tokens", "policy_routing_differ", "policy_routing_compared")
 SLOTS = ("reward", "correct", "length")  # per completion
+_CHUNK = 1 << 21  # a fingerprint (< 2^61) travels as three float32-exact 21-bit chunks
 
 
 def share_seed(seed: int, step: int, share: int) -> int:
@@ -49,10 +52,10 @@ class ShareExchange:
     """One update's buffer for `shares` shares of a step of `completions` completions."""
 
     def __init__(self, params: list[torch.Tensor], shares: int, completions: int) -> None:
-        self.params, self.shares, self.completions = params, shares, completions
+        self.params, self.shares, self.completions = params, shares, completions  # a share per replica group
         self.numel = sum(p.numel() for p in params)
         self.region = self.numel + len(params) + len(SUMS)
-        self.buffer = torch.zeros(shares * self.region + len(SLOTS) * completions + 2 * shares)
+        self.buffer = torch.zeros(shares * self.region + len(SLOTS) * completions + 7 * shares)
 
     def _share(self, share: int) -> torch.Tensor:
         return self.buffer[share * self.region:(share + 1) * self.region]
@@ -60,6 +63,37 @@ class ShareExchange:
     def _slots(self, name: str) -> torch.Tensor:
         start = self.shares * self.region + SLOTS.index(name) * self.completions
         return self.buffer[start:start + self.completions]
+
+    def _fingerprint_slot(self, replica: int) -> torch.Tensor:
+        start = self.shares * self.region + len(SLOTS) * self.completions + 4 * replica
+        return self.buffer[start:start + 4]
+
+    def put_fingerprint(self, replica: int, value: int) -> None:
+        """Group `replica`'s fingerprint (guards.fingerprint)."""
+        slot = self._fingerprint_slot(replica)
+        slot[0] = 1.0
+        for i in range(3):
+            value, slot[1 + i] = divmod(value, _CHUNK)
+
+    def fingerprints(self) -> dict[int, int]:
+        """{replica: fingerprint} of the groups that sent one (after the sum)."""
+        found = {}
+        for replica in range(self.shares):
+            flag, *chunks = (int(v) for v in self._fingerprint_slot(replica).tolist())
+            if flag:
+                found[replica] = sum(c * _CHUNK**i for i, c in enumerate(chunks))
+        return found
+
+    def _nonfinite(self) -> torch.Tensor:
+        end = self.buffer.numel() - 2 * self.shares
+        return self.buffer[end - self.shares:end]
+
+    def put_nonfinite(self, replica: int) -> None:
+        """Group `replica`'s own values were not finite: it sends none of its shares."""
+        self._nonfinite()[replica] = 1.0
+
+    def nonfinite_groups(self) -> list[int]:
+        return [r for r, flag in enumerate(self._nonfinite().tolist()) if flag]
 
     def _contributors(self) -> torch.Tensor:
         return self.buffer[self.buffer.numel() - 2 * self.shares:self.buffer.numel() - self.shares]
