@@ -309,7 +309,10 @@ def supervise(cfg: RunConfig, out: Path, *, resume: bool, quiet: bool, secret: s
         raise UserError(f"every replica group failed{why}; see {run.path}/logs and events.jsonl, and continue "
                         f"with stalwart {command} --resume --out {run.path}")
     summary = run.read_summary()
-    if not summary:  # the group that finished last died before its summary, and was not restarted
+    # An rl job's summary comes from one group of every machine (the final claim): without
+    # one, the claimant died after its last step and was not restarted. A train job's comes
+    # from the lowest group only, so a machine without it has none of its own.
+    if not summary and command == "rl":
         run.event("job_end", ok=False, wall_s=round(wall, 3), reason="no group wrote the summary")
         raise TrainingStopped(f"the groups finished but none wrote {run.summary_path.name} (see {run.path}/logs); "
                               f"continue with stalwart {command} --resume --out {run.path}")
